@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# The local dev PBX: Asterisk 22 from Debian's sid suite in a debootstrapped
+# root under .cache/, with the operator configs plus the dev overlay.
+#
+#   pbx.sh provision   build the root once (about 65 s; reused afterwards)
+#   pbx.sh up          provision if needed, install configs, start Asterisk, and
+#                      return once an AMI login succeeds
+#   pbx.sh down        stop the Asterisk this script started, unmount /proc
+#   pbx.sh status      exit 0 when running and logged in to AMI
+#
+# Every command is idempotent. Needs root (debootstrap, chroot, mount).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+cache=${OTP_PBX_CACHE:-$repo/.cache}
+root=$cache/asterisk-root
+pidfile=$cache/asterisk.pid
+logfile=$cache/asterisk.log
+
+ami_host=127.0.0.1
+ami_port=5038
+ami_user=otp-gateway
+ami_secret=otp-dev-secret
+# Asterisk is ready ~1.3 s after start on this kind of machine; a cold disk
+# cache or a loaded CI box can take much longer.
+start_timeout_s=60
+stop_timeout_s=15
+
+die() { echo "pbx: $*" >&2; exit 1; }
+say() { echo "pbx: $*"; }
+
+need_root() {
+    [ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap, chroot and mount need it); try: sudo make $1"
+}
+
+# The PID of our Asterisk if it is alive, else nothing.
+running_pid() {
+    [ -f "$pidfile" ] || return 0
+    local pid
+    pid=$(cat "$pidfile")
+    if [ -n "$pid" ] && [ -d "/proc/$pid" ] \
+        && [ "$(readlink "/proc/$pid/root" 2>/dev/null)" = "$root" ]; then
+        echo "$pid"
+    fi
+}
+
+ami_login() {
+    # Exit 0 when a login as the gateway's AMI user succeeds.
+    python3 - "$ami_host" "$ami_port" "$ami_user" "$ami_secret" <<'PY'
+import socket, sys
+host, port, user, secret = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+try:
+    with socket.create_connection((host, port), timeout=2) as s:
+        s.settimeout(2)
+        buf = b""
+        s.sendall(f"Action: Login\r\nUsername: {user}\r\nSecret: {secret}\r\n\r\n".encode())
+        # The banner comes first; the login's reply ends with a blank line.
+        while b"Response:" not in buf or not buf.split(b"Response:", 1)[1].count(b"\r\n\r\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+        s.sendall(b"Action: Logoff\r\n\r\n")
+        sys.exit(0 if b"Response: Success" in buf else 1)
+except OSError:
+    sys.exit(1)
+PY
+}
+
+provision() {
+    need_root pbx-up
+    if [ -x "$root/usr/sbin/asterisk" ]; then
+        return 0
+    fi
+    command -v debootstrap >/dev/null || die "debootstrap is missing: apt-get install debootstrap (make test does it)"
+    local tmp=$root.tmp
+    if mountpoint -q "$tmp/proc" 2>/dev/null; then umount "$tmp/proc"; fi
+    rm -rf "$tmp"
+    mkdir -p "$cache"
+    say "provisioning Asterisk from Debian sid into $root (about a minute, once)"
+    if ! debootstrap --variant=minbase --include=asterisk sid "$tmp" >"$cache/debootstrap.log" 2>&1; then
+        tail -n 20 "$cache/debootstrap.log" >&2
+        die "provisioning failed (full log: $cache/debootstrap.log); the root was not kept"
+    fi
+    [ -x "$tmp/usr/sbin/asterisk" ] || die "provisioning finished without /usr/sbin/asterisk; see $cache/debootstrap.log"
+    mv "$tmp" "$root"
+    say "provisioned: $("$root/usr/sbin/asterisk" -V 2>/dev/null || chroot "$root" /usr/sbin/asterisk -V)"
+}
+
+install_configs() {
+    local etc=$root/etc/asterisk
+    install -m 0644 "$here/../extensions.conf" "$etc/extensions.conf"
+    install -m 0644 "$here"/*.conf "$etc/"
+    mkdir -p "$root"/var/{lib,log,spool,run}/asterisk
+}
+
+up() {
+    need_root pbx-up
+    provision
+    install_configs
+    local pid
+    pid=$(running_pid)
+    if [ -n "$pid" ]; then
+        chroot "$root" /usr/sbin/asterisk -rx "core reload" >/dev/null 2>&1 || true
+    else
+        if ! mountpoint -q "$root/proc"; then mount -t proc proc "$root/proc"; fi
+        # setsid: the PBX outlives this shell and gets no terminal signals.
+        setsid chroot "$root" /usr/sbin/asterisk -f -n >"$logfile" 2>&1 </dev/null &
+        pid=$!
+        echo "$pid" >"$pidfile"
+    fi
+    local deadline=$((SECONDS + start_timeout_s))
+    until ami_login; do
+        if [ ! -d "/proc/$pid" ]; then
+            tail -n 20 "$logfile" "$root/var/log/asterisk/messages.log" >&2 2>/dev/null || true
+            rm -f "$pidfile"
+            down_mounts
+            die "Asterisk exited during start; see $logfile"
+        fi
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            die "no AMI login on $ami_host:$ami_port after ${start_timeout_s}s (Asterisk PID $pid, log $logfile)"
+        fi
+        sleep 0.2
+    done
+    say "up: Asterisk PID $pid, AMI $ami_host:$ami_port (user $ami_user), SIP 127.0.0.1:5060, trunk far end 127.0.0.1:5070"
+}
+
+down_mounts() {
+    if mountpoint -q "$root/proc" 2>/dev/null; then umount "$root/proc"; fi
+}
+
+down() {
+    need_root pbx-down
+    local pid
+    pid=$(running_pid)
+    if [ -n "$pid" ]; then
+        kill -TERM "$pid"
+        local deadline=$((SECONDS + stop_timeout_s))
+        while [ -d "/proc/$pid" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.1; done
+        if [ -d "/proc/$pid" ]; then
+            say "Asterisk $pid did not stop in ${stop_timeout_s}s; killing it"
+            kill -KILL "$pid"
+            while [ -d "/proc/$pid" ]; do sleep 0.1; done
+        fi
+        say "stopped Asterisk $pid"
+    fi
+    rm -f "$pidfile"
+    down_mounts
+}
+
+status() {
+    local pid
+    pid=$(running_pid)
+    [ -n "$pid" ] || { say "not running"; exit 1; }
+    ami_login || { say "Asterisk $pid is running but AMI login fails"; exit 1; }
+    say "running: Asterisk PID $pid, AMI login ok"
+}
+
+case "${1:-}" in
+    provision) provision ;;
+    up) up ;;
+    down) down ;;
+    status) status ;;
+    *) echo "usage: $0 provision|up|down|status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,181 @@
+"""Command line: run, check-config, keys, call."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from gateway import apikeys, config
+from gateway.store import Store
+
+DEFAULT_CONFIG = "config.yaml"
+DEFAULT_URL = "http://127.0.0.1:8080"
+# `call` polls the gateway this often while a call is live.
+CALL_POLL_INTERVAL_S = 0.2
+HTTP_TIMEOUT_S = 10.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", default=os.environ.get("OTP_GATEWAY_CONFIG", DEFAULT_CONFIG),
+                       help="YAML config file (env OTP_GATEWAY_CONFIG)")  # fmt: skip
+        return p
+
+    with_config(sub.add_parser("run", help="run the gateway"))
+    with_config(sub.add_parser("check-config", help="validate a config file"))
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys", required=True)
+    with_config(keys.add_parser("create", help="create a key; prints it once, last")).add_argument(
+        "name"
+    )
+    with_config(keys.add_parser("list", help="list keys (never the keys themselves)"))
+    with_config(keys.add_parser("revoke", help="revoke a key by id or name")).add_argument("key")
+
+    call = sub.add_parser("call", help="start one verification and follow it live")
+    call.add_argument("phone")
+    call.add_argument(
+        "--url",
+        default=os.environ.get("OTP_GATEWAY_URL", DEFAULT_URL),
+        help=f"gateway base URL (env OTP_GATEWAY_URL, default {DEFAULT_URL})",
+    )
+    call.add_argument("--api-key", default=os.environ.get("OTP_API_KEY"),
+                      help="API key (env OTP_API_KEY)")  # fmt: skip
+    call.add_argument("--ring-seconds", type=int)
+
+    args = parser.parse_args(argv)
+    if args.command == "call":
+        return follow_call(args)
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as exc:
+        print(f"{args.config}: invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+
+    if args.command == "check-config":
+        print(f"{args.config}: ok")
+        for line in config.summary(cfg):
+            print(f"  {line}")
+        return 0
+    if args.command == "run":
+        return run(cfg)
+    return asyncio.run(manage_keys(cfg, args))
+
+
+def run(cfg: config.Config) -> int:
+    """Serve until SIGINT or SIGTERM."""
+    from gateway.app import create_app  # the CLI's other commands need no aiohttp app
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    web.run_app(
+        create_app(cfg),
+        host=cfg.http.host,
+        port=cfg.http.port,
+        print=lambda _: logging.info("listening on http://%s:%s", cfg.http.host, cfg.http.port),
+    )
+    return 0
+
+
+async def manage_keys(cfg: config.Config, args: argparse.Namespace) -> int:
+    store = await Store.open(cfg.database.path)
+    try:
+        if args.keys == "create":
+            record, key = await apikeys.create_key(store, args.name)
+            print(f"created API key {record.id} ({record.name}); it is shown only now:")
+            print(key)
+            return 0
+        if args.keys == "list":
+            for record in await store.api_keys():
+                state = "revoked" if record.revoked_at else "active"
+                print(f"{record.id}\t{record.name}\t{_when(record.created_at)}\t{state}")
+            return 0
+        revoked = await store.revoke_api_key(args.key, time.time())
+        if not revoked:
+            print(f"no active key with id or name {args.key!r}", file=sys.stderr)
+            return 1
+        print(f"revoked {revoked} key(s)")
+        return 0
+    finally:
+        await store.close()
+
+
+def follow_call(args: argparse.Namespace) -> int:
+    """POST a verification, then print each change of its call until it ends."""
+    if not args.api_key:
+        print("an API key is needed: --api-key or OTP_API_KEY", file=sys.stderr)
+        return 2
+    base = args.url.rstrip("/")
+    body: dict[str, Any] = {"phone": args.phone}
+    if args.ring_seconds:
+        body["ring_seconds"] = args.ring_seconds
+    try:
+        status, created = _http(base, "POST", "/v1/verifications", args.api_key, body)
+        if status != 201:
+            print(f"refused ({status}): {created.get('code')}: {created.get('detail')}")
+            return 1
+        print(f"verification {created['id']} for {created['phone']}, caller ID "
+              f"{created['cli']['prefix']} + {created['cli']['length']} digits")  # fmt: skip
+        shown = None
+        started = time.monotonic()
+        while True:
+            _, current = _http(base, "GET", f"/v1/verifications/{created['id']}", args.api_key)
+            call = current["call"]
+            state = (call["status"], call["outcome"])
+            if state != shown:
+                shown = state
+                detail = ""
+                if call["outcome"]:
+                    detail = (f": {call['outcome']} (cause {call['hangup_cause']}, "
+                              f"SIP {call['sip_code']})")  # fmt: skip
+                print(f"{time.monotonic() - started:6.2f}s  {call['status']}{detail}")
+            if call["status"] in ("completed", "failed"):
+                print(f"verification is {current['status']}")
+                return 0 if call["status"] == "completed" else 1
+            time.sleep(CALL_POLL_INTERVAL_S)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"cannot reach the gateway at {base}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _http(
+    base: str, method: str, path: str, key: str, body: dict[str, Any] | None = None
+) -> tuple[int, dict[str, Any]]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(  # noqa: S310 - the operator's own gateway URL
+        base + path,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:  # noqa: S310
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _when(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

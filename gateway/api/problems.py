@@ -1,0 +1,90 @@
+"""RFC 9457 problem+json: the one place domain errors become HTTP responses."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway import errors
+
+log = logging.getLogger(__name__)
+
+PROBLEM_TYPE = "application/problem+json"
+
+STATUS = {
+    errors.InvalidRequest.code: 400,
+    errors.Unauthorized.code: 401,
+    errors.NotFound.code: 404,
+    errors.VerificationNotPending.code: 409,
+    "idempotency_conflict": 409,
+    errors.PayloadTooLarge.code: 413,
+    errors.UnsupportedMediaType.code: 415,
+    errors.InvalidPhone.code: 422,
+    errors.PhoneTypeNotAllowed.code: 422,
+    errors.RegionNotAllowed.code: 422,
+    errors.DestinationBlocked.code: 422,
+    errors.NumberKnownInvalid.code: 422,
+    "rate_limited": 429,
+    errors.PbxUnavailable.code: 503,
+    errors.Overloaded.code: 503,
+}
+# Errors aiohttp raises itself (no route, wrong method, body over the limit).
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def problem(
+    status: int,
+    code: str,
+    detail: str,
+    extra: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """A problem+json response with a stable `code` member."""
+    body: dict[str, Any] = {
+        "type": f"https://otp-gateway.invalid/problems/{code}",
+        "title": code.replace("_", " ").capitalize(),
+        "status": status,
+        "code": code,
+        "detail": detail,
+    }
+    body.update(extra or {})
+    return web.Response(
+        status=status,
+        text=json.dumps(body),
+        content_type=PROBLEM_TYPE,
+        headers=headers,
+    )
+
+
+@web.middleware
+async def problems_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every error as problem+json; nothing escapes as an HTML page or a bare 500."""
+    try:
+        return await handler(request)
+    except errors.GatewayError as exc:
+        headers = {}
+        if isinstance(exc, errors.Overloaded):
+            headers["Retry-After"] = str(exc.retry_after)
+        return problem(STATUS.get(exc.code, 400), exc.code, exc.detail, exc.extra, headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        return problem(exc.status, code, exc.reason, headers=_allow(exc))
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return problem(500, "internal_error", "the gateway failed to handle this request")
+
+
+def _allow(exc: web.HTTPException) -> dict[str, str] | None:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else None

@@ -1,0 +1,24 @@
+"""Typed keys for what the app and its requests carry."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.config import Config
+from gateway.dialer import Dialer
+from gateway.pbx import Pbx
+from gateway.store import ApiKeyRecord, Store
+from gateway.verifications import Verifications
+
+CONFIG = web.AppKey("config", Config)
+STORE = web.AppKey("store", Store)
+PBX = web.AppKey("pbx", Pbx)
+DIALER = web.AppKey("dialer", Dialer)
+VERIFICATIONS = web.AppKey("verifications", Verifications)
+# Set by the auth middleware on every /v1 request.
+API_KEY = web.RequestKey("api_key", ApiKeyRecord)
+
+
+def api_key(request: web.Request) -> ApiKeyRecord:
+    """The authenticated key of a /v1 request."""
+    return request[API_KEY]

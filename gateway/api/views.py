@@ -1,0 +1,51 @@
+"""JSON shapes of what the API returns. Never the code, never the full caller ID."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.store import CallRecord, VerificationRecord
+
+
+def timestamp(at: float | None) -> str | None:
+    """RFC 3339 UTC with milliseconds."""
+    if at is None:
+        return None
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def verification(v: VerificationRecord, call: CallRecord) -> dict[str, Any]:
+    """The verification object of DESIGN.md section 2."""
+    return {
+        "id": v.id,
+        "status": v.status,
+        "phone": v.phone,
+        "reference": v.reference,
+        "callback_url": v.callback_url,
+        "cli": {"prefix": v.cli_prefix, "length": v.cli_length, "pattern": v.cli_pattern},
+        "call": {
+            "status": call.status,
+            "outcome": call.outcome,
+            "hangup_cause": call.hangup_cause,
+            "sip_code": call.sip_code,
+            "reason": call.reason,
+            "ring_seconds": int(call.ring_seconds),
+            "dialed_at": timestamp(call.dialed_at),
+            "ringing_at": timestamp(call.ringing_at),
+            "ended_at": timestamp(call.ended_at),
+        },
+        "attempts_remaining": v.attempts_remaining,
+        "expires_at": timestamp(v.expires_at),
+        "created_at": timestamp(v.created_at),
+        "updated_at": timestamp(v.updated_at),
+    }
+
+
+def check_result(v: VerificationRecord, valid: bool) -> dict[str, Any]:
+    return {
+        "id": v.id,
+        "status": v.status,
+        "valid": valid,
+        "attempts_remaining": v.attempts_remaining,
+    }

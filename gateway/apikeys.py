@@ -1,0 +1,42 @@
+"""API keys: random, shown once, stored only as a hash."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+
+from gateway.store import ApiKeyRecord, Store
+
+KEY_PREFIX = "otpk_"
+# 32 random bytes: far beyond guessing, so a fast hash (SHA-256) is enough to store it.
+KEY_BYTES = 32
+
+
+def hash_key(key: str) -> str:
+    """The stored form of an API key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+async def create_key(store: Store, name: str) -> tuple[ApiKeyRecord, str]:
+    """Make and store a key; return its record and the key itself (shown once)."""
+    key = KEY_PREFIX + secrets.token_urlsafe(KEY_BYTES)
+    record = ApiKeyRecord(
+        id="key_" + secrets.token_hex(6),
+        name=name,
+        key_hash=hash_key(key),
+        created_at=time.time(),
+        revoked_at=None,
+    )
+    await store.add_api_key(record)
+    return record, key
+
+
+async def authenticate(store: Store, key: str) -> ApiKeyRecord | None:
+    """The live key record for `key`, or None."""
+    if not key.startswith(KEY_PREFIX) or len(key) > 200:
+        return None
+    record = await store.api_key_by_hash(hash_key(key))
+    if record is None or record.revoked_at is not None:
+        return None
+    return record

@@ -1,0 +1,92 @@
+"""The app factory: builds the aiohttp app and wires its parts through cleanup_ctx."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gateway.api.bodies import MAX_BODY_BYTES
+from gateway.api.handlers import auth_middleware, routes
+from gateway.api.problems import problems_middleware
+from gateway.api.typedefs import CONFIG, DIALER, PBX, STORE, VERIFICATIONS
+from gateway.config import Config
+from gateway.dialer import Dialer
+from gateway.pbx import AmiPbx, AmiSettings, Pbx
+from gateway.pool import Pool
+from gateway.store import Store
+from gateway.verifications import Verifications
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: Config, pbx: Pbx | None = None) -> web.Application:
+    """The gateway as an aiohttp app; `pbx` replaces the AMI connection in unit tests."""
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[problems_middleware, auth_middleware],
+    )
+    app[CONFIG] = config
+    if pbx is not None:
+        app[PBX] = pbx
+    app.cleanup_ctx.extend([_store_ctx, _pbx_ctx, _calls_ctx])
+    app.add_routes(routes)
+    return app
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = await Store.open(app[CONFIG].database.path)
+    app[STORE] = store
+    yield
+    await store.close()
+
+
+async def _pbx_ctx(app: web.Application) -> AsyncIterator[None]:
+    if PBX in app:  # supplied by the caller, who owns its lifetime
+        yield
+        return
+    ami = app[CONFIG].asterisk
+    pbx = AmiPbx(AmiSettings(ami.host, ami.port, ami.username, ami.secret, ami.channel))
+    await pbx.start()
+    app[PBX] = pbx
+    yield
+    await pbx.close()
+
+
+async def _calls_ctx(app: web.Application) -> AsyncIterator[None]:
+    config, store = app[CONFIG], app[STORE]
+    pools = [Pool(p) for p in config.pools]
+    by_name = {p.name: p for p in pools}
+
+    def release_cli(pool: str, cli: str) -> None:
+        if pool in by_name:
+            by_name[pool].release(cli)
+
+    dialer = Dialer(app[PBX], store, config.calls, release_cli)
+    verifications = Verifications(config, store, pools, dialer)
+    await _close_calls_of_previous_run(store)
+    app[DIALER] = dialer
+    app[VERIFICATIONS] = verifications
+    dialer.start()
+    verifications.start()
+    yield
+    await verifications.stop()
+    await dialer.stop()
+
+
+async def _close_calls_of_previous_run(store: Store) -> None:
+    """Calls left live by a previous process are closed, never dialed again."""
+    for call in await store.live_calls():
+        log.warning("call %s was %s when the gateway stopped; closing it", call.id, call.status)
+        await store.end_call(
+            call.id,
+            call_status="failed",
+            outcome="error",
+            cause=None,
+            sip_code=None,
+            reason="gateway_restart",
+            at=time.time(),
+            fail_verification=True,
+        )

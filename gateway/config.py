@@ -1,0 +1,391 @@
+"""YAML configuration to frozen dataclasses: defaults, ${ENV} interpolation, key-path errors.
+
+Nothing else in the gateway reads YAML or the environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# A pool below this many codes can be guessed too easily: 1 in 10,000 per attempt,
+# five attempts per verification, is the usual floor for a 4-digit OTP.
+MIN_POOL_CODES = 10_000
+MAX_RING_SECONDS = 60  # no network alerts a handset for longer than this
+CODE_LENGTHS = range(4, 9)  # 4 to 8 trailing digits
+DIAL_FORMATS = ("e164", "e164_no_plus", "national")
+# phonenumbers' type names, lower case (PhoneNumberType.MOBILE -> "mobile").
+NUMBER_TYPES = (
+    "fixed_line",
+    "mobile",
+    "fixed_line_or_mobile",
+    "toll_free",
+    "premium_rate",
+    "shared_cost",
+    "voip",
+    "personal_number",
+    "pager",
+    "uan",
+    "voicemail",
+    "unknown",
+)
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_E164ISH = re.compile(r"\+[1-9][0-9]{1,14}")
+_REGION = re.compile(r"[A-Z]{2}")
+
+
+class ConfigError(Exception):
+    """Every problem found in a configuration, each naming its key path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    path: str = "var/gateway.sqlite3"
+
+
+@dataclass(frozen=True, slots=True)
+class AsteriskConfig:
+    secret: str = field(repr=False)
+    host: str = "127.0.0.1"
+    port: int = 5038
+    username: str = "otp-gateway"
+    channel: str = "PJSIP/{number}@otp-trunk"
+    dial_format: str = "e164_no_plus"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    name: str
+    prefix: str | None = None
+    code_length: int = 4
+    numbers: tuple[str, ...] = ()
+    cli_format: str = "e164_no_plus"
+    # Destination regions this pool serves; empty means every allowed region.
+    regions: tuple[str, ...] = ()
+    allow_low_entropy: bool = False
+
+    @property
+    def codes(self) -> int:
+        """How many different codes the pool can present."""
+        return len(self.numbers) if self.numbers else 10**self.code_length
+
+
+@dataclass(frozen=True, slots=True)
+class CallsConfig:
+    ring_seconds: int = 8
+    max_ring_seconds: int = 15
+    max_concurrent: int = 200
+    max_per_second: float = 50.0
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationConfig:
+    ttl_seconds: int = 300
+    max_attempts: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class NumbersConfig:
+    default_region: str = "ID"
+    allowed_regions: tuple[str, ...] = ("ID",)
+    allowed_types: tuple[str, ...] = ("mobile", "fixed_line_or_mobile")
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    # Key of the HMAC that stores codes; a leaked database then reveals no code.
+    code_secret: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    asterisk: AsteriskConfig
+    pools: tuple[PoolConfig, ...]
+    security: SecurityConfig
+    http: HttpConfig = HttpConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    calls: CallsConfig = CallsConfig()
+    verification: VerificationConfig = VerificationConfig()
+    numbers: NumbersConfig = NumbersConfig()
+
+
+def load(path: str | Path, environ: typing.Mapping[str, str] | None = None) -> Config:
+    """Read, interpolate and validate a YAML file; raise ConfigError listing every problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return parse(text, os.environ if environ is None else environ)
+
+
+def parse(text: str, environ: typing.Mapping[str, str]) -> Config:
+    """Validate YAML text into a Config; raise ConfigError listing every problem."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"]) from None
+    problems: list[str] = []
+    config = _build(Config, {} if raw is None else raw, "", environ, problems)
+    if not problems:
+        problems.extend(_check(config))
+    if problems:
+        raise ConfigError(problems)
+    return typing.cast(Config, config)
+
+
+def _build(
+    kind: Any, raw: Any, path: str, environ: typing.Mapping[str, str], problems: list[str]
+) -> Any:
+    """Convert `raw` to `kind`, appending a key-path message per problem."""
+    where = path or "(top level)"
+    before = len(problems)
+    if isinstance(raw, str) and _ENV_REF.search(raw):
+        raw = _interpolate(raw, where, environ, problems)
+        if kind in (int, float, bool):
+            # "${PORT}" stands for a number: read the substituted text as YAML would.
+            with contextlib.suppress(yaml.YAMLError):
+                raw = yaml.safe_load(raw)
+    if isinstance(kind, type) and is_dataclass(kind):
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: must be a mapping")
+            return None
+        known = {f.name: f for f in fields(kind)}
+        for key in raw:
+            if key not in known:
+                problems.append(f"{_join(path, str(key))}: unknown key")
+        hints = typing.get_type_hints(kind)
+        values = {}
+        for name, spec in known.items():
+            key_path = _join(path, name)
+            if name in raw:
+                values[name] = _build(hints[name], raw[name], key_path, environ, problems)
+            elif spec.default is MISSING and spec.default_factory is MISSING:
+                problems.append(f"{key_path}: required")
+        return None if len(problems) > before else kind(**values)
+    origin = typing.get_origin(kind)
+    if origin in (types.UnionType, typing.Union):
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        return None if raw is None else _build(options[0], raw, path, environ, problems)
+    if origin is tuple:
+        if not isinstance(raw, list):
+            problems.append(f"{where}: must be a list")
+            return None
+        item_kind = typing.get_args(kind)[0]
+        items = [
+            _build(item_kind, item, f"{path}[{i}]", environ, problems) for i, item in enumerate(raw)
+        ]
+        return tuple(items)
+    if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if kind is str and isinstance(raw, int | float) and not isinstance(raw, bool):
+        problems.append(f'{where}: must be a string (quote it: "{raw}")')
+        return None
+    if not isinstance(raw, kind) or (kind is int and isinstance(raw, bool)):
+        problems.append(f"{where}: must be {_type_name(kind)}, not {_type_name(type(raw))}")
+        return None
+    return raw
+
+
+def _interpolate(
+    value: str, where: str, environ: typing.Mapping[str, str], problems: list[str]
+) -> str:
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        problems.append(f"{where}: environment variable {name} is not set")
+        return ""
+
+    return _ENV_REF.sub(substitute, value)
+
+
+def _check(config: Config) -> list[str]:
+    """Rules that span values: ranges, formats, pools."""
+    problems: list[str] = []
+
+    def need(ok: bool, path: str, message: str) -> None:
+        if not ok:
+            problems.append(f"{path}: {message}")
+
+    need(1 <= config.http.port <= 65535, "http.port", "must be 1-65535")
+    ami = config.asterisk
+    need(1 <= ami.port <= 65535, "asterisk.port", "must be 1-65535")
+    need(bool(ami.secret), "asterisk.secret", "must not be empty")
+    need("{number}" in ami.channel, "asterisk.channel", "must contain {number}")
+    for key, value in (
+        ("username", ami.username),
+        ("secret", ami.secret),
+        ("channel", ami.channel),
+    ):
+        need(value.isprintable(), f"asterisk.{key}", "must be one line of printable text")
+    need(ami.dial_format in DIAL_FORMATS, "asterisk.dial_format", f"must be one of {DIAL_FORMATS}")
+    need(
+        len(config.security.code_secret) >= 16,
+        "security.code_secret",
+        "must be at least 16 characters (use a long random string)",
+    )
+
+    calls = config.calls
+    need(
+        1 <= calls.max_ring_seconds <= MAX_RING_SECONDS,
+        "calls.max_ring_seconds",
+        f"must be 1-{MAX_RING_SECONDS}",
+    )
+    need(
+        1 <= calls.ring_seconds <= calls.max_ring_seconds,
+        "calls.ring_seconds",
+        "must be between 1 and calls.max_ring_seconds",
+    )
+    need(calls.max_concurrent >= 1, "calls.max_concurrent", "must be at least 1")
+    need(
+        0 < calls.max_per_second <= 10_000,
+        "calls.max_per_second",
+        "must be above 0 and at most 10000",
+    )
+    need(config.verification.ttl_seconds >= 30, "verification.ttl_seconds", "must be at least 30")
+    need(1 <= config.verification.max_attempts <= 20, "verification.max_attempts", "must be 1-20")
+
+    numbers = config.numbers
+    need(
+        bool(_REGION.fullmatch(numbers.default_region)),
+        "numbers.default_region",
+        "must be an ISO 3166 alpha-2 code such as ID",
+    )
+    need(bool(numbers.allowed_regions), "numbers.allowed_regions", "must not be empty")
+    for i, region in enumerate(numbers.allowed_regions):
+        need(
+            bool(_REGION.fullmatch(region)),
+            f"numbers.allowed_regions[{i}]",
+            "must be an ISO 3166 alpha-2 code",
+        )
+    for i, kind in enumerate(numbers.allowed_types):
+        need(kind in NUMBER_TYPES, f"numbers.allowed_types[{i}]", f"must be one of {NUMBER_TYPES}")
+
+    need(bool(config.pools), "pools", "at least one pool is needed")
+    names = [p.name for p in config.pools]
+    for i, pool in enumerate(config.pools):
+        at = f"pools[{i}]"
+        need(names.count(pool.name) == 1, f"{at}.name", f"duplicate pool name {pool.name!r}")
+        need(pool.cli_format in DIAL_FORMATS, f"{at}.cli_format", f"must be one of {DIAL_FORMATS}")
+        need(
+            pool.code_length in CODE_LENGTHS,
+            f"{at}.code_length",
+            f"must be {CODE_LENGTHS.start}-{CODE_LENGTHS.stop - 1}",
+        )
+        if (pool.prefix is None) == (not pool.numbers):
+            problems.append(f"{at}: set either prefix or numbers, not both")
+        if pool.prefix is not None:
+            need(
+                bool(_E164ISH.fullmatch(pool.prefix)),
+                f"{at}.prefix",
+                "must be + followed by digits, e.g. +6221500",
+            )
+            need(
+                len(pool.prefix) - 1 + pool.code_length <= 15,
+                f"{at}",
+                "prefix plus code_length is longer than an E.164 number (15 digits)",
+            )
+        for j, number in enumerate(pool.numbers):
+            need(
+                bool(_E164ISH.fullmatch(number)),
+                f"{at}.numbers[{j}]",
+                "must be an E.164 number such as +622150001234",
+            )
+        if len(set(pool.numbers)) != len(pool.numbers):
+            problems.append(f"{at}.numbers: has duplicates")
+        codes = {n[-pool.code_length :] for n in pool.numbers}
+        if pool.numbers and len(codes) != len(pool.numbers):
+            problems.append(
+                f"{at}.numbers: two numbers share their last "
+                f"{pool.code_length} digits, so their codes collide"
+            )
+        for j, region in enumerate(pool.regions):
+            need(
+                region in numbers.allowed_regions,
+                f"{at}.regions[{j}]",
+                "is not in numbers.allowed_regions",
+            )
+        if not 0 < pool.code_length <= 15:
+            continue  # no entropy to speak of (and 10**-400 is 0, 10**3000000 is slow)
+        if pool.codes < MIN_POOL_CODES and not pool.allow_low_entropy:
+            problems.append(
+                f"{at}: only {pool.codes} codes ({entropy_bits(pool):.1f} bits); at least "
+                f"{MIN_POOL_CODES} are needed, or set allow_low_entropy: true"
+            )
+    return problems
+
+
+def entropy_bits(pool: PoolConfig) -> float:
+    """log2 of the number of codes a pool can present."""
+    return math.log2(pool.codes)
+
+
+def summary(config: Config) -> list[str]:
+    """Human lines describing a valid config, without any secret."""
+    lines = [
+        f"http: {config.http.host}:{config.http.port}",
+        f"database: {config.database.path}",
+        f"asterisk: {config.asterisk.username}@{config.asterisk.host}:{config.asterisk.port}, "
+        f"channel {config.asterisk.channel}, dial format {config.asterisk.dial_format}",
+        f"calls: ring {config.calls.ring_seconds}s (max {config.calls.max_ring_seconds}s), "
+        f"{config.calls.max_per_second:g}/s, {config.calls.max_concurrent} at once",
+        f"numbers: default region {config.numbers.default_region}, "
+        f"allowed regions {', '.join(config.numbers.allowed_regions)}, "
+        f"types {', '.join(config.numbers.allowed_types)}",
+    ]
+    for pool in config.pools:
+        source = (
+            pool.prefix + "X" * pool.code_length if pool.prefix else f"{len(pool.numbers)} numbers"
+        )
+        regions = ", ".join(pool.regions) or "all allowed regions"
+        lines.append(
+            f"pool {pool.name}: {source}, {pool.codes} codes ({entropy_bits(pool):.1f} bits), "
+            f"serves {regions}"
+        )
+        if pool.codes < MIN_POOL_CODES:
+            chance = config.verification.max_attempts / pool.codes
+            lines.append(
+                f"  warning: allow_low_entropy is set: a guesser with "
+                f"{config.verification.max_attempts} attempts wins 1 time in "
+                f"{1 / min(chance, 1):.0f}; use this pool only where that risk is accepted"
+            )
+    return lines
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(kind: Any) -> str:
+    names: dict[Any, str] = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        dict: "a mapping",
+        list: "a list",
+        type(None): "empty",
+    }
+    return names.get(kind, str(getattr(kind, "__name__", kind)))

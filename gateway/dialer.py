@@ -1,0 +1,239 @@
+"""The call queue: pacing (calls per second, calls at once) and each call's lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from gateway.config import CallsConfig
+from gateway.outcomes import DELIVERED_OUTCOMES, Outcome, classify
+from gateway.pbx import CallEventKind, Dial, Pbx, PbxError
+from gateway.store import CallEventRecord, Store
+
+log = logging.getLogger(__name__)
+
+# A call with no Hangup this long after its ring time ended is given up as lost:
+# Asterisk hangs up within a second of the Timeout, so 30 s means the events are gone.
+LOST_CALL_GRACE_S = 30.0
+SWEEP_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class CallJob:
+    """A call to place for a verification."""
+
+    call_id: str
+    verification_id: str
+    dial_number: str  # formatted for the trunk
+    cli: str  # E.164, for the pool
+    cli_dial: str  # formatted for the trunk
+    pool: str
+    ring_seconds: float
+
+
+@dataclass(slots=True)
+class _LiveCall:
+    job: CallJob
+    dialed_at: float
+    alerted: bool = False
+    answered: bool = False
+
+
+EndedCallback = Callable[[CallJob, Outcome], Awaitable[None]]
+
+
+class Pacer:
+    """Spaces calls at most `rate` per second, allowing a burst of up to one second."""
+
+    def __init__(self, rate: float) -> None:
+        self._interval = 1.0 / rate
+        self._burst = max(1.0, rate)
+        self._tokens = self._burst
+        self._last = time.monotonic()
+
+    async def wait(self) -> None:
+        """Return when the next call may start."""
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) / self._interval)
+        self._last = now
+        if self._tokens < 1:
+            await asyncio.sleep((1 - self._tokens) * self._interval)
+            self._tokens = 1
+            self._last = time.monotonic()
+        self._tokens -= 1
+
+
+class Dialer:
+    """Places queued calls through the PBX and writes each call's fate to the store."""
+
+    def __init__(
+        self,
+        pbx: Pbx,
+        store: Store,
+        config: CallsConfig,
+        release_cli: Callable[[str, str], None],
+        on_ended: EndedCallback | None = None,
+    ) -> None:
+        self._pbx = pbx
+        self._store = store
+        self._on_ended = on_ended
+        self._release_cli = release_cli
+        self._queue: asyncio.Queue[CallJob] = asyncio.Queue()
+        self._slots = asyncio.Semaphore(config.max_concurrent)
+        self._pacer = Pacer(config.max_per_second)
+        self._live: dict[str, _LiveCall] = {}
+        self._canceled: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting to be placed."""
+        return self._queue.qsize()
+
+    @property
+    def in_flight(self) -> int:
+        """Calls placed and not yet ended."""
+        return len(self._live)
+
+    def start(self) -> None:
+        """Start placing calls and following their events."""
+        for name, loop in (("dial", self._dial_loop), ("events", self._event_loop),
+                           ("sweep", self._sweep_loop)):  # fmt: skip
+            self._tasks.append(asyncio.create_task(loop(), name=f"dialer-{name}"))
+
+    async def stop(self) -> None:
+        """Stop every task this dialer started."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    def submit(self, job: CallJob) -> None:
+        """Queue a call; it is placed as pacing allows."""
+        self._queue.put_nowait(job)
+
+    async def cancel(self, call_id: str) -> None:
+        """Hang up a live call, or keep a queued one from being placed."""
+        if call_id in self._live:
+            with contextlib.suppress(PbxError):
+                await self._pbx.hangup(call_id)
+        else:
+            self._canceled.add(call_id)
+
+    async def _dial_loop(self) -> None:
+        while True:
+            job = await self._queue.get()
+            if job.call_id in self._canceled:
+                self._canceled.discard(job.call_id)
+                await self._finish(job, Outcome.ERROR, None, None, "canceled", alerted=False)
+                continue
+            await self._slots.acquire()
+            await self._pacer.wait()
+            await self._place(job)
+
+    async def _place(self, job: CallJob) -> None:
+        now = time.time()
+        # Written before the Originate: after a crash a call marked dialing is
+        # reconciled, never dialed again.
+        await self._store.call_progress(job.call_id, "dialing", "dialed_at", now, "dialing")
+        self._live[job.call_id] = _LiveCall(job, dialed_at=now)
+        try:
+            await self._pbx.originate(
+                Dial(job.call_id, job.dial_number, job.cli_dial, job.ring_seconds)
+            )
+        except PbxError as exc:
+            log.warning("call %s: originate failed: %s", job.call_id, exc)
+            reason = "pbx_unavailable" if not self._pbx.connected else "originate_refused"
+            await self._end(job.call_id, None, None, reason)
+        except ValueError as exc:  # UnsafeAmiValue: a bug upstream, never sent
+            log.error("call %s: refused unsafe AMI value: %s", job.call_id, exc)
+            await self._end(job.call_id, None, None, "invalid_dial")
+
+    async def _event_loop(self) -> None:
+        while True:
+            event = await self._pbx.next_event()
+            try:
+                await self._handle_event(event.channel_id, event.kind, event.at, event.cause,
+                                         event.sip_code, event.reason)  # fmt: skip
+            except Exception:
+                log.exception("call %s: event %s not recorded", event.channel_id, event.kind)
+
+    async def _handle_event(
+        self,
+        call_id: str,
+        kind: CallEventKind,
+        at: float,
+        cause: int | None,
+        sip_code: int | None,
+        reason: str | None,
+    ) -> None:
+        live = self._live.get(call_id)
+        if live is None:
+            return
+        if kind in (CallEventKind.RINGING, CallEventKind.PROGRESS) and not live.alerted:
+            live.alerted = True
+            await self._store.call_progress(call_id, "ringing", "ringing_at", at, kind)
+        elif kind is CallEventKind.HANGUP:
+            await self._end(call_id, cause, sip_code, reason, at)
+        else:
+            live.answered = live.answered or kind is CallEventKind.ANSWERED
+            await self._store.add_call_event(CallEventRecord(call_id, at, kind, None, None))
+
+    async def _end(
+        self,
+        call_id: str,
+        cause: int | None,
+        sip_code: int | None,
+        reason: str | None,
+        at: float | None = None,
+    ) -> None:
+        live = self._live.pop(call_id, None)
+        if live is None:
+            return
+        self._slots.release()
+        outcome = classify(alerted=live.alerted, answered=live.answered, cause=cause)
+        await self._finish(live.job, outcome, cause, sip_code, reason, alerted=live.alerted, at=at)
+
+    async def _finish(
+        self,
+        job: CallJob,
+        outcome: Outcome,
+        cause: int | None,
+        sip_code: int | None,
+        reason: str | None,
+        *,
+        alerted: bool,
+        at: float | None = None,
+    ) -> None:
+        self._release_cli(job.pool, job.cli)
+        delivered = outcome in DELIVERED_OUTCOMES
+        await self._store.end_call(
+            job.call_id,
+            call_status="completed" if delivered else "failed",
+            outcome=outcome,
+            cause=cause,
+            sip_code=sip_code,
+            reason=reason,
+            at=at or time.time(),
+            fail_verification=not delivered,
+        )
+        log.info("call %s (verification %s): %s, cause %s, sip %s",
+                 job.call_id, job.verification_id, outcome, cause, sip_code)  # fmt: skip
+        if self._on_ended is not None:
+            await self._on_ended(job, outcome)
+
+    async def _sweep_loop(self) -> None:
+        """End calls whose Hangup never came (events lost with the PBX)."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            now = time.time()
+            for call_id, live in list(self._live.items()):
+                if now > live.dialed_at + live.job.ring_seconds + LOST_CALL_GRACE_S:
+                    log.warning("call %s: no hangup from the PBX; closing it as lost", call_id)
+                    await self._end(call_id, None, None, "pbx_lost")

@@ -1,0 +1,70 @@
+"""The domain's exceptions. Each carries a stable `code`; only the HTTP edge maps it to a status."""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error a client may see; `code` is stable and machine-readable."""
+
+    code = "error"
+
+    def __init__(self, detail: str, **extra: object) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class InvalidRequest(GatewayError):
+    code = "invalid_request"
+
+
+class Unauthorized(GatewayError):
+    code = "unauthorized"
+
+
+class NotFound(GatewayError):
+    code = "not_found"
+
+
+class VerificationNotPending(GatewayError):
+    code = "verification_not_pending"
+
+
+class InvalidPhone(GatewayError):
+    code = "invalid_phone"
+
+
+class PhoneTypeNotAllowed(GatewayError):
+    code = "phone_type_not_allowed"
+
+
+class RegionNotAllowed(GatewayError):
+    code = "region_not_allowed"
+
+
+class DestinationBlocked(GatewayError):
+    code = "destination_blocked"
+
+
+class NumberKnownInvalid(GatewayError):
+    code = "number_known_invalid"
+
+
+class PbxUnavailable(GatewayError):
+    code = "pbx_unavailable"
+
+
+class Overloaded(GatewayError):
+    code = "overloaded"
+
+    def __init__(self, detail: str, retry_after: int, **extra: object) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after = retry_after
+
+
+class UnsupportedMediaType(GatewayError):
+    code = "unsupported_media_type"
+
+
+class PayloadTooLarge(GatewayError):
+    code = "payload_too_large"

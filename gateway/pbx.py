@@ -1,0 +1,428 @@
+"""The only code that speaks AMI: login, keepalive, reconnect, originate, call events.
+
+panoramisk does the framing and matches responses to actions; this module owns the
+connection, because panoramisk's own `Manager` returns from `connect()` before the
+login has succeeded, never checks its ping replies, reconnects at a fixed pace, and
+re-sends unanswered actions after a reconnect (a second call for an Originate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from panoramisk.actions import Action
+from panoramisk.ami_protocol import AMIProtocol
+from panoramisk.message import Message
+
+log = logging.getLogger(__name__)
+
+# An AMI login answers in milliseconds on a healthy PBX; five seconds covers a busy one.
+LOGIN_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5.0
+# Originate with Async answers "queued" within about 1 ms; a PBX that takes seconds is
+# overloaded and the call is better failed than left in doubt.
+ACTION_TIMEOUT_S = 5.0
+KEEPALIVE_INTERVAL_S = 5.0
+KEEPALIVE_TIMEOUT_S = 3.0
+RECONNECT_BASE_S = 0.5
+RECONNECT_CAP_S = 30.0
+# A failed OriginateResponse follows the channel's Hangup when a channel was made;
+# when none was (unknown endpoint, no capacity) no Hangup ever comes. Wait this
+# long for one before ending the call on the OriginateResponse alone.
+ORIGINATE_FAILURE_GRACE_S = 1.0
+
+# Asterisk's ChannelState values (include/asterisk/channelstate.h).
+_STATE_RINGING = "5"
+_STATE_UP = "6"
+_CALL_EVENTS = ("Newstate", "DialState", "Hangup", "OriginateResponse")
+
+_NUMBER = re.compile(r"\+?[0-9]{1,20}")
+_CHANNEL_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_UNSAFE = re.compile(r"[\r\n]")
+
+
+class PbxError(Exception):
+    """The PBX could not do what was asked."""
+
+
+class PbxUnavailable(PbxError):
+    """No logged-in AMI connection."""
+
+
+class OriginateRefused(PbxError):
+    """Asterisk answered the Originate action with an error."""
+
+
+class UnsafeAmiValue(ValueError):
+    """A value that must not be put into an AMI action."""
+
+
+class CallEventKind(enum.StrEnum):
+    """What the PBX reported about one call."""
+
+    RINGING = "ringing"  # 180, or Newstate Ringing
+    PROGRESS = "progress"  # 183 without 180: many mobile networks alert this way
+    ANSWERED = "answered"  # the channel went Up
+    HANGUP = "hangup"  # the channel is gone: the call's last event
+
+
+@dataclass(frozen=True, slots=True)
+class CallEvent:
+    """One step of a call, correlated by the ChannelId given at Originate."""
+
+    channel_id: str
+    kind: CallEventKind
+    at: float  # wall clock, seconds
+    cause: int | None = None  # Q.850 hangup cause
+    sip_code: int | None = None  # the SIP response behind the hangup, where known
+    reason: str | None = None  # why a call ended without a channel hangup
+
+
+@dataclass(frozen=True, slots=True)
+class Dial:
+    """A ring-and-hang-up call to place."""
+
+    channel_id: str
+    number: str  # destination as the trunk expects it, digits with an optional +
+    caller_id: str  # digits with an optional +: the pool number carrying the code
+    ring_seconds: float
+
+
+class Pbx(Protocol):
+    """What the dialer needs from a PBX; a fake stands in for it in unit tests."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def originate(self, dial: Dial) -> None: ...
+
+    async def hangup(self, channel_id: str) -> None: ...
+
+    async def next_event(self) -> CallEvent: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AmiSettings:
+    """Where and how to reach Asterisk's manager interface."""
+
+    host: str
+    port: int
+    username: str
+    secret: str
+    channel: str = "PJSIP/{number}@otp-trunk"
+
+
+def check_number(value: str, what: str) -> str:
+    """Return `value` if it is digits with an optional leading +, else raise."""
+    if not _NUMBER.fullmatch(value):
+        raise UnsafeAmiValue(f"{what} must be digits with an optional leading +")
+    return value
+
+
+def check_text(value: str, what: str) -> str:
+    """Return `value` if it holds no line break (an AMI header injection), else raise."""
+    if _UNSAFE.search(value) or not value.isprintable():
+        raise UnsafeAmiValue(f"{what} must be one line of printable text")
+    return value
+
+
+def originate_action(settings: AmiSettings, dial: Dial) -> dict[str, str]:
+    """The Originate action for `dial`, every value checked before it reaches AMI."""
+    if not _CHANNEL_ID.fullmatch(dial.channel_id):
+        raise UnsafeAmiValue("channel_id must be 1-64 letters, digits, '.', '_' or '-'")
+    number = check_number(dial.number, "number")
+    caller_id = check_number(dial.caller_id, "caller_id")
+    if not 0 < dial.ring_seconds <= 120:
+        raise UnsafeAmiValue("ring_seconds must be in (0, 120]")
+    return {
+        "Action": "Originate",
+        "Channel": check_text(settings.channel.format(number=number), "channel"),
+        "CallerID": f"<{caller_id}>",
+        "Timeout": str(round(dial.ring_seconds * 1000)),
+        # An answered call runs Hangup at once: the far end gets a BYE, not a conversation.
+        "Application": "Hangup",
+        # panoramisk would send Python's True as "True"; Asterisk wants the string.
+        "Async": "true",
+        "ChannelId": dial.channel_id,
+    }
+
+
+class _Session:
+    """The `factory` panoramisk's protocol reports to: one per TCP connection."""
+
+    def __init__(self, on_event: Callable[[Message], None], on_lost: Callable[[], None]) -> None:
+        self._on_event = on_event
+        self._on_lost = on_lost
+        # panoramisk re-queues unanswered actions that are not "forgetable" and sends
+        # them again after a reconnect. Every action is forgetable here: a re-sent
+        # Originate would ring the phone twice.
+        self.forgetable_actions = _Forget()
+        self.awaiting_actions: list[Any] = []
+
+    def dispatch(self, message: Message) -> None:
+        self._on_event(message)
+
+    def connection_lost(self, exc: object) -> None:
+        self._on_lost()
+
+
+class _Forget:
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+@dataclass
+class _Call:
+    dial: Dial
+    seen: set[CallEventKind] = field(default_factory=set)
+
+
+class AmiPbx:
+    """A supervised AMI connection that places calls and reports their events."""
+
+    def __init__(self, settings: AmiSettings) -> None:
+        self.settings = settings
+        self._events: asyncio.Queue[CallEvent] = asyncio.Queue()
+        self._calls: dict[str, _Call] = {}
+        self._protocol: AMIProtocol | None = None
+        self._pending: set[asyncio.Future[Any]] = set()
+        self._logged_in = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self.reconnects = 0
+
+    @property
+    def connected(self) -> bool:
+        """True while a logged-in AMI connection is up."""
+        return self._logged_in.is_set()
+
+    async def start(self) -> None:
+        """Start connecting in the background; see `wait_connected`."""
+        if self._supervisor is None:
+            self._supervisor = asyncio.create_task(self._supervise(), name="ami-supervisor")
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Wait until logged in, or raise PbxUnavailable."""
+        try:
+            await asyncio.wait_for(self._logged_in.wait(), timeout)
+        except TimeoutError:
+            raise PbxUnavailable(f"no AMI login within {timeout}s") from None
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the connection."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+        self._drop_connection()
+
+    async def originate(self, dial: Dial) -> None:
+        """Place `dial`; returns once Asterisk has queued it, never waiting for the ring."""
+        action = originate_action(self.settings, dial)
+        self._calls[dial.channel_id] = _Call(dial)
+        try:
+            reply = await self._send(action)
+        except BaseException:
+            self._calls.pop(dial.channel_id, None)
+            raise
+        if not reply.success:
+            self._calls.pop(dial.channel_id, None)
+            raise OriginateRefused(reply.get("Message", "refused"))
+
+    async def hangup(self, channel_id: str) -> None:
+        """Hang up a call placed by `originate` (cancels it while ringing)."""
+        if channel_id not in self._calls:
+            return
+        if not _CHANNEL_ID.fullmatch(channel_id):
+            raise UnsafeAmiValue("bad channel_id")
+        # Hangup matches Channel as a regular expression; the Uniqueid is exact.
+        await self._send({"Action": "Hangup", "Channel": f"/^{re.escape(channel_id)}$/"})
+
+    async def next_event(self) -> CallEvent:
+        """The next event of any call placed here."""
+        return await self._events.get()
+
+    # -- connection ------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._connect()
+                attempt = 0
+                log.info("AMI logged in at %s:%s", self.settings.host, self.settings.port)
+                await self._keepalive()
+            except (OSError, TimeoutError, PbxError) as exc:
+                log.warning(
+                    "AMI connection to %s:%s failed: %s",
+                    self.settings.host,
+                    self.settings.port,
+                    exc,
+                )
+            self._drop_connection()
+            delay = min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2**attempt)
+            delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
+            attempt += 1
+            self.reconnects += 1
+            log.info("AMI reconnecting in %.1fs", delay)
+            await asyncio.sleep(delay)
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._lost.clear()
+        _, protocol = await asyncio.wait_for(
+            loop.create_connection(AMIProtocol, self.settings.host, self.settings.port),
+            CONNECT_TIMEOUT_S,
+        )
+        protocol.factory = _Session(self._on_message, self._lost.set)
+        protocol.encoding = "utf8"
+        protocol.log = log
+        self._protocol = protocol
+        reply = await self._send(
+            {
+                "Action": "Login",
+                "Username": check_text(self.settings.username, "username"),
+                "Secret": check_text(self.settings.secret, "secret"),
+                "Events": "on",
+            },
+            timeout=LOGIN_TIMEOUT_S,
+            require_login=False,
+        )
+        if not reply.success:
+            # The secret stays out of the message; Asterisk's reason does not hold it.
+            raise PbxError(
+                f"AMI login as {self.settings.username!r} refused: {reply.get('Message', '')}"
+            )
+        self._logged_in.set()
+
+    async def _keepalive(self) -> None:
+        """Ping until a reply is late or the connection drops."""
+        while True:
+            try:
+                await asyncio.wait_for(self._lost.wait(), KEEPALIVE_INTERVAL_S)
+            except TimeoutError:
+                pass  # a quiet interval: time to ping
+            else:
+                raise PbxUnavailable("AMI connection lost")
+            try:
+                await self._send({"Action": "Ping"}, timeout=KEEPALIVE_TIMEOUT_S)
+            except TimeoutError:
+                raise PbxUnavailable(f"no Ping reply within {KEEPALIVE_TIMEOUT_S}s") from None
+
+    def _drop_connection(self) -> None:
+        self._logged_in.clear()
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and not protocol.closed:
+            protocol.factory = None  # a late connection_lost must not reach us
+            protocol.responses.clear()
+            protocol.transport.close()
+            protocol.closed = True
+        for future in self._pending:
+            if not future.done():
+                future.set_exception(PbxUnavailable("AMI connection lost"))
+        self._pending.clear()
+
+    async def _send(
+        self,
+        fields: dict[str, str],
+        timeout: float = ACTION_TIMEOUT_S,
+        require_login: bool = True,
+    ) -> Message:
+        protocol = self._protocol
+        if protocol is None or (require_login and not self._logged_in.is_set()):
+            raise PbxUnavailable("not connected to AMI")
+        for key, value in fields.items():
+            check_text(value, key)
+        action = Action(fields, as_list=False)
+        future = protocol.send(action, as_list=False)
+        self._pending.add(future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        finally:
+            self._pending.discard(future)
+            if not future.done():
+                protocol.responses.pop(action.id, None)
+                future.cancel()
+
+    # -- events ----------------------------------------------------------------
+
+    def _on_message(self, message: Message) -> None:
+        """Turn an AMI event into a CallEvent; runs inline in the protocol's reader."""
+        name = message.get("Event", "")
+        if name not in _CALL_EVENTS:
+            return
+        if name == "DialState":
+            channel_id = message.get("DestUniqueid", "")
+        else:
+            channel_id = message.get("Uniqueid", "")
+        call = self._calls.get(channel_id)
+        if call is None:
+            return
+        kind: CallEventKind | None = None
+        if name == "Newstate":
+            state = message.get("ChannelState", "")
+            kind = {_STATE_RINGING: CallEventKind.RINGING, _STATE_UP: CallEventKind.ANSWERED}.get(
+                state
+            )
+        elif name == "DialState":
+            kind = {
+                "RINGING": CallEventKind.RINGING,
+                "PROGRESS": CallEventKind.PROGRESS,
+                "ANSWER": CallEventKind.ANSWERED,
+            }.get(message.get("DialStatus", ""))
+        elif name == "Hangup":
+            self._end_call(
+                channel_id, _int_or_none(message.get("Cause")), _sip_code(message.get("TechCause"))
+            )
+            return
+        elif name == "OriginateResponse" and message.get("Response") != "Success":
+            asyncio.get_running_loop().call_later(
+                ORIGINATE_FAILURE_GRACE_S,
+                self._end_call,
+                channel_id,
+                None,
+                None,
+                f"originate_failed:{message.get('Reason', '')}",
+            )
+            return
+        if kind is not None and kind not in call.seen:
+            call.seen.add(kind)
+            self._events.put_nowait(CallEvent(channel_id, kind, time.time()))
+
+    def _end_call(
+        self, channel_id: str, cause: int | None, sip_code: int | None, reason: str | None = None
+    ) -> None:
+        if self._calls.pop(channel_id, None) is None:
+            return  # already ended
+        self._events.put_nowait(
+            CallEvent(
+                channel_id,
+                CallEventKind.HANGUP,
+                time.time(),
+                cause=cause,
+                sip_code=sip_code,
+                reason=reason,
+            )
+        )
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(str(value))
+    except ValueError:
+        return None
+
+
+def _sip_code(value: object) -> int | None:
+    code = _int_or_none(value)
+    return code if code is not None and 100 <= code <= 699 else None

@@ -1,0 +1,153 @@
+"""Parse, normalise and classify phone numbers (phonenumbers); dial and caller-ID formats."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import phonenumbers
+from phonenumbers import NumberParseException, PhoneNumberType, ValidationResult, carrier
+
+from gateway.config import NumbersConfig
+from gateway.errors import InvalidPhone, PhoneTypeNotAllowed, RegionNotAllowed
+
+# The longest typed form worth parsing: "+62 (0812) 3456-7890 ext" is far below this.
+MAX_INPUT_LENGTH = 40
+# Typing forms people use around digits: spaces, dots, dashes, brackets, slashes.
+# Only these: \s would also swallow CR, LF and other line breaks, which must be refused.
+_SEPARATORS = re.compile(r"[ .\-()/]")
+# E.164 allows at most 15 digits, whatever a country's metadata says.
+E164_MAX_DIGITS = 15
+_TYPED = re.compile(r"\+?[0-9]+")
+
+TYPE_NAMES = {
+    PhoneNumberType.FIXED_LINE: "fixed_line",
+    PhoneNumberType.MOBILE: "mobile",
+    PhoneNumberType.FIXED_LINE_OR_MOBILE: "fixed_line_or_mobile",
+    PhoneNumberType.TOLL_FREE: "toll_free",
+    PhoneNumberType.PREMIUM_RATE: "premium_rate",
+    PhoneNumberType.SHARED_COST: "shared_cost",
+    PhoneNumberType.VOIP: "voip",
+    PhoneNumberType.PERSONAL_NUMBER: "personal_number",
+    PhoneNumberType.PAGER: "pager",
+    PhoneNumberType.UAN: "uan",
+    PhoneNumberType.VOICEMAIL: "voicemail",
+    PhoneNumberType.UNKNOWN: "unknown",
+}
+_PARSE_REASONS = {
+    NumberParseException.INVALID_COUNTRY_CODE: "invalid_country_code",
+    NumberParseException.TOO_SHORT_NSN: "too_short",
+    NumberParseException.TOO_SHORT_AFTER_IDD: "too_short",
+    NumberParseException.TOO_LONG: "too_long",
+}
+_REASONS = {
+    ValidationResult.TOO_SHORT: "too_short",
+    ValidationResult.TOO_LONG: "too_long",
+    ValidationResult.INVALID_COUNTRY_CODE: "invalid_country_code",
+    ValidationResult.INVALID_LENGTH: "invalid_length",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Phone:
+    """A parsed, valid number."""
+
+    e164: str
+    region: str
+    type: str
+    number: phonenumbers.PhoneNumber
+
+    @property
+    def carrier(self) -> str | None:
+        """The original carrier's name where phonenumbers knows it (number may be ported)."""
+        return carrier.name_for_number(self.number, "en") or None
+
+
+def parse(raw: str, default_region: str) -> Phone:
+    """Normalise `raw` (E.164 or national digits) or raise InvalidPhone with a reason."""
+    if not isinstance(raw, str) or len(raw) > MAX_INPUT_LENGTH:
+        raise InvalidPhone("phone is not a phone number", reason="not_a_number")
+    compact = _SEPARATORS.sub("", raw)
+    if not _TYPED.fullmatch(compact):
+        raise InvalidPhone(
+            "phone may hold only digits, a leading +, spaces, dashes, dots and brackets",
+            reason="not_a_number",
+        )
+    try:
+        number = phonenumbers.parse(compact, default_region)
+        if not phonenumbers.is_valid_number(number) and number.national_number:
+            number = _without_trunk_zero(compact, number)
+    except NumberParseException as exc:
+        reason = _PARSE_REASONS.get(exc.error_type, "not_a_number")
+        raise InvalidPhone(f"phone is not a valid number ({reason})", reason=reason) from None
+    if not phonenumbers.is_valid_number(number):
+        possible = phonenumbers.is_possible_number_with_reason(number)
+        reason = _REASONS.get(possible, "invalid_for_region")
+        raise InvalidPhone(f"phone is not a valid number ({reason})", reason=reason)
+    e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    if len(e164) - 1 > E164_MAX_DIGITS:
+        raise InvalidPhone("phone is not a valid number (too_long)", reason="too_long")
+    region = phonenumbers.region_code_for_number(number) or "ZZ"
+    kind = TYPE_NAMES.get(phonenumbers.number_type(number), "unknown")
+    return Phone(e164=e164, region=region, type=kind, number=number)
+
+
+def _without_trunk_zero(compact: str, number: phonenumbers.PhoneNumber) -> phonenumbers.PhoneNumber:
+    """Read "+62 0812..." (country code, then the national trunk prefix 0) as "+62 812...".
+
+    Only when that gives a valid number: Italy, for one, keeps its leading 0.
+    """
+    country = str(number.country_code)
+    if compact.startswith(f"+{country}0"):
+        retry = phonenumbers.parse(f"+{country}{compact[len(country) + 2 :]}")
+        if phonenumbers.is_valid_number(retry):
+            return retry
+    return number
+
+
+def describe(raw: str, default_region: str, policy: NumbersConfig) -> dict[str, object]:
+    """Everything known about `raw` without calling it: validity, type, region, carrier, policy."""
+    try:
+        phone = parse(raw, default_region)
+    except InvalidPhone as exc:
+        return {"input": raw, "valid": False, "reason": exc.extra.get("reason"),
+                "callable": False, "refused_by": exc.code}  # fmt: skip
+    refused_by = None
+    try:
+        check_allowed(phone, policy)
+    except (RegionNotAllowed, PhoneTypeNotAllowed) as exc:
+        refused_by = exc.code
+    return {
+        "input": raw,
+        "e164": phone.e164,
+        "valid": True,
+        "reason": None,
+        "type": phone.type,
+        "region": phone.region,
+        "carrier": phone.carrier,
+        "callable": refused_by is None,
+        "refused_by": refused_by,
+    }
+
+
+def check_allowed(phone: Phone, policy: NumbersConfig) -> None:
+    """Raise when the gateway must not call `phone` under `policy`."""
+    if phone.region not in policy.allowed_regions:
+        raise RegionNotAllowed(
+            f"calls to region {phone.region} are not allowed", region=phone.region
+        )
+    if phone.type not in policy.allowed_types:
+        raise PhoneTypeNotAllowed(f"calls to {phone.type} numbers are not allowed", type=phone.type)
+
+
+def format_for_trunk(e164: str, style: str) -> str:
+    """`e164` as digits for a dial string or caller ID: e164, e164_no_plus or national."""
+    if style == "e164":
+        return e164
+    if style == "e164_no_plus":
+        return e164[1:]
+    if style == "national":
+        number = phonenumbers.parse(e164)
+        national = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)
+        return re.sub(r"[^0-9]", "", national)
+    raise ValueError(f"unknown number format {style!r}")

@@ -1,0 +1,458 @@
+"""Every SQL statement: schema migrations and queries, on aiosqlite in WAL mode.
+
+One connection; every operation holds a lock, so a multi-statement transaction never
+interleaves with another coroutine's statements on the shared connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+# How long a statement waits for another process holding the write lock (the CLI's
+# `keys create` while the gateway runs) before failing.
+BUSY_TIMEOUT_MS = 5000
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: API keys, verifications, calls and their event timeline.
+    """
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        key_hash TEXT NOT NULL UNIQUE,      -- SHA-256 of the key; the key is shown once
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    );
+    CREATE TABLE verifications (
+        id TEXT PRIMARY KEY,
+        api_key_id TEXT NOT NULL,
+        phone TEXT NOT NULL,                -- E.164
+        region TEXT NOT NULL,
+        reference TEXT,
+        callback_url TEXT,
+        status TEXT NOT NULL,
+        code_hash TEXT NOT NULL,            -- HMAC of the code; the code itself is never stored
+        pool TEXT NOT NULL,
+        cli_prefix TEXT NOT NULL,
+        cli_length INTEGER NOT NULL,
+        cli_pattern TEXT NOT NULL,
+        attempts_remaining INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX verifications_by_phone ON verifications (phone, created_at);
+    CREATE INDEX verifications_pending ON verifications (expires_at) WHERE status = 'pending';
+    CREATE TABLE calls (
+        id TEXT PRIMARY KEY,                -- the ChannelId given to Originate
+        verification_id TEXT NOT NULL UNIQUE REFERENCES verifications (id),
+        status TEXT NOT NULL,
+        cli TEXT,                           -- full caller ID while the call lives, then NULL
+        dial_number TEXT NOT NULL,
+        ring_seconds REAL NOT NULL,
+        outcome TEXT,
+        hangup_cause INTEGER,
+        sip_code INTEGER,
+        reason TEXT,
+        queued_at REAL NOT NULL,
+        dialed_at REAL,
+        ringing_at REAL,
+        ended_at REAL
+    );
+    CREATE INDEX calls_live ON calls (status) WHERE status IN ('queued', 'dialing', 'ringing');
+    CREATE TABLE call_events (
+        call_id TEXT NOT NULL REFERENCES calls (id),
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        cause INTEGER,
+        sip_code INTEGER
+    );
+    CREATE INDEX call_events_by_call ON call_events (call_id, at);
+    """,
+)
+
+LIVE_CALL_STATUSES = ("queued", "dialing", "ringing")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    id: str
+    name: str
+    key_hash: str
+    created_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationRecord:
+    id: str
+    api_key_id: str
+    phone: str
+    region: str
+    reference: str | None
+    callback_url: str | None
+    status: str
+    code_hash: str
+    pool: str
+    cli_prefix: str
+    cli_length: int
+    cli_pattern: str
+    attempts_remaining: int
+    created_at: float
+    expires_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    id: str
+    verification_id: str
+    status: str
+    cli: str | None
+    dial_number: str
+    ring_seconds: float
+    outcome: str | None = None
+    hangup_cause: int | None = None
+    sip_code: int | None = None
+    reason: str | None = None
+    queued_at: float = 0.0
+    dialed_at: float | None = None
+    ringing_at: float | None = None
+    ended_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallEventRecord:
+    call_id: str
+    at: float
+    kind: str
+    cause: int | None
+    sip_code: int | None
+
+
+def _columns(record_type: type[Any]) -> str:
+    return ", ".join(f.name for f in fields(record_type))
+
+
+def _placeholders(record_type: type[Any]) -> str:
+    return ", ".join("?" for _ in fields(record_type))
+
+
+_V_COLS = _columns(VerificationRecord)
+_C_COLS = _columns(CallRecord)
+
+
+class Store:
+    """The gateway's state in one SQLite file."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str | Path) -> Store:
+        """Open (creating if needed) the database at `path` and migrate it."""
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(str(path), isolation_level=None)
+        try:
+            await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            await db.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode survives a process crash; only a power cut can lose
+            # the last commits.
+            await db.execute("PRAGMA synchronous = NORMAL")
+            await db.execute("PRAGMA foreign_keys = ON")
+            store = cls(db)
+            await store._migrate()
+        except BaseException:
+            await db.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self._db.close()
+
+    async def ping(self) -> None:
+        """Raise when the database cannot answer a query."""
+        async with self._lock:
+            await self._db.execute("SELECT 1")
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")
+
+    async def _migrate(self) -> None:
+        async with self._transaction() as db:
+            version = (await (await db.execute("PRAGMA user_version")).fetchone() or (0,))[0]
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in _statements(script):
+                    await db.execute(statement)
+                await db.execute(f"PRAGMA user_version = {number}")
+
+    async def schema_version(self) -> int:
+        """The number of migrations applied."""
+        async with self._lock:
+            row = await (await self._db.execute("PRAGMA user_version")).fetchone()
+        return int(row[0]) if row else 0
+
+    # -- API keys --------------------------------------------------------------
+
+    async def add_api_key(self, key: ApiKeyRecord) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                f"INSERT INTO api_keys ({_columns(ApiKeyRecord)}) "
+                f"VALUES ({_placeholders(ApiKeyRecord)})",
+                astuple(key),
+            )
+
+    async def api_key_by_hash(self, key_hash: str) -> ApiKeyRecord | None:
+        async with self._lock:
+            cursor = await self._db.execute(
+                f"SELECT {_columns(ApiKeyRecord)} FROM api_keys WHERE key_hash = ?", (key_hash,)
+            )
+            row = await cursor.fetchone()
+        return ApiKeyRecord(*row) if row else None
+
+    async def api_keys(self) -> list[ApiKeyRecord]:
+        async with self._lock:
+            cursor = await self._db.execute(
+                f"SELECT {_columns(ApiKeyRecord)} FROM api_keys ORDER BY created_at"
+            )
+            rows = await cursor.fetchall()
+        return [ApiKeyRecord(*row) for row in rows]
+
+    async def revoke_api_key(self, id_or_name: str, at: float) -> int:
+        """Revoke keys by id or name; return how many were revoked."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE api_keys SET revoked_at = ? "
+                "WHERE (id = ? OR name = ?) AND revoked_at IS NULL",
+                (at, id_or_name, id_or_name),
+            )
+            return cursor.rowcount
+
+    # -- verifications ---------------------------------------------------------
+
+    async def create_verification(
+        self, verification: VerificationRecord, call: CallRecord
+    ) -> list[tuple[str, str | None]]:
+        """Insert a verification and its queued call, canceling the phone's pending ones.
+
+        Returns the (verification id, live call id) pairs that were canceled.
+        """
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "SELECT v.id, c.id, c.status FROM verifications v "
+                "LEFT JOIN calls c ON c.verification_id = v.id "
+                "WHERE v.phone = ? AND v.status = 'pending'",
+                (verification.phone,),
+            )
+            superseded = [
+                (vid, cid if status in LIVE_CALL_STATUSES else None)
+                for vid, cid, status in await cursor.fetchall()
+            ]
+            if superseded:
+                await db.executemany(
+                    "UPDATE verifications SET status = 'canceled', updated_at = ? WHERE id = ?",
+                    [(verification.created_at, vid) for vid, _ in superseded],
+                )
+            await db.execute(
+                f"INSERT INTO verifications ({_V_COLS}) "
+                f"VALUES ({_placeholders(VerificationRecord)})",
+                astuple(verification),
+            )
+            await db.execute(
+                f"INSERT INTO calls ({_C_COLS}) VALUES ({_placeholders(CallRecord)})",
+                astuple(call),
+            )
+        return superseded
+
+    async def verification(
+        self, verification_id: str
+    ) -> tuple[VerificationRecord, CallRecord] | None:
+        async with self._lock:
+            return await self._verification_where("v.id = ?", (verification_id,))
+
+    async def newest_pending(self, phone: str) -> tuple[VerificationRecord, CallRecord] | None:
+        async with self._lock:
+            return await self._verification_where(
+                "v.phone = ? AND v.status = 'pending' ORDER BY v.created_at DESC LIMIT 1",
+                (phone,),
+            )
+
+    async def _verification_where(
+        self, where: str, args: tuple[Any, ...]
+    ) -> tuple[VerificationRecord, CallRecord] | None:
+        v_cols = ", ".join(f"v.{f.name}" for f in fields(VerificationRecord))
+        c_cols = ", ".join(f"c.{f.name}" for f in fields(CallRecord))
+        cursor = await self._db.execute(
+            f"SELECT {v_cols}, {c_cols} FROM verifications v "
+            f"JOIN calls c ON c.verification_id = v.id WHERE {where}",
+            args,
+        )
+        row = await cursor.fetchone()
+        if row is None:
+            return None
+        split = len(fields(VerificationRecord))
+        return VerificationRecord(*row[:split]), CallRecord(*row[split:])
+
+    async def spend_attempt(
+        self, verification_id: str, approve: bool, at: float
+    ) -> VerificationRecord | None:
+        """Record one check of a pending verification; None when it was not pending.
+
+        A right code approves it; a wrong one spends an attempt, and the last wrong
+        attempt moves it to max_attempts_reached. One statement, so two concurrent
+        checks can never both spend the same attempt.
+        """
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE verifications SET "
+                "attempts_remaining = attempts_remaining - CASE WHEN ? THEN 0 ELSE 1 END, "
+                "status = CASE WHEN ? THEN 'approved' "
+                "WHEN attempts_remaining <= 1 THEN 'max_attempts_reached' ELSE status END, "
+                "updated_at = ? "
+                f"WHERE id = ? AND status = 'pending' AND expires_at > ? RETURNING {_V_COLS}",
+                (approve, approve, at, verification_id, at),
+            )
+            row = await cursor.fetchone()
+        return VerificationRecord(*row) if row else None
+
+    async def set_status(self, verification_id: str, status: str, at: float) -> bool:
+        """Move a pending verification to `status`; False when it was not pending."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE verifications SET status = ?, updated_at = ? "
+                "WHERE id = ? AND status = 'pending'",
+                (status, at, verification_id),
+            )
+            return cursor.rowcount == 1
+
+    async def expire_due(self, now: float) -> list[str]:
+        """Expire pending verifications past their TTL; return their ids."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE verifications SET status = 'expired', updated_at = ? "
+                "WHERE status = 'pending' AND expires_at <= ? RETURNING id",
+                (now, now),
+            )
+            return [row[0] for row in await cursor.fetchall()]
+
+    async def next_expiry(self) -> float | None:
+        async with self._lock:
+            cursor = await self._db.execute(
+                "SELECT MIN(expires_at) FROM verifications WHERE status = 'pending'"
+            )
+            row = await cursor.fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    # -- calls -----------------------------------------------------------------
+
+    async def call_progress(
+        self, call_id: str, status: str, column: str, at: float, event: str
+    ) -> None:
+        """A live call reached `status` (dialing or ringing) at `at`, seen as `event`."""
+        if column not in ("dialed_at", "ringing_at"):
+            raise ValueError(column)
+        async with self._transaction() as db:
+            await db.execute(
+                f"UPDATE calls SET status = ?, {column} = COALESCE({column}, ?) "
+                "WHERE id = ? AND status IN ('queued', 'dialing', 'ringing')",
+                (status, at, call_id),
+            )
+            await db.execute(
+                "INSERT INTO call_events (call_id, at, kind) VALUES (?, ?, ?)",
+                (call_id, at, event),
+            )
+
+    async def add_call_event(self, event: CallEventRecord) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                f"INSERT INTO call_events ({_columns(CallEventRecord)}) "
+                f"VALUES ({_placeholders(CallEventRecord)})",
+                astuple(event),
+            )
+
+    async def end_call(
+        self,
+        call_id: str,
+        *,
+        call_status: str,
+        outcome: str,
+        cause: int | None,
+        sip_code: int | None,
+        reason: str | None,
+        at: float,
+        fail_verification: bool,
+    ) -> None:
+        """Close a call with its outcome, forget its full caller ID, fail its verification."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE calls SET status = ?, outcome = ?, hangup_cause = ?, sip_code = ?, "
+                "reason = ?, ended_at = ?, cli = NULL "
+                "WHERE id = ? AND ended_at IS NULL RETURNING verification_id",
+                (call_status, outcome, cause, sip_code, reason, at, call_id),
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                return
+            await db.execute(
+                "INSERT INTO call_events (call_id, at, kind, cause, sip_code) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (call_id, at, f"ended:{outcome}", cause, sip_code),
+            )
+            if fail_verification:
+                await db.execute(
+                    "UPDATE verifications SET status = 'failed', updated_at = ? "
+                    "WHERE id = ? AND status = 'pending'",
+                    (at, row[0]),
+                )
+
+    async def call_events(self, call_id: str) -> list[CallEventRecord]:
+        async with self._lock:
+            cursor = await self._db.execute(
+                f"SELECT {_columns(CallEventRecord)} FROM call_events "
+                "WHERE call_id = ? ORDER BY at, rowid",
+                (call_id,),
+            )
+            rows = await cursor.fetchall()
+        return [CallEventRecord(*row) for row in rows]
+
+    async def live_calls(self) -> list[CallRecord]:
+        """Calls not yet ended (queued, dialing or ringing), oldest first."""
+        async with self._lock:
+            cursor = await self._db.execute(
+                f"SELECT {_C_COLS} FROM calls WHERE status IN "
+                f"({', '.join('?' for _ in LIVE_CALL_STATUSES)}) ORDER BY queued_at",
+                LIVE_CALL_STATUSES,
+            )
+            rows = await cursor.fetchall()
+        return [CallRecord(*row) for row in rows]
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (executescript would commit our transaction)."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        raise ValueError(f"incomplete statement in migration: {buffer.strip()[:60]}")
+    return statements

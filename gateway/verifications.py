@@ -1,0 +1,275 @@
+"""The domain: create, read, check, cancel and expire verifications."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway import phones
+from gateway.config import Config
+from gateway.dialer import CallJob, Dialer
+from gateway.errors import (
+    InvalidPhone,
+    InvalidRequest,
+    NotFound,
+    RegionNotAllowed,
+    VerificationNotPending,
+)
+from gateway.pool import Pool, pool_for
+from gateway.store import CallRecord, Store, VerificationRecord
+
+log = logging.getLogger(__name__)
+
+# 128 random bits make an id that cannot be guessed or enumerated.
+ID_BYTES = 16
+MAX_REFERENCE_LENGTH = 128
+MAX_CALLBACK_URL_LENGTH = 2048
+# The expiry sweep sleeps at most this long, so a verification created with a TTL
+# shorter than the current wait is still expired on time.
+MAX_EXPIRY_SLEEP_S = 1.0
+_CODE = re.compile(r"[0-9]{1,16}")
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class NewVerification:
+    """A validated create request."""
+
+    api_key_id: str
+    phone: str
+    region: str | None = None
+    reference: str | None = None
+    callback_url: str | None = None
+    ring_seconds: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    verification: VerificationRecord
+    valid: bool
+
+
+class Verifications:
+    """Verification lifecycle on top of the store, the pools and the dialer."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        pools: list[Pool],
+        dialer: Dialer,
+        clock: Clock = time.time,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._pools = pools
+        self._pools_by_name = {p.name: p for p in pools}
+        self._dialer = dialer
+        self._clock = clock
+        self._secret = config.security.code_secret.encode()
+        self._expiry_task: asyncio.Task[None] | None = None
+
+    # -- create ----------------------------------------------------------------
+
+    def parse_phone(self, raw: str, region: str | None = None) -> phones.Phone:
+        """Normalise and check a destination against the number policy."""
+        phone = phones.parse(raw, region or self._config.numbers.default_region)
+        phones.check_allowed(phone, self._config.numbers)
+        return phone
+
+    async def create(self, request: NewVerification) -> tuple[VerificationRecord, CallRecord]:
+        """Validate, store and queue a verification call."""
+        phone = self.parse_phone(request.phone, request.region)
+        pool = pool_for(self._pools, phone.region)
+        if pool is None:
+            raise RegionNotAllowed(
+                f"no caller-ID pool serves region {phone.region}", region=phone.region
+            )
+        calls = self._config.calls
+        ring_seconds = request.ring_seconds or calls.ring_seconds
+        if not 1 <= ring_seconds <= calls.max_ring_seconds:
+            raise InvalidRequest(f"ring_seconds must be 1-{calls.max_ring_seconds}")
+
+        now = self._clock()
+        verification_id = "vrf_" + secrets.token_hex(ID_BYTES)
+        call_id = uuid.uuid4().hex
+        cli = pool.draw()
+        verification = VerificationRecord(
+            id=verification_id,
+            api_key_id=request.api_key_id,
+            phone=phone.e164,
+            region=phone.region,
+            reference=request.reference,
+            callback_url=request.callback_url,
+            status="pending",
+            code_hash=self._code_hash(verification_id, cli.code),
+            pool=pool.name,
+            cli_prefix=pool.shape.prefix,
+            cli_length=pool.shape.length,
+            cli_pattern=pool.shape.pattern,
+            attempts_remaining=self._config.verification.max_attempts,
+            created_at=now,
+            expires_at=now + self._config.verification.ttl_seconds,
+            updated_at=now,
+        )
+        dial_number = phones.format_for_trunk(phone.e164, self._config.asterisk.dial_format)
+        call = CallRecord(
+            id=call_id,
+            verification_id=verification_id,
+            status="queued",
+            cli=cli.e164,
+            dial_number=dial_number,
+            ring_seconds=ring_seconds,
+            queued_at=now,
+        )
+        try:
+            superseded = await self._store.create_verification(verification, call)
+        except BaseException:
+            pool.release(cli.e164)
+            raise
+        for old_id, live_call_id in superseded:
+            log.info("verification %s canceled: superseded by %s", old_id, verification_id)
+            if live_call_id is not None:
+                await self._dialer.cancel(live_call_id)
+        self._dialer.submit(
+            CallJob(
+                call_id=call_id,
+                verification_id=verification_id,
+                dial_number=dial_number,
+                cli=cli.e164,
+                cli_dial=phones.format_for_trunk(cli.e164, pool.cli_format),
+                pool=pool.name,
+                ring_seconds=ring_seconds,
+            )
+        )
+        return verification, call
+
+    # -- read, check, cancel ---------------------------------------------------
+
+    async def get(
+        self, api_key_id: str, verification_id: str
+    ) -> tuple[VerificationRecord, CallRecord]:
+        """A verification owned by `api_key_id`, else NotFound."""
+        found = await self._store.verification(verification_id)
+        if found is None or found[0].api_key_id != api_key_id:
+            raise NotFound(f"no verification {verification_id}")
+        return await self._expire_if_due(found)
+
+    async def check(
+        self, api_key_id: str, verification_id: str, code: str | None, cli: str | None
+    ) -> CheckResult:
+        """Check a code (trailing digits) or a full caller ID against a verification."""
+        verification, _ = await self.get(api_key_id, verification_id)
+        return await self._check(verification, code, cli)
+
+    async def check_by_phone(
+        self, api_key_id: str, phone: str, region: str | None, code: str | None, cli: str | None
+    ) -> CheckResult:
+        """Check against the newest pending verification of `phone`."""
+        e164 = phones.parse(phone, region or self._config.numbers.default_region).e164
+        found = await self._store.newest_pending(e164)
+        if found is None or found[0].api_key_id != api_key_id:
+            raise NotFound("no pending verification for this phone")
+        verification, _ = await self._expire_if_due(found)
+        return await self._check(verification, code, cli)
+
+    async def cancel(
+        self, api_key_id: str, verification_id: str
+    ) -> tuple[VerificationRecord, CallRecord]:
+        """Cancel a pending verification and hang up its call if it still rings."""
+        verification, call = await self.get(api_key_id, verification_id)
+        if not await self._store.set_status(verification.id, "canceled", self._clock()):
+            current, _ = await self.get(api_key_id, verification_id)
+            raise VerificationNotPending(f"verification is {current.status}", status=current.status)
+        if call.ended_at is None:
+            await self._dialer.cancel(call.id)
+        return await self.get(api_key_id, verification_id)
+
+    async def _check(
+        self, verification: VerificationRecord, code: str | None, cli: str | None
+    ) -> CheckResult:
+        if verification.status != "pending":
+            raise VerificationNotPending(
+                f"verification is {verification.status}", status=verification.status
+            )
+        candidate = self._candidate_code(verification, code, cli)
+        valid = candidate is not None and hmac.compare_digest(
+            self._code_hash(verification.id, candidate), verification.code_hash
+        )
+        updated = await self._store.spend_attempt(verification.id, valid, self._clock())
+        if updated is None:  # changed under us: expired, canceled or checked concurrently
+            found = await self._store.verification(verification.id)
+            assert found is not None
+            current, _ = await self._expire_if_due(found)
+            raise VerificationNotPending(f"verification is {current.status}", status=current.status)
+        return CheckResult(updated, valid)
+
+    def _candidate_code(
+        self, verification: VerificationRecord, code: str | None, cli: str | None
+    ) -> str | None:
+        """The code a check presents, or None when it cannot be right."""
+        if (code is None) == (cli is None):
+            raise InvalidRequest("give exactly one of code or cli")
+        if code is not None:
+            if not _CODE.fullmatch(code):
+                raise InvalidRequest("code must be 1-16 digits")
+            return code
+        assert cli is not None
+        try:
+            e164 = phones.parse(cli, self._config.numbers.default_region).e164
+        except InvalidPhone:
+            return None
+        pool = self._pools_by_name.get(verification.pool)
+        return pool.code_of(e164) if pool else None
+
+    def _code_hash(self, verification_id: str, code: str) -> str:
+        # Keyed by a server secret and salted by the id: a copy of the database alone
+        # cannot be brute-forced back to codes.
+        message = f"{verification_id}:{code}".encode()
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+    # -- expiry ----------------------------------------------------------------
+
+    async def _expire_if_due(
+        self, found: tuple[VerificationRecord, CallRecord]
+    ) -> tuple[VerificationRecord, CallRecord]:
+        verification, _ = found
+        if verification.status == "pending" and verification.expires_at <= self._clock():
+            await self._store.expire_due(self._clock())
+            refreshed = await self._store.verification(verification.id)
+            assert refreshed is not None
+            return refreshed
+        return found
+
+    def start(self) -> None:
+        """Start expiring verifications as their TTL passes."""
+        self._expiry_task = asyncio.create_task(self._expiry_loop(), name="expiry")
+
+    async def stop(self) -> None:
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry_task
+            self._expiry_task = None
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            try:
+                for verification_id in await self._store.expire_due(self._clock()):
+                    log.info("verification %s expired", verification_id)
+                due = await self._store.next_expiry()
+            except Exception:
+                log.exception("expiry sweep failed")
+                due = None
+            wait = MAX_EXPIRY_SLEEP_S if due is None else due - self._clock()
+            await asyncio.sleep(min(max(wait, 0.05), MAX_EXPIRY_SLEEP_S))

@@ -1,0 +1,104 @@
+"""Session fixtures: the dev PBX (a real Asterisk 22) and the SIPp far end.
+
+Both start once per test session and stop at its end, unless they were already
+running (a developer's `make pbx-up` / `make farend-up`), in which case they are
+reused and left running. When either cannot start, the tests that need it fail:
+they never skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.pbx import AmiSettings
+from tests.farend import FarEnd, InviteRecord, format_record
+
+REPO = Path(__file__).resolve().parent.parent
+PBX_SCRIPT = REPO / "asterisk-config" / "dev" / "pbx.sh"
+FAREND_WORKDIR = REPO / ".cache" / "farend"
+
+DEV_AMI = AmiSettings(
+    host="127.0.0.1",
+    port=5038,
+    username="otp-gateway",
+    secret="otp-dev-secret",  # noqa: S106 - the dev PBX's fixed loopback-only secret
+    channel="PJSIP/{number}@otp-trunk",
+)
+# The pool prefix the dev config uses: +62 21 500 xxxx (Jakarta, a fixed-line block).
+DEV_CLI_PREFIX = "6221500"
+
+
+def _pbx(command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(PBX_SCRIPT), command], capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="session")
+def dev_pbx() -> Iterator[AmiSettings]:
+    """The dev Asterisk, logged in over AMI; started for the session if it was not up."""
+    was_running = _pbx("status").returncode == 0
+    started = _pbx("up")
+    if started.returncode != 0:
+        pytest.fail(f"dev PBX did not start:\n{started.stdout}\n{started.stderr}", pytrace=False)
+    yield DEV_AMI
+    if not was_running:
+        stopped = _pbx("down")
+        assert stopped.returncode == 0, stopped.stderr
+
+
+@pytest.fixture(scope="session")
+def far_end() -> Iterator[FarEnd]:
+    """The SIPp far end on 127.0.0.1:5070, recording every INVITE it receives."""
+    far = FarEnd(FAREND_WORKDIR)
+    was_running = far.running()
+    if not was_running:
+        try:
+            far.start()
+        except RuntimeError as exc:
+            pytest.fail(f"far end did not start: {exc}", pytrace=False)
+    yield far
+    if not was_running:
+        far.stop()
+
+
+_serial = itertools.count(random.randrange(10**6))
+
+
+def phone_number(behaviour: int) -> str:
+    """A fresh Indonesian mobile number (no +) whose last digit picks the far end's behaviour.
+
+    See tests/sipp/README.md: 0 rings, 1 progress only, 2 answers, 3 busy, 4 not found, ...
+    """
+    return f"62812{next(_serial) % 10**7:07d}{behaviour}"
+
+
+async def wire_record(
+    far_end: FarEnd,
+    number: str,
+    settled: Callable[[InviteRecord], bool] = lambda r: r.final_code is not None,
+    timeout: float = 5.0,
+    count: int = 1,
+) -> InviteRecord:
+    """The newest INVITE the far end got for `number`, once `count` came and all settled.
+
+    Polls without blocking the event loop: an in-process gateway must keep dialing.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        calls = far_end.calls_to(number)
+        if len(calls) >= count and all(settled(r) for r in calls):
+            assert len(calls) == count, f"{number} was called {len(calls)} times, not {count}"
+            return calls[-1]
+        if time.monotonic() > deadline:
+            shown = "\n".join(format_record(r) for r in calls) or "no INVITE"
+            raise AssertionError(f"far end, {number}: not settled within {timeout}s: {shown}")
+        await asyncio.sleep(0.02)

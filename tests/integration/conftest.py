@@ -1,0 +1,129 @@
+"""A gateway running in-process against the dev PBX, with an API key, per test."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientResponse, ClientSession, web
+from aiohttp.test_utils import TestServer
+
+from gateway import apikeys
+from gateway.app import create_app
+from gateway.config import (
+    AsteriskConfig,
+    CallsConfig,
+    Config,
+    DatabaseConfig,
+    PoolConfig,
+    SecurityConfig,
+    VerificationConfig,
+)
+from gateway.pbx import AmiSettings
+from gateway.store import Store
+from tests.farend import FarEnd
+
+POOL_PREFIX = "+6221500"
+
+
+def dev_config(db_path: Path, ami: AmiSettings, **sections: Any) -> Config:
+    """The gateway's config for the dev PBX; keyword arguments replace whole sections."""
+    config = Config(
+        asterisk=AsteriskConfig(
+            secret=ami.secret,
+            host=ami.host,
+            port=ami.port,
+            username=ami.username,
+            channel=ami.channel,
+        ),
+        pools=(PoolConfig(name="dev", prefix=POOL_PREFIX, code_length=4),),
+        security=SecurityConfig(code_secret="integration-test-code-secret"),  # noqa: S106
+        database=DatabaseConfig(path=str(db_path)),
+        calls=CallsConfig(
+            ring_seconds=2, max_ring_seconds=10, max_concurrent=200, max_per_second=200
+        ),
+        verification=VerificationConfig(ttl_seconds=300, max_attempts=5),
+    )
+    return dataclasses.replace(config, **sections)
+
+
+@dataclasses.dataclass
+class Gateway:
+    """A running gateway and an HTTP client holding a valid API key."""
+
+    url: str
+    key: str
+    http: ClientSession
+    db_path: Path
+
+    async def request(
+        self, method: str, path: str, json: Any = None, key: str | None = None, **kw: Any
+    ) -> ClientResponse:
+        headers = {"Authorization": f"Bearer {self.key if key is None else key}"}
+        headers.update(kw.pop("headers", {}))
+        return await self.http.request(method, self.url + path, json=json, headers=headers, **kw)
+
+    async def post(self, path: str, body: Any) -> tuple[int, dict[str, Any]]:
+        response = await self.request("POST", path, json=body)
+        return response.status, await response.json(content_type=None)
+
+    async def get(self, path: str) -> tuple[int, dict[str, Any]]:
+        response = await self.request("GET", path)
+        return response.status, await response.json(content_type=None)
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def start_gateway(
+    dev_pbx: AmiSettings, far_end: FarEnd, tmp_path: Path
+) -> AsyncIterator[GatewayFactory]:
+    """Start gateways (config sections as keyword arguments); all stop after the test."""
+    servers: list[TestServer] = []
+    sessions: list[ClientSession] = []
+
+    async def start(**sections: Any) -> Gateway:
+        db_path = tmp_path / f"gateway-{len(servers)}.sqlite3"
+        config = dev_config(db_path, dev_pbx, **sections)
+        store = await Store.open(db_path)
+        try:
+            _, key = await apikeys.create_key(store, "integration")
+        finally:
+            await store.close()
+        app: web.Application = create_app(config)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        session = ClientSession()
+        sessions.append(session)
+        gateway = Gateway(str(server.make_url("")).rstrip("/"), key, session, db_path)
+        await wait_ready(gateway)
+        return gateway
+
+    yield start
+    for session in sessions:
+        await session.close()
+    for server in servers:
+        await server.close()
+
+
+async def wait_ready(gateway: Gateway, timeout: float = 10.0) -> None:
+    """Wait until /readyz says the gateway is logged in to AMI."""
+    import asyncio
+
+    async with asyncio.timeout(timeout):
+        while True:
+            response = await gateway.request("GET", "/readyz")
+            if response.status == 200:
+                return
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def gateway(start_gateway: GatewayFactory) -> Gateway:
+    """A gateway with the default dev config."""
+    return await start_gateway()

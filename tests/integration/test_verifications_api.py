@@ -1,0 +1,188 @@
+"""Issue 3 end to end: HTTP in, a real call through the dev Asterisk, checked at the far end."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from gateway.config import VerificationConfig
+from tests.conftest import phone_number, wire_record
+from tests.farend import FarEnd, InviteRecord
+from tests.integration.conftest import POOL_PREFIX, Gateway, GatewayFactory
+
+pytestmark = pytest.mark.integration
+
+RING_SECONDS = 2
+WIRE_TOLERANCE_S = 1.0
+
+
+async def call_ended(gateway: Gateway, verification_id: str, timeout: float = 15) -> dict[str, Any]:
+    """The verification once its call has an outcome."""
+    async with asyncio.timeout(timeout):
+        while True:
+            status, body = await gateway.get(f"/v1/verifications/{verification_id}")
+            assert status == 200, body
+            if body["call"]["status"] in ("completed", "failed"):
+                return body
+            await asyncio.sleep(0.05)
+
+
+def code_of(record: InviteRecord) -> str:
+    """The OTP the far end saw: the trailing digits of the caller ID."""
+    prefix = POOL_PREFIX.lstrip("+")
+    assert record.from_user.startswith(prefix) and len(record.from_user) == len(prefix) + 4
+    return record.from_user[len(prefix) :]
+
+
+async def test_ringing_call_delivers_code_in_caller_id(gateway: Gateway, far_end: FarEnd) -> None:
+    number = phone_number(0)
+    status, created = await gateway.post(
+        "/v1/verifications", {"phone": f"+{number}", "reference": "order-123"}
+    )
+    assert status == 201, created
+    assert created["status"] == "pending"
+    assert created["phone"] == f"+{number}"
+    assert created["reference"] == "order-123"
+    assert created["cli"]["prefix"] == POOL_PREFIX
+    assert created["cli"]["length"] == 4
+    assert created["call"]["status"] in ("queued", "dialing")
+    assert "code" not in created
+
+    record = await wire_record(far_end, number, lambda r: r.canceled_at is not None)
+    assert record.from_user.startswith(POOL_PREFIX.lstrip("+"))
+    assert len(record.from_user) == len(POOL_PREFIX) - 1 + 4
+    assert record.canceled_at is not None
+    assert (
+        RING_SECONDS - 0.1
+        <= record.canceled_at - record.invited_at
+        <= RING_SECONDS + WIRE_TOLERANCE_S
+    )
+
+    ended = await call_ended(gateway, created["id"])
+    assert ended["call"]["status"] == "completed"
+    assert ended["call"]["outcome"] == "delivered"
+    assert ended["call"]["ringing_at"] is not None
+    assert ended["call"]["hangup_cause"] == 19
+    assert ended["status"] == "pending"
+    assert record.from_user not in str(created) + str(ended)
+
+    status, checked = await gateway.post(
+        f"/v1/verifications/{created['id']}/check", {"code": code_of(record)}
+    )
+    assert (status, checked["valid"], checked["status"]) == (200, True, "approved")
+
+
+async def test_full_caller_id_approves(gateway: Gateway, far_end: FarEnd) -> None:
+    number = phone_number(0)
+    _, created = await gateway.post("/v1/verifications", {"phone": "0" + number[2:]})
+    assert created["phone"] == f"+{number}", created
+    record = await wire_record(far_end, number, lambda r: r.final_code is not None)
+    status, checked = await gateway.post(
+        f"/v1/verifications/{created['id']}/check", {"cli": f"+{record.from_user}"}
+    )
+    assert (status, checked["valid"], checked["status"]) == (200, True, "approved")
+
+
+async def test_wrong_codes_spend_attempts_until_locked(gateway: Gateway, far_end: FarEnd) -> None:
+    number = phone_number(0)
+    _, created = await gateway.post("/v1/verifications", {"phone": f"+{number}"})
+    right = code_of(await wire_record(far_end, number, lambda r: True))
+    wrong = f"{(int(right) + 1) % 10000:04d}"
+    path = f"/v1/verifications/{created['id']}/check"
+    for remaining in (4, 3, 2, 1):
+        status, checked = await gateway.post(path, {"code": wrong})
+        assert (status, checked["valid"], checked["attempts_remaining"]) == (200, False, remaining)
+        assert checked["status"] == "pending"
+    status, checked = await gateway.post(path, {"code": wrong})
+    assert (status, checked["status"], checked["attempts_remaining"]) == (
+        200,
+        "max_attempts_reached",
+        0,
+    )
+    status, refused = await gateway.post(path, {"code": right})
+    assert status == 409
+    assert refused["code"] == "verification_not_pending"
+    assert refused["status"] == "max_attempts_reached"
+
+
+async def test_check_by_phone_uses_newest_pending(gateway: Gateway, far_end: FarEnd) -> None:
+    number = phone_number(0)
+    _, first = await gateway.post("/v1/verifications", {"phone": f"+{number}"})
+    _, second = await gateway.post("/v1/verifications", {"phone": f"+{number}"})
+    status, old = await gateway.get(f"/v1/verifications/{first['id']}")
+    assert old["status"] == "canceled"
+    await wire_record(far_end, number, lambda r: True, count=2)
+    newest = max(far_end.calls_to(number), key=lambda r: r.invited_at)
+    status, checked = await gateway.post(
+        "/v1/verifications/check", {"phone": f"+{number}", "code": code_of(newest)}
+    )
+    assert (status, checked["id"], checked["valid"]) == (200, second["id"], True)
+
+
+async def test_expires_after_ttl(start_gateway: GatewayFactory, far_end: FarEnd) -> None:
+    gateway = await start_gateway(verification=VerificationConfig(ttl_seconds=2, max_attempts=5))
+    number = phone_number(0)
+    _, created = await gateway.post("/v1/verifications", {"phone": f"+{number}"})
+    code = code_of(await wire_record(far_end, number, lambda r: True))
+    await asyncio.sleep(2.3)
+    _, current = await gateway.get(f"/v1/verifications/{created['id']}")
+    assert current["status"] == "expired"
+    status, refused = await gateway.post(f"/v1/verifications/{created['id']}/check", {"code": code})
+    assert (status, refused["status"]) == (409, "expired")
+
+
+async def test_answered_call_is_hung_up_at_once(gateway: Gateway, far_end: FarEnd) -> None:
+    number = phone_number(2)
+    _, created = await gateway.post("/v1/verifications", {"phone": f"+{number}"})
+    record = await wire_record(far_end, number, lambda r: r.bye_at is not None)
+    assert record.answered_at is not None and record.bye_at is not None
+    assert record.bye_at - record.answered_at <= WIRE_TOLERANCE_S
+    ended = await call_ended(gateway, created["id"])
+    assert (ended["call"]["outcome"], ended["call"]["status"]) == ("answered", "completed")
+    assert ended["status"] == "pending"
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "outcome", "call_status", "verification_status"),
+    [
+        pytest.param(1, "delivered", "completed", "pending", id="183-only"),
+        pytest.param(3, "busy", "failed", "failed", id="486"),
+        pytest.param(4, "invalid_number", "failed", "failed", id="404"),
+        pytest.param(5, "rejected", "failed", "failed", id="603"),
+        pytest.param(6, "congestion", "failed", "failed", id="503"),
+        pytest.param(8, "unreachable", "failed", "failed", id="480"),
+        pytest.param(7, "invalid_number", "failed", "failed", id="484"),
+    ],
+)
+async def test_far_end_answer_sets_outcome(
+    gateway: Gateway,
+    far_end: FarEnd,
+    behaviour: int,
+    outcome: str,
+    call_status: str,
+    verification_status: str,
+) -> None:
+    number = phone_number(behaviour)
+    _, created = await gateway.post("/v1/verifications", {"phone": f"+{number}"})
+    ended = await call_ended(gateway, created["id"])
+    assert ended["call"]["outcome"] == outcome
+    assert ended["call"]["status"] == call_status
+    assert ended["status"] == verification_status
+    await wire_record(far_end, number)
+
+
+async def test_fifty_at_once_each_with_its_own_caller_id(gateway: Gateway, far_end: FarEnd) -> None:
+    numbers = [phone_number(0) for _ in range(50)]
+    started = time.time()
+    results = await asyncio.gather(
+        *(gateway.post("/v1/verifications", {"phone": f"+{n}"}) for n in numbers)
+    )
+    assert [status for status, _ in results] == [201] * 50
+    ended = await asyncio.gather(*(call_ended(gateway, body["id"], 20) for _, body in results))
+    assert [e["call"]["outcome"] for e in ended] == ["delivered"] * 50
+    records = [await wire_record(far_end, n, lambda r: r.canceled_at is not None) for n in numbers]
+    assert all(r.invited_at >= started for r in records)
+    assert len({r.from_user for r in records}) == 50

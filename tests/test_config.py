@@ -1,0 +1,604 @@
+"""Configuration: defaults, ${ENV} interpolation, every problem named by its key path."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway import config
+from gateway.config import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "config.example.yaml"
+
+AMI_SECRET = "ami-Secret-9f3e1c"  # noqa: S105 - test value
+CODE_SECRET = "code-Secret-4b7a2d8e0c1f"  # noqa: S105 - test value
+ENV = {"AMI_SECRET": AMI_SECRET, "OTP_CODE_SECRET": CODE_SECRET}
+
+BASE: dict[str, Any] = {
+    "asterisk": {"secret": AMI_SECRET},
+    "security": {"code_secret": CODE_SECRET},
+    "pools": [{"name": "default", "prefix": "+6221500"}],
+}
+# Forty distinct caller IDs whose last four digits differ: a small, explicit list.
+FORTY_NUMBERS = [f"+6221500{n:04d}" for n in range(0, 4000, 100)]
+
+
+def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` merged in, mappings recursively, anything else replaced."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse(raw: dict[str, Any] | str, environ: dict[str, str] | None = None) -> config.Config:
+    text = raw if isinstance(raw, str) else yaml.safe_dump(raw)
+    return config.parse(text, {} if environ is None else environ)
+
+
+def problems(raw: dict[str, Any] | str, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse(raw, environ)
+    assert info.value.problems, "a ConfigError must list at least one problem"
+    return info.value.problems
+
+
+def paths(found: list[str]) -> set[str]:
+    """The key path of each problem (the text before the first ': ')."""
+    return {p.split(": ", 1)[0] for p in found}
+
+
+def problem_at(found: list[str], path: str) -> str:
+    matches = [p for p in found if p.split(": ", 1)[0] == path]
+    assert len(matches) == 1, f"expected one problem at {path!r} in {found}"
+    return matches[0]
+
+
+def with_pool(**pool: Any) -> dict[str, Any]:
+    return merged(BASE, {"pools": [{"name": "p", **pool}]})
+
+
+# -- defaults ----------------------------------------------------------------
+
+
+def test_minimal_config_gets_every_default() -> None:
+    cfg = parse(BASE)
+    assert cfg.http == config.HttpConfig(host="127.0.0.1", port=8080)
+    assert cfg.database.path == "var/gateway.sqlite3"
+    assert cfg.asterisk == config.AsteriskConfig(
+        secret=AMI_SECRET,
+        host="127.0.0.1",
+        port=5038,
+        username="otp-gateway",
+        channel="PJSIP/{number}@otp-trunk",
+        dial_format="e164_no_plus",
+    )
+    assert cfg.calls == config.CallsConfig(
+        ring_seconds=8, max_ring_seconds=15, max_concurrent=200, max_per_second=50.0
+    )
+    assert cfg.verification == config.VerificationConfig(ttl_seconds=300, max_attempts=5)
+    assert cfg.numbers == config.NumbersConfig(
+        default_region="ID",
+        allowed_regions=("ID",),
+        allowed_types=("mobile", "fixed_line_or_mobile"),
+    )
+    assert cfg.security.code_secret == CODE_SECRET
+    assert cfg.pools == (
+        config.PoolConfig(
+            name="default",
+            prefix="+6221500",
+            code_length=4,
+            numbers=(),
+            cli_format="e164_no_plus",
+            regions=(),
+            allow_low_entropy=False,
+        ),
+    )
+
+
+def test_given_values_override_defaults_and_lists_become_tuples() -> None:
+    cfg = parse(
+        merged(
+            BASE,
+            {
+                "http": {"port": 9000},
+                "calls": {"max_per_second": 7, "ring_seconds": 5},
+                "numbers": {"allowed_regions": ["ID", "MY"], "default_region": "MY"},
+                "pools": [{"name": "a", "prefix": "+6221500", "code_length": 6, "regions": ["MY"]}],
+            },
+        )
+    )
+    assert cfg.http.port == 9000
+    assert cfg.http.host == "127.0.0.1"
+    assert cfg.calls.ring_seconds == 5
+    assert cfg.calls.max_per_second == 7.0
+    assert isinstance(cfg.calls.max_per_second, float)
+    assert cfg.numbers.allowed_regions == ("ID", "MY")
+    assert cfg.pools[0].regions == ("MY",)
+    assert cfg.pools[0].code_length == 6
+
+
+def test_config_is_frozen() -> None:
+    cfg = parse(BASE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.http.port = 1  # type: ignore[misc]
+
+
+# -- ${ENV} interpolation ----------------------------------------------------
+
+
+def test_env_reference_is_replaced_from_the_given_environ() -> None:
+    raw = merged(BASE, {"asterisk": {"secret": "${AMI}"}, "security": {"code_secret": "${CODE}"}})
+    ami, code = "from-env", "c" * 16
+    cfg = parse(raw, {"AMI": ami, "CODE": code})
+    assert cfg.asterisk.secret == ami
+    assert cfg.security.code_secret == code
+
+
+def test_env_default_applies_only_when_the_variable_is_unset() -> None:
+    raw = merged(BASE, {"asterisk": {"host": "${AMI_HOST:-10.0.0.5}", "username": "${U:-otp}"}})
+    cfg = parse(raw, {"U": "operator"})
+    assert cfg.asterisk.host == "10.0.0.5"
+    assert cfg.asterisk.username == "operator"
+
+
+def test_env_set_to_empty_string_wins_over_the_default() -> None:
+    raw = merged(BASE, {"database": {"path": "db/${SUFFIX:-default}.sqlite3"}})
+    assert parse(raw, {"SUFFIX": ""}).database.path == "db/.sqlite3"
+
+
+def test_env_reference_inside_a_longer_string_and_in_list_items() -> None:
+    raw = merged(
+        BASE,
+        {
+            "asterisk": {"channel": "PJSIP/{number}@${TRUNK}"},
+            "numbers": {"allowed_regions": ["ID", "${EXTRA_REGION}"]},
+        },
+    )
+    cfg = parse(raw, {"TRUNK": "carrier-a", "EXTRA_REGION": "MY"})
+    assert cfg.asterisk.channel == "PJSIP/{number}@carrier-a"
+    assert cfg.numbers.allowed_regions == ("ID", "MY")
+
+
+def test_env_values_are_not_interpolated_again() -> None:
+    raw = merged(BASE, {"asterisk": {"secret": "${AMI}"}})
+    literal = "${OTHER}"
+    assert parse(raw, {"AMI": literal, "OTHER": "x"}).asterisk.secret == literal
+
+
+def test_unset_env_without_default_names_the_variable_and_key_path() -> None:
+    raw = merged(BASE, {"asterisk": {"secret": "${AMI}"}, "numbers": {"allowed_regions": ["${R}"]}})
+    found = problems(raw, {})
+    assert "AMI" in problem_at(found, "asterisk.secret")
+    assert "not set" in problem_at(found, "asterisk.secret")
+    assert "R" in problem_at(found, "numbers.allowed_regions[0]")
+
+
+def test_empty_env_default_gives_an_empty_secret_which_is_refused() -> None:
+    found = problems(merged(BASE, {"asterisk": {"secret": "${AMI:-}"}}), {})
+    assert paths(found) == {"asterisk.secret"}
+    assert "empty" in found[0]
+
+
+def test_parse_reads_only_the_environ_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AMI_SECRET", "process-env")
+    raw = merged(BASE, {"asterisk": {"secret": "${AMI_SECRET}"}})
+    assert "AMI_SECRET" in problem_at(problems(raw, {}), "asterisk.secret")
+
+
+def test_load_defaults_to_the_process_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(merged(BASE, {"asterisk": {"secret": "${GW_TEST_AMI}"}})))
+    from_process, given = "from-process", "given"
+    monkeypatch.setenv("GW_TEST_AMI", from_process)
+    assert config.load(path).asterisk.secret == from_process
+    assert config.load(path, {"GW_TEST_AMI": given}).asterisk.secret == given
+
+
+# -- every problem at once, each with its key path ---------------------------
+
+
+def test_structural_problems_are_all_reported_with_their_key_paths() -> None:
+    raw = """
+htp: {}
+http: {port: true, hots: x}
+asterisk: {port: "5038", secret: s}
+pools:
+  - name: a
+    prefix: "+6221500"
+    code_length: 4.5
+    allow_low_entropy: "yes"
+    numbers: ["+622150001234", +622150005678]
+  - prefix: "+6221501"
+    extra: 1
+calls: {max_per_second: true, max_concurrent: false, ring_seconds: 8.0}
+verification: {max_attempts: 5.0}
+numbers: {allowed_regions: ID}
+"""
+    found = problems(raw)
+    assert paths(found) == {
+        "htp",
+        "http.hots",
+        "http.port",
+        "asterisk.port",
+        "pools[0].code_length",
+        "pools[0].allow_low_entropy",
+        "pools[0].numbers[1]",
+        "pools[1].extra",
+        "pools[1].name",
+        "calls.max_per_second",
+        "calls.max_concurrent",
+        "calls.ring_seconds",
+        "verification.max_attempts",
+        "numbers.allowed_regions",
+        "security",
+    }
+    assert len(found) == len(paths(found))
+    assert "unknown key" in problem_at(found, "htp")
+    assert "unknown key" in problem_at(found, "pools[1].extra")
+    assert "required" in problem_at(found, "pools[1].name")
+    assert "required" in problem_at(found, "security")
+    assert "integer" in problem_at(found, "asterisk.port")
+    assert "quote" in problem_at(found, "pools[0].numbers[1]")
+    assert "list" in problem_at(found, "numbers.allowed_regions")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "path"),
+    [
+        ({"http": {"port": True}}, "http.port"),
+        ({"calls": {"max_concurrent": False}}, "calls.max_concurrent"),
+        ({"calls": {"max_per_second": True}}, "calls.max_per_second"),
+        ({"verification": {"ttl_seconds": True}}, "verification.ttl_seconds"),
+    ],
+)
+def test_a_boolean_is_not_accepted_as_a_number(overrides: dict[str, Any], path: str) -> None:
+    found = problems(merged(BASE, overrides))
+    assert paths(found) == {path}
+    assert "true or false" in found[0]
+
+
+@pytest.mark.parametrize("value", [1, 0, "true", "yes"])
+def test_a_number_or_string_is_not_accepted_as_a_boolean(value: object) -> None:
+    found = problems(with_pool(prefix="+6221500", allow_low_entropy=value))
+    assert paths(found) == {"pools[0].allow_low_entropy"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "path"),
+    [
+        ({"http": "8080"}, "http"),
+        ({"pools": {"name": "x"}}, "pools"),
+        ({"pools": ["default"]}, "pools[0]"),
+        ({"numbers": {"allowed_types": [["mobile"]]}}, "numbers.allowed_types[0]"),
+        ({"asterisk": {"secret": 12345}}, "asterisk.secret"),
+        ({"http": {"host": None}}, "http.host"),
+    ],
+)
+def test_wrong_shapes_are_named_by_path(overrides: dict[str, Any], path: str) -> None:
+    assert paths(problems(merged(BASE, overrides))) == {path}
+
+
+def test_missing_required_sections_and_keys() -> None:
+    assert paths(problems("")) == {"asterisk", "pools", "security"}
+    assert paths(problems("http: {port: 80}")) == {"asterisk", "pools", "security"}
+    found = problems({"asterisk": {}, "security": {}, "pools": [{}]})
+    assert paths(found) == {"asterisk.secret", "security.code_secret", "pools[0].name"}
+
+
+def test_top_level_must_be_a_mapping() -> None:
+    assert paths(problems("- a\n- b\n")) == {"(top level)"}
+
+
+def test_invalid_yaml_is_one_problem() -> None:
+    found = problems("asterisk: [\n")
+    assert len(found) == 1
+    assert found[0].startswith("not valid YAML")
+
+
+def test_range_and_format_problems_are_all_reported_with_their_key_paths() -> None:
+    raw = merged(
+        BASE,
+        {
+            "http": {"port": 0},
+            "asterisk": {"port": 70000, "channel": "PJSIP/x@trunk", "dial_format": "sip"},
+            "security": {"code_secret": "short"},
+            "calls": {"ring_seconds": 20, "max_concurrent": 0, "max_per_second": 0},
+            "verification": {"ttl_seconds": 10, "max_attempts": 0},
+            "numbers": {
+                "default_region": "id",
+                "allowed_regions": ["ID", "Indonesia"],
+                "allowed_types": ["mobile", "landline"],
+            },
+            "pools": [{"name": "a", "prefix": "6221500", "code_length": 9, "cli_format": "sip"}],
+        },
+    )
+    found = problems(raw)
+    assert paths(found) == {
+        "http.port",
+        "asterisk.port",
+        "asterisk.channel",
+        "asterisk.dial_format",
+        "security.code_secret",
+        "calls.ring_seconds",
+        "calls.max_concurrent",
+        "calls.max_per_second",
+        "verification.ttl_seconds",
+        "verification.max_attempts",
+        "numbers.default_region",
+        "numbers.allowed_regions[1]",
+        "numbers.allowed_types[1]",
+        "pools[0].prefix",
+        "pools[0].code_length",
+        "pools[0].cli_format",
+    }
+    assert len(found) == len(paths(found))
+    assert "{number}" in problem_at(found, "asterisk.channel")
+    assert "4-8" in problem_at(found, "pools[0].code_length")
+
+
+def test_an_ami_value_with_a_line_break_is_refused() -> None:
+    raw = merged(BASE, {"asterisk": {"username": "otp\r\nAction: Logoff", "secret": "a\nb"}})
+    assert paths(problems(raw)) == {"asterisk.username", "asterisk.secret"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "path"),
+    [
+        ({"http": {"port": 1}}, None),
+        ({"http": {"port": 65535}}, None),
+        ({"http": {"port": 65536}}, "http.port"),
+        ({"asterisk": {"port": 0}}, "asterisk.port"),
+        ({"calls": {"ring_seconds": 15, "max_ring_seconds": 15}}, None),
+        ({"calls": {"ring_seconds": 16, "max_ring_seconds": 15}}, "calls.ring_seconds"),
+        ({"calls": {"ring_seconds": 0}}, "calls.ring_seconds"),
+        ({"calls": {"ring_seconds": 8, "max_ring_seconds": 60}}, None),
+        ({"calls": {"ring_seconds": 8, "max_ring_seconds": 61}}, "calls.max_ring_seconds"),
+        ({"calls": {"max_concurrent": 1}}, None),
+        ({"calls": {"max_per_second": 0.5}}, None),
+        ({"calls": {"max_per_second": -1}}, "calls.max_per_second"),
+        ({"verification": {"ttl_seconds": 30}}, None),
+        ({"verification": {"ttl_seconds": 29}}, "verification.ttl_seconds"),
+        ({"verification": {"max_attempts": 1}}, None),
+        ({"verification": {"max_attempts": 20}}, None),
+        ({"verification": {"max_attempts": 21}}, "verification.max_attempts"),
+        ({"security": {"code_secret": "x" * 16}}, None),
+        ({"security": {"code_secret": "x" * 15}}, "security.code_secret"),
+        ({"numbers": {"allowed_regions": []}}, "numbers.allowed_regions"),
+        ({"numbers": {"allowed_types": ["toll_free", "voip"]}}, None),
+        ({"asterisk": {"dial_format": "national"}}, None),
+        ({"asterisk": {"dial_format": "e164"}}, None),
+        ({"pools": []}, "pools"),
+        ({"pools": [{"name": "a", "prefix": "+6221500", "code_length": 4}]}, None),
+        ({"pools": [{"name": "a", "prefix": "+6221500", "code_length": 8}]}, None),
+        ({"pools": [{"name": "a", "prefix": "+6221500", "code_length": 3}]}, "pools[0]"),
+        ({"pools": [{"name": "a", "prefix": "+62215001", "code_length": 7}]}, None),
+        ({"pools": [{"name": "a", "prefix": "+622150012", "code_length": 7}]}, "pools[0]"),
+        ({"pools": [{"name": "a", "prefix": "+0221500"}]}, "pools[0].prefix"),
+        ({"pools": [{"name": "a", "prefix": "+62 21 500"}]}, "pools[0].prefix"),
+    ],
+)
+def test_boundaries(overrides: dict[str, Any], path: str | None) -> None:
+    raw = merged(BASE, overrides)
+    if path is None:
+        parse(raw)
+    else:
+        assert path in paths(problems(raw))
+
+
+# -- pools -------------------------------------------------------------------
+
+
+def test_prefix_and_numbers_together_are_refused() -> None:
+    found = problems(with_pool(prefix="+6221500", numbers=FORTY_NUMBERS, allow_low_entropy=True))
+    assert paths(found) == {"pools[0]"}
+    assert "prefix or numbers" in found[0]
+
+
+@pytest.mark.parametrize("pool", [{}, {"numbers": []}])
+def test_neither_prefix_nor_numbers_is_refused(pool: dict[str, Any]) -> None:
+    found = problems(with_pool(**pool))
+    assert paths(found) == {"pools[0]"}
+    assert "prefix or numbers" in found[0]
+
+
+def test_low_entropy_numbers_pool_is_refused_by_default() -> None:
+    found = problems(with_pool(numbers=FORTY_NUMBERS))
+    message = problem_at(found, "pools[0]")
+    assert "40 codes" in message
+    assert "allow_low_entropy" in message
+
+
+def test_low_entropy_prefix_pool_is_refused_even_with_a_short_code() -> None:
+    found = problems(with_pool(prefix="+6221500", code_length=3))
+    assert "pools[0].code_length" in paths(found)
+    assert any("1000 codes" in p for p in found)
+
+
+def test_low_entropy_pool_is_accepted_with_override_and_summary_warns() -> None:
+    cfg = parse(with_pool(numbers=FORTY_NUMBERS, allow_low_entropy=True))
+    assert cfg.pools[0].numbers == tuple(FORTY_NUMBERS)
+    assert cfg.pools[0].codes == 40
+    lines = config.summary(cfg)
+    pool_line = next(i for i, line in enumerate(lines) if line.startswith("pool p:"))
+    assert "40 codes" in lines[pool_line]
+    assert "5.3 bits" in lines[pool_line]
+    warning = lines[pool_line + 1]
+    assert "warning" in warning
+    assert "allow_low_entropy" in warning
+    assert "1 time in 8" in warning  # 5 attempts against 40 codes
+
+
+def test_summary_has_no_warning_for_a_full_pool_even_with_the_override_set() -> None:
+    cfg = parse(with_pool(prefix="+6221500", code_length=4, allow_low_entropy=True))
+    lines = config.summary(cfg)
+    assert not any("warning" in line for line in lines)
+    assert any("+6221500XXXX" in line and "10000 codes" in line for line in lines)
+
+
+def test_entropy_bits() -> None:
+    assert config.entropy_bits(config.PoolConfig("a", prefix="+6221500")) == pytest.approx(
+        math.log2(10_000)
+    )
+    six = config.PoolConfig("a", prefix="+6221500", code_length=6)
+    assert config.entropy_bits(six) == pytest.approx(math.log2(1_000_000))
+    listed = config.PoolConfig("b", numbers=tuple(FORTY_NUMBERS), allow_low_entropy=True)
+    assert config.entropy_bits(listed) == pytest.approx(math.log2(40))
+
+
+def test_duplicate_pool_names_are_refused() -> None:
+    raw = merged(
+        BASE,
+        {
+            "pools": [
+                {"name": "same", "prefix": "+6221500"},
+                {"name": "other", "prefix": "+6221501"},
+                {"name": "same", "prefix": "+6221502"},
+            ]
+        },
+    )
+    found = problems(raw)
+    assert paths(found) == {"pools[0].name", "pools[2].name"}
+    assert "same" in found[0]
+
+
+def test_numbers_whose_codes_collide_are_refused() -> None:
+    numbers = ["+622150001234", "+622150115678", "+622150991234"]
+    found = problems(with_pool(numbers=numbers, allow_low_entropy=True))
+    assert paths(found) == {"pools[0].numbers"}
+    assert "collide" in found[0]
+
+
+def test_codes_that_differ_only_beyond_code_length_collide() -> None:
+    # Distinct in their last 5 digits, but code_length 4 reads only the last 4.
+    numbers = ["+622150011234", "+622150021234"]
+    found = problems(with_pool(numbers=numbers, code_length=4, allow_low_entropy=True))
+    assert "collide" in problem_at(found, "pools[0].numbers")
+    parse(with_pool(numbers=numbers, code_length=5, allow_low_entropy=True))
+
+
+def test_duplicate_numbers_are_refused() -> None:
+    numbers = ["+622150001234", "+622150001234"]
+    found = problems(with_pool(numbers=numbers, allow_low_entropy=True))
+    assert any("duplicates" in p for p in found)
+    assert paths(found) == {"pools[0].numbers"}
+
+
+def test_numbers_must_be_e164() -> None:
+    numbers = ["+622150001234", "622150005678", "+62 21 500 9999"]
+    found = problems(with_pool(numbers=numbers, allow_low_entropy=True))
+    assert paths(found) == {"pools[0].numbers[1]", "pools[0].numbers[2]"}
+
+
+def test_pool_regions_must_be_allowed_regions() -> None:
+    raw = merged(
+        BASE,
+        {
+            "numbers": {"allowed_regions": ["ID", "MY"]},
+            "pools": [{"name": "a", "prefix": "+6221500", "regions": ["ID", "SG", "MY", "PH"]}],
+        },
+    )
+    found = problems(raw)
+    assert paths(found) == {"pools[0].regions[1]", "pools[0].regions[3]"}
+    assert "allowed_regions" in found[0]
+
+
+def test_every_pool_problem_is_reported_together() -> None:
+    raw = merged(
+        BASE,
+        {
+            "pools": [
+                {"name": "a", "prefix": "+6221500", "code_length": 2, "regions": ["SG"]},
+                {"name": "a", "numbers": ["+622150001234", "+622150011234"]},
+            ]
+        },
+    )
+    found = problems(raw)
+    assert paths(found) == {
+        "pools[0].name",
+        "pools[0].code_length",
+        "pools[0].regions[0]",
+        "pools[0]",
+        "pools[1].name",
+        "pools[1].numbers",
+        "pools[1]",
+    }
+
+
+def test_a_nonsense_code_length_is_a_config_error_not_a_crash() -> None:
+    found = problems(with_pool(prefix="+6221500", code_length=-400))
+    assert "pools[0].code_length" in paths(found)
+
+
+# -- ConfigError, load, the example file, summary ----------------------------
+
+
+def test_config_error_message_lists_every_problem() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({"http": {"port": "x"}})
+    error = info.value
+    assert len(error.problems) >= 4
+    assert str(error).splitlines() == error.problems
+
+
+def test_load_of_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(tmp_path / "absent.yaml", ENV)
+    assert len(info.value.problems) == 1
+    assert "absent.yaml" in info.value.problems[0]
+
+
+def test_example_config_loads_with_its_secrets_set() -> None:
+    cfg = config.load(EXAMPLE, ENV)
+    assert cfg.asterisk.secret == AMI_SECRET
+    assert cfg.security.code_secret == CODE_SECRET
+    assert [p.name for p in cfg.pools] == ["default"]
+    assert cfg.pools[0].prefix == "+6221500"
+    assert cfg.calls.max_ring_seconds == 15
+    assert cfg.numbers.allowed_regions == ("ID",)
+
+
+def test_example_config_without_its_secrets_names_both_variables() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(EXAMPLE, {})
+    found = info.value.problems
+    assert paths(found) == {"asterisk.secret", "security.code_secret"}
+    assert "AMI_SECRET" in problem_at(found, "asterisk.secret")
+    assert "OTP_CODE_SECRET" in problem_at(found, "security.code_secret")
+
+
+def test_summary_describes_the_config_without_its_secrets() -> None:
+    cfg = config.load(EXAMPLE, ENV)
+    lines = config.summary(cfg)
+    text = "\n".join(lines)
+    assert AMI_SECRET not in text
+    assert CODE_SECRET not in text
+    assert "127.0.0.1:8080" in text
+    assert "otp-gateway@127.0.0.1:5038" in text
+    assert "pool default: +6221500XXXX, 10000 codes (13.3 bits)" in text
+    assert not any("warning" in line for line in lines)
+
+
+def test_summary_never_contains_secrets_even_when_they_resemble_other_values() -> None:
+    raw = merged(
+        BASE,
+        {
+            "asterisk": {"secret": "SECRET-AMI-zz"},
+            "security": {"code_secret": "SECRET-CODE-0123456789"},
+            "pools": [{"name": "low", "numbers": FORTY_NUMBERS, "allow_low_entropy": True}],
+        },
+    )
+    text = "\n".join(config.summary(parse(raw)))
+    assert "SECRET-" not in text

@@ -1,0 +1,245 @@
+"""The SIPp far-end simulator on its own, driven by a SIPp probe UAC and by raw UDP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.farend import SCENARIO, FarEnd, InviteRecord, is_live_sipp
+
+HOST = "127.0.0.1"
+PROBE = Path(__file__).resolve().parent / "sipp" / "uac_probe.xml"
+FAREND_PY = Path(__file__).resolve().parent / "farend.py"
+FROM_PREFIX = "62215009"
+# Every behaviour digit once: (Request-URI user, From user).
+PROBE_CALLS = [(f"6281990000{d}", f"{FROM_PREFIX}{d:03d}") for d in range(10)]
+# What the far end must have sent for each last digit, in order.
+EXPECTED_RESPONSES = {
+    0: [100, 180, 487],
+    1: [183, 487],
+    2: [180, 200],
+    3: [486],
+    4: [404],
+    5: [603],
+    6: [503],
+    7: [484],
+    8: [480],
+    9: [100, 487],
+}
+
+
+def free_udp_port() -> int:
+    """A currently free UDP port on 127.0.0.1 (the dev far end owns 5070)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_probe(port: int, calls: list[tuple[str, str]], workdir: Path) -> None:
+    """Place `calls` with the SIPp probe UAC at the far end on `port`; fail unless all succeed."""
+    sipp = shutil.which("sipp")
+    assert sipp is not None, "sipp is not installed (apt-get install sip-tester)"
+    workdir.mkdir(parents=True, exist_ok=True)
+    injection = workdir / "calls.csv"
+    injection.write_text("SEQUENTIAL\n" + "".join(f"{to};{frm};\n" for to, frm in calls))
+    errors = workdir / "probe-errors.log"
+    args = [
+        sipp,
+        "-sf", str(PROBE),
+        "-inf", str(injection),
+        f"{HOST}:{port}",
+        "-i", HOST, "-bind_local", "-mi", HOST, "-ci", HOST,
+        "-nostdin",
+        "-m", str(len(calls)), "-r", "100",
+        "-timeout", "15s", "-timeout_error",
+        "-trace_err", "-error_file", str(errors),
+    ]  # fmt: skip
+    result = subprocess.run(
+        args,
+        cwd=workdir,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if result.returncode != 0:
+        log = errors.read_text() if errors.exists() else ""
+        pytest.fail(f"probe UAC failed ({result.returncode}):\n{result.stdout[-3000:]}\n{log}")
+
+
+@pytest.fixture(scope="module")
+def far(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FarEnd]:
+    """A private far end on a free port and a temporary workdir, stopped afterwards."""
+    far = FarEnd(tmp_path_factory.mktemp("farend"), host=HOST, port=free_udp_port())
+    try:
+        far.start()
+    except RuntimeError as exc:
+        pytest.fail(f"far end did not start: {exc}", pytrace=False)
+    yield far
+    far.stop()
+    assert not far.running()
+
+
+@pytest.fixture(scope="module")
+def probed(far: FarEnd, tmp_path_factory: pytest.TempPathFactory) -> dict[str, InviteRecord]:
+    """One probe call per behaviour digit, settled; records keyed by Request-URI user."""
+    run_probe(far.port, PROBE_CALLS, tmp_path_factory.mktemp("probe"))
+    users = {to for to, _ in PROBE_CALLS}
+    records = far.wait_for(
+        lambda rs: {r.request_user for r in rs if r.ended_at is not None} >= users, timeout=2
+    )
+    return {r.request_user: r for r in records if r.request_user in users}
+
+
+@pytest.mark.parametrize("digit", range(10))
+def test_behaviour_by_last_digit(probed: dict[str, InviteRecord], digit: int) -> None:
+    to, frm = PROBE_CALLS[digit]
+    record = probed[to]
+    assert record.from_user == frm
+    assert [code for code, _ in record.responses] == EXPECTED_RESPONSES[digit]
+    assert record.final_code == EXPECTED_RESPONSES[digit][-1]
+    assert record.acked_at is not None and record.ended_at is not None
+    assert record.timeout is None and record.bye_sent_at is None
+    if digit in (0, 1, 9):
+        assert record.canceled_at is not None
+        # The probe cancels 1.5 s after the last provisional response.
+        assert 1.4 <= record.canceled_at - record.invited_at <= 2.5
+    else:
+        assert record.canceled_at is None
+    if digit == 2:
+        ringing = record.sent_at(180)
+        assert ringing is not None and record.answered_at is not None
+        assert 0.45 <= record.answered_at - ringing <= 0.8
+        assert record.bye_at is not None and record.bye_at >= record.answered_at
+    else:
+        assert record.answered_at is None and record.bye_at is None
+
+
+def test_times_are_wall_clock(probed: dict[str, InviteRecord]) -> None:
+    for record in probed.values():
+        assert abs(record.invited_at - time.time()) < 30
+        assert all(record.invited_at <= at for _, at in record.responses)
+
+
+def sip_request(method: str, user: str, port: int, local_port: int, call_id: str, to: str) -> bytes:
+    """A minimal in-transaction request from 127.0.0.1:local_port (CSeq 1)."""
+    return (
+        f"{method} sip:{user}@{HOST}:{port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {HOST}:{local_port};branch=z9hG4bK-{call_id}\r\n"
+        f'From: "Raw" <sip:{FROM_PREFIX}777@{HOST}>;tag=raw\r\n'
+        f"{to}\r\n"
+        f"Call-ID: {call_id}\r\n"
+        f"CSeq: 1 {method}\r\n"
+        f"Contact: <sip:raw@{HOST}:{local_port}>\r\n"
+        "Max-Forwards: 70\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def has_call(call_id: str) -> Callable[[list[InviteRecord]], bool]:
+    """A wait_for predicate: an INVITE with this Call-ID was recorded."""
+    return lambda records: any(r.call_id == call_id for r in records)
+
+
+def test_records_are_readable_within_100_ms(far: FarEnd) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        sock.settimeout(2)
+        local_port = sock.getsockname()[1]
+        for i in range(5):
+            user, call_id = f"628199100{i}3", f"latency-{i}-{os.getpid()}"
+            invite = sip_request(
+                "INVITE", user, far.port, local_port, call_id, f"To: <sip:{user}@{HOST}>"
+            )
+            sent = time.time()
+            sock.sendto(invite, (HOST, far.port))
+            far.wait_for(has_call(call_id), timeout=0.1)
+            response = sock.recv(65535).decode()
+            assert response.startswith("SIP/2.0 486 ")
+            to = next(h for h in response.split("\r\n") if h.startswith("To:"))
+            ack = sip_request("ACK", user, far.port, local_port, call_id, to)
+            sock.sendto(ack, (HOST, far.port))
+            [record] = [r for r in far.records() if r.call_id == call_id]
+            assert record.from_user == f"{FROM_PREFIX}777"
+            assert sent - 0.01 <= record.invited_at <= time.time()
+        far.wait_for(
+            lambda rs: all(r.ended_at for r in rs if r.call_id.startswith("latency-")), timeout=1
+        )
+
+
+def test_wait_for_timeout_shows_the_records(far: FarEnd) -> None:
+    with pytest.raises(AssertionError, match="condition not met"):
+        far.wait_for(lambda rs: False, timeout=0.05)
+
+
+def test_start_fails_clearly_when_the_port_is_busy(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind((HOST, 0))
+        far = FarEnd(tmp_path, host=HOST, port=busy.getsockname()[1])
+        with pytest.raises(RuntimeError, match="already in use"):
+            far.start()
+    assert not far.running()
+    far.stop()  # idempotent when nothing runs
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run tests/farend.py like the Makefile does."""
+    return subprocess.run(
+        [sys.executable, str(FAREND_PY), *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_cli_up_down_are_idempotent_and_outlive_the_caller(tmp_path: Path) -> None:
+    workdir, port = tmp_path / "cli", str(free_udp_port())
+    try:
+        assert cli("status", "--workdir", str(workdir)).returncode == 1
+        up = cli("up", "--workdir", str(workdir), "--port", port)
+        assert up.returncode == 0, up.stderr
+        pid = int((workdir / "sipp.pid").read_text())
+        # The CLI process has exited; its sipp keeps running in its own session.
+        assert is_live_sipp(pid)
+        assert os.getsid(pid) == pid
+        again = cli("up", "--workdir", str(workdir), "--port", port)
+        assert again.returncode == 0 and "already running" in again.stdout
+        assert int((workdir / "sipp.pid").read_text()) == pid
+        assert cli("status", "--workdir", str(workdir)).returncode == 0
+
+        run_probe(int(port), [("6281992222223", f"{FROM_PREFIX}123")], tmp_path / "probe")
+        show = cli("show", "--workdir", str(workdir))
+        assert "to=6281992222223" in show.stdout and f"from={FROM_PREFIX}123" in show.stdout
+
+        assert cli("down", "--workdir", str(workdir)).returncode == 0
+        assert not is_live_sipp(pid)
+        assert not (workdir / "sipp.pid").exists()
+        down = cli("down", "--workdir", str(workdir))
+        assert down.returncode == 0 and "not running" in down.stdout
+        assert cli("status", "--workdir", str(workdir)).returncode == 1
+    finally:
+        FarEnd(workdir).stop()
+
+
+def test_stray_options_is_answered_and_scenario_is_the_committed_one(far: FarEnd) -> None:
+    assert str(SCENARIO) in Path(f"/proc/{far.pid()}/cmdline").read_text()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        sock.settimeout(2)
+        local_port = sock.getsockname()[1]
+        options = sip_request(
+            "OPTIONS", "ping", far.port, local_port, f"opt-{os.getpid()}", f"To: <sip:{HOST}>"
+        )
+        sock.sendto(options, (HOST, far.port))
+        assert sock.recv(65535).decode().startswith("SIP/2.0 200 ")
+    assert far.running()

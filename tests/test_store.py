@@ -1,0 +1,503 @@
+"""The SQLite store: WAL, migrations, verifications, attempts, calls, expiry and API keys."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.store import (
+    MIGRATIONS,
+    ApiKeyRecord,
+    CallEventRecord,
+    CallRecord,
+    Store,
+    VerificationRecord,
+)
+
+T0 = 1_700_000_000.0
+TTL = 300.0
+PHONE = "+6281234567890"
+OTHER_PHONE = "+6281298765432"
+CLI = "+62215001234"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "gateway.sqlite3"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(db_path)
+    yield opened
+    await opened.close()
+
+
+def raw_query(path: Path, sql: str) -> list[tuple[object, ...]]:
+    """Read the file with a second, plain connection: what is really on disk."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return db.execute(sql).fetchall()
+
+
+def verification(
+    vid: str = "vrf_1",
+    *,
+    phone: str = PHONE,
+    status: str = "pending",
+    attempts: int = 5,
+    created_at: float = T0,
+    expires_at: float | None = None,
+) -> VerificationRecord:
+    return VerificationRecord(
+        id=vid,
+        api_key_id="key_1",
+        phone=phone,
+        region="ID",
+        reference="order-123",
+        callback_url="https://example.test/hook",
+        status=status,
+        code_hash="hmac-of-code",
+        pool="default",
+        cli_prefix="+6221500",
+        cli_length=4,
+        cli_pattern=r"^\+6221500[0-9]{4}$",
+        attempts_remaining=attempts,
+        created_at=created_at,
+        expires_at=created_at + TTL if expires_at is None else expires_at,
+        updated_at=created_at,
+    )
+
+
+def call(cid: str = "call_1", vid: str = "vrf_1", *, queued_at: float = T0) -> CallRecord:
+    return CallRecord(
+        id=cid,
+        verification_id=vid,
+        status="queued",
+        cli=CLI,
+        dial_number=PHONE[1:],
+        ring_seconds=8,
+        queued_at=queued_at,
+    )
+
+
+async def create(
+    store: Store, n: int, *, phone: str = PHONE, attempts: int = 5, expires_at: float | None = None
+) -> VerificationRecord:
+    """Store verification vrf_<n> with its queued call call_<n>."""
+    record = verification(
+        f"vrf_{n}", phone=phone, attempts=attempts, created_at=T0 + n, expires_at=expires_at
+    )
+    await store.create_verification(record, call(f"call_{n}", record.id, queued_at=T0 + n))
+    return record
+
+
+async def status_of(store: Store, vid: str) -> str:
+    found = await store.verification(vid)
+    assert found is not None
+    return found[0].status
+
+
+async def end(store: Store, cid: str, *, fail_verification: bool, outcome: str = "busy") -> None:
+    await store.end_call(
+        cid,
+        call_status="failed" if fail_verification else "completed",
+        outcome=outcome,
+        cause=17,
+        sip_code=486,
+        reason="callee busy",
+        at=T0 + 20,
+        fail_verification=fail_verification,
+    )
+
+
+# -- opening, WAL, migrations ------------------------------------------------
+
+
+async def test_database_is_in_wal_mode(store: Store, db_path: Path) -> None:
+    assert raw_query(db_path, "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_open_creates_missing_parent_directories(tmp_path: Path) -> None:
+    path = tmp_path / "var" / "deep" / "gateway.sqlite3"
+    opened = await Store.open(path)
+    try:
+        await opened.ping()
+    finally:
+        await opened.close()
+    assert path.is_file()
+
+
+async def test_migrations_are_applied_once_and_reopening_keeps_data(db_path: Path) -> None:
+    first = await Store.open(db_path)
+    try:
+        assert await first.schema_version() == len(MIGRATIONS)
+        await create(first, 1)
+    finally:
+        await first.close()
+    second = await Store.open(db_path)
+    try:
+        assert await second.schema_version() == len(MIGRATIONS)
+        assert await second.verification("vrf_1") is not None
+    finally:
+        await second.close()
+    assert raw_query(db_path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+    tables = {row[0] for row in raw_query(db_path, "SELECT name FROM sqlite_master")}
+    assert {"api_keys", "verifications", "calls", "call_events"} <= tables
+
+
+async def test_two_stores_on_one_file_see_each_others_writes(db_path: Path) -> None:
+    gateway, cli = await Store.open(db_path), await Store.open(db_path)
+    try:
+        await cli.add_api_key(ApiKeyRecord("key_1", "billing", "hash-1", T0, None))
+        found = await gateway.api_key_by_hash("hash-1")
+        assert found is not None
+        assert found.name == "billing"
+    finally:
+        await cli.close()
+        await gateway.close()
+
+
+async def test_foreign_keys_are_enforced(store: Store) -> None:
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.add_call_event(CallEventRecord("no-such-call", T0, "ringing", None, None))
+
+
+# -- create_verification -----------------------------------------------------
+
+
+async def test_created_verification_and_call_read_back_unchanged(store: Store) -> None:
+    record, queued = verification(), call()
+    assert await store.create_verification(record, queued) == []
+    assert await store.verification("vrf_1") == (record, queued)
+    assert await store.newest_pending(PHONE) == (record, queued)
+    assert await store.verification("vrf_missing") is None
+    assert await store.newest_pending(OTHER_PHONE) is None
+
+
+async def test_create_cancels_the_phones_pending_verification_and_names_its_live_call(
+    store: Store,
+) -> None:
+    await create(store, 1)
+    other = await create(store, 2, phone=OTHER_PHONE)
+    newer = verification("vrf_3", created_at=T0 + 3)
+    superseded = await store.create_verification(newer, call("call_3", "vrf_3"))
+    assert superseded == [("vrf_1", "call_1")]
+    found = await store.verification("vrf_1")
+    assert found is not None
+    assert found[0].status == "canceled"
+    assert found[0].updated_at == newer.created_at
+    assert await status_of(store, "vrf_3") == "pending"
+    assert await status_of(store, other.id) == "pending"
+    newest = await store.newest_pending(PHONE)
+    assert newest is not None
+    assert newest[0].id == "vrf_3"
+
+
+async def test_create_reports_no_call_id_when_the_old_call_has_ended(store: Store) -> None:
+    await create(store, 1)
+    await end(store, "call_1", fail_verification=False, outcome="delivered")
+    superseded = await store.create_verification(
+        verification("vrf_2", created_at=T0 + 2), call("call_2", "vrf_2")
+    )
+    assert superseded == [("vrf_1", None)]
+    assert await status_of(store, "vrf_1") == "canceled"
+
+
+async def test_create_leaves_finished_verifications_alone(store: Store) -> None:
+    await create(store, 1)
+    assert await store.spend_attempt("vrf_1", approve=True, at=T0 + 5)
+    superseded = await store.create_verification(
+        verification("vrf_2", created_at=T0 + 10), call("call_2", "vrf_2")
+    )
+    assert superseded == []
+    assert await status_of(store, "vrf_1") == "approved"
+
+
+async def test_a_failed_create_rolls_back_the_cancellation(store: Store) -> None:
+    await create(store, 1)
+    duplicate_call_id = call("call_1", "vrf_2")
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.create_verification(verification("vrf_2", created_at=T0 + 2), duplicate_call_id)
+    assert await status_of(store, "vrf_1") == "pending"
+    assert await store.verification("vrf_2") is None
+    await store.ping()  # the connection is usable after the rollback
+
+
+# -- spend_attempt -----------------------------------------------------------
+
+
+async def test_right_code_approves_without_spending_an_attempt(store: Store) -> None:
+    await create(store, 1)
+    after = await store.spend_attempt("vrf_1", approve=True, at=T0 + 10)
+    assert after is not None
+    assert after.status == "approved"
+    assert after.attempts_remaining == 5
+    assert after.updated_at == T0 + 10
+    assert await store.spend_attempt("vrf_1", approve=True, at=T0 + 11) is None
+    assert await store.spend_attempt("vrf_1", approve=False, at=T0 + 12) is None
+
+
+async def test_wrong_codes_spend_attempts_until_max_attempts_reached(store: Store) -> None:
+    await create(store, 1, attempts=3)
+    seen = []
+    for i in range(3):
+        after = await store.spend_attempt("vrf_1", approve=False, at=T0 + 10 + i)
+        assert after is not None
+        seen.append((after.status, after.attempts_remaining))
+    assert seen == [("pending", 2), ("pending", 1), ("max_attempts_reached", 0)]
+    assert await store.spend_attempt("vrf_1", approve=False, at=T0 + 20) is None
+    assert await store.spend_attempt("vrf_1", approve=True, at=T0 + 21) is None
+    found = await store.verification("vrf_1")
+    assert found is not None
+    assert (found[0].status, found[0].attempts_remaining) == ("max_attempts_reached", 0)
+
+
+async def test_right_code_on_the_last_attempt_still_approves(store: Store) -> None:
+    await create(store, 1, attempts=1)
+    after = await store.spend_attempt("vrf_1", approve=True, at=T0 + 10)
+    assert after is not None
+    assert (after.status, after.attempts_remaining) == ("approved", 1)
+
+
+async def test_expired_verification_spends_nothing(store: Store) -> None:
+    await create(store, 1, expires_at=T0 + 100)
+    assert await store.spend_attempt("vrf_1", approve=True, at=T0 + 100) is None
+    assert await store.spend_attempt("vrf_1", approve=False, at=T0 + 150) is None
+    found = await store.verification("vrf_1")
+    assert found is not None
+    assert found[0].attempts_remaining == 5
+    just_in_time = await store.spend_attempt("vrf_1", approve=True, at=T0 + 99.999)
+    assert just_in_time is not None
+    assert just_in_time.status == "approved"
+
+
+async def test_unknown_verification_spends_nothing(store: Store) -> None:
+    assert await store.spend_attempt("vrf_missing", approve=False, at=T0) is None
+
+
+async def test_concurrent_wrong_checks_never_spend_more_attempts_than_exist(store: Store) -> None:
+    await create(store, 1, attempts=5)
+    results = await asyncio.gather(
+        *(store.spend_attempt("vrf_1", approve=False, at=T0 + 10) for _ in range(25))
+    )
+    spent = [r for r in results if r is not None]
+    assert sorted(r.attempts_remaining for r in spent) == [0, 1, 2, 3, 4]
+    assert [r.status for r in spent].count("max_attempts_reached") == 1
+    found = await store.verification("vrf_1")
+    assert found is not None
+    assert (found[0].status, found[0].attempts_remaining) == ("max_attempts_reached", 0)
+
+
+async def test_concurrent_mixed_checks_end_in_one_final_state(store: Store) -> None:
+    await create(store, 1, attempts=3)
+    approves = [False, False, True, False, True, False, False]
+    results = await asyncio.gather(
+        *(store.spend_attempt("vrf_1", approve=a, at=T0 + 10) for a in approves)
+    )
+    finals = [r for r in results if r is not None and r.status != "pending"]
+    assert len(finals) == 1  # exactly one check closed it; nothing counted after that
+    wrong_spent = sum(1 for a, r in zip(approves, results, strict=True) if r and not a)
+    found = await store.verification("vrf_1")
+    assert found is not None
+    assert found[0] == finals[0]
+    assert found[0].attempts_remaining == 3 - wrong_spent >= 0
+
+
+# -- set_status, expiry ------------------------------------------------------
+
+
+async def test_set_status_moves_only_a_pending_verification(store: Store) -> None:
+    await create(store, 1)
+    assert await store.set_status("vrf_1", "canceled", T0 + 5) is True
+    assert await store.set_status("vrf_1", "approved", T0 + 6) is False
+    assert await status_of(store, "vrf_1") == "canceled"
+    assert await store.set_status("vrf_missing", "canceled", T0) is False
+
+
+async def test_expire_due_expires_only_pending_verifications_past_their_ttl(store: Store) -> None:
+    await create(store, 1, expires_at=T0 + 100)
+    await create(store, 2, phone=OTHER_PHONE, expires_at=T0 + 200)
+    await create(store, 3, phone="+6281311112222", expires_at=T0 + 50)
+    assert await store.set_status("vrf_3", "approved", T0 + 10)
+    assert await store.next_expiry() == T0 + 100
+    assert await store.expire_due(T0 + 99) == []
+    assert await store.expire_due(T0 + 100) == ["vrf_1"]
+    assert await store.expire_due(T0 + 150) == []
+    assert await status_of(store, "vrf_1") == "expired"
+    assert await status_of(store, "vrf_2") == "pending"
+    assert await status_of(store, "vrf_3") == "approved"
+    found = await store.verification("vrf_1")
+    assert found is not None
+    assert found[0].updated_at == T0 + 100
+    assert await store.next_expiry() == T0 + 200
+    assert sorted(await store.expire_due(T0 + 1000)) == ["vrf_2"]
+    assert await store.next_expiry() is None
+
+
+# -- calls -------------------------------------------------------------------
+
+
+async def test_end_call_records_the_outcome_and_forgets_the_full_caller_id(
+    store: Store, db_path: Path
+) -> None:
+    await create(store, 1)
+    await end(store, "call_1", fail_verification=True)
+    found = await store.verification("vrf_1")
+    assert found is not None
+    record, ended = found
+    assert ended.cli is None
+    assert (ended.status, ended.outcome, ended.hangup_cause, ended.sip_code) == (
+        "failed",
+        "busy",
+        17,
+        486,
+    )
+    assert ended.reason == "callee busy"
+    assert ended.ended_at == T0 + 20
+    assert record.status == "failed"
+    assert record.updated_at == T0 + 20
+    assert raw_query(db_path, "SELECT count(*) FROM calls WHERE cli IS NOT NULL") == [(0,)]
+    events = await store.call_events("call_1")
+    assert [(e.kind, e.cause, e.sip_code) for e in events] == [("ended:busy", 17, 486)]
+
+
+async def test_end_call_without_failing_leaves_the_verification_pending(store: Store) -> None:
+    await create(store, 1)
+    await end(store, "call_1", fail_verification=False, outcome="delivered")
+    found = await store.verification("vrf_1")
+    assert found is not None
+    assert found[0].status == "pending"
+    assert found[1].cli is None
+    assert found[1].outcome == "delivered"
+
+
+async def test_end_call_fails_only_a_pending_verification(store: Store) -> None:
+    await create(store, 1)
+    assert await store.spend_attempt("vrf_1", approve=True, at=T0 + 5)
+    await end(store, "call_1", fail_verification=True)
+    assert await status_of(store, "vrf_1") == "approved"
+
+
+async def test_a_call_ends_once(store: Store) -> None:
+    await create(store, 1)
+    await end(store, "call_1", fail_verification=False, outcome="delivered")
+    await end(store, "call_1", fail_verification=True, outcome="error")
+    found = await store.verification("vrf_1")
+    assert found is not None
+    assert found[1].outcome == "delivered"
+    assert found[0].status == "pending"
+    assert len(await store.call_events("call_1")) == 1
+
+
+async def test_end_call_of_an_unknown_call_changes_nothing(store: Store) -> None:
+    await create(store, 1)
+    await end(store, "call_missing", fail_verification=True)
+    assert await status_of(store, "vrf_1") == "pending"
+
+
+async def test_live_calls_are_the_unended_ones_oldest_first(store: Store) -> None:
+    for n in (3, 1, 2):
+        await create(store, n, phone=f"+62812000000{n}")
+    await create(store, 4, phone="+628120000004")
+    await store.call_progress("call_2", "ringing", "ringing_at", T0 + 10, "ringing")
+    await end(store, "call_3", fail_verification=True)
+    live = await store.live_calls()
+    assert [c.id for c in live] == ["call_1", "call_2", "call_4"]
+    assert [c.status for c in live] == ["queued", "ringing", "queued"]
+    assert all(c.cli == CLI for c in live)
+
+
+async def test_call_progress_keeps_the_first_time_and_logs_each_event(store: Store) -> None:
+    await create(store, 1)
+    await store.call_progress("call_1", "dialing", "dialed_at", T0 + 1, "originate")
+    await store.call_progress("call_1", "ringing", "ringing_at", T0 + 2, "newstate_ringing")
+    await store.call_progress("call_1", "ringing", "ringing_at", T0 + 3, "dialstate_progress")
+    found = await store.verification("vrf_1")
+    assert found is not None
+    progressed = found[1]
+    assert (progressed.status, progressed.dialed_at, progressed.ringing_at) == (
+        "ringing",
+        T0 + 1,
+        T0 + 2,
+    )
+    kinds = [e.kind for e in await store.call_events("call_1")]
+    assert kinds == ["originate", "newstate_ringing", "dialstate_progress"]
+
+
+async def test_call_progress_does_not_revive_an_ended_call(store: Store) -> None:
+    await create(store, 1)
+    await end(store, "call_1", fail_verification=False, outcome="delivered")
+    await store.call_progress("call_1", "ringing", "ringing_at", T0 + 30, "late_event")
+    found = await store.verification("vrf_1")
+    assert found is not None
+    assert (found[1].status, found[1].ringing_at) == ("completed", None)
+    assert await store.live_calls() == []
+
+
+async def test_call_progress_refuses_other_columns(store: Store) -> None:
+    await create(store, 1)
+    with pytest.raises(ValueError, match="ended_at"):
+        await store.call_progress("call_1", "ringing", "ended_at", T0, "x")
+
+
+async def test_call_events_come_back_in_time_order(store: Store) -> None:
+    await create(store, 1)
+    for at, kind in ((T0 + 3, "c"), (T0 + 1, "a"), (T0 + 2, "b")):
+        await store.add_call_event(CallEventRecord("call_1", at, kind, None, None))
+    assert [e.kind for e in await store.call_events("call_1")] == ["a", "b", "c"]
+
+
+# -- API keys ----------------------------------------------------------------
+
+
+async def test_api_key_lookup_by_hash(store: Store) -> None:
+    key = ApiKeyRecord("key_1", "billing", "hash-1", T0, None)
+    await store.add_api_key(key)
+    assert await store.api_key_by_hash("hash-1") == key
+    assert await store.api_key_by_hash("hash-unknown") is None
+
+
+async def test_api_key_hashes_are_unique(store: Store) -> None:
+    await store.add_api_key(ApiKeyRecord("key_1", "billing", "hash-1", T0, None))
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.add_api_key(ApiKeyRecord("key_2", "login", "hash-1", T0, None))
+    assert [k.id for k in await store.api_keys()] == ["key_1"]
+
+
+async def test_api_keys_are_listed_oldest_first(store: Store) -> None:
+    for kid, at in (("key_b", T0 + 2), ("key_a", T0 + 1), ("key_c", T0 + 3)):
+        await store.add_api_key(ApiKeyRecord(kid, kid, f"hash-{kid}", at, None))
+    assert [k.id for k in await store.api_keys()] == ["key_a", "key_b", "key_c"]
+
+
+async def test_revoke_api_key_by_id(store: Store) -> None:
+    await store.add_api_key(ApiKeyRecord("key_1", "billing", "hash-1", T0, None))
+    await store.add_api_key(ApiKeyRecord("key_2", "login", "hash-2", T0, None))
+    assert await store.revoke_api_key("key_1", T0 + 5) == 1
+    revoked = await store.api_key_by_hash("hash-1")
+    assert revoked is not None
+    assert revoked.revoked_at == T0 + 5
+    kept = await store.api_key_by_hash("hash-2")
+    assert kept is not None
+    assert kept.revoked_at is None
+    assert await store.revoke_api_key("key_1", T0 + 6) == 0
+    again = await store.api_key_by_hash("hash-1")
+    assert again == revoked  # the first revocation time stands
+
+
+async def test_revoke_api_key_by_name_revokes_every_key_of_that_name(store: Store) -> None:
+    await store.add_api_key(ApiKeyRecord("key_1", "billing", "hash-1", T0, None))
+    await store.add_api_key(ApiKeyRecord("key_2", "billing", "hash-2", T0 + 1, None))
+    await store.add_api_key(ApiKeyRecord("key_3", "login", "hash-3", T0 + 2, None))
+    assert await store.revoke_api_key("billing", T0 + 5) == 2
+    assert [(k.id, k.revoked_at) for k in await store.api_keys()] == [
+        ("key_1", T0 + 5),
+        ("key_2", T0 + 5),
+        ("key_3", None),
+    ]
+    assert await store.revoke_api_key("nobody", T0 + 6) == 0
