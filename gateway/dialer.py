@@ -131,11 +131,17 @@ class Dialer:
             job = await self._queue.get()
             if job.call_id in self._canceled:
                 self._canceled.discard(job.call_id)
-                await self._finish(job, Outcome.ERROR, None, None, "canceled", alerted=False)
+                await self._finish(job, Outcome.ERROR, None, None, "canceled")
                 continue
             await self._slots.acquire()
             await self._pacer.wait()
-            await self._place(job)
+            try:
+                await self._place(job)
+            except Exception:
+                # A store failure must not stop the queue: this call ends as an error
+                # (if it got as far as live) and the next one is placed.
+                log.exception("call %s: could not be placed", job.call_id)
+                await self._abandon(job)
 
     async def _place(self, job: CallJob) -> None:
         now = time.time()
@@ -154,6 +160,17 @@ class Dialer:
         except ValueError as exc:  # UnsafeAmiValue: a bug upstream, never sent
             log.error("call %s: refused unsafe AMI value: %s", job.call_id, exc)
             await self._end(job.call_id, None, None, "invalid_dial")
+
+    async def _abandon(self, job: CallJob) -> None:
+        """Close a call that failed inside the gateway, as best the store allows."""
+        try:
+            if job.call_id in self._live:
+                await self._end(job.call_id, None, None, "gateway_error")
+            else:
+                self._slots.release()
+                await self._finish(job, Outcome.ERROR, None, None, "gateway_error")
+        except Exception:
+            log.exception("call %s: could not be closed", job.call_id)
 
     async def _event_loop(self) -> None:
         while True:
@@ -198,7 +215,7 @@ class Dialer:
             return
         self._slots.release()
         outcome = classify(alerted=live.alerted, answered=live.answered, cause=cause)
-        await self._finish(live.job, outcome, cause, sip_code, reason, alerted=live.alerted, at=at)
+        await self._finish(live.job, outcome, cause, sip_code, reason, at=at)
 
     async def _finish(
         self,
@@ -207,8 +224,6 @@ class Dialer:
         cause: int | None,
         sip_code: int | None,
         reason: str | None,
-        *,
-        alerted: bool,
         at: float | None = None,
     ) -> None:
         self._release_cli(job.pool, job.cli)

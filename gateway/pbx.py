@@ -245,8 +245,10 @@ class AmiPbx:
             return
         if not _CHANNEL_ID.fullmatch(channel_id):
             raise UnsafeAmiValue("bad channel_id")
-        # Hangup matches Channel as a regular expression; the Uniqueid is exact.
-        await self._send({"Action": "Hangup", "Channel": f"/^{re.escape(channel_id)}$/"})
+        # Asterisk looks a channel up by name or by Uniqueid, which is our ChannelId.
+        reply = await self._send({"Action": "Hangup", "Channel": channel_id})
+        if not reply.success:
+            log.info("hangup of %s: %s", channel_id, reply.get("Message", "refused"))
 
     async def next_event(self) -> CallEvent:
         """The next event of any call placed here."""

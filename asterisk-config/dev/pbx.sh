@@ -123,6 +123,11 @@ up() {
         fi
         sleep 0.2
     done
+    # AMI answers before every module has loaded; until Asterisk is fully booted,
+    # PJSIP drops SIP responses, so a first call would lose its 180 and never CANCEL.
+    if ! timeout "$start_timeout_s" chroot "$root" /usr/sbin/asterisk -rx "core waitfullybooted" >/dev/null; then
+        die "Asterisk $pid did not finish booting in ${start_timeout_s}s; see $logfile"
+    fi
     say "up: Asterisk PID $pid, AMI $ami_host:$ami_port (user $ami_user), SIP 127.0.0.1:5060, trunk far end 127.0.0.1:5070"
 }
 

@@ -67,8 +67,11 @@ async def create_verification(request: web.Request) -> web.Response:
 
 @routes.get("/v1/verifications/{id}")
 async def read_verification(request: web.Request) -> web.Response:
-    found = await request.app[VERIFICATIONS].get(api_key(request).id, request.match_info["id"])
-    return web.json_response(views.verification(*found))
+    verification, call = await request.app[VERIFICATIONS].get(
+        api_key(request).id, request.match_info["id"]
+    )
+    events = await request.app[STORE].call_events(call.id)
+    return web.json_response(views.verification(verification, call, events))
 
 
 @routes.post("/v1/verifications/check")
@@ -91,8 +94,11 @@ async def check_verification(request: web.Request) -> web.Response:
 
 @routes.post("/v1/verifications/{id}/cancel")
 async def cancel_verification(request: web.Request) -> web.Response:
-    found = await request.app[VERIFICATIONS].cancel(api_key(request).id, request.match_info["id"])
-    return web.json_response(views.verification(*found))
+    verification, call = await request.app[VERIFICATIONS].cancel(
+        api_key(request).id, request.match_info["id"]
+    )
+    events = await request.app[STORE].call_events(call.id)
+    return web.json_response(views.verification(verification, call, events))
 
 
 @routes.get("/v1/numbers/{phone}")

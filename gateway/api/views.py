@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.store import CallRecord, VerificationRecord
+from gateway.store import CallEventRecord, CallRecord, VerificationRecord
 
 
 def timestamp(at: float | None) -> str | None:
@@ -15,8 +15,10 @@ def timestamp(at: float | None) -> str | None:
     return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def verification(v: VerificationRecord, call: CallRecord) -> dict[str, Any]:
-    """The verification object of DESIGN.md section 2."""
+def verification(
+    v: VerificationRecord, call: CallRecord, events: list[CallEventRecord] | None = None
+) -> dict[str, Any]:
+    """The verification object of DESIGN.md section 2, with the call's event timeline."""
     return {
         "id": v.id,
         "status": v.status,
@@ -34,6 +36,10 @@ def verification(v: VerificationRecord, call: CallRecord) -> dict[str, Any]:
             "dialed_at": timestamp(call.dialed_at),
             "ringing_at": timestamp(call.ringing_at),
             "ended_at": timestamp(call.ended_at),
+            "events": [
+                {"at": timestamp(e.at), "kind": e.kind, "cause": e.cause, "sip_code": e.sip_code}
+                for e in events or []
+            ],
         },
         "attempts_remaining": v.attempts_remaining,
         "expires_at": timestamp(v.expires_at),

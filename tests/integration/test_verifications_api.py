@@ -186,3 +186,19 @@ async def test_fifty_at_once_each_with_its_own_caller_id(gateway: Gateway, far_e
     records = [await wire_record(far_end, n, lambda r: r.canceled_at is not None) for n in numbers]
     assert all(r.invited_at >= started for r in records)
     assert len({r.from_user for r in records}) == 50
+
+
+async def test_cancel_hangs_up_a_ringing_call(gateway: Gateway, far_end: FarEnd) -> None:
+    number = phone_number(0)
+    _, created = await gateway.post("/v1/verifications", {"phone": f"+{number}", "ring_seconds": 8})
+    await wire_record(far_end, number, lambda r: r.sent_at(180) is not None)
+    status, canceled = await gateway.post(f"/v1/verifications/{created['id']}/cancel", {})
+    assert (status, canceled["status"]) == (200, "canceled")
+    record = await wire_record(far_end, number, lambda r: r.canceled_at is not None)
+    assert record.canceled_at is not None
+    assert record.canceled_at - record.invited_at < 2, "the cancel did not end the ring early"
+    ended = await call_ended(gateway, created["id"])
+    assert ended["status"] == "canceled"
+    assert [e["kind"] for e in ended["call"]["events"]][:2] == ["dialing", "ringing"]
+    status, again = await gateway.post(f"/v1/verifications/{created['id']}/cancel", {})
+    assert (status, again["code"], again["status"]) == (409, "verification_not_pending", "canceled")

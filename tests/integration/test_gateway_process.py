@@ -1,0 +1,139 @@
+"""`python -m gateway run` as a real process, driven by curl-like HTTP and `gateway call`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.pbx import AmiSettings
+from tests.conftest import phone_number, wire_record
+from tests.farend import FarEnd
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+# A gateway asked to stop finishes in-flight work bounded by the ring time.
+STOP_DEADLINE_S = 15
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Process:
+    def __init__(self, config: Path, env: dict[str, str], url: str) -> None:
+        self.config, self.env, self.url = config, env, url
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.key = ""
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=self.env,
+            timeout=60,
+        )
+
+    def start(self, log: Path) -> None:
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "run", "--config", str(self.config)],
+                cwd=REPO,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, log.read_text()
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"gateway not ready:\n{log.read_text()}")
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(STOP_DEADLINE_S)
+
+
+@pytest.fixture
+def process(dev_pbx: AmiSettings, far_end: FarEnd, tmp_path: Path) -> Iterator[Process]:
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        (REPO / "config.example.yaml")
+        .read_text()
+        .replace("var/gateway.sqlite3", str(tmp_path / "gw.sqlite3"))
+        .replace("port: 8080", f"port: {port}")
+        .replace("ring_seconds: 8 ", "ring_seconds: 2 ")
+    )
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "AMI_SECRET": dev_pbx.secret,
+        "OTP_CODE_SECRET": "process-test-code-secret",
+    }
+    gateway = Process(config, env, f"http://127.0.0.1:{port}")
+    created = gateway.cli("keys", "create", "process-test", "--config", str(config))
+    assert created.returncode == 0, created.stderr
+    gateway.key = created.stdout.strip().splitlines()[-1]
+    gateway.start(tmp_path / "gateway.log")
+    yield gateway
+    if gateway.proc is not None and gateway.proc.poll() is None:
+        gateway.proc.kill()
+        gateway.proc.wait()
+
+
+async def test_run_serves_the_api_and_rings(process: Process, far_end: FarEnd) -> None:
+    number = phone_number(0)
+    request = urllib.request.Request(
+        process.url + "/v1/verifications",
+        data=json.dumps({"phone": f"+{number}"}).encode(),
+        headers={"Authorization": f"Bearer {process.key}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    response = await asyncio.to_thread(urllib.request.urlopen, request, timeout=5)
+    assert response.status == 201
+    response.close()
+    record = await wire_record(far_end, number, lambda r: r.canceled_at is not None)
+    assert record.from_user.startswith("6221500")
+    assert process.stop() == 0
+
+
+async def test_call_command_follows_a_call_to_its_outcome(
+    process: Process, far_end: FarEnd
+) -> None:
+    number = phone_number(3)
+    env = {**process.env, "OTP_API_KEY": process.key}
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "gateway", "call", f"+{number}", "--url", process.url],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=30,
+    )
+    assert result.returncode == 1, result.stderr  # busy: the verification failed
+    assert "failed: busy (cause 17, SIP 486)" in result.stdout
+    assert "verification is failed" in result.stdout
+    await wire_record(far_end, number)

@@ -1,0 +1,94 @@
+"""The command line: check-config and keys, run as an operator would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SECRETS = {"AMI_SECRET": "ami-secret-for-cli-tests", "OTP_CODE_SECRET": "code-secret-for-cli-tests"}
+
+
+def gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    text = (REPO / "config.example.yaml").read_text()
+    path = tmp_path / "config.yaml"
+    path.write_text(text.replace("var/gateway.sqlite3", str(tmp_path / "gw.sqlite3")))
+    return path
+
+
+def test_check_config_summarises_a_valid_file_without_secrets(config_file: Path) -> None:
+    result = gateway("check-config", "--config", str(config_file), env=SECRETS)
+    assert result.returncode == 0, result.stderr
+    assert "pool default: +6221500XXXX, 10000 codes (13.3 bits)" in result.stdout
+    for secret in SECRETS.values():
+        assert secret not in result.stdout + result.stderr
+
+
+def test_check_config_lists_every_problem_with_its_key_path(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "asterisk: {secret: '${AMI_SECRET}', port: 99999}\n"
+        "pools: [{name: tiny, numbers: ['+622150001234']}]\n"
+        "calls: {ring_seconds: 99, colour: blue}\n"
+    )
+    result = gateway("check-config", "--config", str(path))
+    assert result.returncode == 1
+    for expected in (
+        "asterisk.secret: environment variable AMI_SECRET is not set",
+        "security: required",
+        "calls.colour: unknown key",
+    ):
+        assert expected in result.stderr
+
+
+def test_low_entropy_pool_needs_the_override_and_then_warns(tmp_path: Path) -> None:
+    path = tmp_path / "low.yaml"
+    pool = "{name: tiny, numbers: ['+622150001234', '+622150005678'], code_length: 4%s}"
+    base = "asterisk: {secret: s}\nsecurity: {code_secret: 0123456789abcdef}\npools: [%s]\n"
+    path.write_text(base % (pool % ""))
+    refused = gateway("check-config", "--config", str(path))
+    assert refused.returncode == 1
+    assert "only 2 codes" in refused.stderr
+    path.write_text(base % (pool % ", allow_low_entropy: true"))
+    accepted = gateway("check-config", "--config", str(path))
+    assert accepted.returncode == 0, accepted.stderr
+    assert "warning: allow_low_entropy" in accepted.stdout
+    assert "wins 1 time in" in accepted.stdout
+
+
+def test_keys_create_list_revoke(config_file: Path) -> None:
+    args = ("--config", str(config_file))
+    created = gateway("keys", "create", "checkout", *args, env=SECRETS)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]
+    assert key.startswith("otpk_") and len(key) > 40
+
+    listed = gateway("keys", "list", *args, env=SECRETS)
+    assert "checkout" in listed.stdout and "active" in listed.stdout
+    assert key not in listed.stdout
+
+    # The main file and its WAL: a fresh write may still sit in the WAL.
+    stored = b"".join(p.read_bytes() for p in config_file.parent.glob("gw.sqlite3*"))
+    assert b"checkout" in stored
+    assert key.encode() not in stored
+
+    revoked = gateway("keys", "revoke", "checkout", *args, env=SECRETS)
+    assert revoked.returncode == 0
+    assert "revoked" in gateway("keys", "list", *args, env=SECRETS).stdout
+    again = gateway("keys", "revoke", "checkout", *args, env=SECRETS)
+    assert again.returncode == 1
