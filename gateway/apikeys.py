@@ -34,7 +34,7 @@ async def create_key(store: Store, name: str) -> tuple[ApiKeyRecord, str]:
 
 async def authenticate(store: Store, key: str) -> ApiKeyRecord | None:
     """The live key record for `key`, or None."""
-    if not key.startswith(KEY_PREFIX) or len(key) > 200:
+    if not key.startswith(KEY_PREFIX) or len(key) > 200 or not key.isascii():
         return None
     record = await store.api_key_by_hash(hash_key(key))
     if record is None or record.revoked_at is not None:

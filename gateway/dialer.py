@@ -129,12 +129,14 @@ class Dialer:
     async def _dial_loop(self) -> None:
         while True:
             job = await self._queue.get()
-            if job.call_id in self._canceled:
-                self._canceled.discard(job.call_id)
-                await self._finish(job, Outcome.ERROR, None, None, "canceled")
-                continue
             await self._slots.acquire()
             await self._pacer.wait()
+            # Checked after the waits: a call may be canceled while it waits for a slot.
+            if job.call_id in self._canceled:
+                self._canceled.discard(job.call_id)
+                self._slots.release()
+                await self._finish(job, Outcome.ERROR, None, None, "canceled")
+                continue
             try:
                 await self._place(job)
             except Exception:

@@ -92,6 +92,26 @@ def parse(raw: str, default_region: str) -> Phone:
     return Phone(e164=e164, region=region, type=kind, number=number)
 
 
+def cli_candidates(raw: str, default_region: str) -> list[str]:
+    """E.164 readings of a caller ID as a phone's call log shows it, valid or not.
+
+    A pool's numbers need not be in phonenumbers' metadata, so nothing is refused for
+    validity: "+622150001234", "622150001234" and "0215000 1234" all read as E.164.
+    """
+    if not isinstance(raw, str) or len(raw) > MAX_INPUT_LENGTH:
+        return []
+    compact = _SEPARATORS.sub("", raw)
+    if not _TYPED.fullmatch(compact):
+        return []
+    readings = [compact if compact.startswith("+") else "+" + compact]
+    try:
+        number = phonenumbers.parse(compact, default_region)
+    except NumberParseException:
+        return readings
+    national = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return readings if national in readings else [*readings, national]
+
+
 def _without_trunk_zero(compact: str, number: phonenumbers.PhoneNumber) -> phonenumbers.PhoneNumber:
     """Read "+62 0812..." (country code, then the national trunk prefix 0) as "+62 812...".
 
@@ -137,7 +157,9 @@ def check_allowed(phone: Phone, policy: NumbersConfig) -> None:
             f"calls to region {phone.region} are not allowed", region=phone.region
         )
     if phone.type not in policy.allowed_types:
-        raise PhoneTypeNotAllowed(f"calls to {phone.type} numbers are not allowed", type=phone.type)
+        raise PhoneTypeNotAllowed(
+            f"calls to {phone.type} numbers are not allowed", phone_type=phone.type
+        )
 
 
 def format_for_trunk(e164: str, style: str) -> str:

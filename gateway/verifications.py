@@ -18,7 +18,6 @@ from gateway import phones
 from gateway.config import Config
 from gateway.dialer import CallJob, Dialer
 from gateway.errors import (
-    InvalidPhone,
     InvalidRequest,
     NotFound,
     RegionNotAllowed,
@@ -190,7 +189,9 @@ class Verifications:
         verification, call = await self.get(api_key_id, verification_id)
         if not await self._store.set_status(verification.id, "canceled", self._clock()):
             current, _ = await self.get(api_key_id, verification_id)
-            raise VerificationNotPending(f"verification is {current.status}", status=current.status)
+            raise VerificationNotPending(
+                f"verification is {current.status}", verification_status=current.status
+            )
         if call.ended_at is None:
             await self._dialer.cancel(call.id)
         return await self.get(api_key_id, verification_id)
@@ -200,7 +201,7 @@ class Verifications:
     ) -> CheckResult:
         if verification.status != "pending":
             raise VerificationNotPending(
-                f"verification is {verification.status}", status=verification.status
+                f"verification is {verification.status}", verification_status=verification.status
             )
         candidate = self._candidate_code(verification, code, cli)
         valid = candidate is not None and hmac.compare_digest(
@@ -211,7 +212,9 @@ class Verifications:
             found = await self._store.verification(verification.id)
             assert found is not None
             current, _ = await self._expire_if_due(found)
-            raise VerificationNotPending(f"verification is {current.status}", status=current.status)
+            raise VerificationNotPending(
+                f"verification is {current.status}", verification_status=current.status
+            )
         return CheckResult(updated, valid)
 
     def _candidate_code(
@@ -225,12 +228,14 @@ class Verifications:
                 raise InvalidRequest("code must be 1-16 digits")
             return code
         assert cli is not None
-        try:
-            e164 = phones.parse(cli, self._config.numbers.default_region).e164
-        except InvalidPhone:
-            return None
         pool = self._pools_by_name.get(verification.pool)
-        return pool.code_of(e164) if pool else None
+        if pool is None:
+            return None
+        for e164 in phones.cli_candidates(cli, self._config.numbers.default_region):
+            code = pool.code_of(e164)
+            if code is not None:
+                return code
+        return None
 
     def _code_hash(self, verification_id: str, code: str) -> str:
         # Keyed by a server secret and salted by the id: a copy of the database alone

@@ -102,3 +102,9 @@ async def wire_record(
             shown = "\n".join(format_record(r) for r in calls) or "no INVITE"
             raise AssertionError(f"far end, {number}: not settled within {timeout}s: {shown}")
         await asyncio.sleep(0.02)
+
+
+def pbx_command(command: str) -> None:
+    """Run `pbx.sh command` (up, kill, ...) for a fault test; fail the test if it fails."""
+    result = _pbx(command)
+    assert result.returncode == 0, f"pbx.sh {command}: {result.stdout}{result.stderr}"

@@ -7,6 +7,7 @@
 #                      return once an AMI login succeeds
 #   pbx.sh down        stop the Asterisk this script started, unmount /proc
 #   pbx.sh status      exit 0 when running and logged in to AMI
+#   pbx.sh kill        SIGKILL the running Asterisk (fault tests); `up` restarts it
 #
 # Every command is idempotent. Needs root (debootstrap, chroot, mount).
 set -euo pipefail
@@ -154,6 +155,17 @@ down() {
     down_mounts
 }
 
+kill_pbx() {
+    need_root pbx-kill
+    local pid
+    pid=$(running_pid)
+    [ -n "$pid" ] || { say "not running"; return 0; }
+    kill -KILL "$pid"
+    while [ -d "/proc/$pid" ]; do sleep 0.05; done
+    rm -f "$pidfile"
+    say "killed Asterisk $pid"
+}
+
 status() {
     local pid
     pid=$(running_pid)
@@ -167,5 +179,6 @@ case "${1:-}" in
     up) up ;;
     down) down ;;
     status) status ;;
-    *) echo "usage: $0 provision|up|down|status" >&2; exit 2 ;;
+    kill) kill_pbx ;;
+    *) echo "usage: $0 provision|up|down|status|kill" >&2; exit 2 ;;
 esac

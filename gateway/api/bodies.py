@@ -78,8 +78,12 @@ def check_callback_url(url: str | None) -> str | None:
     """An absolute http(s) URL, or an InvalidRequest."""
     if url is None:
         return None
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # "http://[::1/x": an unclosed IPv6 literal
+        host = None
+    if host is None or parts.scheme not in ("http", "https"):
         raise InvalidRequest("callback_url must be an absolute http or https URL",
                              field="callback_url")  # fmt: skip
     return url

@@ -56,7 +56,8 @@ def problem(
         "code": code,
         "detail": detail,
     }
-    body.update(extra or {})
+    # Extra members never replace RFC 9457's own (status, type, title, detail).
+    body.update({k: v for k, v in (extra or {}).items() if k not in body})
     return web.Response(
         status=status,
         text=json.dumps(body),
