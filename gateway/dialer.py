@@ -29,7 +29,7 @@ class CallJob:
     call_id: str
     verification_id: str
     dial_number: str  # formatted for the trunk
-    cli: str  # E.164, for the pool
+    cli: str  # E.164, for the pool; kept in memory only, as it carries the code
     cli_dial: str  # formatted for the trunk
     pool: str
     ring_seconds: float
@@ -86,6 +86,7 @@ class Dialer:
         self._slots = asyncio.Semaphore(config.max_concurrent)
         self._pacer = Pacer(config.max_per_second)
         self._live: dict[str, _LiveCall] = {}
+        self._waiting: set[str] = set()  # queued, or taken off the queue and not yet placed
         self._canceled: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -116,6 +117,7 @@ class Dialer:
 
     def submit(self, job: CallJob) -> None:
         """Queue a call; it is placed as pacing allows."""
+        self._waiting.add(job.call_id)
         self._queue.put_nowait(job)
 
     async def cancel(self, call_id: str) -> None:
@@ -123,20 +125,20 @@ class Dialer:
         if call_id in self._live:
             with contextlib.suppress(PbxError):
                 await self._pbx.hangup(call_id)
-        else:
+        elif call_id in self._waiting:
             self._canceled.add(call_id)
 
     async def _dial_loop(self) -> None:
         while True:
             job = await self._queue.get()
+            if await self._skip_canceled(job):
+                continue
             await self._slots.acquire()
             await self._pacer.wait()
-            # Checked after the waits: a call may be canceled while it waits for a slot.
-            if job.call_id in self._canceled:
-                self._canceled.discard(job.call_id)
+            if await self._skip_canceled(job):  # canceled while it waited for a slot
                 self._slots.release()
-                await self._finish(job, Outcome.ERROR, None, None, "canceled")
                 continue
+            self._waiting.discard(job.call_id)
             try:
                 await self._place(job)
             except Exception:
@@ -144,6 +146,15 @@ class Dialer:
                 # (if it got as far as live) and the next one is placed.
                 log.exception("call %s: could not be placed", job.call_id)
                 await self._abandon(job)
+
+    async def _skip_canceled(self, job: CallJob) -> bool:
+        """Close `job` without placing it if it was canceled; True if so."""
+        if job.call_id not in self._canceled:
+            return False
+        self._canceled.discard(job.call_id)
+        self._waiting.discard(job.call_id)
+        await self._finish(job, Outcome.ERROR, None, None, "canceled")
+        return True
 
     async def _place(self, job: CallJob) -> None:
         now = time.time()

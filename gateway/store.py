@@ -54,7 +54,6 @@ MIGRATIONS: tuple[str, ...] = (
         id TEXT PRIMARY KEY,                -- the ChannelId given to Originate
         verification_id TEXT NOT NULL UNIQUE REFERENCES verifications (id),
         status TEXT NOT NULL,
-        cli TEXT,                           -- full caller ID while the call lives, then NULL
         dial_number TEXT NOT NULL,
         ring_seconds REAL NOT NULL,
         outcome TEXT,
@@ -115,7 +114,6 @@ class CallRecord:
     id: str
     verification_id: str
     status: str
-    cli: str | None
     dial_number: str
     ring_seconds: float
     outcome: str | None = None
@@ -164,6 +162,8 @@ class Store:
         db = await aiosqlite.connect(str(path), isolation_level=None)
         try:
             await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            # Overwrite deleted content instead of leaving it in free pages.
+            await db.execute("PRAGMA secure_delete = ON")
             await db.execute("PRAGMA journal_mode = WAL")
             # NORMAL in WAL mode survives a process crash; only a power cut can lose
             # the last commits.
@@ -253,14 +253,16 @@ class Store:
     ) -> list[tuple[str, str | None]]:
         """Insert a verification and its queued call, canceling the phone's pending ones.
 
+        Only those of the same API key: another service's verification is not ours to end.
+
         Returns the (verification id, live call id) pairs that were canceled.
         """
         async with self._transaction() as db:
             cursor = await db.execute(
                 "SELECT v.id, c.id, c.status FROM verifications v "
                 "LEFT JOIN calls c ON c.verification_id = v.id "
-                "WHERE v.phone = ? AND v.status = 'pending'",
-                (verification.phone,),
+                "WHERE v.phone = ? AND v.api_key_id = ? AND v.status = 'pending'",
+                (verification.phone, verification.api_key_id),
             )
             superseded = [
                 (vid, cid if status in LIVE_CALL_STATUSES else None)
@@ -400,11 +402,11 @@ class Store:
         at: float,
         fail_verification: bool,
     ) -> None:
-        """Close a call with its outcome, forget its full caller ID, fail its verification."""
+        """Close a call with its outcome; fail its verification if asked."""
         async with self._transaction() as db:
             cursor = await db.execute(
                 "UPDATE calls SET status = ?, outcome = ?, hangup_cause = ?, sip_code = ?, "
-                "reason = ?, ended_at = ?, cli = NULL "
+                "reason = ?, ended_at = ? "
                 "WHERE id = ? AND ended_at IS NULL RETURNING verification_id",
                 (call_status, outcome, cause, sip_code, reason, at, call_id),
             )

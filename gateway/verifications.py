@@ -126,7 +126,6 @@ class Verifications:
             id=call_id,
             verification_id=verification_id,
             status="queued",
-            cli=cli.e164,
             dial_number=dial_number,
             ring_seconds=ring_seconds,
             queued_at=now,

@@ -164,7 +164,7 @@ def test_landline_is_refused_under_the_default_policy() -> None:
     with pytest.raises(PhoneTypeNotAllowed) as info:
         phones.check_allowed(phones.parse(JAKARTA_LANDLINE, "ID"), POLICY)
     assert info.value.code == "phone_type_not_allowed"
-    assert info.value.extra["type"] == "fixed_line"
+    assert info.value.extra["phone_type"] == "fixed_line"
 
 
 def test_landline_is_allowed_when_the_policy_allows_fixed_line() -> None:

@@ -23,7 +23,6 @@ T0 = 1_700_000_000.0
 TTL = 300.0
 PHONE = "+6281234567890"
 OTHER_PHONE = "+6281298765432"
-CLI = "+62215001234"
 
 
 @pytest.fixture
@@ -78,7 +77,6 @@ def call(cid: str = "call_1", vid: str = "vrf_1", *, queued_at: float = T0) -> C
         id=cid,
         verification_id=vid,
         status="queued",
-        cli=CLI,
         dial_number=PHONE[1:],
         ring_seconds=8,
         queued_at=queued_at,
@@ -350,7 +348,6 @@ async def test_end_call_records_the_outcome_and_forgets_the_full_caller_id(
     found = await store.verification("vrf_1")
     assert found is not None
     record, ended = found
-    assert ended.cli is None
     assert (ended.status, ended.outcome, ended.hangup_cause, ended.sip_code) == (
         "failed",
         "busy",
@@ -361,7 +358,8 @@ async def test_end_call_records_the_outcome_and_forgets_the_full_caller_id(
     assert ended.ended_at == T0 + 20
     assert record.status == "failed"
     assert record.updated_at == T0 + 20
-    assert raw_query(db_path, "SELECT count(*) FROM calls WHERE cli IS NOT NULL") == [(0,)]
+    # The full caller ID carries the code: it has no column at all.
+    assert "cli" not in [row[1] for row in raw_query(db_path, "PRAGMA table_info(calls)")]
     events = await store.call_events("call_1")
     assert [(e.kind, e.cause, e.sip_code) for e in events] == [("ended:busy", 17, 486)]
 
@@ -372,7 +370,6 @@ async def test_end_call_without_failing_leaves_the_verification_pending(store: S
     found = await store.verification("vrf_1")
     assert found is not None
     assert found[0].status == "pending"
-    assert found[1].cli is None
     assert found[1].outcome == "delivered"
 
 
@@ -409,7 +406,6 @@ async def test_live_calls_are_the_unended_ones_oldest_first(store: Store) -> Non
     live = await store.live_calls()
     assert [c.id for c in live] == ["call_1", "call_2", "call_4"]
     assert [c.status for c in live] == ["queued", "ringing", "queued"]
-    assert all(c.cli == CLI for c in live)
 
 
 async def test_call_progress_keeps_the_first_time_and_logs_each_event(store: Store) -> None:

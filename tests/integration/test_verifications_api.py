@@ -68,6 +68,9 @@ async def test_ringing_call_delivers_code_in_caller_id(gateway: Gateway, far_end
     assert ended["call"]["hangup_cause"] == 19
     assert ended["status"] == "pending"
     assert record.from_user not in str(created) + str(ended)
+    # Nor is it in the database (file and WAL), where a copy would reveal the code.
+    stored = b"".join(p.read_bytes() for p in gateway.db_path.parent.glob("*.sqlite3*"))
+    assert record.from_user.encode() not in stored
 
     status, checked = await gateway.post(
         f"/v1/verifications/{created['id']}/check", {"code": code_of(record)}
@@ -105,7 +108,7 @@ async def test_wrong_codes_spend_attempts_until_locked(gateway: Gateway, far_end
     status, refused = await gateway.post(path, {"code": right})
     assert status == 409
     assert refused["code"] == "verification_not_pending"
-    assert refused["status"] == "max_attempts_reached"
+    assert refused["verification_status"] == "max_attempts_reached"
 
 
 async def test_check_by_phone_uses_newest_pending(gateway: Gateway, far_end: FarEnd) -> None:
@@ -131,7 +134,7 @@ async def test_expires_after_ttl(start_gateway: GatewayFactory, far_end: FarEnd)
     _, current = await gateway.get(f"/v1/verifications/{created['id']}")
     assert current["status"] == "expired"
     status, refused = await gateway.post(f"/v1/verifications/{created['id']}/check", {"code": code})
-    assert (status, refused["status"]) == (409, "expired")
+    assert (status, refused["verification_status"]) == (409, "expired")
 
 
 async def test_answered_call_is_hung_up_at_once(gateway: Gateway, far_end: FarEnd) -> None:
@@ -201,4 +204,8 @@ async def test_cancel_hangs_up_a_ringing_call(gateway: Gateway, far_end: FarEnd)
     assert ended["status"] == "canceled"
     assert [e["kind"] for e in ended["call"]["events"]][:2] == ["dialing", "ringing"]
     status, again = await gateway.post(f"/v1/verifications/{created['id']}/cancel", {})
-    assert (status, again["code"], again["status"]) == (409, "verification_not_pending", "canceled")
+    assert (status, again["code"], again["verification_status"]) == (
+        409,
+        "verification_not_pending",
+        "canceled",
+    )

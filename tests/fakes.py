@@ -1,0 +1,227 @@
+"""A stand-in for the PBX adapter (the `Pbx` Protocol of gateway/pbx.py) in unit tests.
+
+Each call's fate is a script of steps chosen by the dialled number's last digit (the
+SIPp far end's behaviours, tests/sipp/README.md) or by a callback. Timing is in PBX
+seconds, multiplied by `time_scale` so a 1 s ring lasts 0.05 s in a test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from gateway.pbx import (
+    AmiSettings,
+    CallEvent,
+    CallEventKind,
+    Dial,
+    PbxUnavailable,
+    originate_action,
+)
+
+# Every Dial is turned into the Originate the real adapter would send, so a value the
+# real adapter refuses (UnsafeAmiValue) is refused here too.
+FAKE_AMI = AmiSettings("127.0.0.1", 5038, "otp-gateway", "fake-secret")
+# A far end answers the INVITE (180, 183 or a final response) after this many PBX seconds.
+REPLY_S = 0.1
+# The SIPp far end's digit 2 sends 200 OK 500 ms after 180 Ringing.
+ANSWER_AFTER_S = 0.5
+# Q.850 causes Asterisk reports.
+NORMAL_CLEARING = 16  # our own Hangup of a call, and the BYE after an answer
+NO_ANSWER = 19  # Asterisk's own CANCEL at the Originate Timeout (TechCause 480)
+
+# How often `until` looks again at state changed by other tasks.
+POLL_S = 0.005
+WAIT_S = 5.0
+
+RINGING = CallEventKind.RINGING
+PROGRESS = CallEventKind.PROGRESS
+ANSWERED = CallEventKind.ANSWERED
+HANGUP = CallEventKind.HANGUP
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One event of a scripted call, `after` PBX seconds after the previous one."""
+
+    after: float
+    kind: CallEventKind
+    cause: int | None = None
+    sip_code: int | None = None
+
+
+# The steps of a call, or the exception its originate raises (e.g. OriginateRefused).
+Fate = Sequence[Step] | BaseException
+Script = Callable[[Dial], Fate]
+
+
+def ring_timeout(dial: Dial, alert: CallEventKind = RINGING) -> tuple[Step, ...]:
+    """Alerts (180 or 183), then Asterisk cancels it at the ring timeout."""
+    return (Step(REPLY_S, alert), Step(dial.ring_seconds, HANGUP, NO_ANSWER, 480))
+
+
+def rings_until_hung_up(dial: Dial) -> tuple[Step, ...]:
+    """Alerts and keeps ringing until `hangup` (a far end that never times out)."""
+    return (Step(REPLY_S, RINGING),)
+
+
+def rejected(cause: int, sip_code: int | None) -> tuple[Step, ...]:
+    """A final response before any alerting."""
+    return (Step(REPLY_S, HANGUP, cause, sip_code),)
+
+
+# Last digit -> (Q.850 cause, SIP code), as measured on the dev PBX (DESIGN.md section 5).
+REJECTIONS = {
+    "3": (17, 486),
+    "4": (1, 404),
+    "5": (21, 603),
+    "6": (34, 503),
+    "7": (28, 484),
+    "8": (19, 480),
+}
+
+
+def by_last_digit(dial: Dial) -> Fate:
+    """The SIPp far end's behaviour for the dialled number's last digit."""
+    digit = dial.number[-1]
+    if digit == "0":
+        return ring_timeout(dial)
+    if digit == "1":
+        return ring_timeout(dial, PROGRESS)
+    if digit == "2":
+        return (
+            Step(REPLY_S, RINGING),
+            Step(ANSWER_AFTER_S, ANSWERED),
+            Step(0, HANGUP, NORMAL_CLEARING),
+        )
+    if digit == "9":  # 100 Trying only: nothing alerts before the ring timeout
+        return (Step(dial.ring_seconds, HANGUP, NO_ANSWER),)
+    return rejected(*REJECTIONS.get(digit, REJECTIONS["4"]))
+
+
+_serial = itertools.count(1)
+
+
+def fresh_mobile(last_digit: str = "0") -> str:
+    """A valid Indonesian mobile (E.164), new each time; the last digit picks its fate."""
+    return f"+62812{next(_serial):06d}{last_digit}"
+
+
+T = TypeVar("T")
+
+
+async def until(probe: Callable[[], Awaitable[T]], timeout: float = WAIT_S) -> T:
+    """Poll `probe` until it returns something truthy, and return that.
+
+    For state other tasks change without telling anyone: rows in the store.
+    """
+    async with asyncio.timeout(timeout):
+        while not (found := await probe()):
+            await asyncio.sleep(POLL_S)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Originated:
+    """A Dial the fake was given, when (monotonic seconds), and what originate raised."""
+
+    dial: Dial
+    at: float
+    error: BaseException | None
+
+
+class FakePbx:
+    """Plays scripted calls behind the same contract as gateway.pbx.AmiPbx."""
+
+    def __init__(
+        self,
+        script: Script = by_last_digit,
+        *,
+        time_scale: float = 0.05,
+        connected: bool = True,
+    ) -> None:
+        self.script = script
+        self.time_scale = time_scale
+        self.connected = connected
+        self.originated: list[Originated] = []
+        self.hangups: list[str] = []  # every hangup asked for, live call or not
+        self.max_live = 0
+        self._live: dict[str, asyncio.Task[None]] = {}
+        self._events: asyncio.Queue[CallEvent] = asyncio.Queue()
+
+    @property
+    def dials(self) -> list[Dial]:
+        """Every Dial received, placed or refused."""
+        return [o.dial for o in self.originated]
+
+    @property
+    def placed(self) -> list[Dial]:
+        """The Dials that became calls."""
+        return [o.dial for o in self.originated if o.error is None]
+
+    @property
+    def live(self) -> set[str]:
+        """Channel ids of calls not yet hung up."""
+        return set(self._live)
+
+    async def originate(self, dial: Dial) -> None:
+        """Validate like the real adapter, then play the call's script in the background."""
+        at = time.monotonic()
+        try:
+            originate_action(FAKE_AMI, dial)
+            if not self.connected:
+                raise PbxUnavailable("not connected to AMI")
+            fate = self.script(dial)
+            if isinstance(fate, BaseException):
+                raise fate
+        except BaseException as exc:
+            self.originated.append(Originated(dial, at, exc))
+            raise
+        self.originated.append(Originated(dial, at, None))
+        self._live[dial.channel_id] = asyncio.create_task(
+            self._play(dial.channel_id, fate), name=f"fake-call-{dial.channel_id}"
+        )
+        self.max_live = max(self.max_live, len(self._live))
+
+    async def hangup(self, channel_id: str) -> None:
+        """End a live call with cause 16, as Asterisk does for a Hangup action (our CANCEL)."""
+        self.hangups.append(channel_id)
+        if channel_id not in self._live:
+            return  # the real adapter ignores calls it does not know (or that ended)
+        if not self.connected:
+            raise PbxUnavailable("not connected to AMI")
+        self._live[channel_id].cancel()
+        self._end(channel_id, NORMAL_CLEARING, None)
+
+    async def next_event(self) -> CallEvent:
+        return await self._events.get()
+
+    async def close(self) -> None:
+        """Stop every scripted call still playing."""
+        tasks = list(self._live.values())
+        self._live.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _play(self, channel_id: str, steps: Sequence[Step]) -> None:
+        for step in steps:
+            await asyncio.sleep(step.after * self.time_scale)
+            if step.kind is HANGUP:
+                self._end(channel_id, step.cause, step.sip_code)
+                return
+            self._events.put_nowait(CallEvent(channel_id, step.kind, time.time()))
+
+    def _end(self, channel_id: str, cause: int | None, sip_code: int | None) -> None:
+        if self._live.pop(channel_id, None) is None:
+            return
+        self._events.put_nowait(
+            CallEvent(channel_id, HANGUP, time.time(), cause=cause, sip_code=sip_code)
+        )

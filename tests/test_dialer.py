@@ -1,0 +1,418 @@
+"""The dialer: placing calls on a (fake) PBX, pacing, concurrency and each call's fate."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from gateway.config import CallsConfig
+from gateway.dialer import CallJob, Dialer, Pacer
+from gateway.outcomes import Outcome
+from gateway.pbx import Dial, OriginateRefused
+from gateway.store import CallRecord, Store, VerificationRecord
+from tests.fakes import (
+    WAIT_S,
+    FakePbx,
+    Fate,
+    by_last_digit,
+    fresh_mobile,
+    rings_until_hung_up,
+    until,
+)
+
+POOL = "default"
+CLI_PREFIX = "+6221500"
+
+_serial = itertools.count(1)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path / "gateway.sqlite3")
+    yield opened
+    await opened.close()
+
+
+async def add_job(store: Store, last_digit: str = "0", ring_seconds: float = 1.0) -> CallJob:
+    """A verification and its queued call in the store; the job that places the call."""
+    n = next(_serial)
+    phone = fresh_mobile(last_digit)
+    cli = f"{CLI_PREFIX}{n % 10_000:04d}"
+    now = time.time()
+    verification = VerificationRecord(
+        id=f"vrf_{n}",
+        api_key_id="key_1",
+        phone=phone,
+        region="ID",
+        reference=None,
+        callback_url=None,
+        status="pending",
+        code_hash="hmac-of-code",
+        pool=POOL,
+        cli_prefix=CLI_PREFIX,
+        cli_length=4,
+        cli_pattern=r"^\+6221500[0-9]{4}$",
+        attempts_remaining=5,
+        created_at=now,
+        expires_at=now + 300,
+        updated_at=now,
+    )
+    call = CallRecord(
+        id=f"call{n}",
+        verification_id=verification.id,
+        status="queued",
+        dial_number=phone[1:],
+        ring_seconds=ring_seconds,
+        queued_at=now,
+    )
+    await store.create_verification(verification, call)
+    return CallJob(
+        call_id=call.id,
+        verification_id=verification.id,
+        dial_number=call.dial_number,
+        cli=cli,
+        cli_dial=cli[1:],
+        pool=POOL,
+        ring_seconds=ring_seconds,
+    )
+
+
+async def call_of(store: Store, job: CallJob) -> CallRecord:
+    found = await store.verification(job.verification_id)
+    assert found is not None
+    return found[1]
+
+
+async def status_of(store: Store, job: CallJob) -> str:
+    found = await store.verification(job.verification_id)
+    assert found is not None
+    return found[0].status
+
+
+@dataclass
+class Harness:
+    """A dialer on a FakePbx, recording released caller IDs and ended calls."""
+
+    pbx: FakePbx
+    store: Store
+    calls: CallsConfig
+    dialer: Dialer = field(init=False)
+    released: list[tuple[str, str]] = field(default_factory=list)
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    _ended: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.dialer = Dialer(self.pbx, self.store, self.calls, self.release_cli, self.on_ended)
+
+    def release_cli(self, pool: str, cli: str) -> None:
+        self.released.append((pool, cli))
+
+    async def on_ended(self, job: CallJob, outcome: Outcome) -> None:
+        self.outcomes[job.call_id] = outcome
+        self._event(job.call_id).set()
+
+    def _event(self, call_id: str) -> asyncio.Event:
+        return self._ended.setdefault(call_id, asyncio.Event())
+
+    async def ended(self, *jobs: CallJob, timeout: float = WAIT_S) -> None:
+        """Wait until every one of `jobs` has ended."""
+        async with asyncio.timeout(timeout):
+            for job in jobs:
+                await self._event(job.call_id).wait()
+
+    def submit(self, *jobs: CallJob) -> None:
+        for job in jobs:
+            self.dialer.submit(job)
+
+
+HarnessFactory = Callable[..., Harness]
+
+
+@pytest.fixture
+async def make_dialer(store: Store) -> AsyncIterator[HarnessFactory]:
+    """Build dialers (not started) on fake PBXs; all are stopped after the test."""
+    harnesses: list[Harness] = []
+
+    def make(
+        pbx: FakePbx | None = None,
+        *,
+        max_concurrent: int = 50,
+        max_per_second: float = 1000.0,
+    ) -> Harness:
+        calls = CallsConfig(
+            ring_seconds=1, max_concurrent=max_concurrent, max_per_second=max_per_second
+        )
+        harness = Harness(pbx or FakePbx(), store, calls)
+        harnesses.append(harness)
+        return harness
+
+    yield make
+    for harness in harnesses:
+        await harness.dialer.stop()
+        await harness.pbx.close()
+
+
+@pytest.fixture
+async def harness(make_dialer: HarnessFactory) -> Harness:
+    """A started dialer on a FakePbx playing the SIPp far end's behaviours."""
+    made = make_dialer()
+    made.dialer.start()
+    return made
+
+
+# -- outcomes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("digit", "outcome", "cause", "sip_code", "alerted"),
+    [
+        ("0", Outcome.DELIVERED, 19, 480, True),  # 180, then our ring timeout
+        ("1", Outcome.DELIVERED, 19, 480, True),  # 183 only: progress counts as alerted
+        ("2", Outcome.ANSWERED, 16, None, True),
+        ("3", Outcome.BUSY, 17, 486, False),
+        ("4", Outcome.INVALID_NUMBER, 1, 404, False),
+        ("5", Outcome.REJECTED, 21, 603, False),
+        ("6", Outcome.CONGESTION, 34, 503, False),
+        ("7", Outcome.INVALID_NUMBER, 28, 484, False),
+        ("8", Outcome.UNREACHABLE, 19, 480, False),
+        ("9", Outcome.UNREACHABLE, 19, None, False),  # Trying only, then the ring timeout
+    ],
+)
+async def test_outcome_is_written_to_the_store(
+    harness: Harness,
+    store: Store,
+    digit: str,
+    outcome: Outcome,
+    cause: int,
+    sip_code: int | None,
+    alerted: bool,
+) -> None:
+    job = await add_job(store, digit)
+    harness.submit(job)
+    await harness.ended(job)
+
+    call = await call_of(store, job)
+    delivered = outcome in (Outcome.DELIVERED, Outcome.ANSWERED)
+    assert harness.outcomes[job.call_id] is outcome
+    assert call.outcome == outcome
+    assert call.status == ("completed" if delivered else "failed")
+    assert (call.hangup_cause, call.sip_code) == (cause, sip_code)
+    assert call.dialed_at is not None and call.ended_at is not None
+    assert call.dialed_at <= call.ended_at
+    if alerted:
+        assert call.ringing_at is not None and call.dialed_at <= call.ringing_at <= call.ended_at
+    else:
+        assert call.ringing_at is None
+    # Only a call that never reached the handset fails its verification.
+    assert await status_of(store, job) == ("pending" if delivered else "failed")
+
+
+async def test_dial_carries_the_job(harness: Harness, store: Store) -> None:
+    job = await add_job(store, "0", ring_seconds=2)
+    harness.submit(job)
+    await harness.ended(job)
+
+    assert harness.pbx.placed == [Dial(job.call_id, job.dial_number, job.cli_dial, 2)]
+
+
+async def test_call_timeline_is_recorded(harness: Harness, store: Store) -> None:
+    job = await add_job(store, "2")
+    harness.submit(job)
+    await harness.ended(job)
+
+    kinds = [event.kind for event in await store.call_events(job.call_id)]
+    assert kinds == ["dialing", "ringing", "answered", "ended:answered"]
+
+
+async def test_originate_refused_is_an_error(make_dialer: HarnessFactory, store: Store) -> None:
+    def refuse(dial: Dial) -> Fate:
+        return OriginateRefused("Originate failed")
+
+    harness = make_dialer(FakePbx(refuse))
+    harness.dialer.start()
+    job = await add_job(store)
+    harness.submit(job)
+    await harness.ended(job)
+
+    call = await call_of(store, job)
+    assert (call.outcome, call.status, call.reason) == ("error", "failed", "originate_refused")
+    assert call.dialed_at is not None and call.ended_at is not None
+    assert call.ringing_at is None
+    assert await status_of(store, job) == "failed"
+    assert harness.dialer.in_flight == 0
+
+
+async def test_pbx_unavailable_is_an_error(make_dialer: HarnessFactory, store: Store) -> None:
+    harness = make_dialer(FakePbx(connected=False))
+    harness.dialer.start()
+    job = await add_job(store)
+    harness.submit(job)
+    await harness.ended(job)
+
+    call = await call_of(store, job)
+    assert (call.outcome, call.status, call.reason) == ("error", "failed", "pbx_unavailable")
+    assert await status_of(store, job) == "failed"
+    assert harness.pbx.placed == []
+
+
+async def test_unsafe_dial_is_never_placed(harness: Harness, store: Store) -> None:
+    job = await add_job(store)
+    unsafe = CallJob(
+        job.call_id, job.verification_id, "62812\r\nAction: Logoff", job.cli, job.cli_dial,
+        job.pool, job.ring_seconds,
+    )  # fmt: skip
+    harness.submit(unsafe)
+    await harness.ended(unsafe)
+
+    call = await call_of(store, job)
+    assert (call.outcome, call.reason) == ("error", "invalid_dial")
+    assert harness.pbx.placed == []
+    assert await status_of(store, job) == "failed"
+
+
+async def test_originate_timeout_fails_the_call_and_dialing_goes_on(
+    make_dialer: HarnessFactory, store: Store
+) -> None:
+    first = await add_job(store, "0")
+
+    # AmiPbx.originate lets the TimeoutError of a slow Asterisk through (not a PbxError).
+    def slow_first(dial: Dial) -> Fate:
+        return TimeoutError() if dial.channel_id == first.call_id else by_last_digit(dial)
+
+    harness = make_dialer(FakePbx(slow_first))
+    harness.dialer.start()
+    second = await add_job(store, "0")
+    harness.submit(first, second)
+    await harness.ended(first, second)
+
+    call = await call_of(store, first)
+    assert (call.outcome, call.status) == ("error", "failed")
+    assert await status_of(store, first) == "failed"
+    assert (await call_of(store, second)).outcome == "delivered"
+    assert harness.dialer.in_flight == 0
+
+
+# -- cancel --------------------------------------------------------------------
+
+
+async def test_cancel_hangs_up_a_live_call(make_dialer: HarnessFactory, store: Store) -> None:
+    harness = make_dialer(FakePbx(rings_until_hung_up))
+    harness.dialer.start()
+    job = await add_job(store)
+    harness.submit(job)
+
+    async def ringing() -> bool:
+        return (await call_of(store, job)).status == "ringing"
+
+    await until(ringing)
+    await harness.dialer.cancel(job.call_id)
+    await harness.ended(job)
+
+    assert harness.pbx.hangups == [job.call_id]
+    call = await call_of(store, job)
+    # It rang before we hung up, so the caller ID was shown.
+    assert (call.outcome, call.hangup_cause) == ("delivered", 16)
+    assert call.ended_at is not None
+    assert harness.dialer.in_flight == 0
+
+
+async def test_cancel_keeps_a_queued_call_from_being_placed(
+    make_dialer: HarnessFactory, store: Store
+) -> None:
+    harness = make_dialer()
+    job, other = await add_job(store), await add_job(store)
+    harness.submit(job, other)
+    await harness.dialer.cancel(job.call_id)
+    harness.dialer.start()
+    await harness.ended(job, other)
+
+    assert [d.channel_id for d in harness.pbx.dials] == [other.call_id]
+    call = await call_of(store, job)
+    assert (call.outcome, call.reason, call.dialed_at) == ("error", "canceled", None)
+    assert harness.outcomes == {job.call_id: Outcome.ERROR, other.call_id: Outcome.DELIVERED}
+
+
+async def test_cancel_of_a_call_waiting_for_a_slot(
+    make_dialer: HarnessFactory, store: Store
+) -> None:
+    harness = make_dialer(FakePbx(rings_until_hung_up), max_concurrent=1)
+    harness.dialer.start()
+    busy, waiting = await add_job(store), await add_job(store)
+    harness.submit(busy, waiting)
+
+    async def placed() -> bool:
+        return len(harness.pbx.placed) == 1
+
+    await until(placed)
+    await asyncio.sleep(0)  # the dial loop takes `waiting` and waits for the slot
+    assert harness.dialer.queued == 0
+    await harness.dialer.cancel(waiting.call_id)
+    await harness.dialer.cancel(busy.call_id)
+    await harness.ended(busy)
+
+    async def waiting_ended() -> bool:
+        return (await call_of(store, waiting)).ended_at is not None or len(harness.pbx.placed) > 1
+
+    await until(waiting_ended)
+    assert [d.channel_id for d in harness.pbx.placed] == [busy.call_id]
+
+
+# -- limits --------------------------------------------------------------------
+
+
+async def test_max_concurrent_is_never_exceeded(make_dialer: HarnessFactory, store: Store) -> None:
+    harness = make_dialer(max_concurrent=5)
+    harness.dialer.start()
+    jobs = [await add_job(store, "0") for _ in range(20)]
+    harness.submit(*jobs)
+    await harness.ended(*jobs)
+
+    assert len(harness.pbx.placed) == 20
+    assert harness.pbx.max_live == 5
+    assert set(harness.outcomes.values()) == {Outcome.DELIVERED}
+    assert harness.dialer.in_flight == 0
+
+
+async def test_pacing_spaces_calls(make_dialer: HarnessFactory, store: Store) -> None:
+    harness = make_dialer(max_per_second=20)
+    jobs = [await add_job(store, "3") for _ in range(40)]
+    harness.dialer.start()
+    harness.submit(*jobs)
+    await harness.ended(*jobs)
+
+    times = [o.at for o in harness.pbx.originated]
+    assert len(times) == 40
+    # A one-second burst of 20, then 20 more at 20 per second: at least about 1 s.
+    assert times[-1] - times[0] >= 0.9
+
+
+async def test_pacer_allows_a_burst_then_its_rate() -> None:
+    pacer = Pacer(50)
+    start = time.monotonic()
+    for _ in range(60):
+        await pacer.wait()
+    # 50 at once, then 10 more at 50 per second.
+    assert time.monotonic() - start >= 0.18
+
+
+async def test_release_cli_once_per_call(make_dialer: HarnessFactory, store: Store) -> None:
+    def fate(dial: Dial) -> Fate:
+        return OriginateRefused("no") if dial.number.endswith("5") else by_last_digit(dial)
+
+    harness = make_dialer(FakePbx(fate))
+    jobs = [await add_job(store, digit) for digit in "0123456789"]
+    canceled = await add_job(store, "0")
+    harness.submit(*jobs, canceled)
+    await harness.dialer.cancel(canceled.call_id)
+    harness.dialer.start()
+    await harness.ended(*jobs, canceled)
+
+    released = Counter(harness.released)
+    assert released == Counter({(POOL, job.cli): 1 for job in [*jobs, canceled]})

@@ -1,0 +1,495 @@
+"""The verification domain on a real store and real pools, dialing through a FakePbx."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.config import (
+    AsteriskConfig,
+    CallsConfig,
+    Config,
+    DatabaseConfig,
+    PoolConfig,
+    SecurityConfig,
+    VerificationConfig,
+)
+from gateway.dialer import Dialer
+from gateway.errors import (
+    InvalidPhone,
+    InvalidRequest,
+    NotFound,
+    PhoneTypeNotAllowed,
+    RegionNotAllowed,
+    VerificationNotPending,
+)
+from gateway.pbx import Dial
+from gateway.pool import Pool
+from gateway.store import CallRecord, Store, VerificationRecord
+from gateway.verifications import NewVerification, Verifications
+from tests.fakes import FakePbx, Fate, by_last_digit, fresh_mobile, rings_until_hung_up, until
+
+KEY = "key_a"
+OTHER_KEY = "key_b"
+TTL_S = 300
+MAX_ATTEMPTS = 5
+CODE_SECRET = "unit-test-code-secret-0123456789"  # noqa: S105 - a test's HMAC key
+
+
+class Clock:
+    """A settable wall clock for the TTL."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_config(db_path: Path, code_length: int = 4) -> Config:
+    return Config(
+        asterisk=AsteriskConfig(secret="unused"),  # noqa: S106 - never used: the PBX is fake
+        pools=(PoolConfig(name="default", prefix="+6221500", code_length=code_length),),
+        security=SecurityConfig(code_secret=CODE_SECRET),
+        database=DatabaseConfig(path=str(db_path)),
+        calls=CallsConfig(ring_seconds=1, max_concurrent=50, max_per_second=1000),
+        verification=VerificationConfig(ttl_seconds=TTL_S, max_attempts=MAX_ATTEMPTS),
+    )
+
+
+@dataclasses.dataclass
+class Domain:
+    """Verifications wired to a store, pools and a dialer on a FakePbx."""
+
+    verifications: Verifications
+    store: Store
+    pbx: FakePbx
+    dialer: Dialer
+    clock: Clock
+    db_path: Path
+
+    async def create(self, phone: str, key: str = KEY, **fields: object) -> VerificationRecord:
+        verification, _ = await self.verifications.create(
+            NewVerification(api_key_id=key, phone=phone, **fields)  # type: ignore[arg-type]
+        )
+        return verification
+
+    async def dial_of(self, verification: VerificationRecord) -> Dial:
+        """The Dial that reached the PBX for `verification`."""
+        _, call = await self.call_of(verification)
+
+        async def placed() -> Dial | None:
+            return next((d for d in self.pbx.placed if d.channel_id == call.id), None)
+
+        dial = await until(placed)
+        assert dial is not None
+        return dial
+
+    async def code_of(self, verification: VerificationRecord) -> str:
+        """The code, as the user reads it: the trailing digits of the caller ID."""
+        dial = await self.dial_of(verification)
+        return dial.caller_id[-verification.cli_length :]
+
+    async def call_of(
+        self, verification: VerificationRecord
+    ) -> tuple[VerificationRecord, CallRecord]:
+        found = await self.store.verification(verification.id)
+        assert found is not None
+        return found
+
+    async def until_call(
+        self, verification: VerificationRecord, done: Callable[[CallRecord], bool]
+    ) -> CallRecord:
+        """The verification's call, once `done(call)` holds."""
+
+        async def probe() -> CallRecord | None:
+            _, call = await self.call_of(verification)
+            return call if done(call) else None
+
+        call = await until(probe)
+        assert call is not None
+        return call
+
+    def rows(self, table: str) -> int:
+        with contextlib.closing(sqlite3.connect(self.db_path)) as db:
+            return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])  # noqa: S608
+
+
+DomainFactory = Callable[..., Awaitable[Domain]]
+
+
+@pytest.fixture
+async def make_domain(tmp_path: Path) -> AsyncIterator[DomainFactory]:
+    """Build a domain (a config override, a PBX script); everything stops after the test."""
+    started: list[Domain] = []
+
+    async def make(code_length: int = 4, script: Callable[[Dial], Fate] = by_last_digit) -> Domain:
+        db_path = tmp_path / f"gateway-{len(started)}.sqlite3"
+        config = make_config(db_path, code_length)
+        store = await Store.open(db_path)
+        pools = [Pool(p) for p in config.pools]
+        by_name = {p.name: p for p in pools}
+
+        def release_cli(pool: str, cli: str) -> None:
+            by_name[pool].release(cli)
+
+        pbx = FakePbx(script)
+        dialer = Dialer(pbx, store, config.calls, release_cli)
+        clock = Clock()
+        verifications = Verifications(config, store, pools, dialer, clock=clock)
+        domain = Domain(verifications, store, pbx, dialer, clock, db_path)
+        started.append(domain)
+        dialer.start()
+        return domain
+
+    yield make
+    for domain in started:
+        await domain.dialer.stop()
+        await domain.pbx.close()
+        await domain.store.close()
+
+
+@pytest.fixture
+async def domain(make_domain: DomainFactory) -> Domain:
+    return await make_domain()
+
+
+# -- create --------------------------------------------------------------------
+
+
+async def test_create_stores_and_dials(domain: Domain) -> None:
+    verification = await domain.create("0812-3456-7890", reference="order-1")
+
+    assert verification.status == "pending"
+    assert verification.phone == "+6281234567890"
+    assert verification.reference == "order-1"
+    assert verification.attempts_remaining == MAX_ATTEMPTS
+    assert verification.expires_at == domain.clock.now + TTL_S
+    assert verification.id.startswith("vrf_") and len(verification.id) >= 4 + 32
+    dial = await domain.dial_of(verification)
+    assert dial.number == "6281234567890"  # e164_no_plus, the default dial_format
+    assert dial.caller_id.startswith("6221500") and len(dial.caller_id) == 11
+    assert dial.ring_seconds == 1
+
+
+@pytest.mark.parametrize(
+    ("phone", "error"),
+    [
+        ("12345", InvalidPhone),
+        ("not a phone", InvalidPhone),
+        ("+6281234567890\r\n", InvalidPhone),
+        ("+62215551234", PhoneTypeNotAllowed),  # a Jakarta landline
+        ("+14155552671", RegionNotAllowed),  # a valid US number
+    ],
+)
+async def test_create_validates_before_storing(
+    domain: Domain, phone: str, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        await domain.create(phone)
+
+    assert domain.rows("verifications") == 0
+    assert domain.rows("calls") == 0
+    assert (domain.dialer.queued, domain.dialer.in_flight) == (0, 0)
+    assert domain.pbx.dials == []
+
+
+async def test_create_refuses_ring_seconds_over_the_limit(domain: Domain) -> None:
+    with pytest.raises(InvalidRequest):
+        await domain.create(fresh_mobile(), ring_seconds=60)
+
+    assert domain.rows("verifications") == 0
+    assert domain.dialer.queued == 0
+
+
+# -- check ---------------------------------------------------------------------
+
+
+async def test_right_code_approves(domain: Domain) -> None:
+    verification = await domain.create(fresh_mobile())
+    code = await domain.code_of(verification)
+
+    result = await domain.verifications.check(KEY, verification.id, code, None)
+
+    assert result.valid
+    assert result.verification.status == "approved"
+    assert result.verification.attempts_remaining == MAX_ATTEMPTS
+
+
+@pytest.mark.parametrize("form", ["e164", "digits", "spaced", "national"])
+async def test_right_cli_approves(domain: Domain, form: str) -> None:
+    verification = await domain.create(fresh_mobile())
+    caller_id = "+" + (await domain.dial_of(verification)).caller_id  # +62215001234
+    cli = {
+        "e164": caller_id,
+        "digits": caller_id[1:],  # as the trunk presented it (cli_format e164_no_plus)
+        "spaced": f"{caller_id[:3]} {caller_id[3:5]} {caller_id[5:9]} {caller_id[9:]}",
+        "national": "0" + caller_id[3:],  # how a phone's call log may show it
+    }[form]
+
+    result = await domain.verifications.check(KEY, verification.id, None, cli)
+
+    assert result.valid and result.verification.status == "approved"
+
+
+async def test_right_cli_approves_for_an_eight_digit_pool(make_domain: DomainFactory) -> None:
+    domain = await make_domain(code_length=8)
+    verification = await domain.create(fresh_mobile())
+    cli = "+" + (await domain.dial_of(verification)).caller_id
+
+    result = await domain.verifications.check(KEY, verification.id, None, cli)
+
+    assert result.valid
+
+
+async def test_check_by_phone(domain: Domain) -> None:
+    phone = fresh_mobile()
+    verification = await domain.create(phone)
+    code = await domain.code_of(verification)
+
+    wrong = await domain.verifications.check_by_phone(KEY, phone, None, "0" * 5, None)
+    right = await domain.verifications.check_by_phone(KEY, phone[3:], "ID", code, None)
+
+    assert (wrong.valid, wrong.verification.attempts_remaining) == (False, MAX_ATTEMPTS - 1)
+    assert right.valid and right.verification.id == verification.id
+
+
+async def test_wrong_codes_spend_attempts_until_none_remain(domain: Domain) -> None:
+    verification = await domain.create(fresh_mobile())
+    code = await domain.code_of(verification)
+    wrong = f"{(int(code) + 1) % 10_000:04d}"
+
+    remaining = []
+    for _ in range(MAX_ATTEMPTS):
+        result = await domain.verifications.check(KEY, verification.id, wrong, None)
+        assert not result.valid
+        remaining.append(result.verification.attempts_remaining)
+
+    assert remaining == [4, 3, 2, 1, 0]
+    assert result.verification.status == "max_attempts_reached"
+    with pytest.raises(VerificationNotPending) as refused:
+        await domain.verifications.check(KEY, verification.id, code, None)
+    assert refused.value.extra["verification_status"] == "max_attempts_reached"
+
+
+async def test_a_wrong_cli_spends_an_attempt(domain: Domain) -> None:
+    verification = await domain.create(fresh_mobile())
+
+    result = await domain.verifications.check(KEY, verification.id, None, "+6281234567890")
+
+    assert not result.valid
+    assert result.verification.attempts_remaining == MAX_ATTEMPTS - 1
+
+
+@pytest.mark.parametrize(
+    ("code", "cli"),
+    [(None, None), ("1234", "+622150001234"), ("12a4", None), ("", None), ("1" * 17, None)],
+)
+async def test_malformed_check_spends_nothing(
+    domain: Domain, code: str | None, cli: str | None
+) -> None:
+    verification = await domain.create(fresh_mobile())
+
+    with pytest.raises(InvalidRequest):
+        await domain.verifications.check(KEY, verification.id, code, cli)
+
+    current, _ = await domain.verifications.get(KEY, verification.id)
+    assert current.attempts_remaining == MAX_ATTEMPTS
+
+
+async def test_an_approved_verification_refuses_further_checks(domain: Domain) -> None:
+    verification = await domain.create(fresh_mobile())
+    code = await domain.code_of(verification)
+    await domain.verifications.check(KEY, verification.id, code, None)
+
+    with pytest.raises(VerificationNotPending) as refused:
+        await domain.verifications.check(KEY, verification.id, code, None)
+
+    assert refused.value.extra["verification_status"] == "approved"
+
+
+async def test_concurrent_wrong_checks_never_overspend(domain: Domain) -> None:
+    verification = await domain.create(fresh_mobile())
+    code = await domain.code_of(verification)
+    wrong = f"{(int(code) + 1) % 10_000:04d}"
+
+    results = await asyncio.gather(
+        *(domain.verifications.check(KEY, verification.id, wrong, None) for _ in range(20)),
+        return_exceptions=True,
+    )
+
+    checked = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert len(checked) == MAX_ATTEMPTS and not any(r.valid for r in checked)
+    assert len(refused) == 20 - MAX_ATTEMPTS
+    assert all(isinstance(r, VerificationNotPending) for r in refused)
+    current, _ = await domain.verifications.get(KEY, verification.id)
+    assert (current.status, current.attempts_remaining) == ("max_attempts_reached", 0)
+
+
+async def test_concurrent_right_checks_approve_once(domain: Domain) -> None:
+    verification = await domain.create(fresh_mobile())
+    code = await domain.code_of(verification)
+
+    results = await asyncio.gather(
+        *(domain.verifications.check(KEY, verification.id, code, None) for _ in range(10)),
+        return_exceptions=True,
+    )
+
+    approved = [r for r in results if not isinstance(r, BaseException)]
+    assert len(approved) == 1 and approved[0].valid
+    assert all(isinstance(r, VerificationNotPending) for r in results if r not in approved)
+
+
+async def test_code_hash_hides_the_code(make_domain: DomainFactory) -> None:
+    # Eight digits: a 64-hex-digit hash holds a given 4-digit run by chance 1 time in 1,000.
+    domain = await make_domain(code_length=8)
+    verification = await domain.create(fresh_mobile())
+    code = await domain.code_of(verification)
+
+    stored, _ = await domain.call_of(verification)
+    assert stored.code_hash != code
+    assert code not in stored.code_hash
+    assert stored.code_hash not in (
+        hashlib.sha256(code.encode()).hexdigest(),
+        hashlib.sha256(f"{verification.id}:{code}".encode()).hexdigest(),
+    ), "the hash must be keyed by the server secret"
+    assert all(code not in str(value) for value in dataclasses.astuple(stored))
+
+
+async def test_a_failed_call_fails_the_verification(domain: Domain) -> None:
+    verification = await domain.create(fresh_mobile("3"))  # busy
+    code = await domain.code_of(verification)
+    await domain.until_call(verification, lambda call: call.ended_at is not None)
+
+    with pytest.raises(VerificationNotPending) as refused:
+        await domain.verifications.check(KEY, verification.id, code, None)
+
+    assert refused.value.extra["verification_status"] == "failed"
+
+
+async def test_a_delivered_call_leaves_the_verification_pending(domain: Domain) -> None:
+    verification = await domain.create(fresh_mobile("0"))
+    code = await domain.code_of(verification)
+    call = await domain.until_call(verification, lambda call: call.ended_at is not None)
+
+    assert call.outcome == "delivered"
+    result = await domain.verifications.check(KEY, verification.id, code, None)
+    assert result.valid
+
+
+# -- expiry --------------------------------------------------------------------
+
+
+async def test_expires_with_the_clock(domain: Domain) -> None:
+    verification = await domain.create(fresh_mobile())
+    code = await domain.code_of(verification)
+
+    domain.clock.advance(TTL_S - 1)
+    still, _ = await domain.verifications.get(KEY, verification.id)
+    assert still.status == "pending"
+
+    domain.clock.advance(1)
+    expired, _ = await domain.verifications.get(KEY, verification.id)
+    assert expired.status == "expired"
+    with pytest.raises(VerificationNotPending) as refused:
+        await domain.verifications.check(KEY, verification.id, code, None)
+    assert refused.value.extra["verification_status"] == "expired"
+
+
+async def test_an_expired_verification_is_not_checked_by_phone(domain: Domain) -> None:
+    phone = fresh_mobile()
+    verification = await domain.create(phone)
+    code = await domain.code_of(verification)
+    domain.clock.advance(TTL_S + 1)
+
+    with pytest.raises(VerificationNotPending):
+        await domain.verifications.check_by_phone(KEY, phone, None, code, None)
+
+
+# -- supersede and cancel ------------------------------------------------------
+
+
+async def test_second_create_cancels_the_first_and_hangs_up(make_domain: DomainFactory) -> None:
+    domain = await make_domain(script=rings_until_hung_up)
+    phone = fresh_mobile()
+    first = await domain.create(phone)
+    await domain.until_call(first, lambda call: call.status == "ringing")
+
+    second = await domain.create(phone)
+
+    old, old_call = await domain.call_of(first)
+    assert old.status == "canceled"
+    assert domain.pbx.hangups == [old_call.id]
+    old_call = await domain.until_call(first, lambda call: call.ended_at is not None)
+    assert old_call.hangup_cause == 16
+    assert (await domain.call_of(second))[0].status == "pending"
+    await domain.dial_of(second)
+    with pytest.raises(VerificationNotPending):
+        await domain.verifications.check(KEY, first.id, "0000", None)
+
+
+async def test_another_keys_create_leaves_the_first_pending(make_domain: DomainFactory) -> None:
+    domain = await make_domain(script=rings_until_hung_up)
+    phone = fresh_mobile()
+    first = await domain.create(phone)
+    await domain.until_call(first, lambda call: call.status == "ringing")
+
+    await domain.create(phone, key=OTHER_KEY)
+
+    mine, _ = await domain.call_of(first)
+    assert mine.status == "pending"
+    assert domain.pbx.hangups == []
+
+
+async def test_cancel_hangs_up_a_ringing_call(make_domain: DomainFactory) -> None:
+    domain = await make_domain(script=rings_until_hung_up)
+    verification = await domain.create(fresh_mobile())
+    await domain.until_call(verification, lambda call: call.status == "ringing")
+
+    canceled, call = await domain.verifications.cancel(KEY, verification.id)
+
+    assert canceled.status == "canceled"
+    assert domain.pbx.hangups == [call.id]
+    await domain.until_call(verification, lambda call: call.ended_at is not None)
+    with pytest.raises(VerificationNotPending) as refused:
+        await domain.verifications.cancel(KEY, verification.id)
+    assert refused.value.extra["verification_status"] == "canceled"
+
+
+# -- keys ----------------------------------------------------------------------
+
+
+async def test_keys_cannot_reach_each_others_verifications(domain: Domain) -> None:
+    phone = fresh_mobile()
+    verification = await domain.create(phone)
+    code = await domain.code_of(verification)
+    other = domain.verifications
+
+    with pytest.raises(NotFound):
+        await other.get(OTHER_KEY, verification.id)
+    with pytest.raises(NotFound):
+        await other.check(OTHER_KEY, verification.id, code, None)
+    with pytest.raises(NotFound):
+        await other.check_by_phone(OTHER_KEY, phone, None, code, None)
+    with pytest.raises(NotFound):
+        await other.cancel(OTHER_KEY, verification.id)
+
+    mine, _ = await domain.verifications.get(KEY, verification.id)
+    assert (mine.status, mine.attempts_remaining) == ("pending", MAX_ATTEMPTS)
+
+
+async def test_unknown_id_is_not_found(domain: Domain) -> None:
+    with pytest.raises(NotFound):
+        await domain.verifications.get(KEY, "vrf_" + "0" * 32)
