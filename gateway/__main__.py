@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 # `call` polls the gateway this often while a call is live.
 CALL_POLL_INTERVAL_S = 0.2
 HTTP_TIMEOUT_S = 10.0
+EXPORT_PAGE = 1000
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,8 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", default=os.environ.get("OTP_GATEWAY_CONFIG", DEFAULT_CONFIG),
-                       help="YAML config file (env OTP_GATEWAY_CONFIG)")  # fmt: skip
+        p.add_argument(
+            "--config",
+            default=os.environ.get("OTP_GATEWAY_CONFIG", DEFAULT_CONFIG),
+            help="YAML config file (env OTP_GATEWAY_CONFIG)",
+        )
         return p
 
     with_config(sub.add_parser("run", help="run the gateway"))
@@ -46,6 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with_config(keys.add_parser("list", help="list keys (never the keys themselves)"))
     with_config(keys.add_parser("revoke", help="revoke a key by id or name")).add_argument("key")
 
+    numbers = sub.add_parser("numbers", help="number health and offline checks")
+    numbers_sub = numbers.add_subparsers(dest="numbers", required=True)
+    export = with_config(numbers_sub.add_parser("export", help="numbers by health, as CSV"))
+    export.add_argument("--health", required=True, choices=("invalid", "unreachable", "reachable"))
+
     call = sub.add_parser("call", help="start one verification and follow it live")
     call.add_argument("phone")
     call.add_argument(
@@ -53,8 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.environ.get("OTP_GATEWAY_URL", DEFAULT_URL),
         help=f"gateway base URL (env OTP_GATEWAY_URL, default {DEFAULT_URL})",
     )
-    call.add_argument("--api-key", default=os.environ.get("OTP_API_KEY"),
-                      help="API key (env OTP_API_KEY)")  # fmt: skip
+    call.add_argument(
+        "--api-key", default=os.environ.get("OTP_API_KEY"), help="API key (env OTP_API_KEY)"
+    )
     call.add_argument("--ring-seconds", type=int)
 
     args = parser.parse_args(argv)
@@ -75,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "run":
         return run(cfg)
+    if args.command == "numbers":
+        return asyncio.run(export_numbers(cfg, args.health))
     return asyncio.run(manage_keys(cfg, args))
 
 
@@ -118,6 +131,46 @@ async def manage_keys(cfg: config.Config, args: argparse.Namespace) -> int:
         await store.close()
 
 
+async def export_numbers(cfg: config.Config, health: str) -> int:
+    """Every number with `health`, as CSV on stdout, for cleaning a customer database."""
+    store = await Store.open(cfg.database.path)
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(
+        [
+            "phone",
+            "status",
+            "last_outcome",
+            "last_cause",
+            "last_sip_code",
+            "last_call_at",
+            "last_delivered_at",
+            "calls",
+            "delivered",
+        ]
+    )
+    try:
+        after = ""
+        while page := await store.numbers_by_health(health, after, EXPORT_PAGE):
+            for r in page:
+                writer.writerow(
+                    [
+                        r.phone,
+                        r.status,
+                        r.last_outcome,
+                        r.last_cause,
+                        r.last_sip_code,
+                        _iso(r.last_call_at),
+                        _iso(r.last_delivered_at),
+                        r.calls,
+                        r.delivered,
+                    ]
+                )
+            after = page[-1].phone
+    finally:
+        await store.close()
+    return 0
+
+
 def follow_call(args: argparse.Namespace) -> int:
     """POST a verification, then print each change of its call until it ends."""
     if not args.api_key:
@@ -132,8 +185,10 @@ def follow_call(args: argparse.Namespace) -> int:
         if status != 201:
             print(f"refused ({status}): {created.get('code')}: {created.get('detail')}")
             return 1
-        print(f"verification {created['id']} for {created['phone']}, caller ID "
-              f"{created['cli']['prefix']} + {created['cli']['length']} digits")  # fmt: skip
+        print(
+            f"verification {created['id']} for {created['phone']}, caller ID "
+            f"{created['cli']['prefix']} + {created['cli']['length']} digits"
+        )
         shown = None
         started = time.monotonic()
         while True:
@@ -144,8 +199,10 @@ def follow_call(args: argparse.Namespace) -> int:
                 shown = state
                 detail = ""
                 if call["outcome"]:
-                    detail = (f": {call['outcome']} (cause {call['hangup_cause']}, "
-                              f"SIP {call['sip_code']})")  # fmt: skip
+                    detail = (
+                        f": {call['outcome']} (cause {call['hangup_cause']}, "
+                        f"SIP {call['sip_code']})"
+                    )
                 print(f"{time.monotonic() - started:6.2f}s  {call['status']}{detail}")
             if call["status"] in ("completed", "failed"):
                 print(f"verification is {current['status']}")
@@ -171,6 +228,12 @@ def _http(
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _iso(at: float | None) -> str:
+    if at is None:
+        return ""
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _when(at: float) -> str:

@@ -11,9 +11,10 @@ from aiohttp import web
 from gateway.api.bodies import MAX_BODY_BYTES
 from gateway.api.handlers import auth_middleware, routes
 from gateway.api.problems import problems_middleware
-from gateway.api.typedefs import CONFIG, DIALER, PBX, STORE, VERIFICATIONS
+from gateway.api.typedefs import CONFIG, DIALER, NUMBERS, PBX, STORE, VERIFICATIONS
 from gateway.config import Config
 from gateway.dialer import Dialer
+from gateway.numbers import Numbers
 from gateway.pbx import AmiPbx, AmiSettings, Pbx
 from gateway.pool import Pool
 from gateway.store import Store
@@ -69,6 +70,7 @@ async def _calls_ctx(app: web.Application) -> AsyncIterator[None]:
     await _close_calls_of_previous_run(store)
     app[DIALER] = dialer
     app[VERIFICATIONS] = verifications
+    app[NUMBERS] = Numbers(config, store)
     dialer.start()
     verifications.start()
     yield

@@ -109,6 +109,8 @@ class NumbersConfig:
     default_region: str = "ID"
     allowed_regions: tuple[str, ...] = ("ID",)
     allowed_types: tuple[str, ...] = ("mobile", "fixed_line_or_mobile")
+    # A number the network called invalid is refused this long, then tried once more.
+    refuse_invalid_days: int = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +276,7 @@ def _check(config: Config) -> list[str]:
         "must be an ISO 3166 alpha-2 code such as ID",
     )
     need(bool(numbers.allowed_regions), "numbers.allowed_regions", "must not be empty")
+    need(0 <= numbers.refuse_invalid_days <= 3650, "numbers.refuse_invalid_days", "must be 0-3650")
     for i, region in enumerate(numbers.allowed_regions):
         need(
             bool(_REGION.fullmatch(region)),

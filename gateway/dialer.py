@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from gateway.config import CallsConfig
-from gateway.outcomes import DELIVERED_OUTCOMES, Outcome, classify
+from gateway.outcomes import DELIVERED_OUTCOMES, Outcome, classify, health_of
 from gateway.pbx import CallEventKind, Dial, Pbx, PbxError
 from gateway.store import CallEventRecord, Store
 
@@ -102,8 +102,11 @@ class Dialer:
 
     def start(self) -> None:
         """Start placing calls and following their events."""
-        for name, loop in (("dial", self._dial_loop), ("events", self._event_loop),
-                           ("sweep", self._sweep_loop)):  # fmt: skip
+        for name, loop in (
+            ("dial", self._dial_loop),
+            ("events", self._event_loop),
+            ("sweep", self._sweep_loop),
+        ):
             self._tasks.append(asyncio.create_task(loop(), name=f"dialer-{name}"))
 
     async def stop(self) -> None:
@@ -189,8 +192,14 @@ class Dialer:
         while True:
             event = await self._pbx.next_event()
             try:
-                await self._handle_event(event.channel_id, event.kind, event.at, event.cause,
-                                         event.sip_code, event.reason)  # fmt: skip
+                await self._handle_event(
+                    event.channel_id,
+                    event.kind,
+                    event.at,
+                    event.cause,
+                    event.sip_code,
+                    event.reason,
+                )
             except Exception:
                 log.exception("call %s: event %s not recorded", event.channel_id, event.kind)
 
@@ -250,9 +259,17 @@ class Dialer:
             reason=reason,
             at=at or time.time(),
             fail_verification=not delivered,
+            health=health_of(outcome),
+            delivered=delivered,
         )
-        log.info("call %s (verification %s): %s, cause %s, sip %s",
-                 job.call_id, job.verification_id, outcome, cause, sip_code)  # fmt: skip
+        log.info(
+            "call %s (verification %s): %s, cause %s, sip %s",
+            job.call_id,
+            job.verification_id,
+            outcome,
+            cause,
+            sip_code,
+        )
         if self._on_ended is not None:
             await self._on_ended(job, outcome)
 

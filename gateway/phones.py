@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberType, ValidationResult, carrier
@@ -125,13 +126,25 @@ def _without_trunk_zero(compact: str, number: phonenumbers.PhoneNumber) -> phone
     return number
 
 
-def describe(raw: str, default_region: str, policy: NumbersConfig) -> dict[str, object]:
+def describe(raw: str, default_region: str, policy: NumbersConfig) -> dict[str, Any]:
     """Everything known about `raw` without calling it: validity, type, region, carrier, policy."""
     try:
         phone = parse(raw, default_region)
     except InvalidPhone as exc:
-        return {"input": raw, "valid": False, "reason": exc.extra.get("reason"),
-                "callable": False, "refused_by": exc.code}  # fmt: skip
+        reason = exc.extra.get("reason")
+        return {
+            "input": raw,
+            "e164": None,
+            "valid": False,
+            # Right length for its country, but no such number range exists.
+            "possible": reason == "invalid_for_region",
+            "reason": reason,
+            "type": None,
+            "region": None,
+            "carrier": None,
+            "callable": False,
+            "refused_by": exc.code,
+        }
     refused_by = None
     try:
         check_allowed(phone, policy)
@@ -141,6 +154,7 @@ def describe(raw: str, default_region: str, policy: NumbersConfig) -> dict[str, 
         "input": raw,
         "e164": phone.e164,
         "valid": True,
+        "possible": True,
         "reason": None,
         "type": phone.type,
         "region": phone.region,

@@ -75,6 +75,24 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX call_events_by_call ON call_events (call_id, at);
     """,
+    # 2: what each call taught about its number, and the carrier for statistics.
+    """
+    ALTER TABLE verifications ADD COLUMN carrier TEXT;
+    CREATE TABLE number_health (
+        phone TEXT PRIMARY KEY,             -- E.164
+        status TEXT NOT NULL,               -- unknown | reachable | unreachable | invalid
+        last_outcome TEXT,
+        last_cause INTEGER,
+        last_sip_code INTEGER,
+        last_call_at REAL,
+        last_delivered_at REAL,
+        calls INTEGER NOT NULL DEFAULT 0,
+        delivered INTEGER NOT NULL DEFAULT 0,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX number_health_by_status ON number_health (status, phone);
+    CREATE INDEX calls_by_end ON calls (ended_at);
+    """,
 )
 
 LIVE_CALL_STATUSES = ("queued", "dialing", "ringing")
@@ -106,6 +124,21 @@ class VerificationRecord:
     attempts_remaining: int
     created_at: float
     expires_at: float
+    updated_at: float
+    carrier: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NumberHealthRecord:
+    phone: str
+    status: str
+    last_outcome: str | None
+    last_cause: int | None
+    last_sip_code: int | None
+    last_call_at: float | None
+    last_delivered_at: float | None
+    calls: int
+    delivered: int
     updated_at: float
 
 
@@ -401,8 +434,14 @@ class Store:
         reason: str | None,
         at: float,
         fail_verification: bool,
+        health: str | None = None,
+        delivered: bool = False,
     ) -> None:
-        """Close a call with its outcome; fail its verification if asked."""
+        """Close a call with its outcome; fail its verification if asked.
+
+        A call that was dialed also updates its number's health: `health` is what the
+        outcome says of the number (None: nothing), `delivered` whether it alerted.
+        """
         async with self._transaction() as db:
             cursor = await db.execute(
                 "UPDATE calls SET status = ?, outcome = ?, hangup_cause = ?, sip_code = ?, "
@@ -424,6 +463,97 @@ class Store:
                     "WHERE id = ? AND status = 'pending'",
                     (at, row[0]),
                 )
+            cursor = await db.execute(
+                "SELECT v.phone FROM calls c JOIN verifications v ON v.id = c.verification_id "
+                "WHERE c.id = ? AND c.dialed_at IS NOT NULL",
+                (call_id,),
+            )
+            dialed = await cursor.fetchone()
+            if dialed is not None:
+                await db.execute(
+                    "INSERT INTO number_health (phone, status, last_outcome, last_cause, "
+                    "last_sip_code, last_call_at, last_delivered_at, calls, delivered, "
+                    "updated_at) VALUES (?, COALESCE(?, 'unknown'), ?, ?, ?, ?, ?, 1, ?, ?) "
+                    "ON CONFLICT (phone) DO UPDATE SET "
+                    "status = COALESCE(?, status), last_outcome = excluded.last_outcome, "
+                    "last_cause = excluded.last_cause, last_sip_code = excluded.last_sip_code, "
+                    "last_call_at = excluded.last_call_at, "
+                    "last_delivered_at = COALESCE(excluded.last_delivered_at, last_delivered_at), "
+                    "calls = calls + 1, delivered = delivered + excluded.delivered, "
+                    "updated_at = excluded.updated_at",
+                    (
+                        dialed[0],
+                        health,
+                        outcome,
+                        cause,
+                        sip_code,
+                        at,
+                        at if delivered else None,
+                        int(delivered),
+                        at,
+                        health,
+                    ),
+                )
+
+    # -- number health ---------------------------------------------------------
+
+    async def number_health(self, phone: str) -> NumberHealthRecord | None:
+        async with self._lock:
+            cursor = await self._db.execute(
+                f"SELECT {_columns(NumberHealthRecord)} FROM number_health WHERE phone = ?",
+                (phone,),
+            )
+            row = await cursor.fetchone()
+        return NumberHealthRecord(*row) if row else None
+
+    async def number_health_many(self, phones: list[str]) -> dict[str, NumberHealthRecord]:
+        """Health of each of `phones` that has any, by phone."""
+        found: dict[str, NumberHealthRecord] = {}
+        async with self._lock:
+            # SQLite allows 32766 parameters; a lookup batch is at most 1,000.
+            for start in range(0, len(phones), 500):
+                chunk = phones[start : start + 500]
+                cursor = await self._db.execute(
+                    f"SELECT {_columns(NumberHealthRecord)} FROM number_health "
+                    f"WHERE phone IN ({', '.join('?' for _ in chunk)})",
+                    chunk,
+                )
+                for row in await cursor.fetchall():
+                    record = NumberHealthRecord(*row)
+                    found[record.phone] = record
+        return found
+
+    async def numbers_by_health(
+        self, status: str, after: str, limit: int
+    ) -> list[NumberHealthRecord]:
+        """Numbers with `status`, in phone order after `after` (a cursor), at most `limit`."""
+        async with self._lock:
+            cursor = await self._db.execute(
+                f"SELECT {_columns(NumberHealthRecord)} FROM number_health "
+                "WHERE status = ? AND phone > ? ORDER BY phone LIMIT ?",
+                (status, after, limit),
+            )
+            rows = await cursor.fetchall()
+        return [NumberHealthRecord(*row) for row in rows]
+
+    async def reset_number_health(self, phone: str) -> bool:
+        """Forget what calls taught about `phone`; False if nothing was known."""
+        async with self._transaction() as db:
+            cursor = await db.execute("DELETE FROM number_health WHERE phone = ?", (phone,))
+            return cursor.rowcount == 1
+
+    async def call_stats(self, since: float, until: float) -> list[tuple[str, str, int]]:
+        """(carrier, outcome, calls) for dialed calls that ended in [since, until)."""
+        async with self._lock:
+            cursor = await self._db.execute(
+                "SELECT COALESCE(v.carrier, 'unknown'), c.outcome, COUNT(*) "
+                "FROM calls c JOIN verifications v ON v.id = c.verification_id "
+                "WHERE c.ended_at >= ? AND c.ended_at < ? AND c.dialed_at IS NOT NULL "
+                "GROUP BY 1, 2 ORDER BY 1, 2",
+                (since, until),
+            )
+            rows = await cursor.fetchall()
+        return [(str(carrier), str(outcome), int(n)) for carrier, outcome, n in rows]
 
     async def call_events(self, call_id: str) -> list[CallEventRecord]:
         async with self._lock:

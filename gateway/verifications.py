@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from gateway import phones
 from gateway.config import Config
@@ -20,6 +21,7 @@ from gateway.dialer import CallJob, Dialer
 from gateway.errors import (
     InvalidRequest,
     NotFound,
+    NumberKnownInvalid,
     RegionNotAllowed,
     VerificationNotPending,
 )
@@ -89,6 +91,7 @@ class Verifications:
     async def create(self, request: NewVerification) -> tuple[VerificationRecord, CallRecord]:
         """Validate, store and queue a verification call."""
         phone = self.parse_phone(request.phone, request.region)
+        await self._refuse_known_invalid(phone.e164)
         pool = pool_for(self._pools, phone.region)
         if pool is None:
             raise RegionNotAllowed(
@@ -120,6 +123,7 @@ class Verifications:
             created_at=now,
             expires_at=now + self._config.verification.ttl_seconds,
             updated_at=now,
+            carrier=phone.carrier,
         )
         dial_number = phones.format_for_trunk(phone.e164, self._config.asterisk.dial_format)
         call = CallRecord(
@@ -151,6 +155,21 @@ class Verifications:
             )
         )
         return verification, call
+
+    async def _refuse_known_invalid(self, e164: str) -> None:
+        """Refuse a number the network called invalid within the configured period."""
+        days = self._config.numbers.refuse_invalid_days
+        health = await self._store.number_health(e164)
+        if days == 0 or health is None or health.status != "invalid":
+            return
+        retry_at = (health.last_call_at or 0) + days * 86400
+        if self._clock() < retry_at:
+            raise NumberKnownInvalid(
+                "the network reported this number as invalid; it is refused until "
+                f"{_iso(retry_at)} or until its health is reset",
+                last_outcome=health.last_outcome,
+                last_cause=health.last_cause,
+            )
 
     # -- read, check, cancel ---------------------------------------------------
 
@@ -277,3 +296,7 @@ class Verifications:
                 due = None
             wait = MAX_EXPIRY_SLEEP_S if due is None else due - self._clock()
             await asyncio.sleep(min(max(wait, 0.05), MAX_EXPIRY_SLEEP_S))
+
+
+def _iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -73,12 +73,13 @@ def far_end() -> Iterator[FarEnd]:
 _serial = itertools.count(random.randrange(10**6))
 
 
-def phone_number(behaviour: int) -> str:
+def phone_number(behaviour: int, network: str = "812") -> str:
     """A fresh Indonesian mobile number (no +) whose last digit picks the far end's behaviour.
 
     See tests/sipp/README.md: 0 rings, 1 progress only, 2 answers, 3 busy, 4 not found, ...
+    `network` is the mobile prefix: 812 Telkomsel, 815 Indosat, 817 XL, 881 Smartfren.
     """
-    return f"62812{next(_serial) % 10**7:07d}{behaviour}"
+    return f"62{network}{next(_serial) % 10**7:07d}{behaviour}"
 
 
 async def wire_record(

@@ -71,6 +71,10 @@ def _check(name: str, value: Any, spec: Field) -> None:
         if not value.isprintable():
             raise InvalidRequest(f"{name} must not hold control characters", field=name)
         return
+    if spec.kind is list:
+        if not isinstance(value, list):
+            raise InvalidRequest(f"{name} must be a list", field=name)
+        return
     raise TypeError(spec.kind)
 
 
@@ -84,6 +88,7 @@ def check_callback_url(url: str | None) -> str | None:
     except ValueError:  # "http://[::1/x": an unclosed IPv6 literal
         host = None
     if host is None or parts.scheme not in ("http", "https"):
-        raise InvalidRequest("callback_url must be an absolute http or https URL",
-                             field="callback_url")  # fmt: skip
+        raise InvalidRequest(
+            "callback_url must be an absolute http or https URL", field="callback_url"
+        )
     return url

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime
+
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway import apikeys, phones
+from gateway import apikeys
 from gateway.api import views
 from gateway.api.bodies import Field, check_callback_url, read_object
-from gateway.api.problems import problem
-from gateway.api.typedefs import API_KEY, CONFIG, PBX, STORE, VERIFICATIONS, api_key
-from gateway.errors import Unauthorized
+from gateway.api.typedefs import API_KEY, CONFIG, NUMBERS, PBX, STORE, VERIFICATIONS, api_key
+from gateway.errors import InvalidRequest, Unauthorized
+from gateway.numbers import DEFAULT_PAGE, MAX_LOOKUP
 from gateway.verifications import MAX_CALLBACK_URL_LENGTH, MAX_REFERENCE_LENGTH, NewVerification
 
 routes = web.RouteTableDef()
@@ -29,6 +32,7 @@ CREATE = {
 }
 CHECK = {"code": _CODE, "cli": _CLI}
 CHECK_BY_PHONE = {"phone": _PHONE, "region": _REGION, "code": _CODE, "cli": _CLI}
+LOOKUP = {"phones": Field(list, required=True), "region": _REGION}
 
 
 @web.middleware
@@ -101,15 +105,101 @@ async def cancel_verification(request: web.Request) -> web.Response:
     return web.json_response(views.verification(verification, call, events))
 
 
+@routes.get("/v1/numbers")
+async def list_numbers(request: web.Request) -> web.Response:
+    """Numbers by health, for cleaning a customer database; paged with a cursor."""
+    health = request.query.get("health")
+    if health is None:
+        raise InvalidRequest("health is required: invalid, unreachable or reachable")
+    limit = _int_query(request, "limit", DEFAULT_PAGE)
+    records, cursor = await request.app[NUMBERS].by_health(
+        health, request.query.get("cursor"), limit
+    )
+    return web.json_response(
+        {"numbers": [views.listed_number(r) for r in records], "next_cursor": cursor}
+    )
+
+
+@routes.post("/v1/numbers/lookup")
+async def lookup_numbers(request: web.Request) -> web.Response:
+    body = await read_object(request, LOOKUP)
+    raws = body["phones"]
+    if not isinstance(raws, list) or not 1 <= len(raws) <= MAX_LOOKUP:
+        raise InvalidRequest(f"phones must be a list of 1-{MAX_LOOKUP} numbers", field="phones")
+    described = await request.app[NUMBERS].lookup(raws, _region(request, body["region"]))
+    return web.json_response({"results": [views.number(*d) for d in described]})
+
+
 @routes.get("/v1/numbers/{phone}")
 async def read_number(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
-    region = request.query.get("region") or config.numbers.default_region
-    if len(region) != 2 or not region.isalpha():
-        return problem(400, "invalid_request", "region must be an ISO 3166 alpha-2 code")
-    return web.json_response(
-        phones.describe(request.match_info["phone"], region.upper(), config.numbers)
+    described = await request.app[NUMBERS].describe(
+        request.match_info["phone"], _region(request, request.query.get("region"))
     )
+    return web.json_response(views.number(*described))
+
+
+@routes.delete("/v1/numbers/{phone}/health")
+async def reset_number_health(request: web.Request) -> web.Response:
+    """Forget what calls taught about a number (it was reassigned)."""
+    await request.app[NUMBERS].reset(request.match_info["phone"])
+    return web.Response(status=204)
+
+
+@routes.get("/v1/stats")
+async def stats(request: web.Request) -> web.Response:
+    """Delivery statistics over a window: overall, by carrier and by outcome."""
+    since, until = _window(request)
+    body = await request.app[NUMBERS].stats(since, until)
+    return web.json_response(
+        {"since": views.timestamp(since), "until": views.timestamp(until), **body}
+    )
+
+
+def _region(request: web.Request, region: str | None) -> str:
+    region = region or request.app[CONFIG].numbers.default_region
+    if len(region) != 2 or not region.isascii() or not region.isalpha():
+        raise InvalidRequest("region must be an ISO 3166 alpha-2 code", field="region")
+    return region.upper()
+
+
+def _int_query(request: web.Request, name: str, default: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+        raise InvalidRequest(f"{name} must be a positive integer", field=name)
+    return int(raw)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _window(request: web.Request) -> tuple[float, float]:
+    """[since, until) from `since`/`until` (RFC 3339) or `window` (15m, 24h, 7d; default 24h)."""
+    now = time.time()
+    until = _instant(request.query.get("until"), "until") or now
+    since = _instant(request.query.get("since"), "since")
+    if since is None:
+        window = request.query.get("window", "24h")
+        amount, unit = window[:-1], window[-1:]
+        if unit not in _UNITS or not amount.isascii() or not amount.isdigit() or len(amount) > 6:
+            raise InvalidRequest("window must be a number and a unit: 90s, 15m, 24h, 7d")
+        since = until - int(amount) * _UNITS[unit]
+    if since >= until:
+        raise InvalidRequest("since must be before until")
+    return since, until
+
+
+def _instant(raw: str | None, name: str) -> float | None:
+    if raw is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an RFC 3339 time", field=name) from None
+    if parsed.tzinfo is None:
+        raise InvalidRequest(f"{name} must carry a time zone (Z or +hh:mm)", field=name)
+    return parsed.timestamp()
 
 
 @routes.get("/healthz")

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from gateway.config import Config
 from gateway.dialer import Dialer
+from gateway.numbers import Numbers
 from gateway.pbx import Pbx
 from gateway.store import ApiKeyRecord, Store
 from gateway.verifications import Verifications
@@ -15,6 +16,7 @@ STORE = web.AppKey("store", Store)
 PBX = web.AppKey("pbx", Pbx)
 DIALER = web.AppKey("dialer", Dialer)
 VERIFICATIONS = web.AppKey("verifications", Verifications)
+NUMBERS = web.AppKey("numbers", Numbers)
 # Set by the auth middleware on every /v1 request.
 API_KEY = web.RequestKey("api_key", ApiKeyRecord)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.store import CallEventRecord, CallRecord, VerificationRecord
+from gateway.store import CallEventRecord, CallRecord, NumberHealthRecord, VerificationRecord
 
 
 def timestamp(at: float | None) -> str | None:
@@ -55,3 +55,37 @@ def check_result(v: VerificationRecord, valid: bool) -> dict[str, Any]:
         "valid": valid,
         "attempts_remaining": v.attempts_remaining,
     }
+
+
+def health(e164: str | None, record: NumberHealthRecord | None) -> dict[str, Any]:
+    """What calls taught about a number."""
+    if record is None:
+        return {
+            "status": "unknown" if e164 else None,
+            "calls": 0,
+            "delivered": 0,
+            "last_outcome": None,
+            "last_cause": None,
+            "last_sip_code": None,
+            "last_call_at": None,
+            "last_delivered_at": None,
+        }
+    return {
+        "status": record.status,
+        "calls": record.calls,
+        "delivered": record.delivered,
+        "last_outcome": record.last_outcome,
+        "last_cause": record.last_cause,
+        "last_sip_code": record.last_sip_code,
+        "last_call_at": timestamp(record.last_call_at),
+        "last_delivered_at": timestamp(record.last_delivered_at),
+    }
+
+
+def number(description: dict[str, Any], record: NumberHealthRecord | None) -> dict[str, Any]:
+    """A number's validation detail with its health."""
+    return {**description, "health": health(description.get("e164"), record)}
+
+
+def listed_number(record: NumberHealthRecord) -> dict[str, Any]:
+    return {"phone": record.phone, "health": health(record.phone, record)}

@@ -1,0 +1,134 @@
+"""Number intelligence: validation detail, health learned from calls, delivery statistics."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gateway import phones
+from gateway.config import Config, NumbersConfig
+from gateway.errors import InvalidRequest
+from gateway.outcomes import DELIVERED_OUTCOMES, Health, Outcome
+from gateway.store import NumberHealthRecord, Store
+
+MAX_LOOKUP = 1000  # numbers per lookup request
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+LISTED_HEALTH = (Health.INVALID, Health.UNREACHABLE, Health.REACHABLE)
+
+# A number's validation detail (phones.describe) and its health record, if any.
+Described = tuple[dict[str, Any], NumberHealthRecord | None]
+
+
+class Numbers:
+    """What the gateway knows about numbers, without calling them."""
+
+    def __init__(self, config: Config, store: Store, clock: Callable[[], float] = time.time):
+        self._config = config
+        self._store = store
+        self._clock = clock
+
+    async def describe(self, raw: str, region: str | None = None) -> Described:
+        """Validation detail and health of one number."""
+        return (await self.lookup([raw], region))[0]
+
+    async def lookup(self, raws: list[object], region: str | None = None) -> list[Described]:
+        """Validation detail and health of each number, in order; never raises per entry."""
+        default_region = region or self._config.numbers.default_region
+        results = [
+            phones.describe(raw, default_region, self._config.numbers)
+            if isinstance(raw, str)
+            else _not_a_string(raw)
+            for raw in raws
+        ]
+        e164s = [r["e164"] for r in results if r.get("e164")]
+        known = await self._store.number_health_many(e164s)
+        described = []
+        for result in results:
+            record = known.get(result.get("e164", ""))
+            if record is not None and result["callable"] and self._refuses(record):
+                result["callable"] = False
+                result["refused_by"] = "number_known_invalid"
+            described.append((result, record))
+        return described
+
+    def _refuses(self, record: NumberHealthRecord) -> bool:
+        days = self._config.numbers.refuse_invalid_days
+        return (
+            days > 0
+            and record.status == Health.INVALID
+            and self._clock() < (record.last_call_at or 0) + days * 86400
+        )
+
+    async def by_health(
+        self, status: str, cursor: str | None, limit: int
+    ) -> tuple[list[NumberHealthRecord], str | None]:
+        """One page of numbers with a health status, and the cursor of the next page."""
+        if status not in LISTED_HEALTH:
+            raise InvalidRequest(f"health must be one of {', '.join(LISTED_HEALTH)}")
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidRequest(f"limit must be 1-{MAX_PAGE}")
+        after = _decode_cursor(cursor) if cursor else ""
+        records = await self._store.numbers_by_health(status, after, limit + 1)
+        page, more = records[:limit], len(records) > limit
+        next_cursor = _encode_cursor(page[-1].phone) if more and page else None
+        return page, next_cursor
+
+    async def reset(self, raw: str) -> bool:
+        """Forget a number's health (it was reassigned); False if none was known."""
+        phone = phones.parse(raw, self._config.numbers.default_region)
+        return await self._store.reset_number_health(phone.e164)
+
+    async def stats(self, since: float, until: float) -> dict[str, Any]:
+        """Calls, deliveries and failures over [since, until), overall, by carrier and outcome."""
+        rows = await self._store.call_stats(since, until)
+        by_outcome: dict[str, int] = {outcome.value: 0 for outcome in Outcome}
+        carriers: dict[str, dict[str, int]] = {}
+        for carrier, outcome, count in rows:
+            by_outcome[outcome] = by_outcome.get(outcome, 0) + count
+            tally = carriers.setdefault(carrier, {"calls": 0, "delivered": 0})
+            tally["calls"] += count
+            if outcome in DELIVERED_OUTCOMES:
+                tally["delivered"] += count
+        calls = sum(by_outcome.values())
+        delivered = sum(by_outcome[o] for o in DELIVERED_OUTCOMES)
+        return {
+            **_totals(calls, delivered),
+            "by_outcome": by_outcome,
+            "by_carrier": [
+                {"carrier": carrier, **_totals(t["calls"], t["delivered"])}
+                for carrier, t in sorted(carriers.items(), key=lambda kv: -kv[1]["calls"])
+            ],
+        }
+
+
+def _totals(calls: int, delivered: int) -> dict[str, Any]:
+    return {
+        "calls": calls,
+        "delivered": delivered,
+        "failed": calls - delivered,
+        "delivery_rate": round(delivered / calls, 4) if calls else None,
+    }
+
+
+def _not_a_string(raw: object) -> dict[str, Any]:
+    """The description of a lookup entry that is not even a string (a number, null, ...)."""
+    described = phones.describe("", "ZZ", NumbersConfig())
+    return described | {"input": raw if isinstance(raw, int | float) else None}
+
+
+def _encode_cursor(phone: str) -> str:
+    return base64.urlsafe_b64encode(phone.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> str:
+    try:
+        phone = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidRequest("cursor is not one this API returned") from None
+    if not phone.startswith("+") or not phone[1:].isdigit():
+        raise InvalidRequest("cursor is not one this API returned")
+    return phone
