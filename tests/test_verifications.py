@@ -27,6 +27,7 @@ from gateway.errors import (
     InvalidPhone,
     InvalidRequest,
     NotFound,
+    NumberKnownInvalid,
     PhoneTypeNotAllowed,
     RegionNotAllowed,
     VerificationNotPending,
@@ -493,3 +494,40 @@ async def test_keys_cannot_reach_each_others_verifications(domain: Domain) -> No
 async def test_unknown_id_is_not_found(domain: Domain) -> None:
     with pytest.raises(NotFound):
         await domain.verifications.get(KEY, "vrf_" + "0" * 32)
+
+
+# -- number health ---------------------------------------------------------------
+
+
+async def test_invalid_number_is_refused_for_the_period_then_tried_once(domain: Domain) -> None:
+    phone = fresh_mobile()[:-1] + "4"  # the fake answers 404: cause 1
+    first = await domain.create(phone)
+    await domain.until_call(first, lambda call: call.ended_at is not None)
+    health = await domain.store.number_health(first.phone)
+    assert health is not None
+    assert (health.status, health.last_cause, health.calls) == ("invalid", 1, 1)
+
+    dials = len(domain.pbx.dials)
+    with pytest.raises(NumberKnownInvalid):
+        await domain.create(phone)
+    domain.clock.advance(29 * 86400)
+    with pytest.raises(NumberKnownInvalid):
+        await domain.create(phone)
+    assert len(domain.pbx.dials) == dials
+
+    domain.clock.advance(1 * 86400 + 1)
+    retried = await domain.create(phone)
+    await domain.until_call(retried, lambda call: call.ended_at is not None)
+    assert len(domain.pbx.dials) == dials + 1
+    with pytest.raises(NumberKnownInvalid):
+        domain.clock.now = time.time()  # the retry failed again: refused anew
+        await domain.create(phone)
+
+
+async def test_reset_health_allows_the_next_call(domain: Domain) -> None:
+    phone = fresh_mobile()[:-1] + "4"
+    first = await domain.create(phone)
+    await domain.until_call(first, lambda call: call.ended_at is not None)
+    assert await domain.store.reset_number_health(first.phone)
+    assert await domain.store.number_health(first.phone) is None
+    await domain.create(phone)
