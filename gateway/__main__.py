@@ -45,8 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with_config(sub.add_parser("check-config", help="validate a config file"))
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys", required=True)
-    with_config(keys.add_parser("create", help="create a key; prints it once, last")).add_argument(
-        "name"
+    create = with_config(keys.add_parser("create", help="create a key; prints it once, last"))
+    create.add_argument("name")
+    create.add_argument(
+        "--allow-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="only accept the key from this network (repeatable)",
     )
     with_config(keys.add_parser("list", help="list keys (never the keys themselves)"))
     with_config(keys.add_parser("revoke", help="revoke a key by id or name")).add_argument("key")
@@ -112,14 +118,21 @@ async def manage_keys(cfg: config.Config, args: argparse.Namespace) -> int:
     store = await Store.open(cfg.database.path)
     try:
         if args.keys == "create":
-            record, key = await apikeys.create_key(store, args.name)
+            try:
+                record, key = await apikeys.create_key(store, args.name, tuple(args.allow_network))
+            except ValueError as exc:
+                print(f"--allow-network: {exc}", file=sys.stderr)
+                return 2
             print(f"created API key {record.id} ({record.name}); it is shown only now:")
             print(key)
             return 0
         if args.keys == "list":
             for record in await store.api_keys():
                 state = "revoked" if record.revoked_at else "active"
-                print(f"{record.id}\t{record.name}\t{_when(record.created_at)}\t{state}")
+                networks = record.allowed_networks or "any address"
+                print(
+                    f"{record.id}\t{record.name}\t{_when(record.created_at)}\t{state}\t{networks}"
+                )
             return 0
         revoked = await store.revoke_api_key(args.key, time.time())
         if not revoked:

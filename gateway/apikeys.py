@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import secrets
 import time
 
@@ -18,8 +19,14 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-async def create_key(store: Store, name: str) -> tuple[ApiKeyRecord, str]:
-    """Make and store a key; return its record and the key itself (shown once)."""
+async def create_key(
+    store: Store, name: str, networks: tuple[str, ...] = ()
+) -> tuple[ApiKeyRecord, str]:
+    """Make and store a key; return its record and the key itself (shown once).
+
+    `networks` (CIDRs) limits where the key may be used from; empty: anywhere.
+    """
+    parsed = [str(ipaddress.ip_network(n, strict=False)) for n in networks]
     key = KEY_PREFIX + secrets.token_urlsafe(KEY_BYTES)
     record = ApiKeyRecord(
         id="key_" + secrets.token_hex(6),
@@ -27,6 +34,7 @@ async def create_key(store: Store, name: str) -> tuple[ApiKeyRecord, str]:
         key_hash=hash_key(key),
         created_at=time.time(),
         revoked_at=None,
+        allowed_networks=",".join(parsed) or None,
     )
     await store.add_api_key(record)
     return record, key
@@ -40,3 +48,14 @@ async def authenticate(store: Store, key: str) -> ApiKeyRecord | None:
     if record is None or record.revoked_at is not None:
         return None
     return record
+
+
+def allowed_from(record: ApiKeyRecord, remote: str | None) -> bool:
+    """True when `record` may be used from the address `remote`."""
+    if not record.allowed_networks:
+        return True
+    try:
+        address = ipaddress.ip_address(remote or "")
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(n) for n in record.allowed_networks.split(","))

@@ -10,8 +10,9 @@ from aiohttp import web
 
 from gateway.api.bodies import MAX_BODY_BYTES
 from gateway.api.handlers import auth_middleware, routes
-from gateway.api.problems import problems_middleware
-from gateway.api.typedefs import CONFIG, DIALER, NUMBERS, PBX, STORE, VERIFICATIONS
+from gateway.api.problems import problems_middleware, timeout_middleware
+from gateway.api.ratelimit import RequestRate
+from gateway.api.typedefs import CONFIG, DIALER, NUMBERS, PBX, REQUEST_RATE, STORE, VERIFICATIONS
 from gateway.config import Config
 from gateway.dialer import Dialer
 from gateway.numbers import Numbers
@@ -27,7 +28,7 @@ def create_app(config: Config, pbx: Pbx | None = None) -> web.Application:
     """The gateway as an aiohttp app; `pbx` replaces the AMI connection in unit tests."""
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
-        middlewares=[problems_middleware, auth_middleware],
+        middlewares=[problems_middleware, timeout_middleware, auth_middleware],
     )
     app[CONFIG] = config
     if pbx is not None:
@@ -71,6 +72,7 @@ async def _calls_ctx(app: web.Application) -> AsyncIterator[None]:
     app[DIALER] = dialer
     app[VERIFICATIONS] = verifications
     app[NUMBERS] = Numbers(config, store)
+    app[REQUEST_RATE] = RequestRate(config.limits.key_requests_per_minute)
     dialer.start()
     verifications.start()
     yield

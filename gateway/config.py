@@ -56,6 +56,8 @@ class ConfigError(Exception):
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    # A request the gateway cannot answer in this time gets a 503, not a hung client.
+    request_timeout_seconds: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,32 @@ class NumbersConfig:
     allowed_types: tuple[str, ...] = ("mobile", "fixed_line_or_mobile")
     # A number the network called invalid is refused this long, then tried once more.
     refuse_invalid_days: int = 30
+    # Destinations never called (E.164 prefixes): revenue-share ranges, test ranges.
+    blocked_prefixes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """At most `count` events in any `seconds`."""
+
+    count: int
+    seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    # Phone bombing: calls to one number.
+    per_phone: tuple[Window, ...] = (Window(3, 600), Window(10, 86400))
+    # Range walking (toll fraud): calls to numbers sharing all but their last digits.
+    per_prefix: tuple[Window, ...] = (Window(20, 3600),)
+    prefix_hidden_digits: int = 4
+    # A ceiling on all calls, whoever asks: the operator's bill.
+    global_calls: tuple[Window, ...] = (Window(3000, 60),)
+    # Per API key: requests of any kind per minute, and calls per rolling day.
+    key_requests_per_minute: int = 600
+    key_daily_calls: int = 10_000
+    # Guessing: wrong checks against one phone, across its verifications, per day.
+    failed_checks_per_phone_per_day: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +157,7 @@ class Config:
     calls: CallsConfig = CallsConfig()
     verification: VerificationConfig = VerificationConfig()
     numbers: NumbersConfig = NumbersConfig()
+    limits: LimitsConfig = LimitsConfig()
 
 
 def load(path: str | Path, environ: typing.Mapping[str, str] | None = None) -> Config:
@@ -277,6 +306,28 @@ def _check(config: Config) -> list[str]:
     )
     need(bool(numbers.allowed_regions), "numbers.allowed_regions", "must not be empty")
     need(0 <= numbers.refuse_invalid_days <= 3650, "numbers.refuse_invalid_days", "must be 0-3650")
+    for i, prefix in enumerate(numbers.blocked_prefixes):
+        need(
+            bool(_E164ISH.fullmatch(prefix)),
+            f"numbers.blocked_prefixes[{i}]",
+            "must be + followed by digits, e.g. +62809",
+        )
+    need(
+        0 < config.http.request_timeout_seconds <= 300,
+        "http.request_timeout_seconds",
+        "must be above 0 and at most 300",
+    )
+    limits = config.limits
+    for name in ("per_phone", "per_prefix", "global_calls"):
+        for i, window in enumerate(getattr(limits, name)):
+            need(
+                window.count >= 1 and 1 <= window.seconds <= 31 * 86400,
+                f"limits.{name}[{i}]",
+                "count must be at least 1, seconds 1 to 31 days",
+            )
+    need(1 <= limits.prefix_hidden_digits <= 8, "limits.prefix_hidden_digits", "must be 1-8")
+    for name in ("key_requests_per_minute", "key_daily_calls", "failed_checks_per_phone_per_day"):
+        need(getattr(limits, name) >= 1, f"limits.{name}", "must be at least 1")
     for i, region in enumerate(numbers.allowed_regions):
         need(
             bool(_REGION.fullmatch(region)),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class GatewayError(Exception):
     """Base of every error a client may see; `code` is stable and machine-readable."""
@@ -52,6 +54,16 @@ class NumberKnownInvalid(GatewayError):
 
 class PbxUnavailable(GatewayError):
     code = "pbx_unavailable"
+
+
+class RateLimited(GatewayError):
+    """Too many requests. The message never says which limit fired."""
+
+    code = "rate_limited"
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("too many requests; retry later")
+        self.retry_after = max(1, math.ceil(retry_after))
 
 
 class Overloaded(GatewayError):

@@ -10,7 +10,7 @@ import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberType, ValidationResult, carrier
 
 from gateway.config import NumbersConfig
-from gateway.errors import InvalidPhone, PhoneTypeNotAllowed, RegionNotAllowed
+from gateway.errors import DestinationBlocked, InvalidPhone, PhoneTypeNotAllowed, RegionNotAllowed
 
 # The longest typed form worth parsing: "+62 (0812) 3456-7890 ext" is far below this.
 MAX_INPUT_LENGTH = 40
@@ -148,7 +148,7 @@ def describe(raw: str, default_region: str, policy: NumbersConfig) -> dict[str, 
     refused_by = None
     try:
         check_allowed(phone, policy)
-    except (RegionNotAllowed, PhoneTypeNotAllowed) as exc:
+    except (RegionNotAllowed, PhoneTypeNotAllowed, DestinationBlocked) as exc:
         refused_by = exc.code
     return {
         "input": raw,
@@ -170,6 +170,8 @@ def check_allowed(phone: Phone, policy: NumbersConfig) -> None:
         raise RegionNotAllowed(
             f"calls to region {phone.region} are not allowed", region=phone.region
         )
+    if any(phone.e164.startswith(prefix) for prefix in policy.blocked_prefixes):
+        raise DestinationBlocked("calls to this destination are blocked")
     if phone.type not in policy.allowed_types:
         raise PhoneTypeNotAllowed(
             f"calls to {phone.type} numbers are not allowed", phone_type=phone.type

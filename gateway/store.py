@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiosqlite
 
@@ -93,9 +93,31 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX number_health_by_status ON number_health (status, phone);
     CREATE INDEX calls_by_end ON calls (ended_at);
     """,
+    # 3: what the abuse limits count, and where each API key may be used from.
+    """
+    ALTER TABLE verifications ADD COLUMN phone_prefix TEXT;
+    ALTER TABLE verifications ADD COLUMN failed_checks INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE api_keys ADD COLUMN allowed_networks TEXT;   -- CIDRs, comma-separated
+    CREATE INDEX verifications_by_prefix ON verifications (phone_prefix, created_at);
+    CREATE INDEX verifications_by_key ON verifications (api_key_id, created_at);
+    CREATE INDEX verifications_by_time ON verifications (created_at);
+    """,
 )
 
 LIVE_CALL_STATUSES = ("queued", "dialing", "ringing")
+
+
+@dataclass(frozen=True, slots=True)
+class WindowLimit:
+    """At most `count` verifications in `seconds` where `column` equals `value`.
+
+    `column` None counts every verification (a global ceiling).
+    """
+
+    column: Literal["phone", "phone_prefix", "api_key_id"] | None
+    value: str | None
+    count: int
+    seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +127,7 @@ class ApiKeyRecord:
     key_hash: str
     created_at: float
     revoked_at: float | None
+    allowed_networks: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +149,8 @@ class VerificationRecord:
     expires_at: float
     updated_at: float
     carrier: str | None = None
+    phone_prefix: str | None = None
+    failed_checks: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,15 +307,33 @@ class Store:
     # -- verifications ---------------------------------------------------------
 
     async def create_verification(
-        self, verification: VerificationRecord, call: CallRecord
-    ) -> list[tuple[str, str | None]]:
+        self,
+        verification: VerificationRecord,
+        call: CallRecord,
+        limits: tuple[WindowLimit, ...] = (),
+    ) -> list[tuple[str, str | None]] | float:
         """Insert a verification and its queued call, canceling the phone's pending ones.
 
         Only those of the same API key: another service's verification is not ours to end.
-
-        Returns the (verification id, live call id) pairs that were canceled.
+        Returns the (verification id, live call id) pairs that were canceled, or, when a
+        limit is reached, the seconds until it allows another (and nothing is written).
+        Limits are counted in the same transaction as the insert: concurrent requests
+        cannot both slip under one.
         """
         async with self._transaction() as db:
+            for limit in limits:
+                since = verification.created_at - limit.seconds
+                where, args = "created_at > ?", list[Any]([since])
+                if limit.column is not None:
+                    where, args = f"{limit.column} = ? AND {where}", [limit.value, since]
+                cursor = await db.execute(
+                    f"SELECT created_at FROM verifications WHERE {where} "
+                    "ORDER BY created_at DESC LIMIT 1 OFFSET ?",
+                    (*args, limit.count - 1),
+                )
+                row = await cursor.fetchone()
+                if row is not None:  # `count` already in the window: wait for the oldest
+                    return max(1.0, float(row[0]) + limit.seconds - verification.created_at)
             cursor = await db.execute(
                 "SELECT v.id, c.id, c.status FROM verifications v "
                 "LEFT JOIN calls c ON c.verification_id = v.id "
@@ -359,14 +402,28 @@ class Store:
             cursor = await db.execute(
                 "UPDATE verifications SET "
                 "attempts_remaining = attempts_remaining - CASE WHEN ? THEN 0 ELSE 1 END, "
+                "failed_checks = failed_checks + CASE WHEN ? THEN 0 ELSE 1 END, "
                 "status = CASE WHEN ? THEN 'approved' "
                 "WHEN attempts_remaining <= 1 THEN 'max_attempts_reached' ELSE status END, "
                 "updated_at = ? "
                 f"WHERE id = ? AND status = 'pending' AND expires_at > ? RETURNING {_V_COLS}",
-                (approve, approve, at, verification_id, at),
+                (approve, approve, approve, at, verification_id, at),
             )
             row = await cursor.fetchone()
         return VerificationRecord(*row) if row else None
+
+    async def failed_checks(self, phone: str, since: float) -> tuple[int, float | None]:
+        """Wrong checks against `phone`'s verifications created since `since`, and the
+        creation time of the oldest of those verifications that had any."""
+        async with self._lock:
+            cursor = await self._db.execute(
+                "SELECT COALESCE(SUM(failed_checks), 0), MIN(created_at) FROM verifications "
+                "WHERE phone = ? AND created_at > ? AND failed_checks > 0",
+                (phone, since),
+            )
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0]), (float(row[1]) if row[1] is not None else None)
 
     async def set_status(self, verification_id: str, status: str, at: float) -> bool:
         """Move a pending verification to `status`; False when it was not pending."""

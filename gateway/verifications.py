@@ -22,11 +22,12 @@ from gateway.errors import (
     InvalidRequest,
     NotFound,
     NumberKnownInvalid,
+    RateLimited,
     RegionNotAllowed,
     VerificationNotPending,
 )
 from gateway.pool import Pool, pool_for
-from gateway.store import CallRecord, Store, VerificationRecord
+from gateway.store import CallRecord, Store, VerificationRecord, WindowLimit
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class Verifications:
             expires_at=now + self._config.verification.ttl_seconds,
             updated_at=now,
             carrier=phone.carrier,
+            phone_prefix=phone.e164[: -self._config.limits.prefix_hidden_digits],
         )
         dial_number = phones.format_for_trunk(phone.e164, self._config.asterisk.dial_format)
         call = CallRecord(
@@ -135,10 +137,17 @@ class Verifications:
             queued_at=now,
         )
         try:
-            superseded = await self._store.create_verification(verification, call)
+            result = await self._store.create_verification(
+                verification, call, self._limits(request.api_key_id, verification)
+            )
         except BaseException:
             pool.release(cli.e164)
             raise
+        if isinstance(result, float):
+            pool.release(cli.e164)
+            log.info("verification refused: rate limited (phone %s)", phone.e164)
+            raise RateLimited(result)
+        superseded = result
         for old_id, live_call_id in superseded:
             log.info("verification %s canceled: superseded by %s", old_id, verification_id)
             if live_call_id is not None:
@@ -155,6 +164,19 @@ class Verifications:
             )
         )
         return verification, call
+
+    def _limits(self, api_key_id: str, v: VerificationRecord) -> tuple[WindowLimit, ...]:
+        """Every window limit a new verification must fit under (DESIGN: abuse limits)."""
+        limits = self._config.limits
+        return (
+            *(WindowLimit("phone", v.phone, w.count, w.seconds) for w in limits.per_phone),
+            *(
+                WindowLimit("phone_prefix", v.phone_prefix, w.count, w.seconds)
+                for w in limits.per_prefix
+            ),
+            WindowLimit("api_key_id", api_key_id, limits.key_daily_calls, 86400),
+            *(WindowLimit(None, None, w.count, w.seconds) for w in limits.global_calls),
+        )
 
     async def _refuse_known_invalid(self, e164: str) -> None:
         """Refuse a number the network called invalid within the configured period."""
@@ -221,6 +243,7 @@ class Verifications:
             raise VerificationNotPending(
                 f"verification is {verification.status}", verification_status=verification.status
             )
+        await self._refuse_guessing(verification.phone)
         candidate = self._candidate_code(verification, code, cli)
         valid = candidate is not None and hmac.compare_digest(
             self._code_hash(verification.id, candidate), verification.code_hash
@@ -234,6 +257,16 @@ class Verifications:
                 f"verification is {current.status}", verification_status=current.status
             )
         return CheckResult(updated, valid)
+
+    async def _refuse_guessing(self, phone: str) -> None:
+        """Too many wrong checks against one phone today: no more checks, whatever the
+        verification, so that asking for a new call does not reset the count."""
+        day = 86400
+        now = self._clock()
+        failed, oldest = await self._store.failed_checks(phone, now - day)
+        if failed >= self._config.limits.failed_checks_per_phone_per_day:
+            log.warning("checks for %s refused: %d wrong checks today", phone, failed)
+            raise RateLimited((oldest or now) + day - now)
 
     def _candidate_code(
         self, verification: VerificationRecord, code: str | None, cli: str | None

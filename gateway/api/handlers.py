@@ -11,7 +11,16 @@ from aiohttp.typedefs import Handler
 from gateway import apikeys
 from gateway.api import views
 from gateway.api.bodies import Field, check_callback_url, read_object
-from gateway.api.typedefs import API_KEY, CONFIG, NUMBERS, PBX, STORE, VERIFICATIONS, api_key
+from gateway.api.typedefs import (
+    API_KEY,
+    CONFIG,
+    NUMBERS,
+    PBX,
+    REQUEST_RATE,
+    STORE,
+    VERIFICATIONS,
+    api_key,
+)
 from gateway.errors import InvalidRequest, Unauthorized
 from gateway.numbers import DEFAULT_PAGE, MAX_LOOKUP
 from gateway.verifications import MAX_CALLBACK_URL_LENGTH, MAX_REFERENCE_LENGTH, NewVerification
@@ -45,6 +54,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             record = await apikeys.authenticate(request.app[STORE], key.strip())
         if record is None:
             raise Unauthorized("a valid API key is needed: Authorization: Bearer <key>")
+        if not apikeys.allowed_from(record, request.remote):
+            raise Unauthorized("this API key may not be used from this address")
+        request.app[REQUEST_RATE].hit(record.id)
         request[API_KEY] = record
     return await handler(request)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -10,6 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway import errors
+from gateway.api.typedefs import CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ STATUS = {
     errors.RegionNotAllowed.code: 422,
     errors.DestinationBlocked.code: 422,
     errors.NumberKnownInvalid.code: 422,
-    "rate_limited": 429,
+    errors.RateLimited.code: 429,
     errors.PbxUnavailable.code: 503,
     errors.Overloaded.code: 503,
 }
@@ -73,7 +75,7 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
         return await handler(request)
     except errors.GatewayError as exc:
         headers = {}
-        if isinstance(exc, errors.Overloaded):
+        if isinstance(exc, errors.Overloaded | errors.RateLimited):
             headers["Retry-After"] = str(exc.retry_after)
         return problem(STATUS.get(exc.code, 400), exc.code, exc.detail, exc.extra, headers)
     except web.HTTPException as exc:
@@ -84,6 +86,18 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return problem(500, "internal_error", "the gateway failed to handle this request")
+
+
+@web.middleware
+async def timeout_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request that takes longer than http.request_timeout_seconds is answered 503."""
+    limit = request.app[CONFIG].http.request_timeout_seconds
+    try:
+        async with asyncio.timeout(limit):
+            return await handler(request)
+    except TimeoutError:
+        log.warning("%s %s took over %ss", request.method, request.path, limit)
+        raise errors.Overloaded(f"the request took over {limit:g}s", retry_after=1) from None
 
 
 def _allow(exc: web.HTTPException) -> dict[str, str] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.api.ratelimit import RequestRate
 from gateway.config import Config
 from gateway.dialer import Dialer
 from gateway.numbers import Numbers
@@ -17,6 +18,7 @@ PBX = web.AppKey("pbx", Pbx)
 DIALER = web.AppKey("dialer", Dialer)
 VERIFICATIONS = web.AppKey("verifications", Verifications)
 NUMBERS = web.AppKey("numbers", Numbers)
+REQUEST_RATE = web.AppKey("request_rate", RequestRate)
 # Set by the auth middleware on every /v1 request.
 API_KEY = web.RequestKey("api_key", ApiKeyRecord)
 

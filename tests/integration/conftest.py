@@ -58,6 +58,7 @@ class Gateway:
     key: str
     http: ClientSession
     db_path: Path
+    server: TestServer
 
     async def request(
         self, method: str, path: str, json: Any = None, key: str | None = None, **kw: Any
@@ -86,21 +87,25 @@ async def start_gateway(
     servers: list[TestServer] = []
     sessions: list[ClientSession] = []
 
-    async def start(**sections: Any) -> Gateway:
-        db_path = tmp_path / f"gateway-{len(servers)}.sqlite3"
+    async def start(
+        db_path: Path | None = None, key: str | None = None, **sections: Any
+    ) -> Gateway:
+        """A gateway on a new database, or on `db_path` (a restart) with its `key`."""
+        db_path = db_path or tmp_path / f"gateway-{len(servers)}.sqlite3"
         config = dev_config(db_path, dev_pbx, **sections)
-        store = await Store.open(db_path)
-        try:
-            _, key = await apikeys.create_key(store, "integration")
-        finally:
-            await store.close()
+        if key is None:
+            store = await Store.open(db_path)
+            try:
+                _, key = await apikeys.create_key(store, "integration")
+            finally:
+                await store.close()
         app: web.Application = create_app(config)
         server = TestServer(app, host="127.0.0.1")
         await server.start_server()
         servers.append(server)
         session = ClientSession()
         sessions.append(session)
-        gateway = Gateway(str(server.make_url("")).rstrip("/"), key, session, db_path)
+        gateway = Gateway(str(server.make_url("")).rstrip("/"), key, session, db_path, server)
         await wait_ready(gateway)
         return gateway
 
@@ -109,6 +114,11 @@ async def start_gateway(
         await session.close()
     for server in servers:
         await server.close()
+
+
+async def stop_gateway(gateway: Gateway) -> None:
+    """Stop a gateway started by `start_gateway` before the test ends (a restart)."""
+    await gateway.server.close()
 
 
 async def wait_ready(gateway: Gateway, timeout: float = 10.0) -> None:
