@@ -61,6 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     numbers_sub = numbers.add_subparsers(dest="numbers", required=True)
     export = with_config(numbers_sub.add_parser("export", help="numbers by health, as CSV"))
     export.add_argument("--health", required=True, choices=("invalid", "unreachable", "reachable"))
+    check = with_config(numbers_sub.add_parser("check", help="validate a CSV of numbers offline"))
+    check.add_argument(
+        "file", help="CSV file (a 'phone' column, or numbers in the first); - for stdin"
+    )
+    check.add_argument("--output", help="report CSV (default: stdout)")
+    check.add_argument("--region", help="region for national numbers (default: the config's)")
 
     call = sub.add_parser("call", help="start one verification and follow it live")
     call.add_argument("phone")
@@ -77,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "call":
         return follow_call(args)
+    if args.command == "numbers" and args.numbers == "check":
+        return check_numbers(args)
     try:
         cfg = config.load(args.config)
     except config.ConfigError as exc:
@@ -142,6 +150,20 @@ async def manage_keys(cfg: config.Config, args: argparse.Namespace) -> int:
         return 0
     finally:
         await store.close()
+
+
+def check_numbers(args: argparse.Namespace) -> int:
+    """Validate a CSV of numbers offline; needs no database, PBX or secrets."""
+    from gateway import numbercheck  # loads tqdm and the worker pool only for this command
+
+    region = args.region
+    if region is None:
+        try:
+            region = config.load(args.config).numbers.default_region
+        except config.ConfigError:
+            print("numbers check: give --region (e.g. ID) or a valid --config", file=sys.stderr)
+            return 2
+    return numbercheck.main(args.file, args.output, region)
 
 
 async def export_numbers(cfg: config.Config, health: str) -> int:

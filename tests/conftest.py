@@ -9,7 +9,6 @@ they never skip.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
 import subprocess
 import time
@@ -70,7 +69,7 @@ def far_end() -> Iterator[FarEnd]:
         far.stop()
 
 
-_serial = itertools.count(random.randrange(10**6))
+_used_numbers: set[str] = set()
 
 
 def phone_number(behaviour: int, network: str = "812") -> str:
@@ -79,7 +78,13 @@ def phone_number(behaviour: int, network: str = "812") -> str:
     See tests/sipp/README.md: 0 rings, 1 progress only, 2 answers, 3 busy, 4 not found, ...
     `network` is the mobile prefix: 812 Telkomsel, 815 Indosat, 817 XL, 881 Smartfren.
     """
-    return f"62{network}{next(_serial) % 10**7:07d}{behaviour}"
+    # Random, not sequential: consecutive numbers share a prefix, and the gateway's
+    # per-prefix limit (range walking) would refuse a test's twenty-first call.
+    while True:
+        number = f"62{network}{random.randrange(10**7):07d}{behaviour}"
+        if number not in _used_numbers:
+            _used_numbers.add(number)
+            return number
 
 
 async def wire_record(

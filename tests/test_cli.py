@@ -92,3 +92,21 @@ def test_keys_create_list_revoke(config_file: Path) -> None:
     assert "revoked" in gateway("keys", "list", *args, env=SECRETS).stdout
     again = gateway("keys", "revoke", "checkout", *args, env=SECRETS)
     assert again.returncode == 1
+
+
+def test_numbers_check_reports_a_csv_offline(tmp_path: Path) -> None:
+    source = tmp_path / "numbers.csv"
+    source.write_text("phone\n+6281234567890\n0817 1234 5678\n+62215551234\n+62812\nhello\n")
+    report = tmp_path / "report.csv"
+    result = gateway("numbers", "check", str(source), "--output", str(report), "--region", "ID")
+    assert result.returncode == 0, result.stderr
+    lines = report.read_text().splitlines()
+    assert lines[0] == "input,e164,valid,type,reason,carrier,region"
+    assert lines[1:] == [
+        "+6281234567890,+6281234567890,true,mobile,,Telkomsel,ID",
+        "0817 1234 5678,+6281712345678,true,mobile,,XL,ID",
+        "+62215551234,+62215551234,true,fixed_line,,,ID",
+        "+62812,,false,,too_short,,",
+        "hello,,false,,not_a_number,,",
+    ]
+    assert "Checked 5 numbers: 3 valid" in result.stderr
