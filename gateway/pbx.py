@@ -24,6 +24,10 @@ from panoramisk.ami_protocol import AMIProtocol
 from panoramisk.message import Message
 
 log = logging.getLogger(__name__)
+# panoramisk logs every AMI message at debug level. Those carry caller IDs, and a
+# caller ID carries its code: the wire is never logged, at any level.
+_wire_log = logging.getLogger(f"{__name__}.wire")
+_wire_log.setLevel(logging.WARNING)
 
 # An AMI login answers in milliseconds on a healthy PBX; five seconds covers a busy one.
 LOGIN_TIMEOUT_S = 5.0
@@ -199,6 +203,7 @@ class AmiPbx:
         self._lost = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self.reconnects = 0
+        self.events_received = 0  # every AMI event this session was sent
 
     @property
     def connected(self) -> bool:
@@ -288,7 +293,7 @@ class AmiPbx:
         )
         protocol.factory = _Session(self._on_message, self._lost.set)
         protocol.encoding = "utf8"
-        protocol.log = log
+        protocol.log = _wire_log
         self._protocol = protocol
         reply = await self._send(
             {
@@ -360,6 +365,7 @@ class AmiPbx:
 
     def _on_message(self, message: Message) -> None:
         """Turn an AMI event into a CallEvent; runs inline in the protocol's reader."""
+        self.events_received += 1
         name = message.get("Event", "")
         if name not in _CALL_EVENTS:
             return

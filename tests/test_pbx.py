@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import re
 
-from gateway.pbx import AmiSettings, Dial, UnsafeAmiValue, originate_action
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.pbx import AmiSettings, Dial, UnsafeAmiValue, check_text, originate_action
 
 SETTINGS = AmiSettings("127.0.0.1", 5038, "otp-gateway", "s", channel="PJSIP/{number}@otp-trunk")
 
@@ -45,3 +49,35 @@ def test_channel_template_with_line_break_is_refused() -> None:
     settings = AmiSettings("h", 1, "u", "s", channel="PJSIP/{number}@trunk\r\nAction: Logoff")
     with pytest.raises(UnsafeAmiValue):
         originate_action(settings, Dial("abc", "6281234567890", "622150001234", 8))
+
+
+@given(
+    number=st.text(max_size=40),
+    caller_id=st.text(max_size=40),
+    channel_id=st.text(max_size=80),
+    ring=st.floats(allow_nan=True, allow_infinity=True),
+)
+@settings(max_examples=500)
+def test_no_input_builds_an_unsafe_originate(
+    number: str, caller_id: str, channel_id: str, ring: float
+) -> None:
+    try:
+        action = originate_action(SETTINGS, Dial(channel_id, number, caller_id, ring))
+    except UnsafeAmiValue:
+        return
+    for value in action.values():
+        assert "\r" not in value and "\n" not in value
+    dialed = action["Channel"].removeprefix("PJSIP/").removesuffix("@otp-trunk")
+    assert re.fullmatch(r"\+?[0-9]+", dialed)
+    assert re.fullmatch(r"<\+?[0-9]+>", action["CallerID"])
+
+
+@given(st.text(min_size=1, max_size=30, alphabet=st.characters(codec="utf-8")))
+def test_every_value_is_checked_for_line_breaks(text: str) -> None:
+    """check_text refuses exactly the values that could break an AMI header."""
+    try:
+        check_text(text, "field")
+    except UnsafeAmiValue:
+        assert "\r" in text or "\n" in text or not text.isprintable()
+    else:
+        assert "\r" not in text and "\n" not in text
