@@ -12,9 +12,19 @@ from gateway.api.bodies import MAX_BODY_BYTES
 from gateway.api.handlers import auth_middleware, routes
 from gateway.api.problems import problems_middleware, timeout_middleware
 from gateway.api.ratelimit import RequestRate
-from gateway.api.typedefs import CONFIG, DIALER, NUMBERS, PBX, REQUEST_RATE, STORE, VERIFICATIONS
+from gateway.api.typedefs import (
+    CONFIG,
+    DIALER,
+    METRICS,
+    NUMBERS,
+    PBX,
+    REQUEST_RATE,
+    STORE,
+    VERIFICATIONS,
+)
 from gateway.config import Config
 from gateway.dialer import Dialer
+from gateway.metrics import Metrics
 from gateway.numbers import Numbers
 from gateway.pbx import AmiPbx, AmiSettings, Pbx
 from gateway.pool import Pool
@@ -31,6 +41,7 @@ def create_app(config: Config, pbx: Pbx | None = None) -> web.Application:
         middlewares=[problems_middleware, timeout_middleware, auth_middleware],
     )
     app[CONFIG] = config
+    app[METRICS] = Metrics(config.limits.key_daily_calls)
     if pbx is not None:
         app[PBX] = pbx
     app.cleanup_ctx.extend([_store_ctx, _pbx_ctx, _calls_ctx])

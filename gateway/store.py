@@ -425,6 +425,17 @@ class Store:
         assert row is not None
         return int(row[0]), (float(row[1]) if row[1] is not None else None)
 
+    async def calls_by_key(self, since: float) -> dict[str, int]:
+        """Verifications (each one call) created since `since`, per API key."""
+        async with self._lock:
+            cursor = await self._db.execute(
+                "SELECT api_key_id, COUNT(*) FROM verifications WHERE created_at > ? "
+                "GROUP BY api_key_id",
+                (since,),
+            )
+            rows = await cursor.fetchall()
+        return {str(key): int(n) for key, n in rows}
+
     async def set_status(self, verification_id: str, status: str, at: float) -> bool:
         """Move a pending verification to `status`; False when it was not pending."""
         async with self._transaction() as db:

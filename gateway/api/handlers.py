@@ -14,6 +14,7 @@ from gateway.api.bodies import Field, check_callback_url, read_object
 from gateway.api.typedefs import (
     API_KEY,
     CONFIG,
+    METRICS,
     NUMBERS,
     PBX,
     REQUEST_RATE,
@@ -22,6 +23,7 @@ from gateway.api.typedefs import (
     api_key,
 )
 from gateway.errors import InvalidRequest, Unauthorized
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.numbers import DEFAULT_PAGE, MAX_LOOKUP
 from gateway.verifications import MAX_CALLBACK_URL_LENGTH, MAX_REFERENCE_LENGTH, NewVerification
 
@@ -212,6 +214,13 @@ def _instant(raw: str | None, name: str) -> float | None:
     if parsed.tzinfo is None:
         raise InvalidRequest(f"{name} must carry a time zone (Z or +hh:mm)", field=name)
     return parsed.timestamp()
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; like /healthz, for the operator's network only."""
+    body = await request.app[METRICS].render(request.app[STORE])
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 @routes.get("/healthz")

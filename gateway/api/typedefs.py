@@ -7,6 +7,7 @@ from aiohttp import web
 from gateway.api.ratelimit import RequestRate
 from gateway.config import Config
 from gateway.dialer import Dialer
+from gateway.metrics import Metrics
 from gateway.numbers import Numbers
 from gateway.pbx import Pbx
 from gateway.store import ApiKeyRecord, Store
@@ -19,6 +20,7 @@ DIALER = web.AppKey("dialer", Dialer)
 VERIFICATIONS = web.AppKey("verifications", Verifications)
 NUMBERS = web.AppKey("numbers", Numbers)
 REQUEST_RATE = web.AppKey("request_rate", RequestRate)
+METRICS = web.AppKey("metrics", Metrics)
 # Set by the auth middleware on every /v1 request.
 API_KEY = web.RequestKey("api_key", ApiKeyRecord)
 

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import LimitsConfig, NumbersConfig, Window
 from tests.conftest import phone_number, wire_record
@@ -93,6 +94,16 @@ async def test_global_ceiling_and_daily_key_budget(
         for _ in range(3)
     ]
     assert statuses == [201, 201, 429]
+    # The budget's use shows in /metrics.
+    response = await budget.http.get(budget.url + "/metrics")
+    assert response.status == 200
+    samples = {
+        (sample.name, sample.labels.get("name", "")): sample.value
+        for family in text_string_to_metric_families(await response.text())
+        for sample in family.samples
+    }
+    assert samples[("otp_api_key_calls_24h", "integration")] == 2
+    assert samples[("otp_api_key_daily_call_budget", "")] == 2
 
 
 @pytest.mark.parametrize(
