@@ -98,6 +98,9 @@ class CallsConfig:
     max_ring_seconds: int = 15
     max_concurrent: int = 200
     max_per_second: float = 50.0
+    # Calls waiting for a slot beyond this are refused (503 overloaded): a queue that
+    # would take minutes to drain only makes every user wait past their code's use.
+    max_queue: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +293,7 @@ def _check(config: Config) -> list[str]:
         "must be between 1 and calls.max_ring_seconds",
     )
     need(calls.max_concurrent >= 1, "calls.max_concurrent", "must be at least 1")
+    need(calls.max_queue >= 1, "calls.max_queue", "must be at least 1")
     need(
         0 < calls.max_per_second <= 10_000,
         "calls.max_per_second",

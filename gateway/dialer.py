@@ -92,8 +92,8 @@ class Dialer:
 
     @property
     def queued(self) -> int:
-        """Calls waiting to be placed."""
-        return self._queue.qsize()
+        """Calls waiting to be placed (queued, or waiting for a slot)."""
+        return len(self._waiting)
 
     @property
     def in_flight(self) -> int:
@@ -129,6 +129,8 @@ class Dialer:
             with contextlib.suppress(PbxError):
                 await self._pbx.hangup(call_id)
         elif call_id in self._waiting:
+            # Closed when the dial loop reaches it; it no longer counts as waiting.
+            self._waiting.discard(call_id)
             self._canceled.add(call_id)
 
     async def _dial_loop(self) -> None:

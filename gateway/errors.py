@@ -66,6 +66,10 @@ class RateLimited(GatewayError):
         self.retry_after = max(1, math.ceil(retry_after))
 
 
+class IdempotencyConflict(GatewayError):
+    code = "idempotency_conflict"
+
+
 class Overloaded(GatewayError):
     code = "overloaded"
 

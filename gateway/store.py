@@ -102,9 +102,57 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX verifications_by_key ON verifications (api_key_id, created_at);
     CREATE INDEX verifications_by_time ON verifications (created_at);
     """,
+    # 4: Idempotency-Key: the first response to a key, replayed for its retries.
+    """
+    CREATE TABLE idempotency_keys (
+        api_key_id TEXT NOT NULL,
+        key TEXT NOT NULL,
+        body_hash TEXT NOT NULL,            -- SHA-256 of the canonical JSON body
+        status INTEGER NOT NULL,
+        response TEXT NOT NULL,             -- the exact body first answered
+        created_at REAL NOT NULL,
+        PRIMARY KEY (api_key_id, key)
+    );
+    CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);
+    """,
 )
 
 LIVE_CALL_STATUSES = ("queued", "dialing", "ringing")
+
+
+@dataclass(frozen=True, slots=True)
+class Idempotency:
+    """An Idempotency-Key with its request, and the response to store with the insert."""
+
+    api_key_id: str
+    key: str
+    body_hash: str
+    status: int
+    response: str
+    since: float  # rows older than this (24 h) no longer count
+
+
+@dataclass(frozen=True, slots=True)
+class Inserted:
+    """The verification was stored; these (verification, live call) were superseded."""
+
+    superseded: list[tuple[str, str | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Limited:
+    """A limit was reached; nothing was stored."""
+
+    retry_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """The Idempotency-Key was used before: its stored response; nothing was stored."""
+
+    body_hash: str
+    status: int
+    response: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,16 +359,25 @@ class Store:
         verification: VerificationRecord,
         call: CallRecord,
         limits: tuple[WindowLimit, ...] = (),
-    ) -> list[tuple[str, str | None]] | float:
+        idempotency: Idempotency | None = None,
+    ) -> Inserted | Limited | Replayed:
         """Insert a verification and its queued call, canceling the phone's pending ones.
 
         Only those of the same API key: another service's verification is not ours to end.
-        Returns the (verification id, live call id) pairs that were canceled, or, when a
-        limit is reached, the seconds until it allows another (and nothing is written).
-        Limits are counted in the same transaction as the insert: concurrent requests
-        cannot both slip under one.
+        The Idempotency-Key and the limits are looked at in the insert's transaction:
+        concurrent retries of one key store one verification, and concurrent requests
+        cannot both slip under a limit.
         """
         async with self._transaction() as db:
+            if idempotency is not None:
+                cursor = await db.execute(
+                    "SELECT body_hash, status, response FROM idempotency_keys "
+                    "WHERE api_key_id = ? AND key = ? AND created_at > ?",
+                    (idempotency.api_key_id, idempotency.key, idempotency.since),
+                )
+                row = await cursor.fetchone()
+                if row is not None:
+                    return Replayed(str(row[0]), int(row[1]), str(row[2]))
             for limit in limits:
                 since = verification.created_at - limit.seconds
                 where, args = "created_at > ?", list[Any]([since])
@@ -333,7 +390,9 @@ class Store:
                 )
                 row = await cursor.fetchone()
                 if row is not None:  # `count` already in the window: wait for the oldest
-                    return max(1.0, float(row[0]) + limit.seconds - verification.created_at)
+                    return Limited(
+                        max(1.0, float(row[0]) + limit.seconds - verification.created_at)
+                    )
             cursor = await db.execute(
                 "SELECT v.id, c.id, c.status FROM verifications v "
                 "LEFT JOIN calls c ON c.verification_id = v.id "
@@ -358,7 +417,40 @@ class Store:
                 f"INSERT INTO calls ({_C_COLS}) VALUES ({_placeholders(CallRecord)})",
                 astuple(call),
             )
-        return superseded
+            if idempotency is not None:
+                await db.execute(
+                    "INSERT OR REPLACE INTO idempotency_keys "
+                    "(api_key_id, key, body_hash, status, response, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        idempotency.api_key_id,
+                        idempotency.key,
+                        idempotency.body_hash,
+                        idempotency.status,
+                        idempotency.response,
+                        verification.created_at,
+                    ),
+                )
+        return Inserted(superseded)
+
+    async def idempotent_response(self, api_key_id: str, key: str, since: float) -> Replayed | None:
+        """The stored response to an Idempotency-Key used since `since`."""
+        async with self._lock:
+            cursor = await self._db.execute(
+                "SELECT body_hash, status, response FROM idempotency_keys "
+                "WHERE api_key_id = ? AND key = ? AND created_at > ?",
+                (api_key_id, key, since),
+            )
+            row = await cursor.fetchone()
+        return Replayed(str(row[0]), int(row[1]), str(row[2])) if row else None
+
+    async def forget_idempotency_keys(self, before: float) -> int:
+        """Drop Idempotency-Keys older than `before`; return how many."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM idempotency_keys WHERE created_at < ?", (before,)
+            )
+            return cursor.rowcount
 
     async def verification(
         self, verification_id: str

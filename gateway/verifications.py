@@ -6,28 +6,39 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import re
 import secrets
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from gateway import phones
 from gateway.config import Config
 from gateway.dialer import CallJob, Dialer
 from gateway.errors import (
+    IdempotencyConflict,
     InvalidRequest,
     NotFound,
     NumberKnownInvalid,
+    Overloaded,
     RateLimited,
     RegionNotAllowed,
     VerificationNotPending,
 )
 from gateway.pool import Pool, pool_for
-from gateway.store import CallRecord, Store, VerificationRecord, WindowLimit
+from gateway.store import (
+    CallRecord,
+    Idempotency,
+    Inserted,
+    Replayed,
+    Store,
+    VerificationRecord,
+    WindowLimit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +52,30 @@ MAX_EXPIRY_SLEEP_S = 1.0
 _CODE = re.compile(r"[0-9]{1,16}")
 
 Clock = Callable[[], float]
+Render = Callable[[VerificationRecord, CallRecord], str]
+# An Idempotency-Key answers its retries this long (DESIGN: 24 h).
+IDEMPOTENCY_TTL_S = 86400.0
+IDEMPOTENCY_SWEEP_S = 3600.0  # how often Idempotency-Keys past their 24 h are dropped
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The response first given to an Idempotency-Key, to give again."""
+
+    status: int
+    response: str
+
+
+def request_hash(request: NewVerification) -> str:
+    """What makes two create requests the same request, hashed."""
+    fields = {k: v for k, v in asdict(request).items() if k != "api_key_id"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _replay(stored: Replayed, body_hash: str) -> Replay:
+    if stored.body_hash != body_hash:
+        raise IdempotencyConflict("this Idempotency-Key was used with another request")
+    return Replay(stored.status, stored.response)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +124,32 @@ class Verifications:
         phones.check_allowed(phone, self._config.numbers)
         return phone
 
-    async def create(self, request: NewVerification) -> tuple[VerificationRecord, CallRecord]:
-        """Validate, store and queue a verification call."""
+    async def create(
+        self,
+        request: NewVerification,
+        idempotency_key: str | None = None,
+        render: Render | None = None,
+    ) -> tuple[VerificationRecord, CallRecord] | Replay:
+        """Validate, store and queue a verification call.
+
+        With an `idempotency_key`, a retry of the same request within 24 h returns the
+        first response (`render` made it) and places no call; another request under the
+        same key raises IdempotencyConflict.
+        """
+        now = self._clock()
+        body_hash = request_hash(request)
+        if idempotency_key is not None:
+            stored = await self._store.idempotent_response(
+                request.api_key_id, idempotency_key, now - IDEMPOTENCY_TTL_S
+            )
+            if stored is not None:
+                return _replay(stored, body_hash)
+        calls = self._config.calls
+        if self._dialer.queued >= calls.max_queue:
+            raise Overloaded(
+                "too many calls are waiting; retry later",
+                retry_after=max(1, round(self._dialer.queued / calls.max_per_second)),
+            )
         phone = self.parse_phone(request.phone, request.region)
         await self._refuse_known_invalid(phone.e164)
         pool = pool_for(self._pools, phone.region)
@@ -98,12 +157,10 @@ class Verifications:
             raise RegionNotAllowed(
                 f"no caller-ID pool serves region {phone.region}", region=phone.region
             )
-        calls = self._config.calls
         ring_seconds = request.ring_seconds or calls.ring_seconds
         if not 1 <= ring_seconds <= calls.max_ring_seconds:
             raise InvalidRequest(f"ring_seconds must be 1-{calls.max_ring_seconds}")
 
-        now = self._clock()
         verification_id = "vrf_" + secrets.token_hex(ID_BYTES)
         call_id = uuid.uuid4().hex
         cli = pool.draw()
@@ -136,19 +193,31 @@ class Verifications:
             ring_seconds=ring_seconds,
             queued_at=now,
         )
+        idempotency = None
+        if idempotency_key is not None:
+            assert render is not None, "an idempotent create needs its response rendered"
+            idempotency = Idempotency(
+                request.api_key_id,
+                idempotency_key,
+                body_hash,
+                201,
+                render(verification, call),
+                now - IDEMPOTENCY_TTL_S,
+            )
         try:
             result = await self._store.create_verification(
-                verification, call, self._limits(request.api_key_id, verification)
+                verification, call, self._limits(request.api_key_id, verification), idempotency
             )
         except BaseException:
             pool.release(cli.e164)
             raise
-        if isinstance(result, float):
+        if not isinstance(result, Inserted):
             pool.release(cli.e164)
+            if isinstance(result, Replayed):  # a concurrent retry of the same key won
+                return _replay(result, body_hash)
             log.info("verification refused: rate limited (phone %s)", phone.e164)
-            raise RateLimited(result)
-        superseded = result
-        for old_id, live_call_id in superseded:
+            raise RateLimited(result.retry_after)
+        for old_id, live_call_id in result.superseded:
             log.info("verification %s canceled: superseded by %s", old_id, verification_id)
             if live_call_id is not None:
                 await self._dialer.cancel(live_call_id)
@@ -319,10 +388,14 @@ class Verifications:
             self._expiry_task = None
 
     async def _expiry_loop(self) -> None:
+        forgotten_at = 0.0
         while True:
             try:
                 for verification_id in await self._store.expire_due(self._clock()):
                     log.info("verification %s expired", verification_id)
+                if self._clock() - forgotten_at > IDEMPOTENCY_SWEEP_S:
+                    forgotten_at = self._clock()
+                    await self._store.forget_idempotency_keys(forgotten_at - IDEMPOTENCY_TTL_S)
                 due = await self._store.next_expiry()
             except Exception:
                 log.exception("expiry sweep failed")

@@ -15,6 +15,7 @@ from gateway.store import (
     ApiKeyRecord,
     CallEventRecord,
     CallRecord,
+    Inserted,
     Store,
     VerificationRecord,
 )
@@ -170,7 +171,7 @@ async def test_foreign_keys_are_enforced(store: Store) -> None:
 
 async def test_created_verification_and_call_read_back_unchanged(store: Store) -> None:
     record, queued = verification(), call()
-    assert await store.create_verification(record, queued) == []
+    assert (await store.create_verification(record, queued)) == Inserted([])
     assert await store.verification("vrf_1") == (record, queued)
     assert await store.newest_pending(PHONE) == (record, queued)
     assert await store.verification("vrf_missing") is None
@@ -184,7 +185,7 @@ async def test_create_cancels_the_phones_pending_verification_and_names_its_live
     other = await create(store, 2, phone=OTHER_PHONE)
     newer = verification("vrf_3", created_at=T0 + 3)
     superseded = await store.create_verification(newer, call("call_3", "vrf_3"))
-    assert superseded == [("vrf_1", "call_1")]
+    assert superseded == Inserted([("vrf_1", "call_1")])
     found = await store.verification("vrf_1")
     assert found is not None
     assert found[0].status == "canceled"
@@ -202,7 +203,7 @@ async def test_create_reports_no_call_id_when_the_old_call_has_ended(store: Stor
     superseded = await store.create_verification(
         verification("vrf_2", created_at=T0 + 2), call("call_2", "vrf_2")
     )
-    assert superseded == [("vrf_1", None)]
+    assert superseded == Inserted([("vrf_1", None)])
     assert await status_of(store, "vrf_1") == "canceled"
 
 
@@ -212,7 +213,7 @@ async def test_create_leaves_finished_verifications_alone(store: Store) -> None:
     superseded = await store.create_verification(
         verification("vrf_2", created_at=T0 + 10), call("call_2", "vrf_2")
     )
-    assert superseded == []
+    assert superseded == Inserted([])
     assert await status_of(store, "vrf_1") == "approved"
 
 

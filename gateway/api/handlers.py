@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime
 
@@ -25,9 +26,16 @@ from gateway.api.typedefs import (
 from gateway.errors import InvalidRequest, Unauthorized
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.numbers import DEFAULT_PAGE, MAX_LOOKUP
-from gateway.verifications import MAX_CALLBACK_URL_LENGTH, MAX_REFERENCE_LENGTH, NewVerification
+from gateway.verifications import (
+    MAX_CALLBACK_URL_LENGTH,
+    MAX_REFERENCE_LENGTH,
+    NewVerification,
+    Replay,
+)
 
 routes = web.RouteTableDef()
+
+MAX_IDEMPOTENCY_KEY = 255
 
 _PHONE = Field(str, required=True, max_length=64)
 _REGION = Field(str, max_length=2)
@@ -66,7 +74,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 @routes.post("/v1/verifications")
 async def create_verification(request: web.Request) -> web.Response:
     body = await read_object(request, CREATE)
-    verification, call = await request.app[VERIFICATIONS].create(
+    created = await request.app[VERIFICATIONS].create(
         NewVerification(
             api_key_id=api_key(request).id,
             phone=body["phone"],
@@ -74,13 +82,39 @@ async def create_verification(request: web.Request) -> web.Response:
             reference=body["reference"],
             callback_url=check_callback_url(body["callback_url"]),
             ring_seconds=body["ring_seconds"],
-        )
+        ),
+        idempotency_key=_idempotency_key(request),
+        render=lambda v, c: json.dumps(views.verification(v, c)),
     )
-    return web.json_response(
-        views.verification(verification, call),
+    if isinstance(created, Replay):  # a retry: the first response, and no new call
+        replayed = json.loads(created.response)
+        return web.Response(
+            text=created.response,
+            status=created.status,
+            content_type="application/json",
+            headers={
+                "Location": f"/v1/verifications/{replayed['id']}",
+                "Idempotent-Replayed": "true",
+            },
+        )
+    verification, call = created
+    return web.Response(
+        text=json.dumps(views.verification(verification, call)),
         status=201,
+        content_type="application/json",
         headers={"Location": f"/v1/verifications/{verification.id}"},
     )
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
+        raise InvalidRequest(
+            f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+        )
+    return key
 
 
 @routes.get("/v1/verifications/{id}")

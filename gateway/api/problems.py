@@ -22,7 +22,7 @@ STATUS = {
     errors.Unauthorized.code: 401,
     errors.NotFound.code: 404,
     errors.VerificationNotPending.code: 409,
-    "idempotency_conflict": 409,
+    errors.IdempotencyConflict.code: 409,
     errors.PayloadTooLarge.code: 413,
     errors.UnsupportedMediaType.code: 415,
     errors.InvalidPhone.code: 422,
