@@ -23,7 +23,7 @@ from gateway.api.typedefs import (
     VERIFICATIONS,
 )
 from gateway.config import Config
-from gateway.dialer import Dialer
+from gateway.dialer import CallJob, Dialer
 from gateway.metrics import Metrics
 from gateway.numbers import Numbers
 from gateway.pbx import AmiPbx, AmiSettings, Pbx
@@ -32,6 +32,9 @@ from gateway.store import Store
 from gateway.verifications import Verifications
 
 log = logging.getLogger(__name__)
+
+# Beyond the longest ring, for Asterisk's hangup and its events to arrive.
+SHUTDOWN_GRACE_S = 5.0
 
 
 def create_app(config: Config, pbx: Pbx | None = None) -> web.Application:
@@ -79,29 +82,55 @@ async def _calls_ctx(app: web.Application) -> AsyncIterator[None]:
 
     dialer = Dialer(app[PBX], store, config.calls, release_cli)
     verifications = Verifications(config, store, pools, dialer)
-    await _close_calls_of_previous_run(store)
     app[DIALER] = dialer
     app[VERIFICATIONS] = verifications
     app[NUMBERS] = Numbers(config, store)
     app[REQUEST_RATE] = RequestRate(config.limits.key_requests_per_minute)
     dialer.start()
+    await _restore_calls_of_previous_run(store, dialer, verifications)
     verifications.start()
     yield
+    # Shutdown: the listener is already closed. Calls ringing now are let finish
+    # (bounded by the longest ring); calls still queued stay queued for the next start.
+    await dialer.drain(config.calls.max_ring_seconds + SHUTDOWN_GRACE_S)
     await verifications.stop()
     await dialer.stop()
 
 
-async def _close_calls_of_previous_run(store: Store) -> None:
-    """Calls left live by a previous process are closed, never dialed again."""
+async def _restore_calls_of_previous_run(
+    store: Store, dialer: Dialer, verifications: Verifications
+) -> None:
+    """Calls a previous process left live: queued ones are resumed, placed ones are
+    followed to their end (or closed as lost); none is dialed a second time."""
     for call in await store.live_calls():
-        log.warning("call %s was %s when the gateway stopped; closing it", call.id, call.status)
-        await store.end_call(
-            call.id,
-            call_status="failed",
-            outcome="error",
-            cause=None,
-            sip_code=None,
-            reason="gateway_restart",
-            at=time.time(),
-            fail_verification=True,
-        )
+        found = await store.verification(call.verification_id)
+        assert found is not None, "a call always has its verification"
+        verification = found[0]
+        if call.status != "queued":
+            log.warning(
+                "call %s was %s when the gateway stopped; following it", call.id, call.status
+            )
+            job = CallJob(
+                call.id,
+                verification.id,
+                call.dial_number,
+                cli="",
+                cli_dial="",
+                pool=verification.pool,
+                ring_seconds=call.ring_seconds,
+                queued_at=call.queued_at,
+            )
+            await dialer.adopt(job, call.dialed_at or call.queued_at, call.status == "ringing")
+        elif await verifications.resume(verification, call):
+            log.info("call %s resumed after a restart", call.id)
+        else:
+            await store.end_call(
+                call.id,
+                call_status="failed",
+                outcome="error",
+                cause=None,
+                sip_code=None,
+                reason="gateway_restart",
+                at=time.time(),
+                fail_verification=True,
+            )

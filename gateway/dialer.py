@@ -33,6 +33,7 @@ class CallJob:
     cli_dial: str  # formatted for the trunk
     pool: str
     ring_seconds: float
+    queued_at: float = 0.0  # wall clock; how long it may wait for a PBX counts from here
 
 
 @dataclass(slots=True)
@@ -85,6 +86,9 @@ class Dialer:
         self._queue: asyncio.Queue[CallJob] = asyncio.Queue()
         self._slots = asyncio.Semaphore(config.max_concurrent)
         self._pacer = Pacer(config.max_per_second)
+        self._pbx_wait = config.pbx_wait_seconds
+        self._draining = False
+        self._idle = asyncio.Event()  # set when the last live call ends
         self._live: dict[str, _LiveCall] = {}
         self._waiting: set[str] = set()  # queued, or taken off the queue and not yet placed
         self._canceled: set[str] = set()
@@ -117,6 +121,37 @@ class Dialer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+
+    async def adopt(self, job: CallJob, dialed_at: float, alerted: bool) -> None:
+        """Follow a call an earlier process placed: never dialed again, closed by its
+        Hangup if the PBX still has it, else as lost once its ring time has passed."""
+        await self._slots.acquire()
+        self._live[job.call_id] = _LiveCall(job, dialed_at=dialed_at, alerted=alerted)
+        self._pbx.adopt(job.call_id)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop placing calls and wait, at most `timeout`, for the live ones to end.
+
+        Calls still queued stay queued in the store: the next start resumes them.
+        """
+        self._draining = True
+        for task in self._tasks:
+            if task.get_name() == "dialer-dial":
+                task.cancel()
+        if self._live:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
+        if self._live:
+            log.warning(
+                "shutdown: %d calls still live; their outcomes are left to the next start",
+                len(self._live),
+            )
+
+    @property
+    def draining(self) -> bool:
+        """True once shutdown has begun."""
+        return self._draining
 
     def submit(self, job: CallJob) -> None:
         """Queue a call; it is placed as pacing allows."""
@@ -162,6 +197,16 @@ class Dialer:
         return True
 
     async def _place(self, job: CallJob) -> None:
+        if not self._pbx.connected:
+            # Nothing is dropped while the PBX is away: wait for it, within a bound.
+            wait = (job.queued_at or time.time()) + self._pbx_wait - time.time()
+            try:
+                await self._pbx.wait_connected(max(wait, 0.0))
+            except PbxError:
+                log.warning("call %s: no PBX within %ss", job.call_id, self._pbx_wait)
+                self._slots.release()
+                await self._finish(job, Outcome.ERROR, None, None, "pbx_unavailable")
+                return
         now = time.time()
         # Written before the Originate: after a crash a call marked dialing is
         # reconciled, never dialed again.
@@ -214,6 +259,9 @@ class Dialer:
         sip_code: int | None,
         reason: str | None,
     ) -> None:
+        if kind is CallEventKind.CONNECTED:
+            await self._reconcile(at)
+            return
         live = self._live.get(call_id)
         if live is None:
             return
@@ -226,6 +274,21 @@ class Dialer:
             live.answered = live.answered or kind is CallEventKind.ANSWERED
             await self._store.add_call_event(CallEventRecord(call_id, at, kind, None, None))
 
+    async def _reconcile(self, connected_at: float) -> None:
+        """After an AMI (re)connection, close the calls Asterisk no longer has: their
+        Hangup came while the gateway could not hear it."""
+        for call_id, live in list(self._live.items()):
+            if live.dialed_at >= connected_at:
+                continue  # placed on this connection: its events are not lost
+            try:
+                exists = await self._pbx.call_exists(call_id)
+            except PbxError as exc:
+                log.warning("call %s: cannot reconcile: %s", call_id, exc)
+                continue  # the sweep closes it after its ring time
+            if not exists:
+                log.warning("call %s: gone from the PBX while AMI was away", call_id)
+                await self._end(call_id, None, None, "pbx_lost")
+
     async def _end(
         self,
         call_id: str,
@@ -237,6 +300,8 @@ class Dialer:
         live = self._live.pop(call_id, None)
         if live is None:
             return
+        if not self._live:
+            self._idle.set()
         self._slots.release()
         outcome = classify(alerted=live.alerted, answered=live.answered, cause=cause)
         await self._finish(live.job, outcome, cause, sip_code, reason, at=at)

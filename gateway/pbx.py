@@ -77,6 +77,8 @@ class CallEventKind(enum.StrEnum):
     PROGRESS = "progress"  # 183 without 180: many mobile networks alert this way
     ANSWERED = "answered"  # the channel went Up
     HANGUP = "hangup"  # the channel is gone: the call's last event
+    # Not about one call: AMI (re)connected; events of calls live before may be lost.
+    CONNECTED = "connected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,12 @@ class Pbx(Protocol):
     async def hangup(self, channel_id: str) -> None: ...
 
     async def next_event(self) -> CallEvent: ...
+
+    async def wait_connected(self, timeout: float) -> None: ...
+
+    def adopt(self, channel_id: str) -> None: ...
+
+    async def call_exists(self, channel_id: str) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +194,6 @@ class _Forget:
 
 @dataclass
 class _Call:
-    dial: Dial
     seen: set[CallEventKind] = field(default_factory=set)
 
 
@@ -234,7 +241,7 @@ class AmiPbx:
     async def originate(self, dial: Dial) -> None:
         """Place `dial`; returns once Asterisk has queued it, never waiting for the ring."""
         action = originate_action(self.settings, dial)
-        self._calls[dial.channel_id] = _Call(dial)
+        self._calls[dial.channel_id] = _Call()
         try:
             reply = await self._send(action)
         except BaseException:
@@ -258,6 +265,22 @@ class AmiPbx:
     async def next_event(self) -> CallEvent:
         """The next event of any call placed here."""
         return await self._events.get()
+
+    def adopt(self, channel_id: str) -> None:
+        """Follow the events of a call an earlier process placed (after a restart)."""
+        if _CHANNEL_ID.fullmatch(channel_id):
+            self._calls.setdefault(channel_id, _Call())
+
+    async def call_exists(self, channel_id: str) -> bool:
+        """Whether Asterisk still has the call's channel (the Status action)."""
+        if not _CHANNEL_ID.fullmatch(channel_id):
+            raise UnsafeAmiValue("bad channel_id")
+        reply = await self._send({"Action": "Status", "Channel": channel_id})
+        if reply.success:
+            return True
+        if "no such channel" in reply.get("Message", "").lower():
+            return False
+        raise PbxError(f"Status refused: {reply.get('Message', '')}")
 
     # -- connection ------------------------------------------------------------
 
@@ -311,6 +334,7 @@ class AmiPbx:
                 f"AMI login as {self.settings.username!r} refused: {reply.get('Message', '')}"
             )
         self._logged_in.set()
+        self._events.put_nowait(CallEvent("", CallEventKind.CONNECTED, time.time()))
 
     async def _keepalive(self) -> None:
         """Ping until a reply is late or the connection drops."""

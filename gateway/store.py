@@ -528,6 +528,16 @@ class Store:
             rows = await cursor.fetchall()
         return {str(key): int(n) for key, n in rows}
 
+    async def replace_code(self, verification_id: str, code_hash: str, at: float) -> bool:
+        """A queued call resumed after a restart shows a new caller ID: its code's hash."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE verifications SET code_hash = ?, updated_at = ? "
+                "WHERE id = ? AND status = 'pending'",
+                (code_hash, at, verification_id),
+            )
+            return cursor.rowcount == 1
+
     async def set_status(self, verification_id: str, status: str, at: float) -> bool:
         """Move a pending verification to `status`; False when it was not pending."""
         async with self._transaction() as db:

@@ -230,9 +230,40 @@ class Verifications:
                 cli_dial=phones.format_for_trunk(cli.e164, pool.cli_format),
                 pool=pool.name,
                 ring_seconds=ring_seconds,
+                queued_at=now,
             )
         )
         return verification, call
+
+    async def resume(self, verification: VerificationRecord, call: CallRecord) -> bool:
+        """Queue again a call that was still queued when the gateway stopped.
+
+        It was never dialed, so nobody saw its code: it gets a fresh caller ID and code.
+        False when the verification can no longer be called (expired, unknown pool).
+        """
+        pool = self._pools_by_name.get(verification.pool)
+        now = self._clock()
+        if pool is None or verification.status != "pending" or verification.expires_at <= now:
+            return False
+        cli = pool.draw()
+        if not await self._store.replace_code(
+            verification.id, self._code_hash(verification.id, cli.code), now
+        ):
+            pool.release(cli.e164)
+            return False
+        self._dialer.submit(
+            CallJob(
+                call_id=call.id,
+                verification_id=verification.id,
+                dial_number=call.dial_number,
+                cli=cli.e164,
+                cli_dial=phones.format_for_trunk(cli.e164, pool.cli_format),
+                pool=pool.name,
+                ring_seconds=call.ring_seconds,
+                queued_at=now,
+            )
+        )
+        return True
 
     def _limits(self, api_key_id: str, v: VerificationRecord) -> tuple[WindowLimit, ...]:
         """Every window limit a new verification must fit under (DESIGN: abuse limits)."""

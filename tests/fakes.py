@@ -150,6 +150,7 @@ class FakePbx:
         self.connected = connected
         self.originated: list[Originated] = []
         self.hangups: list[str] = []  # every hangup asked for, live call or not
+        self.adopted: list[str] = []
         self.max_live = 0
         self._live: dict[str, asyncio.Task[None]] = {}
         self._events: asyncio.Queue[CallEvent] = asyncio.Queue()
@@ -200,6 +201,24 @@ class FakePbx:
 
     async def next_event(self) -> CallEvent:
         return await self._events.get()
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Like the adapter: wait for `connected`, or raise PbxUnavailable."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not self.connected:
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            raise PbxUnavailable(f"no AMI login within {timeout}s") from None
+
+    async def call_exists(self, channel_id: str) -> bool:
+        if not self.connected:
+            raise PbxUnavailable("not connected to AMI")
+        return channel_id in self._live
+
+    def adopt(self, channel_id: str) -> None:
+        """Follow a call placed before a restart: the fake knows nothing of it."""
+        self.adopted.append(channel_id)
 
     async def close(self) -> None:
         """Stop every scripted call still playing."""

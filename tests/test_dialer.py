@@ -145,9 +145,13 @@ async def make_dialer(store: Store) -> AsyncIterator[HarnessFactory]:
         *,
         max_concurrent: int = 50,
         max_per_second: float = 1000.0,
+        pbx_wait_seconds: float = 10.0,
     ) -> Harness:
         calls = CallsConfig(
-            ring_seconds=1, max_concurrent=max_concurrent, max_per_second=max_per_second
+            ring_seconds=1,
+            max_concurrent=max_concurrent,
+            max_per_second=max_per_second,
+            pbx_wait_seconds=pbx_wait_seconds,
         )
         harness = Harness(pbx or FakePbx(), store, calls)
         harnesses.append(harness)
@@ -250,7 +254,7 @@ async def test_originate_refused_is_an_error(make_dialer: HarnessFactory, store:
 
 
 async def test_pbx_unavailable_is_an_error(make_dialer: HarnessFactory, store: Store) -> None:
-    harness = make_dialer(FakePbx(connected=False))
+    harness = make_dialer(FakePbx(connected=False), pbx_wait_seconds=0.3)
     harness.dialer.start()
     job = await add_job(store)
     harness.submit(job)
@@ -260,6 +264,21 @@ async def test_pbx_unavailable_is_an_error(make_dialer: HarnessFactory, store: S
     assert (call.outcome, call.status, call.reason) == ("error", "failed", "pbx_unavailable")
     assert await status_of(store, job) == "failed"
     assert harness.pbx.placed == []
+
+
+async def test_a_call_waits_for_the_pbx_to_come_back(
+    make_dialer: HarnessFactory, store: Store
+) -> None:
+    harness = make_dialer(FakePbx(connected=False), pbx_wait_seconds=5)
+    harness.dialer.start()
+    job = await add_job(store)
+    harness.submit(job)
+    await asyncio.sleep(0.3)
+    assert harness.pbx.dials == []
+    harness.pbx.connected = True
+    await harness.ended(job)
+    assert [d.channel_id for d in harness.pbx.placed] == [job.call_id]
+    assert (await call_of(store, job)).outcome == "delivered"
 
 
 async def test_unsafe_dial_is_never_placed(harness: Harness, store: Store) -> None:

@@ -15,6 +15,7 @@ from gateway.api.bodies import Field, check_callback_url, read_object
 from gateway.api.typedefs import (
     API_KEY,
     CONFIG,
+    DIALER,
     METRICS,
     NUMBERS,
     PBX,
@@ -266,7 +267,11 @@ async def healthz(request: web.Request) -> web.Response:
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     """The database answers and AMI is logged in."""
-    checks = {"database": True, "pbx": request.app[PBX].connected}
+    checks = {
+        "database": True,
+        "pbx": request.app[PBX].connected,
+        "accepting": not request.app[DIALER].draining,
+    }
     try:
         await request.app[STORE].ping()
     except Exception:

@@ -38,6 +38,8 @@ async def events_until_hangup(
     async with asyncio.timeout(timeout):
         while open_calls:
             event = await pbx.next_event()
+            if event.kind is CallEventKind.CONNECTED:
+                continue  # about the connection, not a call
             assert event.channel_id in seen, f"event for a call not placed here: {event}"
             seen[event.channel_id].append(event)
             if event.kind is CallEventKind.HANGUP:

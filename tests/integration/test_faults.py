@@ -1,0 +1,210 @@
+"""Issue 6 fault tests: Asterisk killed mid-ring, the gateway killed mid-queue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.config import CallsConfig
+from gateway.pbx import AmiSettings
+from tests.conftest import pbx_command, phone_number
+from tests.farend import FarEnd
+from tests.integration.conftest import Gateway, GatewayFactory
+from tests.integration.test_gateway_process import REPO, free_port
+
+pytestmark = pytest.mark.integration
+
+DEFINITE = ("completed", "failed")
+
+
+async def wait_for(predicate: Any, timeout: float, what: str) -> float:
+    """Seconds until `await predicate()` is true; fails naming `what` after `timeout`."""
+    started = time.monotonic()
+    while not await predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        await asyncio.sleep(0.1)
+    return time.monotonic() - started
+
+
+async def call_states(gateway: Gateway, ids: list[str]) -> list[dict[str, Any]]:
+    return [(await gateway.get(f"/v1/verifications/{vid}"))[1] for vid in ids]
+
+
+async def test_asterisk_killed_while_fifty_calls_ring(
+    start_gateway: GatewayFactory, far_end: FarEnd, dev_pbx: AmiSettings
+) -> None:
+    gateway = await start_gateway(
+        calls=CallsConfig(
+            ring_seconds=8, max_ring_seconds=10, max_concurrent=200, max_per_second=200
+        )
+    )
+    numbers = [phone_number(0) for _ in range(50)]
+    created = await asyncio.gather(
+        *(gateway.post("/v1/verifications", {"phone": f"+{n}"}) for n in numbers)
+    )
+    ids = [body["id"] for status, body in created if status == 201]
+    assert len(ids) == 50
+
+    async def all_ringing() -> bool:
+        return all(any(r.sent_at(180) for r in far_end.calls_to(n)) for n in numbers)
+
+    await wait_for(all_ringing, 10, "50 calls ringing")
+
+    async def ready_is(status: int) -> bool:
+        return (await gateway.request("GET", "/readyz")).status == status
+
+    try:
+        await asyncio.to_thread(pbx_command, "kill")
+        down = await wait_for(lambda: ready_is(503), 5, "/readyz 503 after the kill")
+        assert (await gateway.request("GET", "/healthz")).status == 200  # the gateway lives
+    finally:
+        await asyncio.to_thread(pbx_command, "up")  # returns once AMI logs in
+    back = await wait_for(lambda: ready_is(200), 5, "/readyz 200 after AMI is back")
+
+    async def all_definite() -> bool:
+        return all(s["call"]["status"] in DEFINITE for s in await call_states(gateway, ids))
+
+    await wait_for(all_definite, 15, "every verification in a definite state")
+    states = await call_states(gateway, ids)
+    assert {s["call"]["outcome"] for s in states} <= {"error", "delivered"}
+    assert Counter(s["call"]["reason"] for s in states if s["call"]["outcome"] == "error") <= (
+        Counter({"pbx_lost": 50})
+    )
+    counts = Counter(r.request_user for r in far_end.records() if r.request_user in numbers)
+    assert max(counts.values()) == 1, "a destination got two INVITEs"
+    print(f"\n/readyz 503 {down:.2f}s after the kill, 200 {back:.2f}s after AMI was back")
+
+    after = phone_number(3)
+    status, body = await gateway.post("/v1/verifications", {"phone": f"+{after}"})
+    assert status == 201
+
+    async def busy() -> bool:
+        return (await gateway.get(f"/v1/verifications/{body['id']}"))[1]["call"][
+            "outcome"
+        ] == "busy"
+
+    await wait_for(busy, 10, "a new call after the restart")
+
+
+class GatewayProcess:
+    def __init__(self, config: Path, env: dict[str, str], url: str, log: Path) -> None:
+        self.config, self.env, self.url, self.log = config, env, url, log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.key = ""
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "run", "--config", str(self.config)],
+                cwd=REPO,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def gateway_process(dev_pbx: AmiSettings, tmp_path: Path) -> Iterator[GatewayProcess]:
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+http: {{host: 127.0.0.1, port: {port}}}
+database: {{path: '{tmp_path / "gw.sqlite3"}'}}
+asterisk: {{secret: '{dev_pbx.secret}'}}
+security: {{code_secret: fault-test-code-secret}}
+pools: [{{name: dev, prefix: '+6221500', code_length: 4}}]
+calls: {{ring_seconds: 3, max_concurrent: 200, max_per_second: 25}}
+limits: {{key_requests_per_minute: 1000000}}
+"""
+    )
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    process = GatewayProcess(config, env, f"http://127.0.0.1:{port}", tmp_path / "gw.log")
+    created = subprocess.run(
+        [sys.executable, "-m", "gateway", "keys", "create", "faults", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
+    )
+    assert created.returncode == 0, created.stderr
+    process.key = created.stdout.strip().splitlines()[-1]
+    yield process
+    if process.proc is not None and process.proc.poll() is None:
+        process.kill()
+
+
+async def test_gateway_killed_with_a_hundred_queued_or_ringing(
+    gateway_process: GatewayProcess, far_end: FarEnd
+) -> None:
+    headers = {"Authorization": f"Bearer {gateway_process.key}"}
+    gateway_process.start()
+    numbers = [phone_number(0) for _ in range(100)]
+    async with aiohttp.ClientSession(gateway_process.url, headers=headers) as http:
+
+        async def ready() -> bool:
+            try:
+                async with http.get("/readyz") as response:
+                    return response.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_for(ready, 15, "gateway ready")
+
+        async def create(n: str) -> str:
+            async with http.post("/v1/verifications", json={"phone": f"+{n}"}) as response:
+                assert response.status == 201
+                return str((await response.json())["id"])
+
+        ids = await asyncio.gather(*(create(n) for n in numbers))
+        await asyncio.sleep(1.5)  # 25 calls/s: about 40 placed and ringing, 60 queued
+        gateway_process.kill()
+        dialed_at_kill = sum(1 for n in numbers if far_end.calls_to(n))
+        assert 10 <= dialed_at_kill <= 90, dialed_at_kill
+
+        gateway_process.start()
+        await wait_for(ready, 15, "gateway ready after the restart")
+
+        async def states() -> list[dict[str, Any]]:
+            out = []
+            for vid in ids:
+                async with http.get(f"/v1/verifications/{vid}") as response:
+                    out.append(json.loads(await response.text()))
+            return out
+
+        async def all_definite() -> bool:
+            return all(s["call"]["status"] in DEFINITE for s in await states())
+
+        await wait_for(all_definite, 45, "every verification in a definite state")
+        final = await states()
+    counts = Counter(r.request_user for r in far_end.records() if r.request_user in numbers)
+    assert max(counts.values()) == 1, "a destination got two INVITEs"
+    outcomes = Counter(s["call"]["outcome"] for s in final)
+    print(f"\nkilled with {dialed_at_kill} dialed; after the restart: {dict(outcomes)}")
+    delivered = [s for s in final if s["call"]["outcome"] == "delivered"]
+    # Every call still queued at the kill was placed after the restart, once.
+    assert len(delivered) >= 100 - dialed_at_kill
+    assert sum(counts.values()) == len([n for n in numbers if counts[n]])
+    for state in final:
+        if state["call"]["outcome"] != "delivered":
+            assert (state["call"]["outcome"], state["call"]["reason"]) == ("error", "pbx_lost")
+            assert state["status"] == "failed"
