@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
+from gateway.api import views
 from gateway.api.bodies import MAX_BODY_BYTES
 from gateway.api.handlers import auth_middleware, routes
 from gateway.api.problems import problems_middleware, timeout_middleware
@@ -30,6 +32,7 @@ from gateway.pbx import AmiPbx, AmiSettings, Pbx
 from gateway.pool import Pool
 from gateway.store import Store
 from gateway.verifications import Verifications
+from gateway.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ def create_app(config: Config, pbx: Pbx | None = None) -> web.Application:
     app[METRICS] = Metrics(config.limits.key_daily_calls)
     if pbx is not None:
         app[PBX] = pbx
-    app.cleanup_ctx.extend([_store_ctx, _pbx_ctx, _calls_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _pbx_ctx, _calls_ctx, _webhooks_ctx])
     app.add_routes(routes)
     return app
 
@@ -95,6 +98,20 @@ async def _calls_ctx(app: web.Application) -> AsyncIterator[None]:
     await dialer.drain(config.calls.max_ring_seconds + SHUTDOWN_GRACE_S)
     await verifications.stop()
     await dialer.stop()
+
+
+async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = app[STORE]
+
+    async def render(verification_id: str) -> dict[str, Any]:
+        found = await store.verification(verification_id)
+        assert found is not None, "an outbox row always has its verification"
+        return views.verification(*found, await store.call_events(found[1].id))
+
+    sender = WebhookSender(app[CONFIG].webhooks, store, render)
+    sender.start()
+    yield
+    await sender.stop()
 
 
 async def _restore_calls_of_previous_run(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from standardwebhooks import Webhook
 
 # A pool below this many codes can be guessed too easily: 1 in 10,000 per attempt,
 # five attempts per verification, is the usual floor for a 4-digit OTP.
@@ -153,6 +154,15 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhooksConfig:
+    # Standard Webhooks secret ("whsec_" + base64). Without it callback_url is refused.
+    secret: str | None = field(default=None, repr=False)
+    timeout_seconds: float = 5.0  # per delivery attempt
+    retry_base_seconds: float = 5.0  # the first retry's delay; doubles, with jitter
+    give_up_seconds: int = 86400  # stop retrying this long after the event
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     asterisk: AsteriskConfig
     pools: tuple[PoolConfig, ...]
@@ -163,6 +173,7 @@ class Config:
     verification: VerificationConfig = VerificationConfig()
     numbers: NumbersConfig = NumbersConfig()
     limits: LimitsConfig = LimitsConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
 
 
 def load(path: str | Path, environ: typing.Mapping[str, str] | None = None) -> Config:
@@ -221,7 +232,8 @@ def _build(
     origin = typing.get_origin(kind)
     if origin in (types.UnionType, typing.Union):
         options = [a for a in typing.get_args(kind) if a is not type(None)]
-        return None if raw is None else _build(options[0], raw, path, environ, problems)
+        # An optional value left empty ("${OTP_WEBHOOK_SECRET:-}" unset) is absent.
+        return None if raw in (None, "") else _build(options[0], raw, path, environ, problems)
     if origin is tuple:
         if not isinstance(raw, list):
             problems.append(f"{where}: must be a list")
@@ -322,6 +334,21 @@ def _check(config: Config) -> list[str]:
         0 < config.http.request_timeout_seconds <= 300,
         "http.request_timeout_seconds",
         "must be above 0 and at most 300",
+    )
+    hooks = config.webhooks
+    if hooks.secret is not None:
+        try:
+            Webhook(hooks.secret)
+        except Exception:  # the library raises several kinds for a bad secret
+            problems.append("webhooks.secret: must be whsec_ followed by base64")
+    need(0 < hooks.timeout_seconds <= 60, "webhooks.timeout_seconds", "must be above 0, at most 60")
+    need(
+        0 < hooks.retry_base_seconds <= 3600,
+        "webhooks.retry_base_seconds",
+        "must be above 0, at most 3600",
+    )
+    need(
+        60 <= hooks.give_up_seconds <= 7 * 86400, "webhooks.give_up_seconds", "must be 60 to 604800"
     )
     limits = config.limits
     for name in ("per_phone", "per_prefix", "global_calls"):

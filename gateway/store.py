@@ -7,6 +7,7 @@ interleaves with another coroutine's statements on the shared connection.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -115,9 +116,66 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);
     """,
+    # 5: the webhook outbox, written in the transaction of the change it reports.
+    """
+    CREATE TABLE webhook_outbox (
+        id TEXT PRIMARY KEY,                -- webhook-id: the same on every redelivery
+        verification_id TEXT NOT NULL REFERENCES verifications (id),
+        url TEXT NOT NULL,
+        type TEXT NOT NULL,                 -- verification.delivered, ...
+        payload TEXT,                       -- fixed at the first attempt, then resent as is
+        created_at REAL NOT NULL,
+        next_attempt_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_status INTEGER,
+        last_error TEXT,
+        delivered_at REAL,
+        given_up_at REAL
+    );
+    CREATE INDEX webhook_outbox_due ON webhook_outbox (next_attempt_at)
+        WHERE delivered_at IS NULL AND given_up_at IS NULL;
+    CREATE INDEX webhook_outbox_by_verification ON webhook_outbox (verification_id);
+    """,
 )
 
 LIVE_CALL_STATUSES = ("queued", "dialing", "ringing")
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRecord:
+    id: str
+    verification_id: str
+    url: str
+    type: str
+    payload: str | None
+    created_at: float
+    next_attempt_at: float
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    delivered_at: float | None
+    given_up_at: float | None
+
+
+# The verification status each event reports, for the statements that change it.
+STATUS_EVENTS = {
+    "approved": "verification.approved",
+    "max_attempts_reached": "verification.max_attempts_reached",
+    "canceled": "verification.canceled",
+    "expired": "verification.expired",
+    "failed": "verification.failed",
+}
+
+
+async def _enqueue(db: aiosqlite.Connection, verification_id: str, kind: str, at: float) -> None:
+    """An outbox row for `kind` if the verification asked for webhooks; in the caller's
+    transaction, so the event exists exactly when the change does."""
+    await db.execute(
+        "INSERT INTO webhook_outbox (id, verification_id, url, type, created_at, "
+        "next_attempt_at) SELECT ?, id, callback_url, ?, ?, ? FROM verifications "
+        "WHERE id = ? AND callback_url IS NOT NULL",
+        ("msg_" + secrets.token_hex(16), kind, at, at, verification_id),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,11 +461,12 @@ class Store:
                 (vid, cid if status in LIVE_CALL_STATUSES else None)
                 for vid, cid, status in await cursor.fetchall()
             ]
-            if superseded:
-                await db.executemany(
+            for vid, _ in superseded:
+                await db.execute(
                     "UPDATE verifications SET status = 'canceled', updated_at = ? WHERE id = ?",
-                    [(verification.created_at, vid) for vid, _ in superseded],
+                    (verification.created_at, vid),
                 )
+                await _enqueue(db, vid, STATUS_EVENTS["canceled"], verification.created_at)
             await db.execute(
                 f"INSERT INTO verifications ({_V_COLS}) "
                 f"VALUES ({_placeholders(VerificationRecord)})",
@@ -502,7 +561,10 @@ class Store:
                 (approve, approve, approve, at, verification_id, at),
             )
             row = await cursor.fetchone()
-        return VerificationRecord(*row) if row else None
+            record = VerificationRecord(*row) if row else None
+            if record is not None and record.status in STATUS_EVENTS:
+                await _enqueue(db, verification_id, STATUS_EVENTS[record.status], at)
+        return record
 
     async def failed_checks(self, phone: str, since: float) -> tuple[int, float | None]:
         """Wrong checks against `phone`'s verifications created since `since`, and the
@@ -546,7 +608,10 @@ class Store:
                 "WHERE id = ? AND status = 'pending'",
                 (status, at, verification_id),
             )
-            return cursor.rowcount == 1
+            changed = cursor.rowcount == 1
+            if changed and status in STATUS_EVENTS:
+                await _enqueue(db, verification_id, STATUS_EVENTS[status], at)
+            return changed
 
     async def expire_due(self, now: float) -> list[str]:
         """Expire pending verifications past their TTL; return their ids."""
@@ -556,7 +621,10 @@ class Store:
                 "WHERE status = 'pending' AND expires_at <= ? RETURNING id",
                 (now, now),
             )
-            return [row[0] for row in await cursor.fetchall()]
+            expired = [str(row[0]) for row in await cursor.fetchall()]
+            for verification_id in expired:
+                await _enqueue(db, verification_id, STATUS_EVENTS["expired"], now)
+            return expired
 
     async def next_expiry(self) -> float | None:
         async with self._lock:
@@ -628,11 +696,15 @@ class Store:
                 (call_id, at, f"ended:{outcome}", cause, sip_code),
             )
             if fail_verification:
-                await db.execute(
+                cursor = await db.execute(
                     "UPDATE verifications SET status = 'failed', updated_at = ? "
                     "WHERE id = ? AND status = 'pending'",
                     (at, row[0]),
                 )
+                if cursor.rowcount == 1:
+                    await _enqueue(db, row[0], STATUS_EVENTS["failed"], at)
+            elif delivered:
+                await _enqueue(db, row[0], "verification.delivered", at)
             cursor = await db.execute(
                 "SELECT v.phone FROM calls c JOIN verifications v ON v.id = c.verification_id "
                 "WHERE c.id = ? AND c.dialed_at IS NOT NULL",
@@ -664,6 +736,83 @@ class Store:
                         health,
                     ),
                 )
+
+    # -- webhooks --------------------------------------------------------------
+
+    async def due_webhooks(self, now: float, limit: int) -> list[WebhookRecord]:
+        """Undelivered webhooks whose next attempt is due, oldest first."""
+        async with self._lock:
+            cursor = await self._db.execute(
+                f"SELECT {_columns(WebhookRecord)} FROM webhook_outbox "
+                "WHERE delivered_at IS NULL AND given_up_at IS NULL AND next_attempt_at <= ? "
+                "ORDER BY next_attempt_at LIMIT ?",
+                (now, limit),
+            )
+            rows = await cursor.fetchall()
+        return [WebhookRecord(*row) for row in rows]
+
+    async def next_webhook_at(self) -> float | None:
+        async with self._lock:
+            cursor = await self._db.execute(
+                "SELECT MIN(next_attempt_at) FROM webhook_outbox "
+                "WHERE delivered_at IS NULL AND given_up_at IS NULL"
+            )
+            row = await cursor.fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    async def fix_webhook_payload(self, webhook_id: str, payload: str) -> str:
+        """Set the payload once (the first attempt's); return the one stored."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE webhook_outbox SET payload = COALESCE(payload, ?) WHERE id = ?",
+                (payload, webhook_id),
+            )
+            cursor = await db.execute(
+                "SELECT payload FROM webhook_outbox WHERE id = ?", (webhook_id,)
+            )
+            row = await cursor.fetchone()
+        assert row is not None
+        return str(row[0])
+
+    async def webhook_attempted(
+        self,
+        webhook_id: str,
+        *,
+        at: float,
+        status: int | None,
+        error: str | None,
+        delivered: bool,
+        next_attempt_at: float | None,
+    ) -> None:
+        """Record one delivery attempt: delivered, retried later, or given up (no next)."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE webhook_outbox SET attempts = attempts + 1, last_status = ?, "
+                "last_error = ?, delivered_at = CASE WHEN ? THEN ? END, "
+                "next_attempt_at = COALESCE(?, next_attempt_at), "
+                "given_up_at = CASE WHEN NOT ? AND ? IS NULL THEN ? END WHERE id = ?",
+                (
+                    status,
+                    error,
+                    delivered,
+                    at,
+                    next_attempt_at,
+                    delivered,
+                    next_attempt_at,
+                    at,
+                    webhook_id,
+                ),
+            )
+
+    async def webhooks_of(self, verification_id: str) -> list[WebhookRecord]:
+        async with self._lock:
+            cursor = await self._db.execute(
+                f"SELECT {_columns(WebhookRecord)} FROM webhook_outbox "
+                "WHERE verification_id = ? ORDER BY created_at, rowid",
+                (verification_id,),
+            )
+            rows = await cursor.fetchall()
+        return [WebhookRecord(*row) for row in rows]
 
     # -- number health ---------------------------------------------------------
 

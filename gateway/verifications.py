@@ -150,6 +150,11 @@ class Verifications:
                 "too many calls are waiting; retry later",
                 retry_after=max(1, round(self._dialer.queued / calls.max_per_second)),
             )
+        if request.callback_url is not None and self._config.webhooks.secret is None:
+            raise InvalidRequest(
+                "callback_url needs webhooks configured on the gateway (webhooks.secret)",
+                field="callback_url",
+            )
         phone = self.parse_phone(request.phone, request.region)
         await self._refuse_known_invalid(phone.e164)
         pool = pool_for(self._pools, phone.region)

@@ -123,8 +123,9 @@ async def read_verification(request: web.Request) -> web.Response:
     verification, call = await request.app[VERIFICATIONS].get(
         api_key(request).id, request.match_info["id"]
     )
-    events = await request.app[STORE].call_events(call.id)
-    return web.json_response(views.verification(verification, call, events))
+    store = request.app[STORE]
+    events, hooks = await store.call_events(call.id), await store.webhooks_of(verification.id)
+    return web.json_response(views.verification(verification, call, events, hooks))
 
 
 @routes.post("/v1/verifications/check")
@@ -150,8 +151,9 @@ async def cancel_verification(request: web.Request) -> web.Response:
     verification, call = await request.app[VERIFICATIONS].cancel(
         api_key(request).id, request.match_info["id"]
     )
-    events = await request.app[STORE].call_events(call.id)
-    return web.json_response(views.verification(verification, call, events))
+    store = request.app[STORE]
+    events, hooks = await store.call_events(call.id), await store.webhooks_of(verification.id)
+    return web.json_response(views.verification(verification, call, events, hooks))
 
 
 @routes.get("/v1/numbers")

@@ -5,7 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.store import CallEventRecord, CallRecord, NumberHealthRecord, VerificationRecord
+from gateway.store import (
+    CallEventRecord,
+    CallRecord,
+    NumberHealthRecord,
+    VerificationRecord,
+    WebhookRecord,
+)
 
 
 def timestamp(at: float | None) -> str | None:
@@ -16,9 +22,13 @@ def timestamp(at: float | None) -> str | None:
 
 
 def verification(
-    v: VerificationRecord, call: CallRecord, events: list[CallEventRecord] | None = None
+    v: VerificationRecord,
+    call: CallRecord,
+    events: list[CallEventRecord] | None = None,
+    webhooks: list[WebhookRecord] | None = None,
 ) -> dict[str, Any]:
-    """The verification object of DESIGN.md section 2, with the call's event timeline."""
+    """The verification object of DESIGN.md section 2, with the call's event timeline
+    and the delivery state of its webhooks."""
     return {
         "id": v.id,
         "status": v.status,
@@ -41,6 +51,7 @@ def verification(
                 for e in events or []
             ],
         },
+        "webhooks": [webhook(w) for w in webhooks or []],
         "attempts_remaining": v.attempts_remaining,
         "expires_at": timestamp(v.expires_at),
         "created_at": timestamp(v.created_at),
@@ -89,3 +100,18 @@ def number(description: dict[str, Any], record: NumberHealthRecord | None) -> di
 
 def listed_number(record: NumberHealthRecord) -> dict[str, Any]:
     return {"phone": record.phone, "health": health(record.phone, record)}
+
+
+def webhook(w: WebhookRecord) -> dict[str, Any]:
+    """Where a webhook's delivery stands."""
+    status = "delivered" if w.delivered_at else "failed" if w.given_up_at else "pending"
+    return {
+        "id": w.id,
+        "type": w.type,
+        "status": status,
+        "attempts": w.attempts,
+        "last_status": w.last_status,
+        "last_error": w.last_error,
+        "delivered_at": timestamp(w.delivered_at),
+        "next_attempt_at": None if status != "pending" else timestamp(w.next_attempt_at),
+    }

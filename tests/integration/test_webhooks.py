@@ -1,0 +1,135 @@
+"""Webhooks: every event reaches a receiver that fails at first, signed, with stable ids."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from standardwebhooks import Webhook
+
+from gateway.config import VerificationConfig, WebhooksConfig
+from tests.conftest import phone_number, wire_record
+from tests.farend import FarEnd
+from tests.integration.conftest import GatewayFactory
+from tests.integration.test_faults import wait_for
+from tests.integration.test_verifications_api import call_ended, code_of
+
+pytestmark = pytest.mark.integration
+
+SECRET = "whsec_" + base64.b64encode(b"integration-webhook-secret-0123").decode()
+FAILURES_FIRST = 2  # the receiver answers 500 to the first two attempts of each message
+
+
+class Receiver:
+    """A webhook endpoint that fails each message's first attempts, then accepts it."""
+
+    def __init__(self) -> None:
+        self.attempts: Counter[str] = Counter()
+        self.accepted: list[dict[str, Any]] = []
+        self.bad_signatures = 0
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.text()
+        webhook_id = request.headers["webhook-id"]
+        self.attempts[webhook_id] += 1
+        try:
+            Webhook(SECRET).verify(body, dict(request.headers))
+        except Exception:
+            self.bad_signatures += 1
+            return web.Response(status=400)
+        if self.attempts[webhook_id] <= FAILURES_FIRST:
+            return web.Response(status=500)
+        self.accepted.append(json.loads(body) | {"_id_header": webhook_id})
+        return web.Response(status=204)
+
+    def types_by_verification(self) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = defaultdict(list)
+        for event in self.accepted:
+            found[event["data"]["id"]].append(event["type"])
+        return found
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    receiving = Receiver()
+    app = web.Application()
+    app.router.add_post("/hooks", receiving.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    receiving.url = str(server.make_url("/hooks"))
+    yield receiving
+    await server.close()
+
+
+async def test_every_event_arrives_signed_after_failed_attempts(
+    start_gateway: GatewayFactory, far_end: FarEnd, receiver: Receiver
+) -> None:
+    gateway = await start_gateway(
+        webhooks=WebhooksConfig(secret=SECRET, retry_base_seconds=0.2, timeout_seconds=2),
+        verification=VerificationConfig(ttl_seconds=6, max_attempts=5),
+    )
+
+    async def create(behaviour: int) -> tuple[str, str]:
+        number = phone_number(behaviour)
+        status, body = await gateway.post(
+            "/v1/verifications", {"phone": f"+{number}", "callback_url": receiver.url}
+        )
+        assert status == 201, body
+        return body["id"], number
+
+    approved, approved_number = await create(0)
+    await call_ended(gateway, approved)
+    right = code_of(await wire_record(far_end, approved_number))
+    await gateway.post(f"/v1/verifications/{approved}/check", {"code": right})
+
+    failed, _ = await create(3)
+    locked, locked_number = await create(0)
+    wrong = f"{(int(code_of(await wire_record(far_end, locked_number))) + 1) % 10000:04d}"
+    for _ in range(5):
+        await gateway.post(f"/v1/verifications/{locked}/check", {"code": wrong})
+    canceled, _ = await create(0)
+    await gateway.post(f"/v1/verifications/{canceled}/cancel", {})
+    expired, _ = await create(1)
+
+    expected = {
+        approved: ["verification.delivered", "verification.approved"],
+        failed: ["verification.failed"],
+        locked: ["verification.max_attempts_reached", "verification.delivered"],
+        canceled: ["verification.canceled"],
+        expired: ["verification.delivered", "verification.expired"],
+    }
+
+    async def all_arrived() -> bool:
+        got = receiver.types_by_verification()
+        return all(sorted(got.get(v, [])) == sorted(types) for v, types in expected.items())
+
+    await wait_for(all_arrived, 30, "every webhook delivered")
+    assert receiver.bad_signatures == 0
+    # Each message was tried three times under one webhook-id, then accepted once.
+    assert set(receiver.attempts.values()) == {FAILURES_FIRST + 1}
+    assert all(e["id"] == e["_id_header"] for e in receiver.accepted)
+    assert len({e["id"] for e in receiver.accepted}) == len(receiver.accepted)
+
+    status, shown = await gateway.get(f"/v1/verifications/{approved}")
+    assert status == 200
+    assert [(w["type"], w["status"], w["attempts"]) for w in shown["webhooks"]] == [
+        ("verification.delivered", "delivered", 3),
+        ("verification.approved", "delivered", 3),
+    ]
+
+
+async def test_callback_url_needs_webhooks_configured(
+    start_gateway: GatewayFactory, receiver: Receiver
+) -> None:
+    gateway = await start_gateway()
+    status, body = await gateway.post(
+        "/v1/verifications", {"phone": f"+{phone_number(0)}", "callback_url": receiver.url}
+    )
+    assert (status, body["code"]) == (400, "invalid_request")
