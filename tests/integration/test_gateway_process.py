@@ -137,3 +137,43 @@ async def test_call_command_follows_a_call_to_its_outcome(
     assert "failed: busy (cause 17, SIP 486)" in result.stdout
     assert "verification is failed" in result.stdout
     await wire_record(far_end, number)
+
+
+async def test_sigterm_lets_a_ringing_call_finish_then_exits_0(
+    process: Process, far_end: FarEnd
+) -> None:
+    number = phone_number(0)
+    request = urllib.request.Request(
+        process.url + "/v1/verifications",
+        data=json.dumps({"phone": f"+{number}", "ring_seconds": 3}).encode(),
+        headers={"Authorization": f"Bearer {process.key}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with await asyncio.to_thread(urllib.request.urlopen, request, timeout=5) as response:
+        verification_id = json.loads(response.read())["id"]
+    await wire_record(far_end, number, lambda r: r.sent_at(180) is not None)
+    assert process.proc is not None
+    started = time.monotonic()
+    process.proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.5)
+    with pytest.raises(OSError):  # no longer accepting
+        await asyncio.to_thread(urllib.request.urlopen, process.url + "/healthz", timeout=1)
+    code = await asyncio.to_thread(process.proc.wait, STOP_DEADLINE_S)
+    assert code == 0
+    assert time.monotonic() - started < 3 + STOP_DEADLINE_S
+    record = await wire_record(far_end, number, lambda r: r.canceled_at is not None)
+    assert record.canceled_at is not None
+
+    # The call's outcome was written before the exit: read it with the next start.
+    process.start(process.config.parent / "again.log")
+    with await asyncio.to_thread(
+        urllib.request.urlopen,
+        urllib.request.Request(
+            process.url + f"/v1/verifications/{verification_id}",
+            headers={"Authorization": f"Bearer {process.key}"},
+        ),
+        timeout=5,
+    ) as response:
+        call = json.loads(response.read())["call"]
+    assert (call["status"], call["outcome"]) == ("completed", "delivered")
+    assert process.stop() == 0
