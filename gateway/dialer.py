@@ -300,11 +300,14 @@ class Dialer:
         live = self._live.pop(call_id, None)
         if live is None:
             return
-        if not self._live:
-            self._idle.set()
         self._slots.release()
         outcome = classify(alerted=live.alerted, answered=live.answered, cause=cause)
-        await self._finish(live.job, outcome, cause, sip_code, reason, at=at)
+        try:
+            await self._finish(live.job, outcome, cause, sip_code, reason, at=at)
+        finally:
+            # Only once the outcome is written: shutdown stops the dialer when idle.
+            if not self._live:
+                self._idle.set()
 
     async def _finish(
         self,

@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway import apikeys
-from gateway.api import views
+from gateway.api import openapi, views
 from gateway.api.bodies import Field, check_callback_url, read_object
 from gateway.api.typedefs import (
     API_KEY,
@@ -258,6 +258,11 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format; like /healthz, for the operator's network only."""
     body = await request.app[METRICS].render(request.app[STORE])
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+@routes.get("/openapi.json")
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document())
 
 
 @routes.get("/healthz")

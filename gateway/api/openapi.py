@@ -1,0 +1,456 @@
+"""The OpenAPI 3.1 document of the HTTP API, served at /openapi.json.
+
+Kept beside the routes; tests/test_openapi.py fails when a route is not documented.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway import __version__
+from gateway.api.bodies import MAX_BODY_BYTES
+
+Schema = dict[str, Any]
+
+
+def _nullable(kind: str, **extra: Any) -> Schema:
+    return {"type": [kind, "null"], **extra}
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(properties: dict[str, Schema], required: list[str] | None = None) -> Schema:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties) if required is None else required,
+        "additionalProperties": False,
+    }
+
+
+TIME = _nullable("string", format="date-time")
+STATUSES = ["pending", "approved", "canceled", "expired", "failed", "max_attempts_reached"]
+OUTCOMES = [
+    "delivered", "answered", "busy", "rejected", "invalid_number", "unreachable",
+    "congestion", "error",
+]  # fmt: skip
+HEALTH = ["unknown", "reachable", "unreachable", "invalid"]
+
+SCHEMAS: dict[str, Schema] = {
+    "Problem": {
+        "type": "object",
+        "description": "RFC 9457 problem details with a stable machine-readable code.",
+        "properties": {
+            "type": {"type": "string"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "code": {"type": "string"},
+            "detail": {"type": "string"},
+        },
+        "required": ["type", "title", "status", "code", "detail"],
+        "additionalProperties": True,
+    },
+    "VerificationCreate": {
+        "type": "object",
+        "properties": {
+            "phone": {
+                "type": "string",
+                "maxLength": 64,
+                "description": "E.164, or national digits read with region",
+            },
+            "region": _nullable("string", maxLength=2),
+            "reference": _nullable("string", maxLength=128),
+            "callback_url": _nullable("string", maxLength=2048, format="uri"),
+            "ring_seconds": _nullable("integer", minimum=1, maximum=120),
+        },
+        "required": ["phone"],
+        "additionalProperties": False,
+    },
+    "Check": {
+        "type": "object",
+        "description": "Exactly one of code (the trailing digits) or cli (the full number).",
+        "properties": {
+            "code": _nullable("string", maxLength=16),
+            "cli": _nullable("string", maxLength=64),
+        },
+        "additionalProperties": False,
+    },
+    "CheckByPhone": {
+        "type": "object",
+        "properties": {
+            "phone": {"type": "string", "maxLength": 64},
+            "region": _nullable("string", maxLength=2),
+            "code": _nullable("string", maxLength=16),
+            "cli": _nullable("string", maxLength=64),
+        },
+        "required": ["phone"],
+        "additionalProperties": False,
+    },
+    "CheckResult": _obj(
+        {
+            "id": {"type": "string"},
+            "status": {"type": "string", "enum": STATUSES},
+            "valid": {"type": "boolean"},
+            "attempts_remaining": {"type": "integer"},
+        }
+    ),
+    "CallEvent": _obj(
+        {
+            "at": TIME,
+            "kind": {"type": "string"},
+            "cause": _nullable("integer"),
+            "sip_code": _nullable("integer"),
+        }
+    ),
+    "Webhook": _obj(
+        {
+            "id": {"type": "string"},
+            "type": {"type": "string"},
+            "status": {"type": "string", "enum": ["pending", "delivered", "failed"]},
+            "attempts": {"type": "integer"},
+            "last_status": _nullable("integer"),
+            "last_error": _nullable("string"),
+            "delivered_at": TIME,
+            "next_attempt_at": TIME,
+        }
+    ),
+    "Verification": _obj(
+        {
+            "id": {"type": "string", "pattern": "^vrf_[0-9a-f]{32}$"},
+            "status": {"type": "string", "enum": STATUSES},
+            "phone": {"type": "string"},
+            "reference": _nullable("string"),
+            "callback_url": _nullable("string"),
+            "cli": _obj(
+                {
+                    "prefix": {"type": "string"},
+                    "length": {"type": "integer"},
+                    "pattern": {"type": "string"},
+                }
+            ),
+            "call": _obj(
+                {
+                    "status": {
+                        "type": "string",
+                        "enum": ["queued", "dialing", "ringing", "completed", "failed"],
+                    },
+                    "outcome": {"type": ["string", "null"], "enum": [*OUTCOMES, None]},
+                    "hangup_cause": _nullable("integer"),
+                    "sip_code": _nullable("integer"),
+                    "reason": _nullable("string"),
+                    "ring_seconds": {"type": "integer"},
+                    "dialed_at": TIME,
+                    "ringing_at": TIME,
+                    "ended_at": TIME,
+                    "events": {"type": "array", "items": _ref("CallEvent")},
+                }
+            ),
+            "webhooks": {"type": "array", "items": _ref("Webhook")},
+            "attempts_remaining": {"type": "integer"},
+            "expires_at": TIME,
+            "created_at": TIME,
+            "updated_at": TIME,
+        }
+    ),
+    "Health": _obj(
+        {
+            "status": {"type": ["string", "null"], "enum": [*HEALTH, None]},
+            "calls": {"type": "integer"},
+            "delivered": {"type": "integer"},
+            "last_outcome": _nullable("string"),
+            "last_cause": _nullable("integer"),
+            "last_sip_code": _nullable("integer"),
+            "last_call_at": TIME,
+            "last_delivered_at": TIME,
+        }
+    ),
+    "Number": _obj(
+        {
+            "input": {"type": ["string", "number", "null"]},
+            "e164": _nullable("string"),
+            "valid": {"type": "boolean"},
+            "possible": {"type": "boolean"},
+            "reason": _nullable("string"),
+            "type": _nullable("string"),
+            "region": _nullable("string"),
+            "carrier": _nullable("string"),
+            "callable": {"type": "boolean"},
+            "refused_by": _nullable("string"),
+            "health": _ref("Health"),
+        }
+    ),
+    "Totals": _obj(
+        {
+            "calls": {"type": "integer"},
+            "delivered": {"type": "integer"},
+            "failed": {"type": "integer"},
+            "delivery_rate": _nullable("number"),
+        }
+    ),
+}
+SCHEMAS["Stats"] = _obj(
+    {
+        "since": TIME,
+        "until": TIME,
+        "calls": {"type": "integer"},
+        "delivered": {"type": "integer"},
+        "failed": {"type": "integer"},
+        "delivery_rate": _nullable("number"),
+        "by_outcome": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "by_carrier": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"carrier": {"type": "string"}, **SCHEMAS["Totals"]["properties"]},
+                "required": ["carrier", "calls", "delivered", "failed", "delivery_rate"],
+                "additionalProperties": False,
+            },
+        },
+    }
+)
+
+
+def _problems(*statuses: int) -> dict[str, Any]:
+    """Error responses: problem+json, with Retry-After where it applies."""
+    out: dict[str, Any] = {}
+    for status in statuses:
+        response: dict[str, Any] = {
+            "description": _REASONS[status],
+            "content": {"application/problem+json": {"schema": _ref("Problem")}},
+        }
+        if status in (429, 503):
+            response["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
+        out[str(status)] = response
+    return out
+
+
+_REASONS = {
+    400: "invalid_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "verification_not_pending or idempotency_conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_phone, phone_type_not_allowed, region_not_allowed, destination_blocked, "
+    "number_known_invalid",
+    429: "rate_limited",
+    503: "overloaded or pbx_unavailable",
+}
+# Every /v1 operation can answer these.
+_V1_ERRORS = (401, 429, 503)
+_BODY_ERRORS = (400, 413, 415)
+
+
+def _json(schema: Schema, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _body(schema: Schema) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"summary": summary, "responses": responses, **extra}
+
+
+ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+PHONE = {"name": "phone", "in": "path", "required": True, "schema": {"type": "string"}}
+REGION = {"name": "region", "in": "query", "schema": {"type": "string"}}
+
+
+def document() -> dict[str, Any]:
+    """The whole OpenAPI 3.1 document."""
+    verification = _json(_ref("Verification"), "the verification")
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "otp-gateway",
+            "version": __version__,
+            "description": "Missed-call OTP: the code is the trailing digits of the caller ID. "
+            f"Request bodies are JSON, at most {MAX_BODY_BYTES} bytes.",
+        },
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "paths": {
+            "/v1/verifications": {
+                "post": _op(
+                    "Start a verification: validate the number and queue the call",
+                    {"201": verification, **_problems(*_BODY_ERRORS, 409, 422, *_V1_ERRORS)},
+                    parameters=[
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "schema": {"type": "string", "maxLength": 255},
+                        }
+                    ],
+                    requestBody=_body(_ref("VerificationCreate")),
+                    security=[{"bearer": []}],
+                )
+            },
+            "/v1/verifications/{id}": {
+                "get": _op(
+                    "Read a verification and its call",
+                    {"200": verification, **_problems(404, *_V1_ERRORS)},
+                    parameters=[ID],
+                    security=[{"bearer": []}],
+                )
+            },
+            "/v1/verifications/{id}/check": {
+                "post": _op(
+                    "Check a code or a full caller ID",
+                    {
+                        "200": _json(_ref("CheckResult"), "the check's result"),
+                        **_problems(*_BODY_ERRORS, 404, 409, *_V1_ERRORS),
+                    },
+                    parameters=[ID],
+                    requestBody=_body(_ref("Check")),
+                    security=[{"bearer": []}],
+                )
+            },
+            "/v1/verifications/check": {
+                "post": _op(
+                    "Check against the newest pending verification of a phone",
+                    {
+                        "200": _json(_ref("CheckResult"), "the check's result"),
+                        **_problems(*_BODY_ERRORS, 404, 409, 422, *_V1_ERRORS),
+                    },
+                    requestBody=_body(_ref("CheckByPhone")),
+                    security=[{"bearer": []}],
+                )
+            },
+            "/v1/verifications/{id}/cancel": {
+                "post": _op(
+                    "Cancel a verification; hang up a call still ringing",
+                    {"200": verification, **_problems(404, 409, *_V1_ERRORS)},
+                    parameters=[ID],
+                    security=[{"bearer": []}],
+                )
+            },
+            "/v1/numbers": {
+                "get": _op(
+                    "Numbers by health, paged",
+                    {
+                        "200": _json(
+                            _obj(
+                                {
+                                    "numbers": {
+                                        "type": "array",
+                                        "items": _obj(
+                                            {"phone": {"type": "string"}, "health": _ref("Health")}
+                                        ),
+                                    },
+                                    "next_cursor": _nullable("string"),
+                                }
+                            ),
+                            "a page of numbers",
+                        ),
+                        **_problems(400, *_V1_ERRORS),
+                    },
+                    parameters=[
+                        {
+                            "name": "health",
+                            "in": "query",
+                            "required": True,
+                            "schema": {"type": "string", "enum": HEALTH[1:]},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        },
+                        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                    ],
+                    security=[{"bearer": []}],
+                )
+            },
+            "/v1/numbers/lookup": {
+                "post": _op(
+                    "Validate up to 1,000 numbers without calling them",
+                    {
+                        "200": _json(
+                            _obj({"results": {"type": "array", "items": _ref("Number")}}),
+                            "one result per number, in order",
+                        ),
+                        **_problems(*_BODY_ERRORS, *_V1_ERRORS),
+                    },
+                    requestBody=_body(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "phones": {"type": "array", "maxItems": 1000},
+                                "region": _nullable("string", maxLength=2),
+                            },
+                            "required": ["phones"],
+                            "additionalProperties": False,
+                        }
+                    ),
+                    security=[{"bearer": []}],
+                )
+            },
+            "/v1/numbers/{phone}": {
+                "get": _op(
+                    "Validity, type, carrier, policy and health of a number",
+                    {
+                        "200": _json(_ref("Number"), "what is known of the number"),
+                        **_problems(400, *_V1_ERRORS),
+                    },
+                    parameters=[PHONE, REGION],
+                    security=[{"bearer": []}],
+                )
+            },
+            "/v1/numbers/{phone}/health": {
+                "delete": _op(
+                    "Forget what calls taught about a number",
+                    {"204": {"description": "forgotten"}, **_problems(422, *_V1_ERRORS)},
+                    parameters=[PHONE],
+                    security=[{"bearer": []}],
+                )
+            },
+            "/v1/stats": {
+                "get": _op(
+                    "Delivery statistics over a window, by carrier and outcome",
+                    {
+                        "200": _json(SCHEMAS["Stats"], "the statistics"),
+                        **_problems(400, *_V1_ERRORS),
+                    },
+                    parameters=[
+                        {"name": "window", "in": "query", "schema": {"type": "string"}},
+                        {"name": "since", "in": "query", "schema": {"type": "string"}},
+                        {"name": "until", "in": "query", "schema": {"type": "string"}},
+                    ],
+                    security=[{"bearer": []}],
+                )
+            },
+            "/healthz": {
+                "get": _op("The process is alive", {"200": _json({"type": "object"}, "alive")})
+            },
+            "/readyz": {
+                "get": _op(
+                    "Database usable and AMI logged in",
+                    {
+                        "200": _json({"type": "object"}, "ready"),
+                        "503": _json({"type": "object"}, "not ready"),
+                    },
+                )
+            },
+            "/metrics": {
+                "get": _op(
+                    "Prometheus metrics",
+                    {
+                        "200": {
+                            "description": "text exposition format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                )
+            },
+            "/openapi.json": {
+                "get": _op("This document", {"200": _json({"type": "object"}, "OpenAPI 3.1")})
+            },
+        },
+    }
