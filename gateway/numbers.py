@@ -117,7 +117,8 @@ def _totals(calls: int, delivered: int) -> dict[str, Any]:
 def _not_a_string(raw: object) -> dict[str, Any]:
     """The description of a lookup entry that is not even a string (a number, null, ...)."""
     described = phones.describe("", "ZZ", NumbersConfig())
-    return described | {"input": raw if isinstance(raw, int | float) else None}
+    echoed = isinstance(raw, int | float) and not isinstance(raw, bool)
+    return described | {"input": raw if echoed else None}
 
 
 def _encode_cursor(phone: str) -> str:

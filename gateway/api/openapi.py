@@ -252,8 +252,8 @@ def _body(schema: Schema) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": schema}}}
 
 
-def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"summary": summary, "responses": responses, **extra}
+def _op(operation_id: str, summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"operationId": operation_id, "summary": summary, "responses": responses, **extra}
 
 
 ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -279,6 +279,7 @@ def document() -> dict[str, Any]:
         "paths": {
             "/v1/verifications": {
                 "post": _op(
+                    "createVerification",
                     "Start a verification: validate the number and queue the call",
                     {"201": verification, **_problems(*_BODY_ERRORS, 409, 422, *_V1_ERRORS)},
                     parameters=[
@@ -294,6 +295,7 @@ def document() -> dict[str, Any]:
             },
             "/v1/verifications/{id}": {
                 "get": _op(
+                    "readVerification",
                     "Read a verification and its call",
                     {"200": verification, **_problems(404, *_V1_ERRORS)},
                     parameters=[ID],
@@ -302,6 +304,7 @@ def document() -> dict[str, Any]:
             },
             "/v1/verifications/{id}/check": {
                 "post": _op(
+                    "checkVerification",
                     "Check a code or a full caller ID",
                     {
                         "200": _json(_ref("CheckResult"), "the check's result"),
@@ -314,6 +317,7 @@ def document() -> dict[str, Any]:
             },
             "/v1/verifications/check": {
                 "post": _op(
+                    "checkByPhone",
                     "Check against the newest pending verification of a phone",
                     {
                         "200": _json(_ref("CheckResult"), "the check's result"),
@@ -325,6 +329,7 @@ def document() -> dict[str, Any]:
             },
             "/v1/verifications/{id}/cancel": {
                 "post": _op(
+                    "cancelVerification",
                     "Cancel a verification; hang up a call still ringing",
                     {"200": verification, **_problems(404, 409, *_V1_ERRORS)},
                     parameters=[ID],
@@ -333,6 +338,7 @@ def document() -> dict[str, Any]:
             },
             "/v1/numbers": {
                 "get": _op(
+                    "listNumbers",
                     "Numbers by health, paged",
                     {
                         "200": _json(
@@ -370,6 +376,7 @@ def document() -> dict[str, Any]:
             },
             "/v1/numbers/lookup": {
                 "post": _op(
+                    "lookupNumbers",
                     "Validate up to 1,000 numbers without calling them",
                     {
                         "200": _json(
@@ -394,6 +401,7 @@ def document() -> dict[str, Any]:
             },
             "/v1/numbers/{phone}": {
                 "get": _op(
+                    "readNumber",
                     "Validity, type, carrier, policy and health of a number",
                     {
                         "200": _json(_ref("Number"), "what is known of the number"),
@@ -405,6 +413,7 @@ def document() -> dict[str, Any]:
             },
             "/v1/numbers/{phone}/health": {
                 "delete": _op(
+                    "resetNumberHealth",
                     "Forget what calls taught about a number",
                     {"204": {"description": "forgotten"}, **_problems(422, *_V1_ERRORS)},
                     parameters=[PHONE],
@@ -413,6 +422,7 @@ def document() -> dict[str, Any]:
             },
             "/v1/stats": {
                 "get": _op(
+                    "readStats",
                     "Delivery statistics over a window, by carrier and outcome",
                     {
                         "200": _json(SCHEMAS["Stats"], "the statistics"),
@@ -427,10 +437,13 @@ def document() -> dict[str, Any]:
                 )
             },
             "/healthz": {
-                "get": _op("The process is alive", {"200": _json({"type": "object"}, "alive")})
+                "get": _op(
+                    "healthz", "The process is alive", {"200": _json({"type": "object"}, "alive")}
+                )
             },
             "/readyz": {
                 "get": _op(
+                    "readyz",
                     "Database usable and AMI logged in",
                     {
                         "200": _json({"type": "object"}, "ready"),
@@ -440,6 +453,7 @@ def document() -> dict[str, Any]:
             },
             "/metrics": {
                 "get": _op(
+                    "metrics",
                     "Prometheus metrics",
                     {
                         "200": {
@@ -450,7 +464,9 @@ def document() -> dict[str, Any]:
                 )
             },
             "/openapi.json": {
-                "get": _op("This document", {"200": _json({"type": "object"}, "OpenAPI 3.1")})
+                "get": _op(
+                    "openapi", "This document", {"200": _json({"type": "object"}, "OpenAPI 3.1")}
+                )
             },
         },
     }

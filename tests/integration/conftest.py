@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,8 @@ from gateway.config import (
 from gateway.pbx import AmiSettings
 from gateway.store import Store
 from tests.farend import FarEnd
+
+REPO = Path(__file__).resolve().parents[2]
 
 POOL_PREFIX = "+6221500"
 
@@ -140,3 +149,74 @@ async def wait_ready(gateway: Gateway, timeout: float = 10.0) -> None:
 async def gateway(start_gateway: GatewayFactory) -> Gateway:
     """A gateway with the default dev config."""
     return await start_gateway()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for(predicate: Any, timeout: float, what: str) -> float:
+    """Seconds until `await predicate()` is true; fails naming `what` after `timeout`."""
+    started = time.monotonic()
+    while not await predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        await asyncio.sleep(0.1)
+    return time.monotonic() - started
+
+
+class GatewayProcess:
+    def __init__(self, config: Path, env: dict[str, str], url: str, log: Path) -> None:
+        self.config, self.env, self.url, self.log = config, env, url, log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.key = ""
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "run", "--config", str(self.config)],
+                cwd=REPO,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def gateway_process(dev_pbx: AmiSettings, tmp_path: Path) -> Iterator[GatewayProcess]:
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+http: {{host: 127.0.0.1, port: {port}}}
+database: {{path: '{tmp_path / "gw.sqlite3"}'}}
+asterisk: {{secret: '{dev_pbx.secret}'}}
+security: {{code_secret: fault-test-code-secret}}
+pools: [{{name: dev, prefix: '+6221500', code_length: 4}}]
+calls: {{ring_seconds: 3, max_concurrent: 200, max_per_second: 25}}
+limits: {{key_requests_per_minute: 1000000}}
+"""
+    )
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    process = GatewayProcess(config, env, f"http://127.0.0.1:{port}", tmp_path / "gw.log")
+    created = subprocess.run(
+        [sys.executable, "-m", "gateway", "keys", "create", "faults", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
+    )
+    assert created.returncode == 0, created.stderr
+    process.key = created.stdout.strip().splitlines()[-1]
+    yield process
+    if process.proc is not None and process.proc.poll() is None:
+        process.kill()

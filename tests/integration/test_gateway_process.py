@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,18 +18,12 @@ import pytest
 from gateway.pbx import AmiSettings
 from tests.conftest import phone_number, wire_record
 from tests.farend import FarEnd
+from tests.integration.conftest import REPO, free_port
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 # A gateway asked to stop finishes in-flight work bounded by the ring time.
 STOP_DEADLINE_S = 15
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Process:

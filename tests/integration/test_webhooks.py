@@ -16,8 +16,7 @@ from standardwebhooks import Webhook
 from gateway.config import VerificationConfig, WebhooksConfig
 from tests.conftest import phone_number, wire_record
 from tests.farend import FarEnd
-from tests.integration.conftest import GatewayFactory
-from tests.integration.test_faults import wait_for
+from tests.integration.conftest import GatewayFactory, wait_for
 from tests.integration.test_verifications_api import call_ended, code_of
 
 pytestmark = pytest.mark.integration
