@@ -67,7 +67,9 @@ async def _pbx_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     ami = app[CONFIG].asterisk
-    pbx = AmiPbx(AmiSettings(ami.host, ami.port, ami.username, ami.secret, ami.channel))
+    pbx = AmiPbx(
+        AmiSettings(ami.host, ami.port, ami.username, ami.secret, ami.channel, ami.settle_seconds)
+    )
     await pbx.start()
     app[PBX] = pbx
     yield

@@ -74,6 +74,8 @@ class AsteriskConfig:
     username: str = "otp-gateway"
     channel: str = "PJSIP/{number}@otp-trunk"
     dial_format: str = "e164_no_plus"
+    # Wait after each AMI login before placing calls: Asterisk may still be booting.
+    settle_seconds: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +290,7 @@ def _check(config: Config) -> list[str]:
         ("channel", ami.channel),
     ):
         need(value.isprintable(), f"asterisk.{key}", "must be one line of printable text")
+    need(0 <= ami.settle_seconds <= 30, "asterisk.settle_seconds", "must be 0-30")
     need(ami.dial_format in DIAL_FORMATS, "asterisk.dial_format", f"must be one of {DIAL_FORMATS}")
     need(
         len(config.security.code_secret) >= 16,

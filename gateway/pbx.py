@@ -37,8 +37,11 @@ CONNECT_TIMEOUT_S = 5.0
 ACTION_TIMEOUT_S = 5.0
 KEEPALIVE_INTERVAL_S = 5.0
 KEEPALIVE_TIMEOUT_S = 3.0
-RECONNECT_BASE_S = 0.5
-RECONNECT_CAP_S = 30.0
+# Reconnect backoff: doubling from 0.25 s, capped low. AMI is a local socket, a
+# refused connect costs nothing, and calls wait for the PBX only calls.pbx_wait_seconds:
+# the gateway must be back within seconds of Asterisk (plus settle_seconds).
+RECONNECT_BASE_S = 0.25
+RECONNECT_CAP_S = 2.0
 # A failed OriginateResponse follows the channel's Hangup when a channel was made;
 # when none was (unknown endpoint, no capacity) no Hangup ever comes. Wait this
 # long for one before ending the call on the OriginateResponse alone.
@@ -131,6 +134,10 @@ class AmiSettings:
     username: str
     secret: str
     channel: str = "PJSIP/{number}@otp-trunk"
+    # AMI answers logins before Asterisk has finished booting, and until then PJSIP
+    # drops SIP responses (a call would lose its 180). Knowing when boot ends needs the
+    # `system` class, which this user does not have: wait this long after each login.
+    settle_seconds: float = 2.0
 
 
 def check_number(value: str, what: str) -> str:
@@ -333,6 +340,10 @@ class AmiPbx:
             raise PbxError(
                 f"AMI login as {self.settings.username!r} refused: {reply.get('Message', '')}"
             )
+        if self.settings.settle_seconds:
+            await asyncio.sleep(self.settings.settle_seconds)
+            if self._lost.is_set():
+                raise PbxUnavailable("AMI connection lost while settling")
         self._logged_in.set()
         self._events.put_nowait(CallEvent("", CallEventKind.CONNECTED, time.time()))
 

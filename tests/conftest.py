@@ -30,6 +30,7 @@ DEV_AMI = AmiSettings(
     username="otp-gateway",
     secret="otp-dev-secret",  # noqa: S106 - the dev PBX's fixed loopback-only secret
     channel="PJSIP/{number}@otp-trunk",
+    settle_seconds=0,  # pbx.sh up returns once Asterisk is fully booted
 )
 # The pool prefix the dev config uses: +62 21 500 xxxx (Jakarta, a fixed-line block).
 DEV_CLI_PREFIX = "6221500"

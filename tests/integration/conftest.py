@@ -48,6 +48,7 @@ def dev_config(db_path: Path, ami: AmiSettings, **sections: Any) -> Config:
             port=ami.port,
             username=ami.username,
             channel=ami.channel,
+            settle_seconds=ami.settle_seconds,
         ),
         pools=(PoolConfig(name="dev", prefix=POOL_PREFIX, code_length=4),),
         security=SecurityConfig(code_secret="integration-test-code-secret"),  # noqa: S106

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.config import CallsConfig
+from gateway.config import AsteriskConfig, CallsConfig
 from gateway.pbx import AmiSettings
 from tests.conftest import pbx_command, phone_number
 from tests.farend import FarEnd
@@ -29,9 +29,11 @@ async def test_asterisk_killed_while_fifty_calls_ring(
     start_gateway: GatewayFactory, far_end: FarEnd, dev_pbx: AmiSettings
 ) -> None:
     gateway = await start_gateway(
+        # As in production: after a login, wait before calling (Asterisk may be booting).
+        asterisk=AsteriskConfig(secret=dev_pbx.secret, settle_seconds=2),
         calls=CallsConfig(
             ring_seconds=8, max_ring_seconds=10, max_concurrent=200, max_per_second=200
-        )
+        ),
     )
     numbers = [phone_number(0) for _ in range(50)]
     created = await asyncio.gather(
@@ -52,6 +54,10 @@ async def test_asterisk_killed_while_fifty_calls_ring(
         await asyncio.to_thread(pbx_command, "kill")
         down = await wait_for(lambda: ready_is(503), 5, "/readyz 503 after the kill")
         assert (await gateway.request("GET", "/healthz")).status == 200  # the gateway lives
+        # Accepted while the PBX is down: it waits in the queue for the PBX.
+        waiting_number = phone_number(3)
+        status, waiting = await gateway.post("/v1/verifications", {"phone": f"+{waiting_number}"})
+        assert status == 201
     finally:
         await asyncio.to_thread(pbx_command, "up")  # returns once AMI logs in
     back = await wait_for(lambda: ready_is(200), 5, "/readyz 200 after AMI is back")
@@ -68,6 +74,12 @@ async def test_asterisk_killed_while_fifty_calls_ring(
     counts = Counter(r.request_user for r in far_end.records() if r.request_user in numbers)
     assert max(counts.values()) == 1, "a destination got two INVITEs"
     print(f"\n/readyz 503 {down:.2f}s after the kill, 200 {back:.2f}s after AMI was back")
+
+    async def waited_and_placed() -> bool:
+        state = (await gateway.get(f"/v1/verifications/{waiting['id']}"))[1]
+        return bool(state["call"]["outcome"] == "busy")
+
+    await wait_for(waited_and_placed, 10, "the call queued while the PBX was down")
 
     after = phone_number(3)
     status, body = await gateway.post("/v1/verifications", {"phone": f"+{after}"})
