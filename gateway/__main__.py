@@ -8,6 +8,7 @@ import csv
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -106,20 +107,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(cfg: config.Config) -> int:
-    """Serve until SIGINT or SIGTERM."""
-    from gateway.app import create_app  # the CLI's other commands need no aiohttp app
-
+    """Serve until SIGINT or SIGTERM, then drain and exit 0."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    web.run_app(
-        create_app(cfg),
-        host=cfg.http.host,
-        port=cfg.http.port,
-        print=lambda _: logging.info("listening on http://%s:%s", cfg.http.host, cfg.http.port),
-    )
+    asyncio.run(serve(cfg))
     return 0
+
+
+async def serve(cfg: config.Config) -> None:
+    """Run the app; on SIGTERM or SIGINT answer 503 to new work while ringing calls
+    finish (bounded by the longest ring), then stop."""
+    from gateway.api.typedefs import DIALER
+    from gateway.app import SHUTDOWN_GRACE_S, create_app  # only `run` needs the app
+
+    app = create_app(cfg)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, cfg.http.host, cfg.http.port).start()
+        logging.info("listening on http://%s:%s", cfg.http.host, cfg.http.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        logging.info("stopping: new requests get 503 while ringing calls finish")
+        await app[DIALER].drain(cfg.calls.max_ring_seconds + SHUTDOWN_GRACE_S)
+    finally:
+        await runner.cleanup()
 
 
 async def manage_keys(cfg: config.Config, args: argparse.Namespace) -> int:

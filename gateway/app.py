@@ -12,7 +12,7 @@ from aiohttp import web
 from gateway.api import views
 from gateway.api.bodies import MAX_BODY_BYTES
 from gateway.api.handlers import auth_middleware, routes
-from gateway.api.problems import problems_middleware, timeout_middleware
+from gateway.api.problems import draining_middleware, problems_middleware, timeout_middleware
 from gateway.api.ratelimit import RequestRate
 from gateway.api.typedefs import (
     CONFIG,
@@ -44,7 +44,12 @@ def create_app(config: Config, pbx: Pbx | None = None) -> web.Application:
     """The gateway as an aiohttp app; `pbx` replaces the AMI connection in unit tests."""
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
-        middlewares=[problems_middleware, timeout_middleware, auth_middleware],
+        middlewares=[
+            problems_middleware,
+            draining_middleware,
+            timeout_middleware,
+            auth_middleware,
+        ],
     )
     app[CONFIG] = config
     app[METRICS] = Metrics(config.limits.key_daily_calls)

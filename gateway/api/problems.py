@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway import errors
-from gateway.api.typedefs import CONFIG
+from gateway.api.typedefs import CONFIG, DIALER
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,14 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return problem(500, "internal_error", "the gateway failed to handle this request")
+
+
+@web.middleware
+async def draining_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """While the gateway shuts down, the API answers 503 (health checks still answer)."""
+    if request.path.startswith("/v1/") and request.app[DIALER].draining:
+        raise errors.Overloaded("the gateway is shutting down; retry", retry_after=5)
+    return await handler(request)
 
 
 @web.middleware

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,8 +150,18 @@ async def test_sigterm_lets_a_ringing_call_finish_then_exits_0(
     started = time.monotonic()
     process.proc.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.5)
-    with pytest.raises(OSError):  # no longer accepting
-        await asyncio.to_thread(urllib.request.urlopen, process.url + "/healthz", timeout=1)
+    # Draining: new work is refused with 503 while the ringing call finishes.
+    refused = urllib.request.Request(
+        process.url + "/v1/verifications",
+        data=json.dumps({"phone": f"+{phone_number(0)}"}).encode(),
+        headers={"Authorization": f"Bearer {process.key}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        await asyncio.to_thread(urllib.request.urlopen, refused, timeout=2)
+    assert answer.value.code == 503
+    assert json.loads(answer.value.read())["code"] == "overloaded"
+    answer.value.close()
     code = await asyncio.to_thread(process.proc.wait, STOP_DEADLINE_S)
     assert code == 0
     assert time.monotonic() - started < 3 + STOP_DEADLINE_S
