@@ -27,6 +27,7 @@ from gateway.api.typedefs import (
 from gateway.errors import InvalidRequest, Unauthorized
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.numbers import DEFAULT_PAGE, MAX_LOOKUP
+from gateway.store import CallRecord, VerificationRecord
 from gateway.verifications import (
     MAX_CALLBACK_URL_LENGTH,
     MAX_REFERENCE_LENGTH,
@@ -120,12 +121,8 @@ def _idempotency_key(request: web.Request) -> str | None:
 
 @routes.get("/v1/verifications/{id}")
 async def read_verification(request: web.Request) -> web.Response:
-    verification, call = await request.app[VERIFICATIONS].get(
-        api_key(request).id, request.match_info["id"]
-    )
-    store = request.app[STORE]
-    events, hooks = await store.call_events(call.id), await store.webhooks_of(verification.id)
-    return web.json_response(views.verification(verification, call, events, hooks))
+    found = await request.app[VERIFICATIONS].get(api_key(request).id, request.match_info["id"])
+    return await _verification_response(request, *found)
 
 
 @routes.post("/v1/verifications/check")
@@ -148,9 +145,14 @@ async def check_verification(request: web.Request) -> web.Response:
 
 @routes.post("/v1/verifications/{id}/cancel")
 async def cancel_verification(request: web.Request) -> web.Response:
-    verification, call = await request.app[VERIFICATIONS].cancel(
-        api_key(request).id, request.match_info["id"]
-    )
+    found = await request.app[VERIFICATIONS].cancel(api_key(request).id, request.match_info["id"])
+    return await _verification_response(request, *found)
+
+
+async def _verification_response(
+    request: web.Request, verification: VerificationRecord, call: CallRecord
+) -> web.Response:
+    """The verification with its call's timeline and its webhooks' delivery state."""
     store = request.app[STORE]
     events, hooks = await store.call_events(call.id), await store.webhooks_of(verification.id)
     return web.json_response(views.verification(verification, call, events, hooks))
