@@ -19,7 +19,7 @@ import pytest
 from gateway.pbx import AmiSettings
 from tests.conftest import phone_number, wire_record
 from tests.farend import FarEnd
-from tests.integration.conftest import REPO, free_port
+from tests.integration.conftest import REPO, GatewayProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -27,11 +27,8 @@ pytestmark = pytest.mark.integration
 STOP_DEADLINE_S = 15
 
 
-class Process:
-    def __init__(self, config: Path, env: dict[str, str], url: str) -> None:
-        self.config, self.env, self.url = config, env, url
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.key = ""
+class Process(GatewayProcess):
+    """The gateway process, with its CLI, started only once ready, stopped by SIGTERM."""
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -43,18 +40,12 @@ class Process:
             timeout=60,
         )
 
-    def start(self, log: Path) -> None:
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", "--config", str(self.config)],
-                cwd=REPO,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+    def start_ready(self) -> None:
+        self.start()
+        assert self.proc is not None
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, log.read_text()
+            assert self.proc.poll() is None, self.log.read_text()
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=1) as response:
                     if response.status == 200:
@@ -62,7 +53,7 @@ class Process:
             except OSError:
                 pass
             time.sleep(0.1)
-        raise AssertionError(f"gateway not ready:\n{log.read_text()}")
+        raise AssertionError(f"gateway not ready:\n{self.log.read_text()}")
 
     def stop(self) -> int:
         assert self.proc is not None
@@ -86,11 +77,11 @@ def process(dev_pbx: AmiSettings, far_end: FarEnd, tmp_path: Path) -> Iterator[P
         "AMI_SECRET": dev_pbx.secret,
         "OTP_CODE_SECRET": "process-test-code-secret",
     }
-    gateway = Process(config, env, f"http://127.0.0.1:{port}")
+    gateway = Process(config, env, f"http://127.0.0.1:{port}", tmp_path / "gateway.log")
     created = gateway.cli("keys", "create", "process-test", "--config", str(config))
     assert created.returncode == 0, created.stderr
     gateway.key = created.stdout.strip().splitlines()[-1]
-    gateway.start(tmp_path / "gateway.log")
+    gateway.start_ready()
     yield gateway
     if gateway.proc is not None and gateway.proc.poll() is None:
         gateway.proc.kill()
@@ -169,7 +160,7 @@ async def test_sigterm_lets_a_ringing_call_finish_then_exits_0(
     assert record.canceled_at is not None
 
     # The call's outcome was written before the exit: read it with the next start.
-    process.start(process.config.parent / "again.log")
+    process.start_ready()
     with await asyncio.to_thread(
         urllib.request.urlopen,
         urllib.request.Request(
