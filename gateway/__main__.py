@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import apikeys, config
+from gateway import apikeys, config, logs
 from gateway.store import Store
 
 DEFAULT_CONFIG = "config.yaml"
@@ -108,10 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(cfg: config.Config) -> int:
     """Serve until SIGINT or SIGTERM, then drain and exit 0."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logs.setup(cfg.logging.format, cfg.logging.level)
     asyncio.run(serve(cfg))
     return 0
 

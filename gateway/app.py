@@ -9,10 +9,16 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway import dashboard
 from gateway.api import views
 from gateway.api.bodies import MAX_BODY_BYTES
 from gateway.api.handlers import auth_middleware, routes
-from gateway.api.problems import draining_middleware, problems_middleware, timeout_middleware
+from gateway.api.problems import (
+    draining_middleware,
+    metrics_middleware,
+    problems_middleware,
+    timeout_middleware,
+)
 from gateway.api.ratelimit import RequestRate
 from gateway.api.typedefs import (
     CONFIG,
@@ -26,6 +32,7 @@ from gateway.api.typedefs import (
 )
 from gateway.config import Config
 from gateway.dialer import CallJob, Dialer
+from gateway.logs import call_ids
 from gateway.metrics import Metrics
 from gateway.numbers import Numbers
 from gateway.pbx import AmiPbx, AmiSettings, Pbx
@@ -45,6 +52,7 @@ def create_app(config: Config, pbx: Pbx | None = None) -> web.Application:
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
         middlewares=[
+            metrics_middleware,  # outermost: it sees the status problems_middleware chose
             problems_middleware,
             draining_middleware,
             timeout_middleware,
@@ -57,6 +65,7 @@ def create_app(config: Config, pbx: Pbx | None = None) -> web.Application:
         app[PBX] = pbx
     app.cleanup_ctx.extend([_store_ctx, _pbx_ctx, _calls_ctx, _webhooks_ctx])
     app.add_routes(routes)
+    app.add_routes(dashboard.routes)
     return app
 
 
@@ -82,7 +91,7 @@ async def _pbx_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _calls_ctx(app: web.Application) -> AsyncIterator[None]:
-    config, store = app[CONFIG], app[STORE]
+    config, store, pbx = app[CONFIG], app[STORE], app[PBX]
     pools = [Pool(p) for p in config.pools]
     by_name = {p.name: p for p in pools}
 
@@ -90,7 +99,9 @@ async def _calls_ctx(app: web.Application) -> AsyncIterator[None]:
         if pool in by_name:
             by_name[pool].release(cli)
 
-    dialer = Dialer(app[PBX], store, config.calls, release_cli)
+    metrics = app[METRICS]
+    dialer = Dialer(app[PBX], store, config.calls, release_cli, metrics=metrics)
+    metrics.watch(store, lambda: dialer.queued, lambda: dialer.in_flight, lambda: pbx.connected)
     verifications = Verifications(config, store, pools, dialer)
     app[DIALER] = dialer
     app[VERIFICATIONS] = verifications
@@ -132,7 +143,10 @@ async def _restore_calls_of_previous_run(
         verification = found[0]
         if call.status != "queued":
             log.warning(
-                "call %s was %s when the gateway stopped; following it", call.id, call.status
+                "call %s was %s when the gateway stopped; following it",
+                call.id,
+                call.status,
+                extra=call_ids(verification.id, call.id),
             )
             job = CallJob(
                 call.id,
@@ -146,7 +160,9 @@ async def _restore_calls_of_previous_run(
             )
             await dialer.adopt(job, call.dialed_at or call.queued_at, call.status == "ringing")
         elif await verifications.resume(verification, call):
-            log.info("call %s resumed after a restart", call.id)
+            log.info(
+                "call %s resumed after a restart", call.id, extra=call_ids(verification.id, call.id)
+            )
         else:
             await store.end_call(
                 call.id,

@@ -15,7 +15,9 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import phonenumbers
 import yaml
+from phonenumbers import PhoneNumberFormat
 from standardwebhooks import Webhook
 
 # A pool below this many codes can be guessed too easily: 1 in 10,000 per attempt,
@@ -24,6 +26,8 @@ MIN_POOL_CODES = 10_000
 MAX_RING_SECONDS = 60  # no network alerts a handset for longer than this
 CODE_LENGTHS = range(4, 9)  # 4 to 8 trailing digits
 DIAL_FORMATS = ("e164", "e164_no_plus", "national")
+LOG_FORMATS = ("auto", "json", "text")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 # phonenumbers' type names, lower case (PhoneNumberType.MOBILE -> "mobile").
 NUMBER_TYPES = (
     "fixed_line",
@@ -43,6 +47,7 @@ NUMBER_TYPES = (
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _E164ISH = re.compile(r"\+[1-9][0-9]{1,14}")
 _REGION = re.compile(r"[A-Z]{2}")
+E164 = PhoneNumberFormat.E164
 
 
 class ConfigError(Exception):
@@ -165,6 +170,12 @@ class WebhooksConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    format: str = "auto"  # auto: JSON lines unless stderr is a terminal
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     asterisk: AsteriskConfig
     pools: tuple[PoolConfig, ...]
@@ -176,6 +187,10 @@ class Config:
     numbers: NumbersConfig = NumbersConfig()
     limits: LimitsConfig = LimitsConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
+    logging: LoggingConfig = LoggingConfig()
+    # Sandbox: E.164 phone -> fixed code. Verifications to these phones are never
+    # dialed and accept that code (client-app QA, store reviews). Empty: off.
+    test_numbers: dict[str, str] = field(default_factory=dict)
 
 
 def load(path: str | Path, environ: typing.Mapping[str, str] | None = None) -> Config:
@@ -236,6 +251,17 @@ def _build(
         options = [a for a in typing.get_args(kind) if a is not type(None)]
         # An optional value left empty ("${OTP_WEBHOOK_SECRET:-}" unset) is absent.
         return None if raw in (None, "") else _build(options[0], raw, path, environ, problems)
+    if origin is dict:
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: must be a mapping")
+            return None
+        key_kind, value_kind = typing.get_args(kind)
+        return {
+            _build(key_kind, k, f"{path}[{k!r}]", environ, problems): _build(
+                value_kind, v, f"{path}[{k!r}]", environ, problems
+            )
+            for k, v in raw.items()
+        }
     if origin is tuple:
         if not isinstance(raw, list):
             problems.append(f"{where}: must be a list")
@@ -424,6 +450,37 @@ def _check(config: Config) -> list[str]:
                 f"{at}: only {pool.codes} codes ({entropy_bits(pool):.1f} bits); at least "
                 f"{MIN_POOL_CODES} are needed, or set allow_low_entropy: true"
             )
+    need(config.logging.format in LOG_FORMATS, "logging.format", f"must be one of {LOG_FORMATS}")
+    need(config.logging.level in LOG_LEVELS, "logging.level", f"must be one of {LOG_LEVELS}")
+    problems.extend(_check_test_numbers(config))
+    return problems
+
+
+def _check_test_numbers(config: Config) -> list[str]:
+    """Each sandbox phone is a normalised E.164 number in an allowed region, and its
+    code has the length of the codes of the pool that serves it."""
+    problems = []
+    for phone, code in config.test_numbers.items():
+        at = f"test_numbers[{phone!r}]"
+        try:
+            parsed = phonenumbers.parse(phone)
+        except phonenumbers.NumberParseException:
+            parsed = None
+        if parsed is None or phonenumbers.format_number(parsed, E164) != phone:
+            problems.append(f"{at}: must be an E.164 number such as +6281200000001 (quoted)")
+            continue
+        region = phonenumbers.region_code_for_number(parsed)
+        pool = next(
+            (p for p in config.pools if region in (p.regions or config.numbers.allowed_regions)),
+            None,
+        )
+        if pool is None:
+            problems.append(f"{at}: no pool serves its region {region}")
+        elif not (code.isascii() and code.isdigit() and len(code) == pool.code_length):
+            problems.append(
+                f"{at}: the code must be {pool.code_length} digits, the code length "
+                f"of pool {pool.name} that serves it"
+            )
     return problems
 
 
@@ -461,6 +518,11 @@ def summary(config: Config) -> list[str]:
                 f"{config.verification.max_attempts} attempts wins 1 time in "
                 f"{1 / min(chance, 1):.0f}; use this pool only where that risk is accepted"
             )
+    if config.test_numbers:
+        lines.append(
+            f"warning: test_numbers is set: {len(config.test_numbers)} phones are never "
+            "called and accept a fixed code (sandbox); empty it in production"
+        )
     return lines
 
 

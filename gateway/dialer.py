@@ -8,8 +8,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from gateway.config import CallsConfig
+from gateway.logs import call_ids
 from gateway.outcomes import DELIVERED_OUTCOMES, Outcome, classify, health_of
 from gateway.pbx import CallEventKind, Dial, Pbx, PbxError
 from gateway.store import CallEventRecord, Store
@@ -47,6 +49,25 @@ class _LiveCall:
 EndedCallback = Callable[[CallJob, Outcome], Awaitable[None]]
 
 
+class CallMetrics(Protocol):
+    """What the dialer reports as calls progress (gateway.metrics.Metrics)."""
+
+    def call_ringing(self, since_request: float) -> None: ...
+    def call_ended(self, outcome: str, cause: int | None) -> None: ...
+    def pbx_connected(self) -> None: ...
+
+
+class _NoMetrics:
+    def call_ringing(self, since_request: float) -> None:
+        pass
+
+    def call_ended(self, outcome: str, cause: int | None) -> None:
+        pass
+
+    def pbx_connected(self) -> None:
+        pass
+
+
 class Pacer:
     """Spaces calls at most `rate` per second, allowing a burst of up to one second."""
 
@@ -78,8 +99,10 @@ class Dialer:
         config: CallsConfig,
         release_cli: Callable[[str, str], None],
         on_ended: EndedCallback | None = None,
+        metrics: CallMetrics | None = None,
     ) -> None:
         self._pbx = pbx
+        self._metrics = metrics or _NoMetrics()
         self._store = store
         self._on_ended = on_ended
         self._release_cli = release_cli
@@ -184,7 +207,7 @@ class Dialer:
             except Exception:
                 # A store failure must not stop the queue: this call ends as an error
                 # (if it got as far as live) and the next one is placed.
-                log.exception("call %s: could not be placed", job.call_id)
+                log.exception("call %s: could not be placed", job.call_id, extra=_ids(job))
                 await self._abandon(job)
 
     async def _skip_canceled(self, job: CallJob) -> bool:
@@ -203,7 +226,9 @@ class Dialer:
             try:
                 await self._pbx.wait_connected(max(wait, 0.0))
             except PbxError:
-                log.warning("call %s: no PBX within %ss", job.call_id, self._pbx_wait)
+                log.warning(
+                    "call %s: no PBX within %ss", job.call_id, self._pbx_wait, extra=_ids(job)
+                )
                 self._slots.release()
                 await self._finish(job, Outcome.ERROR, None, None, "pbx_unavailable")
                 return
@@ -217,11 +242,11 @@ class Dialer:
                 Dial(job.call_id, job.dial_number, job.cli_dial, job.ring_seconds)
             )
         except PbxError as exc:
-            log.warning("call %s: originate failed: %s", job.call_id, exc)
+            log.warning("call %s: originate failed: %s", job.call_id, exc, extra=_ids(job))
             reason = "pbx_unavailable" if not self._pbx.connected else "originate_refused"
             await self._end(job.call_id, None, None, reason)
         except ValueError as exc:  # UnsafeAmiValue: a bug upstream, never sent
-            log.error("call %s: refused unsafe AMI value: %s", job.call_id, exc)
+            log.error("call %s: refused unsafe AMI value: %s", job.call_id, exc, extra=_ids(job))
             await self._end(job.call_id, None, None, "invalid_dial")
 
     async def _abandon(self, job: CallJob) -> None:
@@ -233,7 +258,7 @@ class Dialer:
                 self._slots.release()
                 await self._finish(job, Outcome.ERROR, None, None, "gateway_error")
         except Exception:
-            log.exception("call %s: could not be closed", job.call_id)
+            log.exception("call %s: could not be closed", job.call_id, extra=_ids(job))
 
     async def _event_loop(self) -> None:
         while True:
@@ -248,7 +273,13 @@ class Dialer:
                     event.reason,
                 )
             except Exception:
-                log.exception("call %s: event %s not recorded", event.channel_id, event.kind)
+                live = self._live.get(event.channel_id)
+                log.exception(
+                    "call %s: event %s not recorded",
+                    event.channel_id,
+                    event.kind,
+                    extra=_ids(live.job) if live else call_ids(call_id=event.channel_id),
+                )
 
     async def _handle_event(
         self,
@@ -260,6 +291,7 @@ class Dialer:
         reason: str | None,
     ) -> None:
         if kind is CallEventKind.CONNECTED:
+            self._metrics.pbx_connected()
             await self._reconcile(at)
             return
         live = self._live.get(call_id)
@@ -268,6 +300,8 @@ class Dialer:
         if kind in (CallEventKind.RINGING, CallEventKind.PROGRESS) and not live.alerted:
             live.alerted = True
             await self._store.call_progress(call_id, "ringing", "ringing_at", at, kind)
+            if live.job.queued_at:
+                self._metrics.call_ringing(at - live.job.queued_at)
         elif kind is CallEventKind.HANGUP:
             await self._end(call_id, cause, sip_code, reason, at)
         else:
@@ -283,10 +317,12 @@ class Dialer:
             try:
                 exists = await self._pbx.call_exists(call_id)
             except PbxError as exc:
-                log.warning("call %s: cannot reconcile: %s", call_id, exc)
+                log.warning("call %s: cannot reconcile: %s", call_id, exc, extra=_ids(live.job))
                 continue  # the sweep closes it after its ring time
             if not exists:
-                log.warning("call %s: gone from the PBX while AMI was away", call_id)
+                log.warning(
+                    "call %s: gone from the PBX while AMI was away", call_id, extra=_ids(live.job)
+                )
                 await self._end(call_id, None, None, "pbx_lost")
 
     async def _end(
@@ -332,6 +368,7 @@ class Dialer:
             health=health_of(outcome),
             delivered=delivered,
         )
+        self._metrics.call_ended(outcome, cause)
         log.info(
             "call %s (verification %s): %s, cause %s, sip %s",
             job.call_id,
@@ -339,6 +376,7 @@ class Dialer:
             outcome,
             cause,
             sip_code,
+            extra=_ids(job),
         )
         if self._on_ended is not None:
             await self._on_ended(job, outcome)
@@ -350,5 +388,13 @@ class Dialer:
             now = time.time()
             for call_id, live in list(self._live.items()):
                 if now > live.dialed_at + live.job.ring_seconds + LOST_CALL_GRACE_S:
-                    log.warning("call %s: no hangup from the PBX; closing it as lost", call_id)
+                    log.warning(
+                        "call %s: no hangup from the PBX; closing it as lost",
+                        call_id,
+                        extra=_ids(live.job),
+                    )
                     await self._end(call_id, None, None, "pbx_lost")
+
+
+def _ids(job: CallJob) -> dict[str, str]:
+    return call_ids(job.verification_id, job.call_id)

@@ -61,9 +61,10 @@ class RateLimited(GatewayError):
 
     code = "rate_limited"
 
-    def __init__(self, retry_after: float) -> None:
+    def __init__(self, retry_after: float, limit: str) -> None:
         super().__init__("too many requests; retry later")
         self.retry_after = max(1, math.ceil(retry_after))
+        self.limit = limit  # for the operator's metrics, never in the answer
 
 
 class IdempotencyConflict(GatewayError):

@@ -1,34 +1,163 @@
-"""Prometheus metrics, one registry per app (tests run several apps in one process)."""
+"""Prometheus metrics, one registry per app (tests run several apps in one process).
+
+Events are counted where they happen (the dialer, the API middleware, the store's
+status changes); levels (queue depth, calls in flight, AMI state, webhook backlog) and
+the per-key budget are read when /metrics is scraped.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from gateway.store import Store
+from gateway.outcomes import Outcome
+from gateway.store import VERIFICATION_STATUSES, Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DAY = 86400.0
 
+# POST to the far end's first ring: queueing, pacing, Originate, and the network's setup.
+RINGING_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0)
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+# Which limit refused a request (the API's answer never says; the operator should know).
+RATE_LIMITS = (
+    "phone",
+    "phone_prefix",
+    "api_key_daily",
+    "global",
+    "key_requests_per_minute",
+    "failed_checks",
+)
+
+
+class _VerificationStatuses(Collector):
+    """otp_verifications_total by status, from the store's own tally of the changes it
+    committed (every status change happens in one store method or another)."""
+
+    def __init__(self, tally: Callable[[], dict[str, int]]) -> None:
+        self._tally = tally
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "otp_verifications",
+            "Verifications that reached each status (pending: created)",
+            labels=["status"],
+        )
+        tally = self._tally()
+        for status in VERIFICATION_STATUSES:
+            family.add_metric([status], tally.get(status, 0))
+        yield family
+
 
 class Metrics:
-    """The gateway's metrics; figures kept in the database are read at scrape time."""
+    """The gateway's metrics."""
 
     def __init__(self, key_daily_calls: int) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "otp_http_requests",
+            "HTTP requests answered, by route template and status",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "otp_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template",
+            ["route"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.calls = Counter(
+            "otp_calls", "Calls ended, by outcome (DESIGN.md section 4)", ["outcome"], registry=r
+        )
+        self.hangup_causes = Counter(
+            "otp_call_hangup_causes",
+            "Calls ended, by Q.850 hangup cause ('none' when the call never reached the network)",
+            ["cause"],
+            registry=r,
+        )
+        self.ringing_seconds = Histogram(
+            "otp_call_ringing_latency_seconds",
+            "From the POST that created a verification to the far end ringing",
+            buckets=RINGING_BUCKETS,
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "otp_rate_limited",
+            "Requests refused by a rate limit, by the limit that fired",
+            ["limit"],
+            registry=r,
+        )
+        self.ami_reconnects = Counter(
+            "otp_ami_reconnects", "AMI logins after the first one (reconnections)", registry=r
+        )
+        self.sandbox = Counter(
+            "otp_sandbox_verifications",
+            "Verifications to configured test_numbers (never dialed)",
+            registry=r,
+        )
+        self.queued = Gauge("otp_calls_queued", "Calls waiting to be placed", registry=r)
+        self.in_flight = Gauge("otp_calls_in_flight", "Calls placed and not yet ended", registry=r)
+        self.ami_connected = Gauge(
+            "otp_ami_connected", "1 while logged in to AMI, else 0", registry=r
+        )
+        self.webhook_backlog = Gauge(
+            "otp_webhooks_pending", "Webhooks not yet delivered nor given up", registry=r
+        )
         self.key_calls = Gauge(
             "otp_api_key_calls_24h",
             "Calls requested by each API key in the last 24 hours (the daily budget's use)",
             ["api_key", "name"],
-            registry=self.registry,
+            registry=r,
         )
         self.key_budget = Gauge(
             "otp_api_key_daily_call_budget",
             "Calls each API key may request in a rolling day (limits.key_daily_calls)",
-            registry=self.registry,
+            registry=r,
         )
         self.key_budget.set(key_daily_calls)
+        for outcome in Outcome:  # every outcome shows, at 0 until it happens
+            self.calls.labels(outcome=outcome.value)
+        for limit in RATE_LIMITS:
+            self.rate_limited.labels(limit=limit)
+        self._logins = 0
+
+    def watch(
+        self,
+        store: Store,
+        queued: Callable[[], int],
+        in_flight: Callable[[], int],
+        connected: Callable[[], bool],
+    ) -> None:
+        """Read these levels at each scrape."""
+        self.queued.set_function(queued)
+        self.in_flight.set_function(in_flight)
+        self.ami_connected.set_function(lambda: float(connected()))
+        self.registry.register(_VerificationStatuses(lambda: dict(store.status_tally)))
+
+    # -- the dialer's events (gateway.dialer.CallMetrics) ----------------------
+
+    def call_ringing(self, since_request: float) -> None:
+        self.ringing_seconds.observe(max(since_request, 0.0))
+
+    def call_ended(self, outcome: str, cause: int | None) -> None:
+        self.calls.labels(outcome=outcome).inc()
+        self.hangup_causes.labels(cause="none" if cause is None else str(cause)).inc()
+
+    def pbx_connected(self) -> None:
+        self._logins += 1
+        if self._logins > 1:
+            self.ami_reconnects.inc()
+
+    # -- the API's ---------------------------------------------------------------
+
+    def request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method=method, route=route, status=str(status)).inc()
+        self.request_seconds.labels(route=route).observe(seconds)
 
     async def render(self, store: Store) -> bytes:
         """The text exposition, after refreshing the figures read from the store."""
@@ -36,4 +165,5 @@ class Metrics:
         self.key_calls.clear()
         for key_id, calls in (await store.calls_by_key(time.time() - DAY)).items():
             self.key_calls.labels(api_key=key_id, name=names.get(key_id, "")).set(calls)
+        self.webhook_backlog.set(await store.pending_webhooks())
         return generate_latest(self.registry)

@@ -267,7 +267,12 @@ class AmiPbx:
         # Asterisk looks a channel up by name or by Uniqueid, which is our ChannelId.
         reply = await self._send({"Action": "Hangup", "Channel": channel_id})
         if not reply.success:
-            log.info("hangup of %s: %s", channel_id, reply.get("Message", "refused"))
+            log.info(
+                "hangup of %s: %s",
+                channel_id,
+                reply.get("Message", "refused"),
+                extra={"call_id": channel_id},
+            )
 
     async def next_event(self) -> CallEvent:
         """The next event of any call placed here."""

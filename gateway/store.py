@@ -7,6 +7,8 @@ interleaves with another coroutine's statements on the shared connection.
 from __future__ import annotations
 
 import asyncio
+import collections
+import math
 import secrets
 import sqlite3
 from collections.abc import AsyncIterator
@@ -136,6 +138,10 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE delivered_at IS NULL AND given_up_at IS NULL;
     CREATE INDEX webhook_outbox_by_verification ON webhook_outbox (verification_id);
     """,
+    # 6: sandbox verifications (config test_numbers): never dialed, fixed code.
+    """
+    ALTER TABLE verifications ADD COLUMN sandbox INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 LIVE_CALL_STATUSES = ("queued", "dialing", "ringing")
@@ -156,6 +162,15 @@ class WebhookRecord:
     delivered_at: float | None
     given_up_at: float | None
 
+
+VERIFICATION_STATUSES = (
+    "pending",
+    "approved",
+    "canceled",
+    "expired",
+    "failed",
+    "max_attempts_reached",
+)
 
 # The verification status each event reports, for the statements that change it.
 STATUS_EVENTS = {
@@ -202,6 +217,15 @@ class Limited:
     """A limit was reached; nothing was stored."""
 
     retry_after: float
+    limit: str  # which: phone, phone_prefix, api_key_daily or global
+
+
+_LIMIT_NAMES = {
+    "phone": "phone",
+    "phone_prefix": "phone_prefix",
+    "api_key_id": "api_key_daily",
+    None: "global",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +281,7 @@ class VerificationRecord:
     carrier: str | None = None
     phone_prefix: str | None = None
     failed_checks: int = 0
+    sandbox: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +342,9 @@ class Store:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
         self._lock = asyncio.Lock()
+        # Verifications that reached each status through this connection, counted
+        # after the commit: /metrics reports them.
+        self.status_tally: collections.Counter[str] = collections.Counter()
 
     @classmethod
     async def open(cls, path: str | Path) -> Store:
@@ -438,7 +466,7 @@ class Store:
                     return Replayed(str(row[0]), int(row[1]), str(row[2]))
             for limit in limits:
                 since = verification.created_at - limit.seconds
-                where, args = "created_at > ?", list[Any]([since])
+                where, args = "created_at > ? AND NOT sandbox", list[Any]([since])
                 if limit.column is not None:
                     where, args = f"{limit.column} = ? AND {where}", [limit.value, since]
                 cursor = await db.execute(
@@ -449,7 +477,8 @@ class Store:
                 row = await cursor.fetchone()
                 if row is not None:  # `count` already in the window: wait for the oldest
                     return Limited(
-                        max(1.0, float(row[0]) + limit.seconds - verification.created_at)
+                        max(1.0, float(row[0]) + limit.seconds - verification.created_at),
+                        _LIMIT_NAMES[limit.column],
                     )
             cursor = await db.execute(
                 "SELECT v.id, c.id, c.status FROM verifications v "
@@ -476,6 +505,8 @@ class Store:
                 f"INSERT INTO calls ({_C_COLS}) VALUES ({_placeholders(CallRecord)})",
                 astuple(call),
             )
+            if verification.sandbox:  # its call is delivered as it is stored
+                await _enqueue(db, verification.id, "verification.delivered", call.queued_at)
             if idempotency is not None:
                 await db.execute(
                     "INSERT OR REPLACE INTO idempotency_keys "
@@ -490,6 +521,8 @@ class Store:
                         verification.created_at,
                     ),
                 )
+        self.status_tally["pending"] += 1
+        self.status_tally["canceled"] += len(superseded)
         return Inserted(superseded)
 
     async def idempotent_response(self, api_key_id: str, key: str, since: float) -> Replayed | None:
@@ -564,6 +597,8 @@ class Store:
             record = VerificationRecord(*row) if row else None
             if record is not None and record.status in STATUS_EVENTS:
                 await _enqueue(db, verification_id, STATUS_EVENTS[record.status], at)
+        if record is not None and record.status != "pending":
+            self.status_tally[record.status] += 1
         return record
 
     async def failed_checks(self, phone: str, since: float) -> tuple[int, float | None]:
@@ -583,7 +618,8 @@ class Store:
         """Verifications (each one call) created since `since`, per API key."""
         async with self._lock:
             cursor = await self._db.execute(
-                "SELECT api_key_id, COUNT(*) FROM verifications WHERE created_at > ? "
+                "SELECT api_key_id, COUNT(*) FROM verifications "
+                "WHERE created_at > ? AND NOT sandbox "
                 "GROUP BY api_key_id",
                 (since,),
             )
@@ -611,7 +647,9 @@ class Store:
             changed = cursor.rowcount == 1
             if changed and status in STATUS_EVENTS:
                 await _enqueue(db, verification_id, STATUS_EVENTS[status], at)
-            return changed
+        if changed:
+            self.status_tally[status] += 1
+        return changed
 
     async def expire_due(self, now: float) -> list[str]:
         """Expire pending verifications past their TTL; return their ids."""
@@ -624,7 +662,8 @@ class Store:
             expired = [str(row[0]) for row in await cursor.fetchall()]
             for verification_id in expired:
                 await _enqueue(db, verification_id, STATUS_EVENTS["expired"], now)
-            return expired
+        self.status_tally["expired"] += len(expired)
+        return expired
 
     async def next_expiry(self) -> float | None:
         async with self._lock:
@@ -680,6 +719,7 @@ class Store:
         A call that was dialed also updates its number's health: `health` is what the
         outcome says of the number (None: nothing), `delivered` whether it alerted.
         """
+        failed = False
         async with self._transaction() as db:
             cursor = await db.execute(
                 "UPDATE calls SET status = ?, outcome = ?, hangup_cause = ?, sip_code = ?, "
@@ -701,7 +741,8 @@ class Store:
                     "WHERE id = ? AND status = 'pending'",
                     (at, row[0]),
                 )
-                if cursor.rowcount == 1:
+                failed = cursor.rowcount == 1
+                if failed:
                     await _enqueue(db, row[0], STATUS_EVENTS["failed"], at)
             elif delivered:
                 await _enqueue(db, row[0], "verification.delivered", at)
@@ -736,6 +777,8 @@ class Store:
                         health,
                     ),
                 )
+        if failed:
+            self.status_tally["failed"] += 1
 
     # -- webhooks --------------------------------------------------------------
 
@@ -750,6 +793,16 @@ class Store:
             )
             rows = await cursor.fetchall()
         return [WebhookRecord(*row) for row in rows]
+
+    async def pending_webhooks(self) -> int:
+        """Webhooks neither delivered nor given up: the sender's backlog."""
+        async with self._lock:
+            cursor = await self._db.execute(
+                "SELECT COUNT(*) FROM webhook_outbox "
+                "WHERE delivered_at IS NULL AND given_up_at IS NULL"
+            )
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
 
     async def next_webhook_at(self) -> float | None:
         async with self._lock:
@@ -894,6 +947,42 @@ class Store:
             )
             rows = await cursor.fetchall()
         return [CallRecord(*row) for row in rows]
+
+    # -- dashboard -------------------------------------------------------------
+
+    async def calls_dialed(self, since: float, until: float, step: float) -> list[int]:
+        """Calls dialed in each `step` seconds from `since` to `until`, oldest first."""
+        buckets = [0] * max(0, math.ceil((until - since) / step))
+        async with self._lock:
+            # A call ends after it is dialed, so one dialed since `since` has not ended
+            # or ended since then: that condition lets calls_by_end do the search.
+            cursor = await self._db.execute(
+                "SELECT CAST((dialed_at - ?) / ? AS INTEGER), COUNT(*) FROM calls "
+                "WHERE (ended_at >= ? OR ended_at IS NULL) AND dialed_at >= ? AND dialed_at < ? "
+                "GROUP BY 1",
+                (since, step, since, since, until),
+            )
+            rows = await cursor.fetchall()
+        for bucket, n in rows:
+            if 0 <= bucket < len(buckets):
+                buckets[bucket] = int(n)
+        return buckets
+
+    async def ended_by_cause(self, since: float, until: float) -> list[tuple[str, int | None, int]]:
+        """(outcome, hangup cause, calls) for dialed calls that ended in [since, until),
+        the most frequent first."""
+        async with self._lock:
+            cursor = await self._db.execute(
+                "SELECT outcome, hangup_cause, COUNT(*) FROM calls "
+                "WHERE ended_at >= ? AND ended_at < ? AND dialed_at IS NOT NULL "
+                "GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2",
+                (since, until),
+            )
+            rows = await cursor.fetchall()
+        return [
+            (str(outcome), None if cause is None else int(cause), int(n))
+            for outcome, cause, n in rows
+        ]
 
 
 def _statements(script: str) -> list[str]:

@@ -13,7 +13,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 
 from gateway import phones
@@ -29,7 +29,8 @@ from gateway.errors import (
     RegionNotAllowed,
     VerificationNotPending,
 )
-from gateway.pool import Pool, pool_for
+from gateway.logs import call_ids
+from gateway.pool import Cli, Pool, pool_for
 from gateway.store import (
     CallRecord,
     Idempotency,
@@ -156,7 +157,9 @@ class Verifications:
                 field="callback_url",
             )
         phone = self.parse_phone(request.phone, request.region)
-        await self._refuse_known_invalid(phone.e164)
+        sandbox_code = self._config.test_numbers.get(phone.e164)
+        if sandbox_code is None:
+            await self._refuse_known_invalid(phone.e164)
         pool = pool_for(self._pools, phone.region)
         if pool is None:
             raise RegionNotAllowed(
@@ -168,7 +171,12 @@ class Verifications:
 
         verification_id = "vrf_" + secrets.token_hex(ID_BYTES)
         call_id = uuid.uuid4().hex
-        cli = pool.draw()
+        cli: Cli | None
+        if sandbox_code is None:
+            cli = pool.draw()
+            code = cli.code
+        else:
+            cli, code = None, sandbox_code
         verification = VerificationRecord(
             id=verification_id,
             api_key_id=request.api_key_id,
@@ -177,7 +185,7 @@ class Verifications:
             reference=request.reference,
             callback_url=request.callback_url,
             status="pending",
-            code_hash=self._code_hash(verification_id, cli.code),
+            code_hash=self._code_hash(verification_id, code),
             pool=pool.name,
             cli_prefix=pool.shape.prefix,
             cli_length=pool.shape.length,
@@ -188,6 +196,7 @@ class Verifications:
             updated_at=now,
             carrier=phone.carrier,
             phone_prefix=phone.e164[: -self._config.limits.prefix_hidden_digits],
+            sandbox=cli is None,
         )
         dial_number = phones.format_for_trunk(phone.e164, self._config.asterisk.dial_format)
         call = CallRecord(
@@ -198,6 +207,10 @@ class Verifications:
             ring_seconds=ring_seconds,
             queued_at=now,
         )
+        if cli is None:  # sandbox: shown as delivered at once, never dialed
+            call = replace(
+                call, status="completed", outcome="delivered", reason="sandbox", ended_at=now
+            )
         idempotency = None
         if idempotency_key is not None:
             assert render is not None, "an idempotent create needs its response rendered"
@@ -209,23 +222,32 @@ class Verifications:
                 render(verification, call),
                 now - IDEMPOTENCY_TTL_S,
             )
+        # Limits protect phones and the bill; a sandbox verification calls nobody.
+        limits = self._limits(request.api_key_id, verification) if cli is not None else ()
         try:
-            result = await self._store.create_verification(
-                verification, call, self._limits(request.api_key_id, verification), idempotency
-            )
+            result = await self._store.create_verification(verification, call, limits, idempotency)
         except BaseException:
-            pool.release(cli.e164)
+            if cli is not None:
+                pool.release(cli.e164)
             raise
         if not isinstance(result, Inserted):
-            pool.release(cli.e164)
+            if cli is not None:
+                pool.release(cli.e164)
             if isinstance(result, Replayed):  # a concurrent retry of the same key won
                 return _replay(result, body_hash)
             log.info("verification refused: rate limited (phone %s)", phone.e164)
-            raise RateLimited(result.retry_after)
+            raise RateLimited(result.retry_after, result.limit)
         for old_id, live_call_id in result.superseded:
-            log.info("verification %s canceled: superseded by %s", old_id, verification_id)
+            log.info(
+                "verification %s canceled: superseded by %s",
+                old_id,
+                verification_id,
+                extra=call_ids(old_id, live_call_id),
+            )
             if live_call_id is not None:
                 await self._dialer.cancel(live_call_id)
+        if cli is None:
+            return verification, call
         self._dialer.submit(
             CallJob(
                 call_id=call_id,
@@ -371,7 +393,7 @@ class Verifications:
         failed, oldest = await self._store.failed_checks(phone, now - day)
         if failed >= self._config.limits.failed_checks_per_phone_per_day:
             log.warning("checks for %s refused: %d wrong checks today", phone, failed)
-            raise RateLimited((oldest or now) + day - now)
+            raise RateLimited((oldest or now) + day - now, "failed_checks")
 
     def _candidate_code(
         self, verification: VerificationRecord, code: str | None, cli: str | None
@@ -428,7 +450,11 @@ class Verifications:
         while True:
             try:
                 for verification_id in await self._store.expire_due(self._clock()):
-                    log.info("verification %s expired", verification_id)
+                    log.info(
+                        "verification %s expired",
+                        verification_id,
+                        extra=call_ids(verification_id),
+                    )
                 if self._clock() - forgotten_at > IDEMPOTENCY_SWEEP_S:
                     forgotten_at = self._clock()
                     await self._store.forget_idempotency_keys(forgotten_at - IDEMPOTENCY_TTL_S)

@@ -16,6 +16,7 @@ import aiohttp
 from standardwebhooks import Webhook
 
 from gateway.config import WebhooksConfig
+from gateway.logs import call_ids
 from gateway.store import Store, WebhookRecord
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class WebhookSender:
                 row.url,
                 status or error,
                 f"retry in {delay:.1f}s" if next_at else "giving up",
+                extra=call_ids(row.verification_id),
             )
         await self._store.webhook_attempted(
             row.id,

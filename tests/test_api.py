@@ -700,3 +700,18 @@ async def test_number_lookup_never_fails(api: Api, phone: str) -> None:
 
 def _quote(text: str) -> str:
     return quote(text, safe="")
+
+
+async def test_docs_page_uses_only_assets_the_gateway_serves(api: Api) -> None:
+    async with await api.request("GET", "/docs") as response:
+        assert response.status == 200
+        assert response.content_type == "text/html"
+        page = await response.text()
+    assert "http:" not in page and "https:" not in page  # no CDN
+    assert '"/openapi.json"' in page
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert {"/docs/assets/swagger-ui.css", "/docs/assets/swagger-ui-bundle.js"} == set(assets)
+    for asset in assets:
+        async with await api.request("GET", asset) as served:
+            assert served.status == 200, asset
+            assert len(await served.read()) > 100_000, asset

@@ -71,6 +71,14 @@ def test_low_entropy_pool_needs_the_override_and_then_warns(tmp_path: Path) -> N
     assert "wins 1 time in" in accepted.stdout
 
 
+def test_check_config_warns_when_sandbox_numbers_are_on(config_file: Path) -> None:
+    with config_file.open("a") as out:
+        out.write('test_numbers:\n  "+6281200000001": "4321"\n')
+    result = gateway("check-config", "--config", str(config_file), env=SECRETS)
+    assert result.returncode == 0, result.stderr
+    assert "warning: test_numbers is set: 1 phones are never called" in result.stdout
+
+
 def test_keys_create_list_revoke(config_file: Path) -> None:
     args = ("--config", str(config_file))
     created = gateway("keys", "create", "checkout", *args, env=SECRETS)

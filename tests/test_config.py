@@ -602,3 +602,32 @@ def test_summary_never_contains_secrets_even_when_they_resemble_other_values() -
     )
     text = "\n".join(config.summary(parse(raw)))
     assert "SECRET-" not in text
+
+
+def test_test_numbers_map_normalised_phones_to_codes_of_the_serving_pool() -> None:
+    cfg = parse(merged(BASE, {"test_numbers": {"+6281200000001": "4321"}}))
+    assert cfg.test_numbers == {"+6281200000001": "4321"}
+    assert parse(BASE).test_numbers == {}  # off unless configured
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [
+        ({"+62 812 0000 0001": "4321"}, "must be an E.164 number"),
+        ({"081200000001": "4321"}, "must be an E.164 number"),
+        ({"+6281200000001": "43210"}, "the code must be 4 digits"),
+        ({"+6281200000001": "12a4"}, "the code must be 4 digits"),
+        ({"+6281200000001": 4321}, 'must be a string (quote it: "4321")'),
+        ({"+14155550100": "4321"}, "no pool serves its region US"),
+        ([["+6281200000001", "4321"]], "test_numbers: must be a mapping"),
+    ],
+)
+def test_bad_test_numbers_are_refused_with_their_key(entries: Any, expected: str) -> None:
+    found = problems(merged(BASE, {"test_numbers": entries}))
+    assert any(expected in p for p in found), found
+
+
+def test_summary_warns_when_sandbox_numbers_are_configured() -> None:
+    lines = config.summary(parse(merged(BASE, {"test_numbers": {"+6281200000001": "4321"}})))
+    assert any(line.startswith("warning: test_numbers is set: 1 phones") for line in lines)
+    assert not any("test_numbers" in line for line in config.summary(parse(BASE)))

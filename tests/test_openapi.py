@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from openapi_spec_validator import validate
 
+from gateway import dashboard
 from gateway.api.handlers import routes
 from gateway.api.openapi import document
 
 
 def app_operations() -> set[tuple[str, str]]:
     found = set()
-    for route in routes:
-        method = getattr(route, "method", "")
-        if method and method != "HEAD":
-            found.add((method.lower(), route.path))  # type: ignore[attr-defined]
+    for table in (routes, dashboard.routes):
+        for route in table:
+            method = getattr(route, "method", "")
+            if method and method != "HEAD":
+                found.add((method.lower(), route.path))  # type: ignore[attr-defined]
     return found
 
 

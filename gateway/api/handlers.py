@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime
+from importlib.util import find_spec
+from pathlib import Path
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -36,6 +38,12 @@ from gateway.verifications import (
 )
 
 routes = web.RouteTableDef()
+
+DOCS_DIR = Path(__file__).resolve().parent.parent / "static" / "docs"
+# swagger-ui-py's copy of Swagger UI; found without importing it (it pulls in jinja2).
+_swagger_ui = find_spec("swagger_ui")
+assert _swagger_ui is not None and _swagger_ui.submodule_search_locations
+SWAGGER_UI_DIR = Path(_swagger_ui.submodule_search_locations[0]) / "static"
 
 MAX_IDEMPOTENCY_KEY = 255
 
@@ -100,6 +108,8 @@ async def create_verification(request: web.Request) -> web.Response:
             },
         )
     verification, call = created
+    if verification.sandbox:
+        request.app[METRICS].sandbox.inc()
     return web.Response(
         text=json.dumps(views.verification(verification, call)),
         status=201,
@@ -265,6 +275,15 @@ async def metrics(request: web.Request) -> web.Response:
 @routes.get("/openapi.json")
 async def openapi_document(request: web.Request) -> web.Response:
     return web.json_response(openapi.document())
+
+
+@routes.get("/docs")
+async def docs(request: web.Request) -> web.FileResponse:
+    """The API reference: Swagger UI rendering /openapi.json, from assets shipped here."""
+    return web.FileResponse(DOCS_DIR / "index.html")
+
+
+routes.static("/docs/assets", SWAGGER_UI_DIR)
 
 
 @routes.get("/healthz")

@@ -123,6 +123,10 @@ SCHEMAS: dict[str, Schema] = {
             "phone": {"type": "string"},
             "reference": _nullable("string"),
             "callback_url": _nullable("string"),
+            "sandbox": {
+                "type": "boolean",
+                "description": "A configured test number: never called, its code is fixed",
+            },
             "cli": _obj(
                 {
                     "prefix": {"type": "string"},
@@ -207,6 +211,44 @@ SCHEMAS["Stats"] = _obj(
                 "required": ["carrier", "calls", "delivered", "failed", "delivery_rate"],
                 "additionalProperties": False,
             },
+        },
+    }
+)
+
+
+# GET /dashboard/data: counts only, never a phone number, code or caller ID.
+SCHEMAS["Dashboard"] = _obj(
+    {
+        "generated_at": TIME,
+        "pbx_connected": {"type": "boolean"},
+        "in_flight": {"type": "integer", "description": "calls placed and not yet ended"},
+        "queued": {"type": "integer", "description": "calls waiting to be placed"},
+        "calls_last_minute": {"type": "integer", "description": "calls dialed in the last 60 s"},
+        "calls_per_minute": {
+            "type": "array",
+            "description": "calls dialed in each of the last 60 clock minutes, oldest first",
+            "items": _obj({"minute": TIME, "calls": {"type": "integer"}}),
+        },
+        "window": {
+            "type": "object",
+            "description": "dialed calls that ended in the last hour",
+            "properties": {
+                "seconds": {"type": "integer"},
+                **SCHEMAS["Stats"]["properties"],
+                "by_cause": {
+                    "type": "array",
+                    "items": _obj(
+                        {
+                            "outcome": {"type": "string", "enum": OUTCOMES},
+                            "hangup_cause": _nullable("integer"),
+                            "cause_name": _nullable("string"),
+                            "calls": {"type": "integer"},
+                        }
+                    ),
+                },
+            },
+            "required": ["seconds", *SCHEMAS["Stats"]["required"], "by_cause"],
+            "additionalProperties": False,
         },
     }
 )
@@ -466,6 +508,37 @@ def document() -> dict[str, Any]:
             "/openapi.json": {
                 "get": _op(
                     "openapi", "This document", {"200": _json({"type": "object"}, "OpenAPI 3.1")}
+                )
+            },
+            "/docs": {
+                "get": _op(
+                    "docs",
+                    "This document rendered by Swagger UI (assets served by the gateway)",
+                    {
+                        "200": {
+                            "description": "the page",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                )
+            },
+            "/dashboard": {
+                "get": _op(
+                    "dashboard",
+                    "Live dashboard page (HTML); like /metrics, for the operator's network only",
+                    {
+                        "200": {
+                            "description": "the page; it polls /dashboard/data every 2 s",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                )
+            },
+            "/dashboard/data": {
+                "get": _op(
+                    "dashboardData",
+                    "The dashboard's figures: aggregates only",
+                    {"200": _json(SCHEMAS["Dashboard"], "the figures")},
                 )
             },
         },

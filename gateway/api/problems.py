@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway import errors
-from gateway.api.typedefs import CONFIG, DIALER
+from gateway.api.typedefs import CONFIG, DIALER, METRICS
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
         return await handler(request)
     except errors.GatewayError as exc:
         headers = {}
+        if isinstance(exc, errors.RateLimited):
+            request.app[METRICS].rate_limited.labels(limit=exc.limit).inc()
         if isinstance(exc, errors.Overloaded | errors.RateLimited):
             headers["Retry-After"] = str(exc.retry_after)
         return problem(STATUS.get(exc.code, 400), exc.code, exc.detail, exc.extra, headers)
@@ -86,6 +89,19 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return problem(500, "internal_error", "the gateway failed to handle this request")
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count each answer by route template (never the raw path: ids would explode it)."""
+    started = time.perf_counter()
+    response = await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    request.app[METRICS].request(
+        request.method, route, response.status, time.perf_counter() - started
+    )
+    return response
 
 
 @web.middleware

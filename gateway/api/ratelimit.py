@@ -34,7 +34,7 @@ class RequestRate:
         if now - start >= MINUTE:
             start, count = now, 0
         if count >= self._per_minute:
-            raise RateLimited(start + MINUTE - now)
+            raise RateLimited(start + MINUTE - now, "key_requests_per_minute")
         self._windows[key_id] = (start, count + 1)
         self._hits += 1
         if self._hits % _SWEEP_EVERY == 0:

@@ -35,6 +35,7 @@ def verification(
         "phone": v.phone,
         "reference": v.reference,
         "callback_url": v.callback_url,
+        "sandbox": bool(v.sandbox),
         "cli": {"prefix": v.cli_prefix, "length": v.cli_length, "pattern": v.cli_pattern},
         "call": {
             "status": call.status,

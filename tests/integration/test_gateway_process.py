@@ -98,10 +98,22 @@ async def test_run_serves_the_api_and_rings(process: Process, far_end: FarEnd) -
     )
     response = await asyncio.to_thread(urllib.request.urlopen, request, timeout=5)
     assert response.status == 201
+    created = json.loads(response.read())
     response.close()
     record = await wire_record(far_end, number, lambda r: r.canceled_at is not None)
     assert record.from_user.startswith("6221500")
     assert process.stop() == 0
+
+    # Its stderr is a file, not a terminal: one JSON object per line.
+    lines = [json.loads(line) for line in process.log.read_text().splitlines()]
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    about_call = [line for line in lines if line.get("verification_id") == created["id"]]
+    assert len(about_call) == 1, about_call  # the call's end, with both ids
+    assert about_call[0]["message"].startswith(
+        f"call {about_call[0]['call_id']} (verification {created['id']}): delivered"
+    )
+    text = process.log.read_text()
+    assert record.from_user not in text and process.key not in text
 
 
 async def test_call_command_follows_a_call_to_its_outcome(

@@ -1,0 +1,128 @@
+"""The live dashboard: a static page at /dashboard that polls /dashboard/data.
+
+Like /metrics it needs no API key (it is for the operator's network only), so its
+JSON holds counts alone: never a phone number, a code or a caller ID.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway.api import views
+from gateway.api.typedefs import DIALER, NUMBERS, PBX, STORE
+from gateway.numbers import Numbers
+from gateway.store import Store
+
+STATIC_DIR = Path(__file__).parent / "static" / "dashboard"
+
+MINUTE_S = 60
+# One bar per clock minute, the current (partial) minute last.
+CHART_MINUTES = 60
+# Delivery and outcomes: an hour is enough calls to mean something at low volume,
+# and short enough that a trunk going bad shows within minutes.
+WINDOW_S = 3600
+
+# The page loads only its own files and talks only to its own origin.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+# Q.850 causes the outcome table (DESIGN.md section 4) names, and the normal clearing
+# of an answered call that the gateway hangs up.
+CAUSE_NAMES = {
+    1: "Unallocated number",
+    3: "No route to destination",
+    16: "Normal clearing",
+    17: "User busy",
+    18: "No user responding",
+    19: "No answer",
+    20: "Subscriber absent",
+    21: "Call rejected",
+    22: "Number changed",
+    27: "Destination out of order",
+    28: "Invalid number format",
+    34: "No circuit available",
+    38: "Network out of order",
+    41: "Temporary failure",
+    42: "Switching equipment congestion",
+    44: "Requested channel not available",
+    47: "Resource unavailable",
+}
+
+routes = web.RouteTableDef()
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    """What the running gateway is doing now, as opposed to what the store recorded."""
+
+    pbx_connected: bool
+    in_flight: int
+    queued: int
+
+
+async def dashboard_data(store: Store, numbers: Numbers, live: Live, now: float) -> dict[str, Any]:
+    """Every figure the dashboard shows, as of `now`; aggregates only."""
+    minute = now // MINUTE_S * MINUTE_S
+    chart_since = minute - (CHART_MINUTES - 1) * MINUTE_S
+    # To the end of the current minute: exactly CHART_MINUTES bars, even on a boundary.
+    per_minute = await store.calls_dialed(chart_since, minute + MINUTE_S, MINUTE_S)
+    last_minute = sum(await store.calls_dialed(now - MINUTE_S, now, MINUTE_S))
+    since = now - WINDOW_S
+    stats = await numbers.stats(since, now)
+    causes = await store.ended_by_cause(since, now)
+    return {
+        "generated_at": views.timestamp(now),
+        "pbx_connected": live.pbx_connected,
+        "in_flight": live.in_flight,
+        "queued": live.queued,
+        "calls_last_minute": last_minute,
+        "calls_per_minute": [
+            {"minute": views.timestamp(chart_since + i * MINUTE_S), "calls": calls}
+            for i, calls in enumerate(per_minute)
+        ],
+        "window": {
+            "seconds": WINDOW_S,
+            "since": views.timestamp(since),
+            "until": views.timestamp(now),
+            **stats,
+            "by_cause": [
+                {
+                    "outcome": outcome,
+                    "hangup_cause": cause,
+                    "cause_name": CAUSE_NAMES.get(cause) if cause is not None else None,
+                    "calls": calls,
+                }
+                for outcome, cause, calls in causes
+            ],
+        },
+    }
+
+
+@routes.get("/dashboard")
+async def dashboard_page(request: web.Request) -> web.FileResponse:
+    """The page; its script polls /dashboard/data."""
+    return web.FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+
+@routes.get("/dashboard/data")
+async def dashboard_figures(request: web.Request) -> web.Response:
+    """The dashboard's figures: counts only, so it may go without an API key."""
+    app = request.app
+    dialer, pbx = app[DIALER], app[PBX]
+    live = Live(pbx.connected, dialer.in_flight, dialer.queued)
+    body = await dashboard_data(app[STORE], app[NUMBERS], live, time.time())
+    return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+
+routes.static("/dashboard/assets", STATIC_DIR / "assets")

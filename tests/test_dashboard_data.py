@@ -1,0 +1,275 @@
+"""The dashboard's figures: the store's per-minute and by-cause queries, the data
+function, and the routes served without an API key."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.config import AsteriskConfig, Config, DatabaseConfig, PoolConfig, SecurityConfig
+from gateway.dashboard import CHART_MINUTES, WINDOW_S, Live, dashboard_data
+from gateway.numbers import Numbers
+from gateway.store import CallRecord, Store, VerificationRecord
+from tests.fakes import FakePbx
+
+AppClient = TestClient[web.Request, web.Application]
+
+# A clock-minute boundary, so the expected buckets are easy to read.
+T0 = 1_700_000_040.0
+assert T0 % 60 == 0
+PHONE = "+6281234567890"
+CLI_PREFIX = "+6221500"
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path / "gateway.sqlite3")
+    yield opened
+    await opened.close()
+
+
+def config(db_path: Path) -> Config:
+    return Config(
+        asterisk=AsteriskConfig(secret="unused"),  # noqa: S106 - the PBX is fake
+        pools=(PoolConfig(name="default", prefix=CLI_PREFIX, code_length=4),),
+        security=SecurityConfig(code_secret="dashboard-test-code-secret"),  # noqa: S106
+        database=DatabaseConfig(path=str(db_path)),
+    )
+
+
+class Calls:
+    """Stores verifications with calls at chosen times; ids are numbered."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.n = 0
+
+    async def add(
+        self,
+        *,
+        dialed_at: float | None,
+        ended_at: float | None = None,
+        outcome: str = "delivered",
+        cause: int | None = 19,
+        carrier: str | None = "Telkomsel",
+        phone: str = PHONE,
+    ) -> str:
+        """A call dialed at `dialed_at` (None: never) that ended at `ended_at` (None: live)."""
+        self.n += 1
+        queued_at = (dialed_at or ended_at or T0) - 0.5
+        vid, cid = f"vrf_{self.n}", f"call_{self.n}"
+        await self.store.create_verification(
+            VerificationRecord(
+                id=vid,
+                api_key_id=f"key_{self.n}",  # each its own: a new one never supersedes
+                phone=phone,
+                region="ID",
+                reference=None,
+                callback_url=None,
+                status="pending",
+                code_hash="hmac-of-code",
+                pool="default",
+                cli_prefix=CLI_PREFIX,
+                cli_length=4,
+                cli_pattern=r"^\+6221500[0-9]{4}$",
+                attempts_remaining=5,
+                created_at=queued_at,
+                expires_at=queued_at + 300,
+                updated_at=queued_at,
+                carrier=carrier,
+            ),
+            CallRecord(cid, vid, "queued", phone[1:], 8, queued_at=queued_at),
+        )
+        if dialed_at is not None:
+            await self.store.call_progress(cid, "dialing", "dialed_at", dialed_at, "dialing")
+        if ended_at is not None:
+            delivered = outcome in ("delivered", "answered")
+            await self.store.end_call(
+                cid,
+                call_status="completed" if delivered else "failed",
+                outcome=outcome,
+                cause=cause,
+                sip_code=None,
+                reason=None,
+                at=ended_at,
+                fail_verification=not delivered,
+                delivered=delivered,
+            )
+        return cid
+
+
+@pytest.fixture
+def calls(store: Store) -> Calls:
+    return Calls(store)
+
+
+# -- Store.calls_dialed --------------------------------------------------------
+
+
+async def test_calls_dialed_counts_each_minute_and_fills_empty_ones(
+    store: Store, calls: Calls
+) -> None:
+    await calls.add(dialed_at=T0 + 1, ended_at=T0 + 4)
+    await calls.add(dialed_at=T0 + 59.9, ended_at=T0 + 62)
+    await calls.add(dialed_at=T0 + 150, ended_at=T0 + 152, outcome="busy", cause=17)
+    assert await store.calls_dialed(T0, T0 + 240, 60) == [2, 0, 1, 0]
+
+
+async def test_calls_dialed_counts_live_calls_and_not_undialed_ones(
+    store: Store, calls: Calls
+) -> None:
+    await calls.add(dialed_at=T0 + 10)  # ringing now
+    await calls.add(dialed_at=None)  # still queued
+    await calls.add(dialed_at=None, ended_at=T0 + 20, outcome="error", cause=None)  # canceled
+    assert await store.calls_dialed(T0, T0 + 60, 60) == [1]
+
+
+async def test_calls_dialed_leaves_out_calls_outside_the_window(store: Store, calls: Calls) -> None:
+    await calls.add(dialed_at=T0 - 0.1, ended_at=T0 + 3)  # dialed before, ended inside
+    await calls.add(dialed_at=T0 + 120, ended_at=T0 + 123)  # at `until`: not included
+    await calls.add(dialed_at=T0 + 30, ended_at=T0 + 33)
+    assert await store.calls_dialed(T0, T0 + 120, 60) == [1, 0]
+
+
+async def test_calls_dialed_last_bucket_may_be_partial(store: Store, calls: Calls) -> None:
+    await calls.add(dialed_at=T0 + 70, ended_at=T0 + 72)
+    assert await store.calls_dialed(T0, T0 + 75, 60) == [0, 1]
+    assert await store.calls_dialed(T0, T0, 60) == []
+
+
+# -- Store.ended_by_cause ------------------------------------------------------
+
+
+async def test_ended_by_cause_groups_dialed_calls_most_frequent_first(
+    store: Store, calls: Calls
+) -> None:
+    for _ in range(3):
+        await calls.add(dialed_at=T0, ended_at=T0 + 3)
+    await calls.add(dialed_at=T0, ended_at=T0 + 1, outcome="busy", cause=17)
+    await calls.add(dialed_at=T0, ended_at=T0 + 1, outcome="busy", cause=17)
+    await calls.add(dialed_at=T0, ended_at=T0 + 1, outcome="invalid_number", cause=1)
+    await calls.add(dialed_at=T0, ended_at=T0 + 1, outcome="error", cause=None)  # refused
+    assert await store.ended_by_cause(T0, T0 + 60) == [
+        ("delivered", 19, 3),
+        ("busy", 17, 2),
+        ("error", None, 1),
+        ("invalid_number", 1, 1),
+    ]
+
+
+async def test_ended_by_cause_counts_only_dialed_calls_ended_in_the_window(
+    store: Store, calls: Calls
+) -> None:
+    await calls.add(dialed_at=T0 - 10, ended_at=T0 - 7)  # ended before the window
+    await calls.add(dialed_at=T0 + 50, ended_at=T0 + 60)  # ended at `until`
+    await calls.add(dialed_at=T0 + 10)  # live: no outcome yet
+    await calls.add(dialed_at=None, ended_at=T0 + 5, outcome="error", cause=None)  # never dialed
+    await calls.add(dialed_at=T0 + 1, ended_at=T0 + 2, outcome="rejected", cause=21)
+    assert await store.ended_by_cause(T0, T0 + 60) == [("rejected", 21, 1)]
+
+
+# -- dashboard_data ------------------------------------------------------------
+
+
+async def test_dashboard_data_figures(store: Store, calls: Calls, tmp_path: Path) -> None:
+    now = T0 + 30  # half-way through the current clock minute
+    await calls.add(dialed_at=now - 20, ended_at=now - 18)
+    await calls.add(dialed_at=now - 50, ended_at=now - 47, carrier="XL")
+    await calls.add(dialed_at=now - 55, ended_at=now - 54, outcome="busy", cause=17)
+    await calls.add(dialed_at=now - 70, ended_at=now - 67)
+    await calls.add(dialed_at=now - 5)  # ringing
+    await calls.add(dialed_at=now - 1800, ended_at=now - 1797, outcome="invalid_number", cause=1)
+    await calls.add(dialed_at=now - 2 * WINDOW_S, ended_at=now - 2 * WINDOW_S + 3)  # too old
+    numbers = Numbers(config(tmp_path / "unused.sqlite3"), store)
+
+    data = await dashboard_data(store, numbers, Live(True, 1, 2), now)
+
+    assert (data["pbx_connected"], data["in_flight"], data["queued"]) == (True, 1, 2)
+    assert data["calls_last_minute"] == 4  # all but now-70 and now-1800
+    minutes = data["calls_per_minute"]
+    assert len(minutes) == CHART_MINUTES
+    assert minutes[-1] == {"minute": "2023-11-14T22:14:00.000Z", "calls": 2}  # now-20, now-5
+    assert minutes[-2]["calls"] == 3  # now-50, now-55, now-70: the minute before
+    assert minutes[-31]["calls"] == 1  # now-1800
+    assert sum(m["calls"] for m in minutes) == 6
+    window = data["window"]
+    assert (window["seconds"], window["calls"], window["delivered"]) == (WINDOW_S, 5, 3)
+    assert window["delivery_rate"] == 0.6
+    assert window["by_carrier"] == [
+        {"carrier": "Telkomsel", "calls": 4, "delivered": 2, "failed": 2, "delivery_rate": 0.5},
+        {"carrier": "XL", "calls": 1, "delivered": 1, "failed": 0, "delivery_rate": 1.0},
+    ]
+    assert window["by_cause"] == [
+        {"outcome": "delivered", "hangup_cause": 19, "cause_name": "No answer", "calls": 3},
+        {"outcome": "busy", "hangup_cause": 17, "cause_name": "User busy", "calls": 1},
+        {
+            "outcome": "invalid_number",
+            "hangup_cause": 1,
+            "cause_name": "Unallocated number",
+            "calls": 1,
+        },
+    ]
+
+
+async def test_dashboard_data_holds_no_phone_number_or_caller_id(
+    store: Store, calls: Calls, tmp_path: Path
+) -> None:
+    await calls.add(dialed_at=T0 + 1, ended_at=T0 + 3)
+    numbers = Numbers(config(tmp_path / "unused.sqlite3"), store)
+    text = json.dumps(await dashboard_data(store, numbers, Live(False, 0, 0), T0 + 10))
+    for secret in (PHONE, PHONE[1:], PHONE[3:], CLI_PREFIX, CLI_PREFIX[1:], "hmac-of-code"):
+        assert secret not in text
+
+
+async def test_dashboard_data_without_calls(store: Store, tmp_path: Path) -> None:
+    numbers = Numbers(config(tmp_path / "unused.sqlite3"), store)
+    data = await dashboard_data(store, numbers, Live(False, 0, 0), T0)
+    assert data["calls_last_minute"] == 0
+    assert [m["calls"] for m in data["calls_per_minute"]] == [0] * CHART_MINUTES
+    assert data["window"]["delivery_rate"] is None
+    assert (data["window"]["by_carrier"], data["window"]["by_cause"]) == ([], [])
+
+
+# -- the routes ----------------------------------------------------------------
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[AppClient]:
+    app = create_app(config(tmp_path / "gateway.sqlite3"), pbx=FakePbx())
+    async with TestClient(TestServer(app)) as test_client:
+        yield test_client
+
+
+async def test_page_and_assets_are_served_without_an_api_key(
+    client: AppClient,
+) -> None:
+    page = await client.get("/dashboard")
+    assert page.status == 200
+    assert page.content_type == "text/html"
+    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+    html = await page.text()
+    for asset in ("dashboard/assets/dashboard.js", "dashboard/assets/dashboard.css"):
+        assert asset in html
+        served = await client.get("/" + asset)
+        assert served.status == 200, asset
+        assert len(await served.read()) > 1000
+
+
+async def test_data_is_served_without_an_api_key(client: AppClient) -> None:
+    response = await client.get("/dashboard/data")
+    assert response.status == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    data = await response.json()
+    assert (data["pbx_connected"], data["in_flight"], data["queued"]) == (True, 0, 0)
+    assert len(data["calls_per_minute"]) == CHART_MINUTES
+
+
+async def test_asset_directory_is_not_listed(client: AppClient) -> None:
+    assert (await client.get("/dashboard/assets/")).status in (403, 404)
+    assert (await client.get("/dashboard/assets/../index.html")).status == 404
