@@ -8,25 +8,29 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PBX := asterisk-config/dev/pbx.sh
 FAREND := $(PYTHON) tests/farend.py
 
-.PHONY: help deps venv pbx-up pbx-down farend-up farend-down test unit lint run clean
+.PHONY: help deps venv pbx-up pbx-down farend-up farend-down test unit lint run bench clean
 
 help:
 	@echo "make run      the gateway with the dev PBX and the far-end simulator"
 	@echo "make test     set everything up and run the whole suite"
-	@echo "make lint     ruff and mypy"
+	@echo "make lint     ruff, mypy and hadolint"
+	@echo "make bench    speed and memory against a raw panoramisk baseline (var/bench/)"
 	@echo "make pbx-up | pbx-down | farend-up | farend-down"
 
-# System packages: debootstrap builds the dev PBX root, sip-tester is SIPp.
+# System packages: debootstrap builds the dev PBX root, sip-tester is SIPp,
+# chromium and its driver run the dashboard test headless.
+SYSTEM_PACKAGES := debootstrap sip-tester chromium chromium-driver
 deps:
-	@if ! command -v debootstrap >/dev/null || ! command -v sipp >/dev/null; then \
-		[ "$$(id -u)" -eq 0 ] || { echo "deps: run as root to apt-get install debootstrap sip-tester"; exit 1; }; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap sip-tester; \
+	@if ! command -v debootstrap >/dev/null || ! command -v sipp >/dev/null \
+		|| ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		[ "$$(id -u)" -eq 0 ] || { echo "deps: run as root to apt-get install $(SYSTEM_PACKAGES)"; exit 1; }; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); \
 	fi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,lint]'
+	$(BIN)/pip install -q -e '.[test,lint,bench]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -54,13 +58,18 @@ unit: venv
 	$(BIN)/pytest -ra -m "not integration"
 
 lint: venv
-	$(BIN)/ruff check gateway tests
-	$(BIN)/ruff format --check gateway tests
+	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff format --check gateway tests bench
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile asterisk-config/docker/Dockerfile
 
 # The gateway on the dev PBX and the far end, with a dev config and API key (var/).
 run: deps venv pbx-up farend-up
 	bash asterisk-config/dev/run-gateway.sh
+
+# About 10 minutes; see bench/__main__.py. BENCH_ARGS=--quick for a smoke run.
+bench: deps venv pbx-up farend-up
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean: pbx-down farend-down
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

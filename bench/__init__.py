@@ -1,0 +1,1 @@
+"""`make bench`: the gateway's speed and memory against a raw panoramisk baseline."""

@@ -1,0 +1,224 @@
+"""Run every bench phase against the dev PBX and the far end; print, write JSON and a PNG.
+
+    python -m bench [--quick] [--out var/bench]
+
+Needs the dev PBX and the far end up (`make bench` starts them). Baseline and gateway
+steps alternate at each rate, so both see the same machine at nearly the same time:
+the figures that matter are the ratios between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import socket
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench.api import API_P99_TARGET_MS, ApiStep, api_step, sandbox_numbers
+from bench.baseline import Baseline
+from bench.gateway import GatewayProcess, Poster
+from bench.measure import SUSTAINED_P99_MS, FarEndRecords, Numbers, StepResult
+from bench.report import draw, table
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Targets of issue 8.
+TARGETS = {
+    "p50_extra_ms_at_200": 3.0,
+    "p99_extra_ms_at_200": 15.0,
+    "max_rate_ratio": 0.9,
+    "cpu_seconds_per_1000": 1.5,
+    "rss_mb_with_1500_ringing": 150.0,
+    "api_accepted_per_s": 2000.0,
+    "api_p99_ms": API_P99_TARGET_MS,
+}
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    far_end = FarEndRecords()
+    if not far_end.running():
+        sys.exit("bench: the far end is not running (make farend-up)")
+    numbers = Numbers()
+    step_s = 5.0 if args.quick else 20.0
+    search_s = 4.0 if args.quick else 10.0
+    ring_s = 3.0
+    results: dict[str, Any] = {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": _cpus(), "python": platform.python_version()},
+        "ring_seconds": ring_s,
+        "step_seconds": step_s,
+        "sustained_p99_ms": SUSTAINED_P99_MS,
+        "targets": TARGETS,
+    }
+
+    baseline = Baseline()
+    await baseline.connect()
+    gateway = GatewayProcess(out / "gateway", free_port())
+    await gateway.start()
+    poster = Poster(gateway)
+    steps: list[StepResult] = []
+    try:
+        # 1-3. The same rates through both, alternating.
+        for rate in args.rates:
+            for system in ("baseline", "gateway"):
+                batch = numbers.take(int(rate * step_s))
+                print(f"  {system} at {rate:g} calls/s for {step_s:g}s ...", flush=True)
+                if system == "baseline":
+                    step = await baseline.step(far_end, batch, rate, ring_s)
+                else:
+                    step = await poster.step(far_end, batch, rate, ring_s)
+                steps.append(step)
+                print("    " + _brief(step), flush=True)
+
+        # The maximum sustained rate of each: climb until a rate is not sustained.
+        search: list[StepResult] = []
+        for system in ("baseline", "gateway"):
+            for rate in args.search:
+                batch = numbers.take(int(rate * search_s))
+                print(f"  {system} search at {rate:g} calls/s ...", flush=True)
+                if system == "baseline":
+                    step = await baseline.step(far_end, batch, rate, ring_s)
+                else:
+                    step = await poster.step(far_end, batch, rate, ring_s)
+                search.append(step)
+                print("    " + _brief(step), flush=True)
+                if not step.sustained:
+                    break
+
+        # Memory with many calls ringing at once: 200/s with a 9 s ring.
+        print("  gateway: 1,500+ calls ringing at once ...", flush=True)
+        ringing = await poster.step(far_end, numbers.take(2000), 200, 9.0, system="gateway-ringing")
+        print("    " + _brief(ringing), flush=True)
+    finally:
+        await poster.close()
+        gateway.stop()
+        baseline.close()
+
+    # 4. API only, to sandbox numbers: nothing is dialed.
+    api = GatewayProcess(out / "api", free_port(), test_numbers=sandbox_numbers())
+    await api.start()
+    api_poster = Poster(api, connections=64)
+    api_steps: list[ApiStep] = []
+    try:
+        await api_step(api, api_poster, 500, 2)  # warm up
+        for rate in args.api_rates:
+            print(f"  API at {rate:g} verifications/s ...", flush=True)
+            api_result = await api_step(api, api_poster, rate, 3.0 if args.quick else 8.0)
+            api_steps.append(api_result)
+            print(
+                f"    accepted {api_result.accepted_per_s:g}/s, p50 "
+                f"{api_result.accept_ms['p50']} ms, p99 {api_result.accept_ms['p99']} ms, "
+                f"refused {api_result.refused}",
+                flush=True,
+            )
+            if not api_result.met:
+                break
+    finally:
+        await api_poster.close()
+        api.stop()
+
+    results["steps"] = [asdict(s) | {"sustained": s.sustained} for s in steps]
+    results["search"] = [asdict(s) | {"sustained": s.sustained} for s in search]
+    results["ringing"] = asdict(ringing)
+    results["api"] = [asdict(s) | {"met": s.met} for s in api_steps]
+    results["verdict"] = verdict(steps + search, ringing, api_steps)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    draw(steps, search, out / "latency.png")
+    print()
+    print(table(steps, search, ringing, api_steps, results["verdict"]))
+    print(f"\nwritten: {out / 'results.json'}, {out / 'latency.png'}")
+    return results
+
+
+def verdict(
+    steps: list[StepResult], ringing: StepResult, api_steps: list[ApiStep]
+) -> dict[str, Any]:
+    """Each target of issue 8 with the measured value and whether it is met."""
+
+    def at(system: str, rate: float) -> StepResult | None:
+        return next((s for s in steps if s.system == system and s.offered_cps == rate), None)
+
+    def best(system: str) -> float:
+        return max((s.offered_cps for s in steps if s.system == system and s.sustained), default=0)
+
+    out: dict[str, Any] = {}
+    base, gw = at("baseline", 200), at("gateway", 200)
+    if base and gw:
+        for p, key in (("p50", "p50_extra_ms_at_200"), ("p99", "p99_extra_ms_at_200")):
+            extra = (gw.to_invite_ms[p] or 0) - (base.to_invite_ms[p] or 0)
+            out[key] = {"value": round(extra, 2), "met": extra <= TARGETS[key]}
+        out["no_loss_or_duplicate_at_200"] = {
+            "value": {"lost": gw.lost, "duplicates": gw.duplicates, "refused": gw.refused},
+            "met": gw.lost == gw.duplicates == gw.refused == 0,
+        }
+    max_base, max_gw = best("baseline"), best("gateway")
+    ratio = max_gw / max_base if max_base else 0.0
+    out["max_sustained_cps"] = {"baseline": max_base, "gateway": max_gw}
+    out["max_rate_ratio"] = {"value": round(ratio, 3), "met": ratio >= TARGETS["max_rate_ratio"]}
+    cpu = [s.cpu_seconds_per_1000 for s in steps if s.system == "gateway" and s.sustained]
+    worst = max((c for c in cpu if c is not None), default=None)
+    out["cpu_seconds_per_1000"] = {
+        "value": worst,
+        "met": worst is not None and worst <= TARGETS["cpu_seconds_per_1000"],
+    }
+    out["rss_mb_with_1500_ringing"] = {
+        "value": ringing.peak_rss_mb,
+        "peak_ringing": ringing.peak_in_flight,
+        "met": (ringing.peak_in_flight or 0) >= 1500
+        and (ringing.peak_rss_mb or 1e9) <= TARGETS["rss_mb_with_1500_ringing"],
+    }
+    met_api = [s for s in api_steps if s.met]
+    top = max(met_api, key=lambda s: s.accepted_per_s, default=None)
+    out["api_accepted_per_s"] = {
+        "value": top.accepted_per_s if top else 0,
+        "p99_ms": top.accept_ms["p99"] if top else None,
+        "met": top is not None and top.accepted_per_s >= TARGETS["api_accepted_per_s"],
+    }
+    return out
+
+
+def _brief(s: StepResult) -> str:
+    return (
+        f"achieved {s.achieved_cps:g}/s, to INVITE p50 {s.to_invite_ms.get('p50')} "
+        f"p99 {s.to_invite_ms.get('p99')} ms, lost {s.lost}, dup {s.duplicates}, "
+        f"refused {s.refused}"
+        + (f", cpu {s.cpu_seconds_per_1000} s/1000" if s.cpu_seconds_per_1000 is not None else "")
+        + (f", rss {s.peak_rss_mb} MB" if s.peak_rss_mb is not None else "")
+        + (f", ringing at once {s.peak_in_flight}" if s.peak_in_flight is not None else "")
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short steps, for a smoke run")
+    parser.add_argument("--out", type=Path, default=REPO / "var" / "bench")
+    parser.add_argument("--rates", type=float, nargs="+", default=[50, 100, 200, 300])
+    parser.add_argument("--search", type=float, nargs="+", default=[400, 500, 600, 700, 800, 1000])
+    parser.add_argument(
+        "--api-rates", type=float, nargs="+", default=[1000, 2000, 2500, 3000, 3500, 4000]
+    )
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse_args()))

@@ -1,0 +1,70 @@
+"""API-only throughput: verifications accepted per second, to sandbox numbers (no call)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from bench.gateway import GatewayProcess, Poster
+from bench.measure import paced, summary_ms
+
+SANDBOX_PHONES = 2_000  # cycled through; more than a step's concurrency
+SANDBOX_CODE = "1234"
+
+
+def sandbox_numbers() -> dict[str, str]:
+    return {f"+62812990{i:05d}": SANDBOX_CODE for i in range(SANDBOX_PHONES)}
+
+
+@dataclass
+class ApiStep:
+    offered_per_s: float
+    requests: int
+    accepted: int = 0
+    refused: int = 0
+    accepted_per_s: float = 0.0
+    accept_ms: dict[str, float | None] = field(default_factory=dict)
+    cpu_seconds_per_1000: float | None = None
+
+    @property
+    def met(self) -> bool:
+        p99 = self.accept_ms.get("p99")
+        return (
+            self.refused == 0
+            and self.accepted_per_s >= 0.97 * self.offered_per_s
+            and p99 is not None
+            and p99 <= API_P99_TARGET_MS
+        )
+
+
+API_P99_TARGET_MS = 25.0
+
+
+async def api_step(gateway: GatewayProcess, poster: Poster, rate: float, seconds: float) -> ApiStep:
+    """POST to sandbox numbers at `rate` (an open loop) for `seconds`."""
+    phones = list(sandbox_numbers())
+    count = int(rate * seconds)
+    step = ApiStep(rate, count)
+    latencies: list[float] = []
+    answered: list[float] = []
+
+    async def one(i: int) -> None:
+        status, sent, at = await poster.post(phones[i % len(phones)])
+        if status == 201:
+            latencies.append(at - sent)
+            answered.append(at)
+        else:
+            step.refused += 1
+
+    cpu_before = gateway.cpu_seconds()
+    t0 = time.time()
+    await paced(rate, count, one)
+    cpu = gateway.cpu_seconds() - cpu_before
+    step.accepted = len(latencies)
+    if answered:
+        step.accepted_per_s = round(step.accepted / (max(answered) - t0), 1)
+    step.accept_ms = summary_ms(latencies)
+    step.cpu_seconds_per_1000 = round(cpu / max(count, 1) * 1000, 3)
+    await asyncio.sleep(1)  # let the write-ahead log checkpoint between steps
+    return step

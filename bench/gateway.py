@@ -1,0 +1,245 @@
+"""The gateway under test: a real `python -m gateway run` process, driven over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import yaml
+
+from bench.baseline import AMI
+from bench.measure import FarEndRecords, StepResult, fill_invites, paced, summary_ms
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def bench_config(workdir: Path, port: int, test_numbers: dict[str, str] | None = None) -> Path:
+    """A config whose limits and pacing stay out of the way: the bench measures the
+    gateway's own cost, not its policy."""
+    config: dict[str, Any] = {
+        "http": {"host": "127.0.0.1", "port": port},
+        "database": {"path": str(workdir / "gateway.sqlite3")},
+        "asterisk": {"secret": AMI["secret"], "settle_seconds": 0.5},
+        "pools": [{"name": "bench", "prefix": "+6221500", "code_length": 4}],
+        "security": {"code_secret": "bench-code-secret-not-for-production"},
+        "calls": {
+            "ring_seconds": 3,
+            "max_ring_seconds": 10,
+            "max_concurrent": 10_000,
+            "max_per_second": 5_000,
+            "max_queue": 100_000,
+        },
+        "limits": {
+            "per_phone": [{"count": 1_000_000, "seconds": 60}],
+            "per_prefix": [{"count": 1_000_000, "seconds": 60}],
+            "global_calls": [{"count": 100_000_000, "seconds": 60}],
+            "key_requests_per_minute": 100_000_000,
+            "key_daily_calls": 100_000_000,
+        },
+        "logging": {"format": "json", "level": "info"},
+        "test_numbers": test_numbers or {},
+    }
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class GatewayProcess:
+    """`python -m gateway run` with a fresh database and an API key."""
+
+    def __init__(self, workdir: Path, port: int, test_numbers: dict[str, str] | None = None):
+        workdir.mkdir(parents=True, exist_ok=True)
+        for old in workdir.glob("gateway.sqlite3*"):
+            old.unlink()
+        self.workdir = workdir
+        self.url = f"http://127.0.0.1:{port}"
+        self.config = bench_config(workdir, port, test_numbers)
+        self.key = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ps: psutil.Process | None = None
+
+    def _gateway(self, *args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", *args, "--config", str(self.config)],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        ).stdout
+
+    async def start(self) -> None:
+        self.key = self._gateway("keys", "create", "bench").strip().splitlines()[-1]
+        with (self.workdir / "gateway.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "run", "--config", str(self.config)],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        self.ps = psutil.Process(self.proc.pid)
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"gateway exited; see {self.workdir / 'gateway.log'}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(self.url + "/readyz") as response:
+                        if response.status == 200:
+                            return
+                await asyncio.sleep(0.1)
+        raise RuntimeError("gateway not ready within 20 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def cpu_seconds(self) -> float:
+        assert self.ps is not None
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
+    def rss_mb(self) -> float:
+        assert self.ps is not None
+        return float(self.ps.memory_info().rss) / 2**20
+
+    def ringing_at(self, numbers: list[str]) -> dict[str, tuple[float, float | None]]:
+        """phone -> (queued_at, ringing_at) from the gateway's database (read-only)."""
+        wanted = {"+" + n for n in numbers}
+        uri = f"file:{self.workdir / 'gateway.sqlite3'}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
+            rows = db.execute(
+                "SELECT v.phone, c.queued_at, c.ringing_at FROM calls c "
+                "JOIN verifications v ON v.id = c.verification_id"
+            ).fetchall()
+        return {p[1:]: (q, r) for p, q, r in rows if p in wanted}
+
+
+class Poster:
+    """Posts verifications over one HTTP connection pool, as an internal service would."""
+
+    def __init__(self, gateway: GatewayProcess, connections: int = 256) -> None:
+        self.gateway = gateway
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=connections),
+            headers={"Authorization": f"Bearer {gateway.key}"},
+        )
+
+    async def close(self) -> None:
+        await self._http.close()
+
+    async def post(self, phone: str, ring_seconds: float | None = None) -> tuple[int, float, float]:
+        """(status, sent at, answered at) of one create."""
+        body: dict[str, Any] = {"phone": phone}
+        if ring_seconds is not None:
+            body["ring_seconds"] = round(ring_seconds)
+        sent = time.time()
+        async with self._http.post(
+            self.gateway.url + "/v1/verifications",
+            data=json.dumps(body),
+            headers={"Content-Type": "application/json"},
+        ) as response:
+            await response.read()
+            return response.status, sent, time.time()
+
+    async def step(
+        self,
+        far_end: FarEndRecords,
+        numbers: list[str],
+        rate: float,
+        ring_seconds: float,
+        system: str = "gateway",
+    ) -> StepResult:
+        """POST one verification per number at `rate`; wait until every call has ended."""
+        gateway = self.gateway
+        sent: dict[str, float] = {}
+        accepted: list[float] = []
+        refused = 0
+        peak_rss = gateway.rss_mb()
+
+        async def one(i: int) -> None:
+            nonlocal refused
+            try:
+                status, at, answered = await self.post("+" + numbers[i], ring_seconds)
+            except aiohttp.ClientError:
+                refused += 1
+                return
+            if status != 201:
+                refused += 1
+                return
+            sent[numbers[i]] = at
+            accepted.append(answered - at)
+
+        async def sample_rss() -> None:
+            nonlocal peak_rss
+            while True:
+                peak_rss = max(peak_rss, gateway.rss_mb())
+                await asyncio.sleep(0.05)
+
+        sampler = asyncio.create_task(sample_rss())
+        cpu_before = gateway.cpu_seconds()
+        try:
+            t0 = await paced(rate, len(numbers), one)
+            found = await far_end.wait_for(numbers, t0, timeout=ring_seconds + 20)
+            await self._wait_ended(ring_seconds)
+        finally:
+            sampler.cancel()
+        cpu = gateway.cpu_seconds() - cpu_before
+
+        result = StepResult(system, rate, len(numbers), len(numbers) / rate, ring_seconds)
+        result.refused = refused
+        fill_invites(result, {n: sent[n] for n in numbers if n in sent}, found)
+        result.to_accept_ms = summary_ms(accepted)
+        rang = gateway.ringing_at(numbers)
+        result.to_ringing_ms = summary_ms(
+            [at - sent[n] for n, (_, at) in rang.items() if n in sent and at is not None]
+        )
+        result.cpu_seconds_per_1000 = round(cpu / len(numbers) * 1000, 3)
+        result.peak_rss_mb = round(peak_rss, 1)
+        result.peak_in_flight = peak_ringing(found)
+        return result
+
+    async def _wait_ended(self, ring_seconds: float) -> None:
+        """Until the gateway reports no call in flight (its outcomes are all written)."""
+        deadline = time.monotonic() + ring_seconds + 30
+        while time.monotonic() < deadline:
+            async with self._http.get(self.gateway.url + "/metrics") as response:
+                text = await response.text()
+            levels = {
+                name: float(value)
+                for name, _, value in (line.partition(" ") for line in text.splitlines())
+                if name in ("otp_calls_in_flight", "otp_calls_queued")
+            }
+            if levels == {"otp_calls_in_flight": 0.0, "otp_calls_queued": 0.0}:
+                return
+            await asyncio.sleep(0.5)
+
+
+def peak_ringing(found: dict[str, Any]) -> int:
+    """The most calls ringing at the far end at once (INVITE to CANCEL, BYE or end)."""
+    edges: list[tuple[float, int]] = []
+    for records in found.values():
+        for r in records:
+            end = r.canceled_at or r.bye_at or r.ended_at
+            if end is not None:
+                edges += [(r.invited_at, 1), (end, -1)]
+    level = peak = 0
+    for _, delta in sorted(edges):
+        level += delta
+        peak = max(peak, level)
+    return peak

@@ -1,0 +1,92 @@
+"""The bench's table and its PNG of latency percentiles against rate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: write files only
+import matplotlib.pyplot as plt
+
+from bench.api import ApiStep
+from bench.measure import StepResult
+
+COLOURS = {"baseline": "tab:blue", "gateway": "tab:orange"}
+
+
+def table(
+    steps: list[StepResult],
+    search: list[StepResult],
+    ringing: StepResult,
+    api_steps: list[ApiStep],
+    verdict: dict[str, Any],
+) -> str:
+    header = (
+        f"{'system':<16}{'offered':>8}{'achieved':>9}{'p50':>8}{'p95':>8}{'p99':>8}"
+        f"{'ring p50':>9}{'ring p99':>9}{'lost':>5}{'dup':>4}{'cpu/1k':>8}{'rss MB':>8}"
+    )
+    lines = ["calls (latency to the far end's INVITE, ms; ring: to Ringing)", header]
+    for s in [*steps, *search, ringing]:
+        lines.append(
+            f"{s.system:<16}{s.offered_cps:>8g}{s.achieved_cps:>9g}"
+            f"{_ms(s.to_invite_ms, 'p50')}{_ms(s.to_invite_ms, 'p95')}{_ms(s.to_invite_ms, 'p99')}"
+            f"{_ms(s.to_ringing_ms, 'p50', 9)}{_ms(s.to_ringing_ms, 'p99', 9)}"
+            f"{s.lost:>5}{s.duplicates:>4}"
+            f"{_num(s.cpu_seconds_per_1000)}{_num(s.peak_rss_mb)}"
+            + ("" if s.sustained else "  (not sustained)")
+        )
+    lines += ["", "API only (sandbox numbers, nothing dialed)"]
+    lines.append(f"{'offered/s':>10}{'accepted/s':>11}{'p50 ms':>8}{'p99 ms':>8}{'cpu/1k':>8}")
+    for a in api_steps:
+        lines.append(
+            f"{a.offered_per_s:>10g}{a.accepted_per_s:>11g}{_ms(a.accept_ms, 'p50')}"
+            f"{_ms(a.accept_ms, 'p99')}{_num(a.cpu_seconds_per_1000)}"
+            + ("" if a.met else "  (target not met)")
+        )
+    lines += ["", "targets"]
+    for name, value in verdict.items():
+        met = value.get("met")
+        mark = "" if met is None else ("  met" if met else "  NOT MET")
+        shown = {k: v for k, v in value.items() if k != "met"}
+        lines.append(f"  {name}: {shown}{mark}")
+    return "\n".join(lines)
+
+
+def draw(steps: list[StepResult], search: list[StepResult], path: Path) -> None:
+    """Latency to the INVITE (p50, p95, p99) against offered rate, baseline and gateway."""
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    for system, colour in COLOURS.items():
+        points = sorted(
+            (s for s in [*steps, *search] if s.system == system), key=lambda s: s.offered_cps
+        )
+        rates = [s.offered_cps for s in points]
+        for p, style in (("p50", "-"), ("p95", "--"), ("p99", ":")):
+            values = [s.to_invite_ms.get(p) for s in points]
+            ax.plot(
+                rates,
+                [v if v is not None else float("nan") for v in values],
+                style,
+                marker="o",
+                color=colour,
+                label=f"{system} {p}",
+            )
+    ax.set_xlabel("offered calls per second")
+    ax.set_ylabel("to the far end's INVITE (ms)")
+    ax.set_yscale("log")
+    ax.set_title("otp-gateway vs raw panoramisk: Originate/POST to INVITE")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(ncol=2, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _ms(summary: dict[str, float | None], p: str, width: int = 8) -> str:
+    value = summary.get(p)
+    return f"{'-' if value is None else f'{value:.1f}':>{width}}"
+
+
+def _num(value: float | None, width: int = 8) -> str:
+    return f"{'-' if value is None else f'{value:g}':>{width}}"
