@@ -23,7 +23,7 @@ from typing import Any
 from bench.api import API_P99_TARGET_MS, ApiStep, api_step, sandbox_numbers
 from bench.baseline import Baseline
 from bench.gateway import GatewayProcess, Poster
-from bench.measure import SUSTAINED_P99_MS, FarEndRecords, Numbers, StepResult
+from bench.measure import SUSTAINED_P99_MS, FarEndRecords, Numbers, StepResult, pbx_idle
 from bench.report import draw, table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,6 +69,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         # 1-3. The same rates through both, alternating.
         for rate in args.rates:
             for system in ("baseline", "gateway"):
+                await pbx_idle()
                 batch = numbers.take(int(rate * step_s))
                 print(f"  {system} at {rate:g} calls/s for {step_s:g}s ...", flush=True)
                 if system == "baseline":
@@ -82,6 +83,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         search: list[StepResult] = []
         for system in ("baseline", "gateway"):
             for rate in args.search:
+                await pbx_idle()
                 batch = numbers.take(int(rate * search_s))
                 print(f"  {system} search at {rate:g} calls/s ...", flush=True)
                 if system == "baseline":
@@ -93,9 +95,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 if not step.sustained:
                     break
 
-        # Memory with many calls ringing at once: 200/s with a 9 s ring.
+        # Memory with many calls ringing at once: 160/s with a 10 s ring.
+        await pbx_idle()
         print("  gateway: 1,500+ calls ringing at once ...", flush=True)
-        ringing = await poster.step(far_end, numbers.take(2000), 200, 9.0, system="gateway-ringing")
+        ringing = await poster.step(
+            far_end, numbers.take(2000), 160, 10.0, system="gateway-ringing"
+        )
         print("    " + _brief(ringing), flush=True)
     finally:
         await poster.close()
@@ -213,7 +218,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="short steps, for a smoke run")
     parser.add_argument("--out", type=Path, default=REPO / "var" / "bench")
     parser.add_argument("--rates", type=float, nargs="+", default=[50, 100, 200, 300])
-    parser.add_argument("--search", type=float, nargs="+", default=[400, 500, 600, 700, 800, 1000])
+    parser.add_argument("--search", type=float, nargs="+", default=[225, 250, 275, 300, 350, 400])
     parser.add_argument(
         "--api-rates", type=float, nargs="+", default=[1000, 2000, 2500, 3000, 3500, 4000]
     )

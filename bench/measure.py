@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -105,6 +106,35 @@ class StepResult:
 # A rate is "sustained" only while the 99th percentile to the INVITE stays this low:
 # beyond it, work is queueing, and a longer step would fall further behind.
 SUSTAINED_P99_MS = 100.0
+
+
+PBX_ROOT = Path(__file__).resolve().parent.parent / ".cache" / "asterisk-root"
+
+
+def pbx_channels() -> int | None:
+    """Channels the dev PBX has open now (None if it cannot be asked)."""
+    try:
+        out = subprocess.run(
+            ["chroot", str(PBX_ROOT), "/usr/sbin/asterisk", "-rx", "core show channels count"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    first = out.split(" active channels", 1)[0].strip().rsplit("\n", 1)[-1]
+    return int(first) if first.isdigit() else None
+
+
+async def pbx_idle(timeout: float = 60.0) -> int | None:
+    """Wait until the dev PBX has no channel left (an overloaded step can leave it
+    busy for a while); the channels still open when `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        channels = await asyncio.to_thread(pbx_channels)
+        if not channels or time.monotonic() > deadline:
+            return channels
+        await asyncio.sleep(1)
 
 
 class FarEndRecords:

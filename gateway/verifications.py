@@ -138,7 +138,7 @@ class Verifications:
         same key raises IdempotencyConflict.
         """
         now = self._clock()
-        body_hash = request_hash(request)
+        body_hash = request_hash(request) if idempotency_key is not None else ""
         if idempotency_key is not None:
             stored = await self._store.idempotent_response(
                 request.api_key_id, idempotency_key, now - IDEMPOTENCY_TTL_S
@@ -238,7 +238,7 @@ class Verifications:
             log.info("verification refused: rate limited (phone %s)", phone.e164)
             raise RateLimited(result.retry_after, result.limit)
         for old_id, live_call_id in result.superseded:
-            log.info(
+            log.debug(
                 "verification %s canceled: superseded by %s",
                 old_id,
                 verification_id,

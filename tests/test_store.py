@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import shutil
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,8 +18,10 @@ from gateway.store import (
     CallEventRecord,
     CallRecord,
     Inserted,
+    Limited,
     Store,
     VerificationRecord,
+    WindowLimit,
 )
 
 T0 = 1_700_000_000.0
@@ -498,3 +502,44 @@ async def test_revoke_api_key_by_name_revokes_every_key_of_that_name(store: Stor
         ("key_3", None),
     ]
     assert await store.revoke_api_key("nobody", T0 + 6) == 0
+
+
+async def test_key_daily_budget_counts_by_minute_and_says_when_it_frees(store: Store) -> None:
+    budget = (WindowLimit("api_key_id", "key_1", 2, 86400),)
+
+    async def attempt(n: int, at: float) -> object:
+        record = verification(f"vrf_{n}", phone=f"+62812345678{n:02d}", created_at=at)
+        return await store.create_verification(record, call(f"call_{n}", record.id), budget)
+
+    start = 1_700_000_050.0  # ten seconds into a minute
+    assert isinstance(await attempt(1, start), Inserted)
+    assert isinstance(await attempt(2, start + 30), Inserted)
+    refused = await attempt(3, start + 3600)
+    assert isinstance(refused, Limited) and refused.limit == "api_key_daily"
+    # Both calls fall in one minute; the window frees when that minute leaves it.
+    assert refused.retry_after == pytest.approx(86400 - 3600 + 50)
+    assert isinstance(await attempt(4, start + 86400 + 50), Inserted)
+    assert await store.calls_by_key(start + 60) == {"key_1": 1}
+
+
+async def test_sandbox_verifications_do_not_spend_the_budget(store: Store) -> None:
+    budget = (WindowLimit("api_key_id", "key_1", 1, 86400),)
+    sandbox = dataclasses.replace(verification("vrf_s"), sandbox=True)
+    assert isinstance(await store.create_verification(sandbox, call("call_s", "vrf_s")), Inserted)
+    real = verification("vrf_r", phone=OTHER_PHONE)
+    assert isinstance(
+        await store.create_verification(real, call("call_r", "vrf_r"), budget), Inserted
+    )
+    assert await store.calls_by_key(T0 - 60) == {"key_1": 1}
+
+
+async def test_the_write_ahead_log_is_checkpointed_while_it_runs(
+    store: Store, db_path: Path
+) -> None:
+    for n in range(200):
+        await create(store, n, phone=f"+6281234{n:06d}")
+    await asyncio.sleep(2.5)  # two checkpoint intervals
+    # The database file alone, without its log, already holds every row.
+    alone = db_path.with_name("copy.sqlite3")
+    shutil.copyfile(db_path, alone)
+    assert raw_query(alone, "SELECT COUNT(*) FROM verifications") == [(200,)]
