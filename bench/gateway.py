@@ -34,7 +34,7 @@ def bench_config(workdir: Path, port: int, test_numbers: dict[str, str] | None =
         "security": {"code_secret": "bench-code-secret-not-for-production"},
         "calls": {
             "ring_seconds": 3,
-            "max_ring_seconds": 12,
+            "max_ring_seconds": 20,
             "max_concurrent": 10_000,
             "max_per_second": 5_000,
             "max_queue": 100_000,
