@@ -199,6 +199,8 @@ class Poster:
             t0 = await paced(rate, len(numbers), one)
             found = await far_end.wait_for(numbers, t0, timeout=ring_seconds + 20)
             await self._wait_ended(ring_seconds)
+            # Again, now that every call has ended at the far end too (CANCEL, BYE).
+            found = await far_end.wait_for(numbers, t0, timeout=0)
         finally:
             sampler.cancel()
         cpu = gateway.cpu_seconds() - cpu_before
