@@ -147,11 +147,11 @@ class Dialer:
                 await task
         self._tasks.clear()
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str = "dialer-event") -> None:
         """Run `work` beside the loops. Tasks start in the order they are made, and each
         asks the store for its writes before it first waits: the store runs them in
         that order, so the events of one call are written in the order they came."""
-        task = asyncio.create_task(work)
+        task = asyncio.create_task(work, name=name)
         self._work.add(task)
         task.add_done_callback(self._work.discard)
 
@@ -171,6 +171,11 @@ class Dialer:
         for task in self._tasks:
             if task.get_name() == "dialer-dial":
                 task.cancel()
+        # Calls already being placed finish placing (their dialing commit is written):
+        # stopped halfway, they would be closed as lost at the next start.
+        placing = [t for t in self._work if t.get_name() == "dialer-place"]
+        if placing:
+            await asyncio.wait(placing, timeout=timeout)
         if self._live:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
@@ -214,7 +219,7 @@ class Dialer:
             self._waiting.discard(job.call_id)
             # Placing waits for a commit and for AMI's answer: calls overlap in that
             # time (placed one by one, that time capped the rate: make bench).
-            self._spawn(self._place_or_abandon(job))
+            self._spawn(self._place_or_abandon(job), name="dialer-place")
 
     async def _place_or_abandon(self, job: CallJob) -> None:
         try:

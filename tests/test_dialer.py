@@ -435,3 +435,19 @@ async def test_release_cli_once_per_call(make_dialer: HarnessFactory, store: Sto
 
     released = Counter(harness.released)
     assert released == Counter({(POOL, job.cli): 1 for job in [*jobs, canceled]})
+
+
+async def test_many_calls_are_placed_at_once_and_drain_lets_them_finish(
+    harness: Harness, store: Store
+) -> None:
+    jobs = [await add_job(store, "0") for _ in range(20)]
+    harness.submit(*jobs)
+    await asyncio.sleep(0)  # the dial loop takes them and starts placing
+    # Shutdown begins while calls are being placed: each one placed is followed to its end.
+    await harness.dialer.drain(timeout=WAIT_S)
+    placed = {d.channel_id for d in harness.pbx.placed}
+    for job in jobs:
+        call = await call_of(store, job)
+        assert (job.call_id in placed) == (call.status != "queued"), call
+        assert call.status in ("queued", "completed"), call  # never left dialing
+    assert placed, "at least the first calls were placed before the dial loop stopped"
