@@ -133,31 +133,49 @@ class GatewayProcess:
 
 
 class Poster:
-    """Posts verifications over one HTTP connection pool, as an internal service would."""
+    """Posts verifications over a pool of keep-alive connections, as an internal service
+    would. HTTP/1.1 written by hand: the load generator shares the 2 cores with what it
+    measures, and aiohttp's client cost a quarter of a core at 200 requests/s."""
 
     def __init__(self, gateway: GatewayProcess, connections: int = 256) -> None:
         self.gateway = gateway
-        self._http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=connections),
-            headers={"Authorization": f"Bearer {gateway.key}"},
-        )
+        self._http = aiohttp.ClientSession()  # for the odd GET (/metrics)
+        self._port = int(gateway.url.rsplit(":", 1)[1])
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._slots = asyncio.Semaphore(connections)
+        self._head = (
+            "POST /v1/verifications HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {gateway.key}\r\nContent-Type: application/json\r\n"
+        ).encode()
 
     async def close(self) -> None:
         await self._http.close()
+        for _, writer in self._idle:
+            writer.close()
 
     async def post(self, phone: str, ring_seconds: float | None = None) -> tuple[int, float, float]:
         """(status, sent at, answered at) of one create."""
         body: dict[str, Any] = {"phone": phone}
         if ring_seconds is not None:
             body["ring_seconds"] = round(ring_seconds)
-        sent = time.time()
-        async with self._http.post(
-            self.gateway.url + "/v1/verifications",
-            data=json.dumps(body),
-            headers={"Content-Type": "application/json"},
-        ) as response:
-            await response.read()
-            return response.status, sent, time.time()
+        payload = json.dumps(body).encode()
+        async with self._slots:
+            if self._idle:
+                reader, writer = self._idle.pop()
+            else:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self._port)
+            sent = time.time()
+            writer.write(self._head + b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+            status = int((await reader.readline()).split()[1])
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            answered = time.time()
+            self._idle.append((reader, writer))
+        return status, sent, answered
 
     async def step(
         self,
@@ -178,7 +196,7 @@ class Poster:
             nonlocal refused
             try:
                 status, at, answered = await self.post("+" + numbers[i], ring_seconds)
-            except aiohttp.ClientError:
+            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
                 refused += 1
                 return
             if status != 201:

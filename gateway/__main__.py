@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import uvloop
 from aiohttp import web
 
 from gateway import apikeys, config, logs
@@ -109,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(cfg: config.Config) -> int:
     """Serve until SIGINT or SIGTERM, then drain and exit 0."""
     logs.setup(cfg.logging.format, cfg.logging.level)
-    asyncio.run(serve(cfg))
+    # libuv's event loop: about an eighth less CPU per call than asyncio's (make bench).
+    uvloop.run(serve(cfg))
     return 0
 
 
