@@ -65,34 +65,31 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     await gateway.start()
     poster = Poster(gateway)
     steps: list[StepResult] = []
+
+    async def step(system: str, rate: float, seconds: float) -> StepResult:
+        """One step of `system` at `rate`, once the PBX is idle; printed as it ends."""
+        await pbx_idle()
+        batch = numbers.take(int(rate * seconds))
+        print(f"  {system} at {rate:g} calls/s for {seconds:g}s ...", flush=True)
+        if system == "baseline":
+            result = await baseline.step(far_end, batch, rate, ring_s)
+        else:
+            result = await poster.step(far_end, batch, rate, ring_s)
+        print("    " + _brief(result), flush=True)
+        return result
+
     try:
         # 1-3. The same rates through both, alternating.
         for rate in args.rates:
             for system in ("baseline", "gateway"):
-                await pbx_idle()
-                batch = numbers.take(int(rate * step_s))
-                print(f"  {system} at {rate:g} calls/s for {step_s:g}s ...", flush=True)
-                if system == "baseline":
-                    step = await baseline.step(far_end, batch, rate, ring_s)
-                else:
-                    step = await poster.step(far_end, batch, rate, ring_s)
-                steps.append(step)
-                print("    " + _brief(step), flush=True)
+                steps.append(await step(system, rate, step_s))
 
         # The maximum sustained rate of each: climb until a rate is not sustained.
         search: list[StepResult] = []
         for system in ("baseline", "gateway"):
             for rate in args.search:
-                await pbx_idle()
-                batch = numbers.take(int(rate * search_s))
-                print(f"  {system} search at {rate:g} calls/s ...", flush=True)
-                if system == "baseline":
-                    step = await baseline.step(far_end, batch, rate, ring_s)
-                else:
-                    step = await poster.step(far_end, batch, rate, ring_s)
-                search.append(step)
-                print("    " + _brief(step), flush=True)
-                if not step.sustained:
+                search.append(await step(system, rate, search_s))
+                if not search[-1].sustained:
                     break
 
         # Memory with many calls ringing at once: 100/s (a rate the gateway sustains

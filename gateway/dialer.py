@@ -44,6 +44,9 @@ class _LiveCall:
     dialed_at: float
     alerted: bool = False
     answered: bool = False
+    # Adopted after a restart while still "dialing": whether it rang before the
+    # restart is unknown (those events went with the old process).
+    alert_unknown: bool = False
 
 
 EndedCallback = Callable[[CallJob, Outcome], Awaitable[None]]
@@ -159,7 +162,9 @@ class Dialer:
         """Follow a call an earlier process placed: never dialed again, closed by its
         Hangup if the PBX still has it, else as lost once its ring time has passed."""
         await self._slots.acquire()
-        self._live[job.call_id] = _LiveCall(job, dialed_at=dialed_at, alerted=alerted)
+        self._live[job.call_id] = _LiveCall(
+            job, dialed_at=dialed_at, alerted=alerted, alert_unknown=not alerted
+        )
         self._pbx.adopt(job.call_id)
 
     async def drain(self, timeout: float) -> None:
@@ -362,6 +367,10 @@ class Dialer:
             return
         self._slots.release()
         outcome = classify(alerted=live.alerted, answered=live.answered, cause=cause)
+        if outcome is Outcome.UNREACHABLE and live.alert_unknown and not live.alerted:
+            # "No answer" ends a missed call that rang as well as one that never did:
+            # with its first events lost, say so rather than mark the number unreachable.
+            outcome, reason = Outcome.ERROR, "pbx_lost"
         try:
             await self._finish(live.job, outcome, cause, sip_code, reason, at=at)
         finally:

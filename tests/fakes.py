@@ -220,6 +220,13 @@ class FakePbx:
         """Follow a call placed before a restart: the fake knows nothing of it."""
         self.adopted.append(channel_id)
 
+    def end_adopted(self, channel_id: str, cause: int, sip_code: int | None) -> None:
+        """The Hangup of a call adopted after a restart (no script ever played it)."""
+        assert channel_id in self.adopted
+        self._events.put_nowait(
+            CallEvent(channel_id, HANGUP, time.time(), cause=cause, sip_code=sip_code)
+        )
+
     async def close(self) -> None:
         """Stop every scripted call still playing."""
         tasks = list(self._live.values())

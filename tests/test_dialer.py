@@ -451,3 +451,17 @@ async def test_many_calls_are_placed_at_once_and_drain_lets_them_finish(
         assert (job.call_id in placed) == (call.status != "queued"), call
         assert call.status in ("queued", "completed"), call  # never left dialing
     assert placed, "at least the first calls were placed before the dial loop stopped"
+
+
+async def test_an_adopted_call_that_was_dialing_and_ends_unanswered_is_lost_not_unreachable(
+    harness: Harness, store: Store
+) -> None:
+    job = await add_job(store, "0")
+    await store.call_progress(job.call_id, "dialing", "dialed_at", time.time(), "dialing")
+    # After a restart: it may have rung before the old process died; nobody knows.
+    await harness.dialer.adopt(job, time.time(), alerted=False)
+    harness.pbx.end_adopted(job.call_id, 19, 480)  # Asterisk's own ring timeout
+    await harness.ended(job)
+    call = await call_of(store, job)
+    assert (call.outcome, call.reason, call.hangup_cause) == ("error", "pbx_lost", 19)
+    assert await store.number_health(job.dial_number) is None  # no false "unreachable"
