@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import psutil
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.baseline import AMI
 from bench.measure import FarEndRecords, StepResult, fill_invites, paced, summary_ms
@@ -120,16 +121,16 @@ class GatewayProcess:
         assert self.ps is not None
         return float(self.ps.memory_info().rss) / 2**20
 
-    def ringing_at(self, numbers: list[str]) -> dict[str, tuple[float, float | None]]:
-        """phone -> (queued_at, ringing_at) from the gateway's database (read-only)."""
+    def ringing_at(self, numbers: list[str]) -> dict[str, float | None]:
+        """phone (no +) -> when its call rang, from the gateway's database (read-only)."""
         wanted = {"+" + n for n in numbers}
         uri = f"file:{self.workdir / 'gateway.sqlite3'}?mode=ro"
         with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
             rows = db.execute(
-                "SELECT v.phone, c.queued_at, c.ringing_at FROM calls c "
+                "SELECT v.phone, c.ringing_at FROM calls c "
                 "JOIN verifications v ON v.id = c.verification_id"
             ).fetchall()
-        return {p[1:]: (q, r) for p, q, r in rows if p in wanted}
+        return {p[1:]: r for p, r in rows if p in wanted}
 
 
 class Poster:
@@ -229,7 +230,7 @@ class Poster:
         result.to_accept_ms = summary_ms(accepted)
         rang = gateway.ringing_at(numbers)
         result.to_ringing_ms = summary_ms(
-            [at - sent[n] for n, (_, at) in rang.items() if n in sent and at is not None]
+            [at - sent[n] for n, at in rang.items() if n in sent and at is not None]
         )
         result.cpu_seconds_per_1000 = round(cpu / len(numbers) * 1000, 3)
         result.peak_rss_mb = round(peak_rss, 1)
@@ -243,9 +244,9 @@ class Poster:
             async with self._http.get(self.gateway.url + "/metrics") as response:
                 text = await response.text()
             levels = {
-                name: float(value)
-                for name, _, value in (line.partition(" ") for line in text.splitlines())
-                if name in ("otp_calls_in_flight", "otp_calls_queued")
+                family.name: family.samples[0].value
+                for family in text_string_to_metric_families(text)
+                if family.name in ("otp_calls_in_flight", "otp_calls_queued")
             }
             if levels == {"otp_calls_in_flight": 0.0, "otp_calls_queued": 0.0}:
                 return
