@@ -185,6 +185,11 @@ class Dialer:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout)
+        # A call that has just ended may still be writing its outcome (a lazy write),
+        # logging it and telling its webhook: that finishes too.
+        ending = [t for t in self._work if t.get_name() == "dialer-event"]
+        if ending:
+            await asyncio.wait(ending, timeout=timeout)
         if self._live:
             log.warning(
                 "shutdown: %d calls still live; their outcomes are left to the next start",

@@ -60,8 +60,16 @@ class Phone:
 
     @property
     def carrier(self) -> str | None:
-        """The original carrier's name where phonenumbers knows it (number may be ported)."""
-        return carrier.name_for_number(self.number, "en") or None
+        """The original carrier's name where phonenumbers knows it (number may be ported).
+
+        What carrier.name_for_number does, without working out the type once more."""
+        if self.type not in _CARRIER_TYPES:
+            return None
+        return carrier.name_for_valid_number(self.number, "en") or None
+
+
+# The types phonenumbers keeps carriers for (carrier.name_for_number).
+_CARRIER_TYPES = frozenset({"mobile", "fixed_line_or_mobile", "pager"})
 
 
 def parse(raw: str, default_region: str) -> Phone:
@@ -76,12 +84,14 @@ def parse(raw: str, default_region: str) -> Phone:
         )
     try:
         number = phonenumbers.parse(compact, default_region)
-        if not phonenumbers.is_valid_number(number) and number.national_number:
+        valid = phonenumbers.is_valid_number(number)
+        if not valid and number.national_number:
             number = _without_trunk_zero(compact, number)
+            valid = phonenumbers.is_valid_number(number)
     except NumberParseException as exc:
         reason = _PARSE_REASONS.get(exc.error_type, "not_a_number")
         raise InvalidPhone(f"phone is not a valid number ({reason})", reason=reason) from None
-    if not phonenumbers.is_valid_number(number):
+    if not valid:
         possible = phonenumbers.is_possible_number_with_reason(number)
         reason = _REASONS.get(possible, "invalid_for_region")
         raise InvalidPhone(f"phone is not a valid number ({reason})", reason=reason)

@@ -34,6 +34,9 @@ KEY_CACHE_SIZE = 10_000
 
 CHECKPOINT_INTERVAL_S = 1.0
 WAL_SIZE_LIMIT = 64 * 2**20  # the log file is cut back to this after a checkpoint
+# How long a write nobody is waiting on (a call's ringing, its end) may wait for others
+# to share its commit. A commit costs about ten write syscalls whatever it holds.
+LAZY_WRITE_S = 0.02
 
 # How long a statement waits for another process holding the write lock (the CLI's
 # `keys create` while the gateway runs) before failing.
@@ -176,6 +179,27 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT api_key_id, CAST(created_at / 60 AS INTEGER), COUNT(*) FROM verifications
         WHERE NOT sandbox GROUP BY 1, 2;
     """,
+    # 8: the global and per-prefix windows in O(log n) whatever their count: every
+    # dialed verification is numbered, overall and within its prefix, so the count-th
+    # latest is one index lookup instead of a walk of `count` rows.
+    """
+    ALTER TABLE verifications ADD COLUMN global_seq INTEGER;
+    ALTER TABLE verifications ADD COLUMN prefix_seq INTEGER;
+    UPDATE verifications SET global_seq = n.g, prefix_seq = n.p
+        FROM (SELECT id,
+                     ROW_NUMBER() OVER (ORDER BY created_at, rowid) AS g,
+                     ROW_NUMBER() OVER (PARTITION BY phone_prefix
+                                        ORDER BY created_at, rowid) AS p
+              FROM verifications WHERE NOT sandbox) AS n
+        WHERE verifications.id = n.id;
+    UPDATE verifications SET prefix_seq = NULL WHERE phone_prefix IS NULL;
+    CREATE UNIQUE INDEX verifications_global_seq ON verifications (global_seq)
+        WHERE global_seq IS NOT NULL;
+    CREATE UNIQUE INDEX verifications_prefix_seq ON verifications (phone_prefix, prefix_seq)
+        WHERE prefix_seq IS NOT NULL;
+    DROP INDEX verifications_by_prefix;
+    DROP INDEX verifications_by_time;
+    """,
 )
 
 LIVE_CALL_STATUSES = ("queued", "dialing", "ringing")
@@ -260,6 +284,15 @@ _LIMIT_NAMES = {
     "api_key_id": "api_key_daily",
     None: "global",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class KnownInvalid:
+    """The network called the number invalid (number_health); nothing was stored."""
+
+    last_call_at: float
+    last_outcome: str | None
+    last_cause: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +410,55 @@ _V_COLS = _columns(VerificationRecord)
 _C_COLS = _columns(CallRecord)
 
 
+def _next_seqs(db: sqlite3.Connection, prefix: str | None) -> tuple[int, int | None]:
+    """The numbers a new dialed verification takes: overall, and within `prefix`."""
+    # IS NOT NULL lets the planner read the maximum off the partial index.
+    (latest,) = db.execute(
+        "SELECT MAX(global_seq) FROM verifications WHERE global_seq IS NOT NULL"
+    ).fetchone()
+    if prefix is None:
+        return (latest or 0) + 1, None
+    (in_prefix,) = db.execute(
+        "SELECT MAX(prefix_seq) FROM verifications "
+        "WHERE phone_prefix = ? AND prefix_seq IS NOT NULL",
+        (prefix,),
+    ).fetchone()
+    return (latest or 0) + 1, (in_prefix or 0) + 1
+
+
+def _window_full(
+    db: sqlite3.Connection, limit: WindowLimit, at: float, seqs: tuple[int, int | None] | None
+) -> float | None:
+    """Seconds until `limit` has room for one more verification, or None when it has.
+
+    The window is full when the `count`-th latest verification it counts is inside it;
+    the global and per-prefix windows find that one by its number (`seqs`: what the new
+    one would take), a phone's small windows by walking its few latest rows."""
+    row = None
+    if limit.column == "phone":
+        row = db.execute(
+            "SELECT created_at FROM verifications WHERE phone = ? AND NOT sandbox "
+            "ORDER BY created_at DESC LIMIT 1 OFFSET ?",
+            (limit.value, limit.count - 1),
+        ).fetchone()
+    elif seqs is not None:
+        overall, in_prefix = seqs
+        if limit.column is None and overall > limit.count:
+            row = db.execute(
+                "SELECT created_at FROM verifications WHERE global_seq = ?",
+                (overall - limit.count,),
+            ).fetchone()
+        elif limit.column == "phone_prefix" and in_prefix is not None and in_prefix > limit.count:
+            row = db.execute(
+                "SELECT created_at FROM verifications WHERE phone_prefix = ? AND prefix_seq = ?",
+                (limit.value, in_prefix - limit.count),
+            ).fetchone()
+    if row is None or row[0] <= at - limit.seconds:
+        return None
+    # `count` already in the window: room once the oldest of them leaves it.
+    return max(1.0, float(row[0]) + limit.seconds - at)
+
+
 def _key_usage_full(db: sqlite3.Connection, limit: WindowLimit, at: float) -> float | None:
     """Seconds until the key may call again, or None when its window has room.
 
@@ -436,12 +518,43 @@ async def _checkpoints(path: str) -> None:
 class _Job:
     work: Callable[[sqlite3.Connection], Any]
     write: bool
+    quick: bool
     future: asyncio.Future[Any]
 
 
+def _wake(kick: asyncio.Future[None]) -> None:
+    if not kick.done():
+        kick.set_result(None)
+
+
+def _run_waiting(db: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[bool, Any]]:
+    """_run_batch in the database thread, where waiting for a lock blocks nobody."""
+    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return _run_batch(db, jobs)
+
+
+def _run_quick(db: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[bool, Any]] | None:
+    """_run_batch on the event loop, never waiting for a lock (busy_timeout 0): None,
+    with nothing done, when another connection holds one (a checkpoint, the CLI)."""
+    try:
+        done = _run_batch(db, jobs)
+    except sqlite3.OperationalError as exc:
+        if _busy(exc):
+            return None
+        raise
+    # Reads take no lock up front: a read-only batch that met one is run where it may wait.
+    met_lock = any(isinstance(v, sqlite3.OperationalError) and _busy(v) for _, v in done)
+    return None if met_lock and not any(job.write for job in jobs) else done
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 def _run_batch(db: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[bool, Any]]:
-    """Run `jobs` in the database thread: each write in a savepoint, all of them in
-    one transaction; (True, result) or (False, exception) for each job."""
+    """Run `jobs`: each write in a savepoint, all of them in one transaction;
+    (True, result) or (False, exception) for each job. A lock that cannot be had
+    raises from BEGIN, before anything is done."""
     done: list[tuple[bool, Any]] = []
     writing = any(job.write for job in jobs)
     if writing:
@@ -476,6 +589,9 @@ class Store:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
         self._jobs: list[_Job] = []  # waiting for the next batch
+        self._urgent = False  # a job in _jobs has someone waiting on it
+        self._kick: asyncio.Future[None] | None = None  # wakes a drainer holding lazy jobs
+        self._lock_wait = True  # the connection's busy_timeout: BUSY_TIMEOUT_MS, or 0
         self._drainer: asyncio.Task[None] | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         self._keys: dict[str, tuple[float, ApiKeyRecord | None]] = {}  # by key hash
@@ -488,7 +604,9 @@ class Store:
         """Open (creating if needed) the database at `path` and migrate it."""
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(str(path), isolation_level=None)
+        # The loop thread uses the connection too (quick batches), never at the same
+        # time as aiosqlite's: one batch at a time, whichever runs it.
+        db = await aiosqlite.connect(str(path), isolation_level=None, check_same_thread=False)
         try:
             await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             # Overwrite deleted content instead of leaving it in free pages.
@@ -530,33 +648,69 @@ class Store:
 
     # -- running work in the database thread -----------------------------------
 
-    async def _run(self, work: Callable[[sqlite3.Connection], T], write: bool = False) -> T:
+    async def _run(
+        self,
+        work: Callable[[sqlite3.Connection], T],
+        write: bool = False,
+        lazy: bool = False,
+        quick: bool = False,
+    ) -> T:
         """`work(connection)` in the database thread; with `write`, in a transaction of
         its own (a savepoint): committed if it returns, rolled back if it raises.
 
         Work is run in batches: what queued up while the previous batch ran goes to the
         thread in one hand-off, and the writes of a batch share one commit (a group
-        commit). A caller is answered only after its commit. Should the caller be
-        canceled, its work still completes.
+        commit). A `lazy` job (a record of something that already happened, that no
+        request waits on) waits up to LAZY_WRITE_S for company. A caller is answered
+        only after its commit. Should the caller be canceled, its work still completes.
+
+        A batch of `quick` jobs only (lookups by key, a few rows written) runs on the
+        event loop itself: the hand-off to the thread costs more than such work, in
+        wake-ups and in the GIL passed back and forth at every statement. It never
+        waits for a lock there: a batch that meets one goes to the thread instead.
         """
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.append(_Job(work, write, future))
+        self._jobs.append(_Job(work, write, quick, future))
+        if not lazy:
+            self._urgent = True
+            if self._kick is not None and not self._kick.done():
+                self._kick.set_result(None)
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain(), name="store")
         return await future
 
-    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._run(work, write=True)
+    async def _write(
+        self, work: Callable[[sqlite3.Connection], T], lazy: bool = False, quick: bool = False
+    ) -> T:
+        return await self._run(work, write=True, lazy=lazy, quick=quick)
 
     async def _drain(self) -> None:
         db = self._db
+        loop = asyncio.get_running_loop()
         while self._jobs:
-            jobs, self._jobs = self._jobs, []
+            if not self._urgent:
+                self._kick = kick = loop.create_future()
+                timer = loop.call_later(LAZY_WRITE_S, _wake, kick)
+                try:
+                    await kick
+                finally:
+                    timer.cancel()
+                    self._kick = None
+            jobs, self._jobs, self._urgent = self._jobs, [], False
             try:
                 # aiosqlite has no public call to run a function in its thread, the
                 # connection's owner; `_execute` and `_conn` are what its own methods use
                 # (aiosqlite is pinned, and every query of the suite runs through here).
-                done = await db._execute(_run_batch, db._conn, jobs)  # type: ignore[no-untyped-call]
+                conn: sqlite3.Connection = db._conn
+                done = None
+                if all(job.quick for job in jobs):
+                    if self._lock_wait:
+                        conn.execute("PRAGMA busy_timeout = 0")
+                        self._lock_wait = False
+                    done = _run_quick(conn, jobs)
+                if done is None:
+                    self._lock_wait = True
+                    done = await db._execute(_run_waiting, conn, jobs)  # type: ignore[no-untyped-call]
             except Exception as exc:  # the connection is closed or broken
                 done = [(False, exc)] * len(jobs)
             for job, (ok, value) in zip(jobs, done, strict=True):
@@ -567,11 +721,15 @@ class Store:
                 else:
                     job.future.set_exception(value)
 
-    async def _fetchone(self, sql: str, args: tuple[Any, ...] | list[Any] = ()) -> Any:
-        return await self._run(lambda db: db.execute(sql, args).fetchone())
+    async def _fetchone(
+        self, sql: str, args: tuple[Any, ...] | list[Any] = (), quick: bool = False
+    ) -> Any:
+        return await self._run(lambda db: db.execute(sql, args).fetchone(), quick=quick)
 
-    async def _fetchall(self, sql: str, args: tuple[Any, ...] | list[Any] = ()) -> list[Any]:
-        return await self._run(lambda db: db.execute(sql, args).fetchall())
+    async def _fetchall(
+        self, sql: str, args: tuple[Any, ...] | list[Any] = (), quick: bool = False
+    ) -> list[Any]:
+        return await self._run(lambda db: db.execute(sql, args).fetchall(), quick=quick)
 
     async def _migrate(self) -> None:
         def migrate(db: sqlite3.Connection) -> None:
@@ -607,7 +765,9 @@ class Store:
         if cached is not None and now - cached[0] < KEY_CACHE_S:
             return cached[1]
         row = await self._fetchone(
-            f"SELECT {_columns(ApiKeyRecord)} FROM api_keys WHERE key_hash = ?", (key_hash,)
+            f"SELECT {_columns(ApiKeyRecord)} FROM api_keys WHERE key_hash = ?",
+            (key_hash,),
+            quick=True,
         )
         record = ApiKeyRecord(*row) if row else None
         if len(self._keys) >= KEY_CACHE_SIZE:  # unknown keys must not fill memory
@@ -642,16 +802,18 @@ class Store:
         call: CallRecord,
         limits: tuple[WindowLimit, ...] = (),
         idempotency: Idempotency | None = None,
-    ) -> Inserted | Limited | Replayed:
+        invalid_since: float | None = None,
+    ) -> Inserted | Limited | Replayed | KnownInvalid:
         """Insert a verification and its queued call, canceling the phone's pending ones.
 
         Only those of the same API key: another service's verification is not ours to end.
         The Idempotency-Key and the limits are looked at in the insert's transaction:
         concurrent retries of one key store one verification, and concurrent requests
-        cannot both slip under a limit.
+        cannot both slip under a limit. With `invalid_since`, a number the network called
+        invalid after that time is refused (KnownInvalid), in the same transaction.
         """
 
-        def create(db: sqlite3.Connection) -> Inserted | Limited | Replayed:
+        def create(db: sqlite3.Connection) -> Inserted | Limited | Replayed | KnownInvalid:
             if idempotency is not None:
                 row = db.execute(
                     "SELECT body_hash, status, response FROM idempotency_keys "
@@ -660,26 +822,22 @@ class Store:
                 ).fetchone()
                 if row is not None:
                     return Replayed(str(row[0]), int(row[1]), str(row[2]))
+            if invalid_since is not None:
+                row = db.execute(
+                    "SELECT last_call_at, last_outcome, last_cause FROM number_health "
+                    "WHERE phone = ? AND status = 'invalid' AND last_call_at > ?",
+                    (verification.phone, invalid_since),
+                ).fetchone()
+                if row is not None:
+                    return KnownInvalid(*row)
+            seqs = None if verification.sandbox else _next_seqs(db, verification.phone_prefix)
             for limit in limits:
                 if limit.column == "api_key_id":
                     retry_after = _key_usage_full(db, limit, verification.created_at)
-                    if retry_after is not None:
-                        return Limited(retry_after, _LIMIT_NAMES[limit.column])
-                    continue
-                since = verification.created_at - limit.seconds
-                where, args = "created_at > ? AND NOT sandbox", list[Any]([since])
-                if limit.column is not None:
-                    where, args = f"{limit.column} = ? AND {where}", [limit.value, since]
-                row = db.execute(
-                    f"SELECT created_at FROM verifications WHERE {where} "
-                    "ORDER BY created_at DESC LIMIT 1 OFFSET ?",
-                    (*args, limit.count - 1),
-                ).fetchone()
-                if row is not None:  # `count` already in the window: wait for the oldest
-                    return Limited(
-                        max(1.0, float(row[0]) + limit.seconds - verification.created_at),
-                        _LIMIT_NAMES[limit.column],
-                    )
+                else:
+                    retry_after = _window_full(db, limit, verification.created_at, seqs)
+                if retry_after is not None:
+                    return Limited(retry_after, _LIMIT_NAMES[limit.column])
             superseded = [
                 (vid, cid if status in LIVE_CALL_STATUSES else None)
                 for vid, cid, status in db.execute(
@@ -697,9 +855,9 @@ class Store:
                 )
                 _enqueue(db, vid, STATUS_EVENTS["canceled"], verification.created_at)
             db.execute(
-                f"INSERT INTO verifications ({_V_COLS}) "
-                f"VALUES ({_placeholders(VerificationRecord)})",
-                _values(verification),
+                f"INSERT INTO verifications ({_V_COLS}, global_seq, prefix_seq) "
+                f"VALUES ({_placeholders(VerificationRecord)}, ?, ?)",
+                (*_values(verification), *(seqs or (None, None))),
             )
             db.execute(
                 f"INSERT INTO calls ({_C_COLS}) VALUES ({_placeholders(CallRecord)})",
@@ -725,7 +883,7 @@ class Store:
                 )
             return Inserted(superseded)
 
-        result = await self._write(create)
+        result = await self._write(create, quick=True)
         if isinstance(result, Inserted):
             self.status_tally["pending"] += 1
             self.status_tally["canceled"] += len(result.superseded)
@@ -737,6 +895,7 @@ class Store:
             "SELECT body_hash, status, response FROM idempotency_keys "
             "WHERE api_key_id = ? AND key = ? AND created_at > ?",
             (api_key_id, key, since),
+            quick=True,
         )
         return Replayed(str(row[0]), int(row[1]), str(row[2])) if row else None
 
@@ -768,6 +927,7 @@ class Store:
             f"SELECT {v_cols}, {c_cols} FROM verifications v "
             f"JOIN calls c ON c.verification_id = v.id WHERE {where}",
             args,
+            quick=True,
         )
         if row is None:
             return None
@@ -800,7 +960,7 @@ class Store:
                 _enqueue(db, verification_id, STATUS_EVENTS[record.status], at)
             return record
 
-        record = await self._write(spend)
+        record = await self._write(spend, quick=True)
         if record is not None and record.status != "pending":
             self.status_tally[record.status] += 1
         return record
@@ -812,6 +972,7 @@ class Store:
             "SELECT COALESCE(SUM(failed_checks), 0), MIN(created_at) FROM verifications "
             "WHERE phone = ? AND created_at > ? AND failed_checks > 0",
             (phone, since),
+            quick=True,
         )
         assert row is not None
         return int(row[0]), (float(row[1]) if row[1] is not None else None)
@@ -852,7 +1013,7 @@ class Store:
                 _enqueue(db, verification_id, STATUS_EVENTS[status], at)
             return changed
 
-        changed = await self._write(update)
+        changed = await self._write(update, quick=True)
         if changed:
             self.status_tally[status] += 1
         return changed
@@ -903,7 +1064,8 @@ class Store:
                 (call_id, at, event),
             )
 
-        await self._write(progress)
+        # Dialing is written before the Originate, which waits for it; ringing is news.
+        await self._write(progress, lazy=status == "ringing", quick=True)
 
     async def add_call_event(self, event: CallEventRecord) -> None:
         await self._write(
@@ -995,7 +1157,7 @@ class Store:
                 )
             return failed
 
-        if await self._write(end):
+        if await self._write(end, lazy=True, quick=True):
             self.status_tally["failed"] += 1
 
     # -- webhooks --------------------------------------------------------------
@@ -1036,7 +1198,7 @@ class Store:
                 "SELECT payload FROM webhook_outbox WHERE id = ?", (webhook_id,)
             ).fetchone()
 
-        row = await self._write(fix)
+        row = await self._write(fix, quick=True)
         assert row is not None
         return str(row[0])
 
@@ -1085,6 +1247,7 @@ class Store:
         row = await self._fetchone(
             f"SELECT {_columns(NumberHealthRecord)} FROM number_health WHERE phone = ?",
             (phone,),
+            quick=True,
         )
         return NumberHealthRecord(*row) if row else None
 
@@ -1140,6 +1303,7 @@ class Store:
             f"SELECT {_columns(CallEventRecord)} FROM call_events "
             "WHERE call_id = ? ORDER BY at, rowid",
             (call_id,),
+            quick=True,
         )
         return [CallEventRecord(*row) for row in rows]
 

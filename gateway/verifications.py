@@ -35,6 +35,7 @@ from gateway.store import (
     CallRecord,
     Idempotency,
     Inserted,
+    KnownInvalid,
     Replayed,
     Store,
     VerificationRecord,
@@ -56,6 +57,7 @@ Clock = Callable[[], float]
 Render = Callable[[VerificationRecord, CallRecord], str]
 # An Idempotency-Key answers its retries this long (DESIGN: 24 h).
 IDEMPOTENCY_TTL_S = 86400.0
+DAY = 86400.0
 IDEMPOTENCY_SWEEP_S = 3600.0  # how often Idempotency-Keys past their 24 h are dropped
 
 
@@ -158,8 +160,6 @@ class Verifications:
             )
         phone = self.parse_phone(request.phone, request.region)
         sandbox_code = self._config.test_numbers.get(phone.e164)
-        if sandbox_code is None:
-            await self._refuse_known_invalid(phone.e164)
         pool = pool_for(self._pools, phone.region)
         if pool is None:
             raise RegionNotAllowed(
@@ -224,8 +224,15 @@ class Verifications:
             )
         # Limits protect phones and the bill; a sandbox verification calls nobody.
         limits = self._limits(request.api_key_id, verification) if cli is not None else ()
+        refuse_days = self._config.numbers.refuse_invalid_days
         try:
-            result = await self._store.create_verification(verification, call, limits, idempotency)
+            result = await self._store.create_verification(
+                verification,
+                call,
+                limits,
+                idempotency,
+                invalid_since=now - refuse_days * DAY if cli is not None and refuse_days else None,
+            )
         except BaseException:
             if cli is not None:
                 pool.release(cli.e164)
@@ -235,6 +242,14 @@ class Verifications:
                 pool.release(cli.e164)
             if isinstance(result, Replayed):  # a concurrent retry of the same key won
                 return _replay(result, body_hash)
+            if isinstance(result, KnownInvalid):
+                raise NumberKnownInvalid(
+                    "the network reported this number as invalid; it is refused until "
+                    f"{_iso(result.last_call_at + refuse_days * DAY)} or until its health "
+                    "is reset",
+                    last_outcome=result.last_outcome,
+                    last_cause=result.last_cause,
+                )
             log.info("verification refused: rate limited (phone %s)", phone.e164)
             raise RateLimited(result.retry_after, result.limit)
         for old_id, live_call_id in result.superseded:
@@ -304,21 +319,6 @@ class Verifications:
             WindowLimit("api_key_id", api_key_id, limits.key_daily_calls, 86400),
             *(WindowLimit(None, None, w.count, w.seconds) for w in limits.global_calls),
         )
-
-    async def _refuse_known_invalid(self, e164: str) -> None:
-        """Refuse a number the network called invalid within the configured period."""
-        days = self._config.numbers.refuse_invalid_days
-        health = await self._store.number_health(e164)
-        if days == 0 or health is None or health.status != "invalid":
-            return
-        retry_at = (health.last_call_at or 0) + days * 86400
-        if self._clock() < retry_at:
-            raise NumberKnownInvalid(
-                "the network reported this number as invalid; it is refused until "
-                f"{_iso(retry_at)} or until its health is reset",
-                last_outcome=health.last_outcome,
-                last_cause=health.last_cause,
-            )
 
     # -- read, check, cancel ---------------------------------------------------
 

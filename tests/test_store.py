@@ -19,6 +19,7 @@ from gateway.store import (
     CallRecord,
     Inserted,
     Limited,
+    Replayed,
     Store,
     VerificationRecord,
     WindowLimit,
@@ -531,6 +532,110 @@ async def test_sandbox_verifications_do_not_spend_the_budget(store: Store) -> No
         await store.create_verification(real, call("call_r", "vrf_r"), budget), Inserted
     )
     assert await store.calls_by_key(T0 - 60) == {"key_1": 1}
+
+
+# -- window limits (global and per prefix by number, per phone by walk) --------
+
+
+async def attempt_at(
+    store: Store, n: int, at: float, limits: tuple[WindowLimit, ...], *, sandbox: bool = False
+) -> Inserted | Limited:
+    """Create vrf_<n> to a phone of its own (prefix +62812345) at `at` under `limits`."""
+    record = dataclasses.replace(
+        verification(f"vrf_{n}", phone=f"+62812345{n:05d}", created_at=at),
+        phone_prefix="+62812345",
+        sandbox=sandbox,
+    )
+    result = await store.create_verification(record, call(f"call_{n}", record.id), limits)
+    assert not isinstance(result, Replayed)
+    return result
+
+
+async def test_global_window_refuses_the_count_plus_first_and_says_when_it_frees(
+    store: Store,
+) -> None:
+    ceiling = (WindowLimit(None, None, 3, 60),)
+    for n, at in enumerate((T0, T0 + 10, T0 + 20)):
+        assert isinstance(await attempt_at(store, n, at, ceiling), Inserted)
+    refused = await attempt_at(store, 3, T0 + 30, ceiling)
+    assert refused == Limited(30.0, "global")  # the oldest (T0) leaves at T0 + 60
+    assert isinstance(await attempt_at(store, 4, T0 + 60.5, ceiling), Inserted)
+    # A refused create took no number: the next window check counts only stored rows.
+    refused = await attempt_at(store, 5, T0 + 61, ceiling)
+    assert refused == Limited(9.0, "global")
+
+
+async def test_prefix_window_counts_only_its_prefix(store: Store) -> None:
+    per_prefix = (WindowLimit("phone_prefix", "+62812345", 2, 3600),)
+    other = dataclasses.replace(verification("vrf_o", phone=OTHER_PHONE), phone_prefix="+62812987")
+    await store.create_verification(other, call("call_o", "vrf_o"))
+    assert isinstance(await attempt_at(store, 1, T0 + 1, per_prefix), Inserted)
+    assert isinstance(await attempt_at(store, 2, T0 + 2, per_prefix), Inserted)
+    refused = await attempt_at(store, 3, T0 + 3, per_prefix)
+    assert refused == Limited(3598.0, "phone_prefix")  # vrf_1 leaves at T0 + 3601
+
+
+async def test_sandbox_verifications_count_in_no_window(store: Store) -> None:
+    limits = (WindowLimit(None, None, 1, 60), WindowLimit("phone_prefix", "+62812345", 1, 60))
+    for n in range(3):
+        assert isinstance(await attempt_at(store, n, T0 + n, (), sandbox=True), Inserted)
+    assert isinstance(await attempt_at(store, 10, T0 + 5, limits), Inserted)
+    assert isinstance(await attempt_at(store, 11, T0 + 6, limits), Limited)
+
+
+async def test_the_window_check_does_not_walk_the_window(store: Store, db_path: Path) -> None:
+    """A 100,000-call window: its check is an index lookup (the query plan says so)."""
+    ceiling = (
+        WindowLimit(None, None, 100_000, 3600),
+        WindowLimit("phone_prefix", "+62812345", 100_000, 3600),
+    )
+    for n in range(5):
+        assert isinstance(await attempt_at(store, n, T0 + n, ceiling), Inserted)
+    plans = [
+        raw_query(db_path, f"EXPLAIN QUERY PLAN {sql}")
+        for sql in (
+            "SELECT created_at FROM verifications WHERE global_seq = 1",
+            "SELECT MAX(global_seq) FROM verifications WHERE global_seq IS NOT NULL",
+            "SELECT created_at FROM verifications WHERE phone_prefix = 'x' AND prefix_seq = 1",
+            "SELECT MAX(prefix_seq) FROM verifications "
+            "WHERE phone_prefix = 'x' AND prefix_seq IS NOT NULL",
+        )
+    ]
+    for plan in plans:
+        detail = " ".join(str(row[-1]) for row in plan)
+        assert "SCAN" not in detail and "INDEX verifications_" in detail, detail
+
+
+async def test_migration_numbers_the_verifications_already_stored(db_path: Path) -> None:
+    """A database from before migration 8: its dialed verifications are numbered in
+    creation order, overall and per prefix, and its windows count them."""
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as db:
+        for number, script in enumerate(MIGRATIONS[:7], start=1):
+            db.executescript(script)
+            db.execute(f"PRAGMA user_version = {number}")
+        for n, (prefix, sandbox) in enumerate(
+            [("+62812345", 0), ("+62812999", 0), ("+62812345", 1), ("+62812345", 0)]
+        ):
+            db.execute(
+                "INSERT INTO verifications (id, api_key_id, phone, region, status, code_hash, "
+                "pool, cli_prefix, cli_length, cli_pattern, attempts_remaining, created_at, "
+                "expires_at, updated_at, phone_prefix, sandbox) VALUES "
+                "(?, 'key_1', ?, 'ID', 'failed', 'h', 'p', '+6221500', 4, 'x', 3, ?, ?, ?, ?, ?)",
+                (f"vrf_{n}", f"{prefix}{n:05d}", T0 + n, T0 + n + TTL, T0 + n, prefix, sandbox),
+            )
+    store = await Store.open(db_path)
+    try:
+        refused = await attempt_at(
+            store, 9, T0 + 10, (WindowLimit("phone_prefix", "+62812345", 2, 60),)
+        )
+        assert refused == Limited(50.0, "phone_prefix")  # vrf_0 (T0) and vrf_3 (T0 + 3)
+        refused = await attempt_at(store, 9, T0 + 10, (WindowLimit(None, None, 3, 60),))
+        assert refused == Limited(50.0, "global")  # vrf_0, vrf_1, vrf_3
+    finally:
+        await store.close()
+    assert raw_query(
+        db_path, "SELECT id, global_seq, prefix_seq FROM verifications ORDER BY id"
+    ) == [("vrf_0", 1, 1), ("vrf_1", 2, 1), ("vrf_2", None, None), ("vrf_3", 3, 2)]
 
 
 async def test_the_write_ahead_log_is_checkpointed_while_it_runs(
