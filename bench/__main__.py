@@ -166,10 +166,17 @@ def verdict(
     ratio = max_gw / max_base if max_base else 0.0
     out["max_sustained_cps"] = {"baseline": max_base, "gateway": max_gw}
     out["max_rate_ratio"] = {"value": round(ratio, 3), "met": ratio >= TARGETS["max_rate_ratio"]}
+    # The worst sustained step, and each rate's against the baseline's CPU at that rate.
     cpu = [s.cpu_seconds_per_1000 for s in steps if s.system == "gateway" and s.sustained]
     worst = max((c for c in cpu if c is not None), default=None)
+    ratios = {}
+    for s in steps:
+        base_cpu = getattr(at("baseline", s.offered_cps), "cpu_seconds_per_1000", None)
+        if s.system == "gateway" and s.cpu_seconds_per_1000 and base_cpu:
+            ratios[f"{s.offered_cps:g}/s"] = round(s.cpu_seconds_per_1000 / base_cpu, 2)
     out["cpu_seconds_per_1000"] = {
         "value": worst,
+        "gateway_over_baseline": ratios,
         "met": worst is not None and worst <= TARGETS["cpu_seconds_per_1000"],
     }
     out["rss_mb_with_1500_ringing"] = {

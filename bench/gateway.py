@@ -40,12 +40,12 @@ def bench_config(workdir: Path, port: int, test_numbers: dict[str, str] | None =
             "max_per_second": 5_000,
             "max_queue": 100_000,
         },
-        # Every limit is still checked on each create; a 1 s window keeps what the
-        # check walks as small as a production window with a production count.
+        # Every limit is checked on each create, over windows as long as production's
+        # (config.example.yaml), with counts the bench never reaches.
         "limits": {
-            "per_phone": [{"count": 3, "seconds": 600}],
-            "per_prefix": [{"count": 10_000, "seconds": 1}],
-            "global_calls": [{"count": 10_000, "seconds": 1}],
+            "per_phone": [{"count": 3, "seconds": 600}, {"count": 10, "seconds": 86400}],
+            "per_prefix": [{"count": 10_000_000, "seconds": 3600}],
+            "global_calls": [{"count": 10_000_000, "seconds": 60}],
             "key_requests_per_minute": 100_000_000,
             "key_daily_calls": 100_000_000,
         },

@@ -91,6 +91,19 @@ class Pacer:
             self._last = time.monotonic()
         self._tokens -= 1
 
+    def take(self) -> bool:
+        """Take the next call's turn if it is due now, without waiting."""
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) / self._interval)
+        self._last = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def give_back(self) -> None:
+        self._tokens = min(self._burst, self._tokens + 1)
+
 
 class Dialer:
     """Places queued calls through the PBX and writes each call's fate to the store."""
@@ -201,6 +214,34 @@ class Dialer:
         """True once shutdown has begun."""
         return self._draining
 
+    async def claim(self) -> bool:
+        """Reserve a call's place now if nothing is waiting and a slot and pacing allow.
+
+        A claimed call is stored already dialing (its dialing written in the same
+        commit as its creation: one commit less on the way to the phone), then handed
+        to `place_claimed`; `unclaim` gives the place back if it is not stored. False:
+        `submit` it to the queue.
+        """
+        if (
+            not self._tasks
+            or self._draining
+            or self._waiting
+            or not self._pbx.connected
+            or self._slots.locked()
+            or not self._pacer.take()
+        ):
+            return False
+        await self._slots.acquire()  # free (not locked): returns without waiting
+        return True
+
+    def unclaim(self) -> None:
+        self._slots.release()
+        self._pacer.give_back()
+
+    def place_claimed(self, job: CallJob, dialed_at: float) -> None:
+        """Place a claimed call, stored as dialing at `dialed_at`."""
+        self._spawn(self._place_or_abandon(job, dialed_at), name="dialer-place")
+
     def submit(self, job: CallJob) -> None:
         """Queue a call; it is placed as pacing allows."""
         self._waiting.add(job.call_id)
@@ -231,9 +272,9 @@ class Dialer:
             # time (placed one by one, that time capped the rate: make bench).
             self._spawn(self._place_or_abandon(job), name="dialer-place")
 
-    async def _place_or_abandon(self, job: CallJob) -> None:
+    async def _place_or_abandon(self, job: CallJob, dialed_at: float | None = None) -> None:
         try:
-            await self._place(job)
+            await self._place(job, dialed_at)
         except Exception:
             # A store failure must not stop the others: this call ends as an error
             # (if it got as far as live).
@@ -249,7 +290,12 @@ class Dialer:
         await self._finish(job, Outcome.ERROR, None, None, "canceled")
         return True
 
-    async def _place(self, job: CallJob) -> None:
+    async def _place(self, job: CallJob, dialed_at: float | None = None) -> None:
+        """Place `job`; `dialed_at`: it was claimed, and is stored as dialing already."""
+        if dialed_at is not None:
+            self._live[job.call_id] = _LiveCall(job, dialed_at=dialed_at)
+            await self._originate(job)
+            return
         if not self._pbx.connected:
             # Nothing is dropped while the PBX is away: wait for it, within a bound.
             wait = (job.queued_at or time.time()) + self._pbx_wait - time.time()
@@ -267,6 +313,9 @@ class Dialer:
         # reconciled, never dialed again.
         await self._store.call_progress(job.call_id, "dialing", "dialed_at", now, "dialing")
         self._live[job.call_id] = _LiveCall(job, dialed_at=now)
+        await self._originate(job)
+
+    async def _originate(self, job: CallJob) -> None:
         try:
             await self._pbx.originate(
                 Dial(job.call_id, job.dial_number, job.cli_dial, job.ring_seconds)

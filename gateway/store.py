@@ -863,6 +863,11 @@ class Store:
                 f"INSERT INTO calls ({_C_COLS}) VALUES ({_placeholders(CallRecord)})",
                 _values(call),
             )
+            if call.status == "dialing":  # placed as soon as stored (Dialer.claim)
+                db.execute(
+                    "INSERT INTO call_events (call_id, at, kind) VALUES (?, ?, 'dialing')",
+                    (call.id, call.dialed_at),
+                )
             if verification.sandbox:  # its call is delivered as it is stored
                 _enqueue(db, verification.id, "verification.delivered", call.queued_at)
             else:

@@ -211,6 +211,10 @@ class Verifications:
             call = replace(
                 call, status="completed", outcome="delivered", reason="sandbox", ended_at=now
             )
+        # Nothing waiting and room to dial now: stored as dialing, placed once stored.
+        claimed = cli is not None and await self._dialer.claim()
+        if claimed:
+            call = replace(call, status="dialing", dialed_at=now)
         idempotency = None
         if idempotency_key is not None:
             assert render is not None, "an idempotent create needs its response rendered"
@@ -236,10 +240,14 @@ class Verifications:
         except BaseException:
             if cli is not None:
                 pool.release(cli.e164)
+            if claimed:
+                self._dialer.unclaim()
             raise
         if not isinstance(result, Inserted):
             if cli is not None:
                 pool.release(cli.e164)
+            if claimed:
+                self._dialer.unclaim()
             if isinstance(result, Replayed):  # a concurrent retry of the same key won
                 return _replay(result, body_hash)
             if isinstance(result, KnownInvalid):
@@ -263,18 +271,20 @@ class Verifications:
                 await self._dialer.cancel(live_call_id)
         if cli is None:
             return verification, call
-        self._dialer.submit(
-            CallJob(
-                call_id=call_id,
-                verification_id=verification_id,
-                dial_number=dial_number,
-                cli=cli.e164,
-                cli_dial=phones.format_for_trunk(cli.e164, pool.cli_format),
-                pool=pool.name,
-                ring_seconds=ring_seconds,
-                queued_at=now,
-            )
+        job = CallJob(
+            call_id=call_id,
+            verification_id=verification_id,
+            dial_number=dial_number,
+            cli=cli.e164,
+            cli_dial=phones.format_for_trunk(cli.e164, pool.cli_format),
+            pool=pool.name,
+            ring_seconds=ring_seconds,
+            queued_at=now,
         )
+        if claimed:
+            self._dialer.place_claimed(job, now)
+        else:
+            self._dialer.submit(job)
         return verification, call
 
     async def resume(self, verification: VerificationRecord, call: CallRecord) -> bool:

@@ -8,6 +8,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -19,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import apikeys
+from gateway.api import views
 from gateway.app import create_app
 from gateway.config import (
     AsteriskConfig,
@@ -715,3 +717,9 @@ async def test_docs_page_uses_only_assets_the_gateway_serves(api: Api) -> None:
         async with await api.request("GET", asset) as served:
             assert served.status == 200, asset
             assert len(await served.read()) > 100_000, asset
+
+
+@given(at=st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
+def test_timestamps_read_as_datetime_would_write_them(at: float) -> None:
+    expected = datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds")
+    assert views.timestamp(at) == expected.replace("+00:00", "Z")

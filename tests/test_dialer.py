@@ -421,6 +421,51 @@ async def test_pacer_allows_a_burst_then_its_rate() -> None:
     assert time.monotonic() - start >= 0.18
 
 
+async def test_a_claim_takes_a_slot_and_a_turn_only_when_nothing_waits(
+    make_dialer: HarnessFactory, store: Store
+) -> None:
+    harness = make_dialer(max_concurrent=2, max_per_second=1000)
+    assert not await harness.dialer.claim()  # not started
+    harness.dialer.start()
+    assert await harness.dialer.claim()
+    harness.dialer.unclaim()  # the create was refused: the place is given back
+    assert await harness.dialer.claim() and await harness.dialer.claim()
+    assert not await harness.dialer.claim()  # both slots taken
+    harness.dialer.unclaim()
+    harness.dialer.unclaim()
+    queued = await add_job(store, "0")
+    harness.pbx.connected = False  # a queued call waits for the PBX
+    harness.submit(queued)
+    assert not await harness.dialer.claim()  # a call waiting goes first
+    assert not await harness.dialer.claim()  # nor is there a PBX to dial on
+    harness.pbx.connected = True
+    await harness.ended(queued)
+    assert await harness.dialer.claim()
+
+
+async def test_a_claimed_call_is_placed_without_another_write(
+    make_dialer: HarnessFactory, store: Store
+) -> None:
+    harness = make_dialer()
+    harness.dialer.start()
+    assert await harness.dialer.claim()
+    job = await add_job(store, "0")  # stored as queued here; Verifications stores it dialing
+    harness.dialer.place_claimed(job, dialed_at=123.0)
+    await harness.ended(job)
+    assert [d.channel_id for d in harness.pbx.placed] == [job.call_id]
+    assert harness.outcomes[job.call_id] == Outcome.DELIVERED
+    # No dialing event of its own: Verifications wrote it with the call.
+    assert [e.kind for e in await store.call_events(job.call_id)][:1] == ["ringing"]
+
+
+async def test_pacer_take_does_not_wait() -> None:
+    pacer = Pacer(2)
+    assert pacer.take() and pacer.take()
+    assert not pacer.take()  # the burst (one second's worth) is spent
+    pacer.give_back()
+    assert pacer.take()
+
+
 async def test_release_cli_once_per_call(make_dialer: HarnessFactory, store: Store) -> None:
     def fate(dial: Dial) -> Fate:
         return OriginateRefused("no") if dial.number.endswith("5") else by_last_digit(dial)

@@ -184,6 +184,31 @@ async def test_create_stores_and_dials(domain: Domain) -> None:
     assert dial.ring_seconds == 1
 
 
+async def test_a_create_with_room_to_dial_is_stored_dialing_in_its_own_commit(
+    domain: Domain,
+) -> None:
+    """Nothing waiting: the call is stored dialing with its creation and placed."""
+    verification = await domain.create("081234567890")
+    found = await domain.store.verification(verification.id)
+    assert found is not None
+    call = found[1]
+    assert (call.status, call.dialed_at) == ("dialing", domain.clock.now)
+    events = await domain.store.call_events(call.id)
+    assert [(e.kind, e.at) for e in events][:1] == [("dialing", domain.clock.now)]
+    await domain.dial_of(verification)
+
+
+async def test_a_create_behind_a_waiting_call_is_queued(domain: Domain) -> None:
+    domain.pbx.connected = False  # the first waits for the PBX
+    first = await domain.create("081234567890")
+    second = await domain.create("081234567891")
+    for created in (first, second):
+        _, call = await domain.call_of(created)
+        assert call.status == "queued"
+    domain.pbx.connected = True
+    await domain.dial_of(second)
+
+
 @pytest.mark.parametrize(
     ("phone", "error"),
     [

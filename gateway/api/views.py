@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,10 +17,23 @@ from gateway.store import (
 
 
 def timestamp(at: float | None) -> str | None:
-    """RFC 3339 UTC with milliseconds."""
+    """RFC 3339 UTC with milliseconds, as datetime's isoformat truncates them.
+
+    A response holds up to a dozen of these; datetime made them a tenth of its cost."""
     if at is None:
         return None
-    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    frac, whole = math.modf(at)
+    micros = round(frac * 1_000_000)  # datetime.fromtimestamp rounds to microseconds
+    if micros < 0:
+        whole, micros = whole - 1, micros + 1_000_000
+    elif micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    return f"{_second(int(whole))}.{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _second(whole: int) -> str:
+    return datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def verification(
