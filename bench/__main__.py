@@ -14,6 +14,7 @@ import asyncio
 import json
 import platform
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -68,6 +69,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     async def step(system: str, rate: float, seconds: float) -> StepResult:
         """One step of `system` at `rate`, once the PBX is idle; printed as it ends."""
+        nonlocal baseline
         await pbx_idle()
         batch = numbers.take(int(rate * seconds))
         print(f"  {system} at {rate:g} calls/s for {seconds:g}s ...", flush=True)
@@ -76,6 +78,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         else:
             result = await poster.step(far_end, batch, rate, ring_s)
         print("    " + _brief(result), flush=True)
+        if not result.sustained:
+            # Overloaded, Asterisk stays slow long after its channels are gone (seen:
+            # the next, lower rate no longer sustained): every step starts on a fresh PBX.
+            print("    (restarting the dev PBX)", flush=True)
+            baseline.close()
+            await restart_pbx()
+            baseline = Baseline()
+            await baseline.connect()
+            await gateway.wait_ready()
         return result
 
     try:
@@ -204,6 +215,16 @@ def _brief(s: StepResult) -> str:
         + (f", rss {s.peak_rss_mb} MB" if s.peak_rss_mb is not None else "")
         + (f", ringing at once {s.peak_in_flight}" if s.peak_in_flight is not None else "")
     )
+
+
+async def restart_pbx() -> None:
+    for command in ("down", "up"):
+        await asyncio.to_thread(
+            subprocess.run,
+            ["bash", str(REPO / "asterisk-config" / "dev" / "pbx.sh"), command],
+            check=True,
+            capture_output=True,
+        )
 
 
 def free_port() -> int:

@@ -91,8 +91,13 @@ class GatewayProcess:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         self.ps = psutil.Process(self.proc.pid)
+        await self.wait_ready()
+
+    async def wait_ready(self, timeout: float = 20.0) -> None:
+        """Until /readyz says ready (the database answers, AMI is logged in)."""
+        assert self.proc is not None
         async with aiohttp.ClientSession() as http:
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"gateway exited; see {self.workdir / 'gateway.log'}")
@@ -101,7 +106,7 @@ class GatewayProcess:
                         if response.status == 200:
                             return
                 await asyncio.sleep(0.1)
-        raise RuntimeError("gateway not ready within 20 s")
+        raise RuntimeError(f"gateway not ready within {timeout:g} s")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
