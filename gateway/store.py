@@ -1,9 +1,10 @@
 """Every SQL statement: schema migrations and queries, on aiosqlite in WAL mode.
 
-One connection, owned by aiosqlite's worker thread. Each operation (a query, or a whole
-transaction) is one function run in that thread: the thread runs them one at a time,
-so a transaction never interleaves with another's statements, and the event loop pays
-one thread hand-off per operation instead of one per statement (make bench).
+One connection, opened by aiosqlite. Each operation (a query, or a whole transaction)
+is one function, queued; the queue is run in batches, one batch at a time, so a
+transaction never interleaves with another's statements. A batch of short operations
+(lookups by key, a call's few rows) runs on the event loop and never waits for a lock;
+any other batch, or one that meets a lock, runs in aiosqlite's thread (Store._run).
 """
 
 from __future__ import annotations
@@ -557,25 +558,26 @@ def _run_batch(db: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[bool, Any
     raises from BEGIN, before anything is done."""
     done: list[tuple[bool, Any]] = []
     writing = any(job.write for job in jobs)
+    nested = len(jobs) > 1  # a job alone has the transaction for its savepoint
     if writing:
         db.execute("BEGIN IMMEDIATE")
     try:
         for job in jobs:
-            if job.write:
+            if job.write and nested:
                 db.execute("SAVEPOINT job")
             try:
                 value = job.work(db)
             except Exception as exc:
-                if job.write:
+                if job.write and nested:
                     db.execute("ROLLBACK TO job")
                     db.execute("RELEASE job")
                 done.append((False, exc))
                 continue
-            if job.write:
+            if job.write and nested:
                 db.execute("RELEASE job")
             done.append((True, value))
         if writing:
-            db.execute("COMMIT")
+            db.execute("COMMIT" if nested or done[0][0] else "ROLLBACK")
     except Exception as exc:  # the database itself failed (disk full, I/O): nothing written
         if db.in_transaction:
             db.execute("ROLLBACK")

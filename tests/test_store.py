@@ -232,6 +232,25 @@ async def test_a_failed_create_rolls_back_the_cancellation(store: Store) -> None
     await store.ping()  # the connection is usable after the rollback
 
 
+async def test_in_a_shared_commit_a_failed_write_leaves_the_others(store: Store) -> None:
+    """Writes queued together share one transaction, each in a savepoint of its own."""
+    await create(store, 1)
+    results = await asyncio.gather(
+        store.create_verification(
+            verification("vrf_2", created_at=T0 + 2), call("call_1", "vrf_2")
+        ),
+        store.create_verification(
+            verification("vrf_3", phone=OTHER_PHONE, created_at=T0 + 3), call("call_3", "vrf_3")
+        ),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], sqlite3.IntegrityError)
+    assert isinstance(results[1], Inserted)
+    assert await status_of(store, "vrf_1") == "pending"  # vrf_2's cancellation undone
+    assert await store.verification("vrf_2") is None
+    assert await status_of(store, "vrf_3") == "pending"
+
+
 # -- spend_attempt -----------------------------------------------------------
 
 
