@@ -24,7 +24,14 @@ from typing import Any
 from bench.api import API_P99_TARGET_MS, ApiStep, api_step, sandbox_numbers
 from bench.baseline import Baseline
 from bench.gateway import GatewayProcess, Poster
-from bench.measure import SUSTAINED_P99_MS, FarEndRecords, Numbers, StepResult, pbx_idle
+from bench.measure import (
+    SUSTAINED_P99_MS,
+    FarEndRecords,
+    Numbers,
+    StepResult,
+    pbx_idle,
+    steady_cores,
+)
 from bench.report import draw, table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,10 +80,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         await pbx_idle()
         batch = numbers.take(int(rate * seconds))
         print(f"  {system} at {rate:g} calls/s for {seconds:g}s ...", flush=True)
+        cores = asyncio.create_task(
+            steady_cores(far_end, gateway.pid, min(ring_s, seconds / 2), seconds)
+        )
         if system == "baseline":
             result = await baseline.step(far_end, batch, rate, ring_s)
         else:
             result = await poster.step(far_end, batch, rate, ring_s)
+        result.cores = await cores
         print("    " + _brief(result), flush=True)
         if not result.sustained:
             # Overloaded, Asterisk stays slow long after its channels are gone (seen:
@@ -107,9 +118,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         # here) with a 16 s ring, about 1,600 ringing.
         await pbx_idle()
         print("  gateway: 1,500+ calls ringing at once ...", flush=True)
+        cores = asyncio.create_task(steady_cores(far_end, gateway.pid, 10.0, 20.0))
         ringing = await poster.step(
             far_end, numbers.take(2000), 100, 16.0, system="gateway-ringing"
         )
+        ringing.cores = await cores
         print("    " + _brief(ringing), flush=True)
     finally:
         await poster.close()
@@ -214,6 +227,7 @@ def _brief(s: StepResult) -> str:
         + (f", cpu {s.cpu_seconds_per_1000} s/1000" if s.cpu_seconds_per_1000 is not None else "")
         + (f", rss {s.peak_rss_mb} MB" if s.peak_rss_mb is not None else "")
         + (f", ringing at once {s.peak_in_flight}" if s.peak_in_flight is not None else "")
+        + (f"\n    cores used: {s.cores}" if s.cores else "")
     )
 
 

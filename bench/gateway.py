@@ -117,6 +117,10 @@ class GatewayProcess:
                 self.proc.kill()
                 self.proc.wait()
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
     def cpu_seconds(self) -> float:
         assert self.ps is not None
         times = self.ps.cpu_times()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
 import subprocess
 import time
@@ -10,6 +12,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from tests.farend import DEFAULT_WORKDIR, FarEnd, InviteRecord
 
@@ -88,6 +92,9 @@ class StepResult:
     cpu_seconds_per_1000: float | None = None
     peak_rss_mb: float | None = None
     peak_in_flight: int | None = None
+    # Cores each process used over the step (Asterisk, the far end, the gateway, this
+    # load generator): the machine has 2, and what they add up to is what limits.
+    cores: dict[str, float] = field(default_factory=dict)
 
     @property
     def sustained(self) -> bool:
@@ -109,6 +116,68 @@ SUSTAINED_P99_MS = 100.0
 
 
 PBX_ROOT = Path(__file__).resolve().parent.parent / ".cache" / "asterisk-root"
+PBX_PIDFILE = PBX_ROOT.parent / "asterisk.pid"
+
+
+class Cores:
+    """CPU used by each process of the test bed between `start` and `stop`, in cores."""
+
+    def __init__(self, far_end: FarEndRecords, gateway_pid: int | None = None) -> None:
+        self._far_end = far_end
+        self._gateway_pid = gateway_pid
+
+    def _processes(self) -> dict[str, psutil.Process]:
+        pids = {
+            "asterisk": _read_pid(PBX_PIDFILE),
+            "far end": self._far_end.pid(),
+            "gateway": self._gateway_pid,
+            "bench (load generator)": os.getpid(),
+        }
+        found = {}
+        for name, pid in pids.items():
+            if pid is not None:
+                with contextlib.suppress(psutil.Error):
+                    found[name] = psutil.Process(pid)
+        return found
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._procs = self._processes()
+        self._cpu0 = {name: _cpu(p) for name, p in self._procs.items()}
+
+    def stop(self) -> dict[str, float]:
+        seconds = time.monotonic() - self._t0
+        used = {}
+        for name, proc in self._procs.items():
+            with contextlib.suppress(psutil.Error):
+                used[name] = round((_cpu(proc) - self._cpu0[name]) / seconds, 2)
+        used["total"] = round(sum(used.values()), 2)
+        return used
+
+
+async def steady_cores(
+    far_end: FarEndRecords, gateway_pid: int | None, after: float, until: float
+) -> dict[str, float]:
+    """Cores used from `after` to `until` seconds into a step: once the first calls'
+    ring times have ended and while calls are still being sent, every part of a call's
+    work runs at the step's rate."""
+    await asyncio.sleep(after)
+    cores = Cores(far_end, gateway_pid)
+    cores.start()
+    await asyncio.sleep(until - after)
+    return cores.stop()
+
+
+def _cpu(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def pbx_channels() -> int | None:
@@ -145,6 +214,9 @@ class FarEndRecords:
 
     def running(self) -> bool:
         return self._far_end.running()
+
+    def pid(self) -> int | None:
+        return self._far_end.pid()
 
     async def wait_for(
         self, numbers: Sequence[str], since: float, timeout: float

@@ -26,8 +26,14 @@ def table(
     header = (
         f"{'system':<16}{'offered':>8}{'achieved':>9}{'p50':>8}{'p95':>8}{'p99':>8}"
         f"{'ring p50':>9}{'ring p99':>9}{'lost':>5}{'dup':>4}{'cpu/1k':>8}{'rss MB':>8}"
+        f"{'cores':>7}{'ast':>6}"
     )
-    lines = ["calls (latency to the far end's INVITE, ms; ring: to Ringing)", header]
+    lines = [
+        "calls (latency to the far end's INVITE, ms; ring: to Ringing; cpu/1k: CPU-seconds"
+        " per 1,000 calls of the gateway, or of the baseline's loop; cores: what the test"
+        " bed's processes use together while calls are being sent, of 2; ast: Asterisk's)",
+        header,
+    ]
     for s in [*steps, *search, ringing]:
         lines.append(
             f"{s.system:<16}{s.offered_cps:>8g}{s.achieved_cps:>9g}"
@@ -35,6 +41,7 @@ def table(
             f"{_ms(s.to_ringing_ms, 'p50', 9)}{_ms(s.to_ringing_ms, 'p99', 9)}"
             f"{s.lost:>5}{s.duplicates:>4}"
             f"{_num(s.cpu_seconds_per_1000)}{_num(s.peak_rss_mb)}"
+            f"{_num(s.cores.get('total'), 7)}{_num(s.cores.get('asterisk'), 6)}"
             + ("" if s.sustained else "  (not sustained)")
         )
     lines += ["", "API only (sandbox numbers, nothing dialed)"]
