@@ -672,7 +672,18 @@ class Store:
         waits for a lock there: a batch that meets one goes to the thread instead.
         """
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.append(_Job(work, write, quick, future))
+        job = _Job(work, write, quick, future)
+        idle = not self._jobs and (self._drainer is None or self._drainer.done())
+        if quick and not lazy and idle:
+            # Nothing queued and no batch running: run it now, without a task, a
+            # wake-up and an event-loop turn on the way.
+            done = self._run_now([job])
+            if done is not None:
+                ok, value = done[0]
+                if ok:
+                    return value  # type: ignore[no-any-return]
+                raise value
+        self._jobs.append(job)
         if not lazy:
             self._urgent = True
             if self._kick is not None and not self._kick.done():
@@ -703,16 +714,10 @@ class Store:
                 # aiosqlite has no public call to run a function in its thread, the
                 # connection's owner; `_execute` and `_conn` are what its own methods use
                 # (aiosqlite is pinned, and every query of the suite runs through here).
-                conn: sqlite3.Connection = db._conn
-                done = None
-                if all(job.quick for job in jobs):
-                    if self._lock_wait:
-                        conn.execute("PRAGMA busy_timeout = 0")
-                        self._lock_wait = False
-                    done = _run_quick(conn, jobs)
+                done = self._run_now(jobs) if all(job.quick for job in jobs) else None
                 if done is None:
                     self._lock_wait = True
-                    done = await db._execute(_run_waiting, conn, jobs)  # type: ignore[no-untyped-call]
+                    done = await db._execute(_run_waiting, db._conn, jobs)  # type: ignore[no-untyped-call]
             except Exception as exc:  # the connection is closed or broken
                 done = [(False, exc)] * len(jobs)
             for job, (ok, value) in zip(jobs, done, strict=True):
@@ -722,6 +727,14 @@ class Store:
                     job.future.set_result(value)
                 else:
                     job.future.set_exception(value)
+
+    def _run_now(self, jobs: list[_Job]) -> list[tuple[bool, Any]] | None:
+        """Quick `jobs` on the event loop (see _run_quick); None: a lock was held."""
+        conn: sqlite3.Connection = self._db._conn
+        if self._lock_wait:
+            conn.execute("PRAGMA busy_timeout = 0")
+            self._lock_wait = False
+        return _run_quick(conn, jobs)
 
     async def _fetchone(
         self, sql: str, args: tuple[Any, ...] | list[Any] = (), quick: bool = False
