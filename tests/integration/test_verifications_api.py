@@ -10,6 +10,7 @@ import pytest
 
 from gateway.config import VerificationConfig
 from tests.conftest import phone_number, wire_record
+from tests.fakes import until
 from tests.farend import FarEnd, InviteRecord
 from tests.integration.conftest import POOL_PREFIX, Gateway, GatewayFactory
 
@@ -117,8 +118,17 @@ async def test_check_by_phone_uses_newest_pending(gateway: Gateway, far_end: Far
     _, second = await gateway.post("/v1/verifications", {"phone": f"+{number}"})
     status, old = await gateway.get(f"/v1/verifications/{first['id']}")
     assert old["status"] == "canceled"
-    await wire_record(far_end, number, lambda r: True, count=2)
-    newest = max(far_end.calls_to(number), key=lambda r: r.invited_at)
+
+    # The second call rings at the far end. The first was hung up when superseded: it
+    # rang too, or (hung up before Asterisk sent its INVITE) never reached the far end.
+    async def second_rang() -> bool | None:
+        _, current = await gateway.get(f"/v1/verifications/{second['id']}")
+        return current["call"]["ringing_at"] is not None or None
+
+    assert await until(second_rang)
+    calls = far_end.calls_to(number)
+    assert 1 <= len(calls) <= 2, calls
+    newest = max(calls, key=lambda r: r.invited_at)
     status, checked = await gateway.post(
         "/v1/verifications/check", {"phone": f"+{number}", "code": code_of(newest)}
     )
