@@ -82,9 +82,7 @@ class Pacer:
 
     async def wait(self) -> None:
         """Return when the next call may start."""
-        now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) / self._interval)
-        self._last = now
+        self._refill()
         if self._tokens < 1:
             await asyncio.sleep((1 - self._tokens) * self._interval)
             self._tokens = 1
@@ -93,13 +91,16 @@ class Pacer:
 
     def take(self) -> bool:
         """Take the next call's turn if it is due now, without waiting."""
-        now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) / self._interval)
-        self._last = now
+        self._refill()
         if self._tokens < 1:
             return False
         self._tokens -= 1
         return True
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) / self._interval)
+        self._last = now
 
     def give_back(self) -> None:
         self._tokens = min(self._burst, self._tokens + 1)

@@ -411,6 +411,22 @@ _V_COLS = _columns(VerificationRecord)
 _C_COLS = _columns(CallRecord)
 
 
+def _add_event(
+    db: sqlite3.Connection,
+    call_id: str,
+    at: float | None,
+    kind: str,
+    cause: int | None = None,
+    sip_code: int | None = None,
+) -> None:
+    """One entry of a call's timeline (CallEventRecord), in the caller's transaction."""
+    db.execute(
+        f"INSERT INTO call_events ({_columns(CallEventRecord)}) "
+        f"VALUES ({_placeholders(CallEventRecord)})",
+        (call_id, at, kind, cause, sip_code),
+    )
+
+
 def _next_seqs(db: sqlite3.Connection, prefix: str | None) -> tuple[int, int | None]:
     """The numbers a new dialed verification takes: overall, and within `prefix`."""
     # IS NOT NULL lets the planner read the maximum off the partial index.
@@ -879,10 +895,7 @@ class Store:
                 _values(call),
             )
             if call.status == "dialing":  # placed as soon as stored (Dialer.claim)
-                db.execute(
-                    "INSERT INTO call_events (call_id, at, kind) VALUES (?, ?, 'dialing')",
-                    (call.id, call.dialed_at),
-                )
+                _add_event(db, call.id, call.dialed_at, "dialing")
             if verification.sandbox:  # its call is delivered as it is stored
                 _enqueue(db, verification.id, "verification.delivered", call.queued_at)
             else:
@@ -1079,22 +1092,13 @@ class Store:
                 "WHERE id = ? AND status IN ('queued', 'dialing', 'ringing')",
                 (status, at, call_id),
             )
-            db.execute(
-                "INSERT INTO call_events (call_id, at, kind) VALUES (?, ?, ?)",
-                (call_id, at, event),
-            )
+            _add_event(db, call_id, at, event)
 
         # Dialing is written before the Originate, which waits for it; ringing is news.
         await self._write(progress, lazy=status == "ringing", quick=True)
 
     async def add_call_event(self, event: CallEventRecord) -> None:
-        await self._write(
-            lambda db: db.execute(
-                f"INSERT INTO call_events ({_columns(CallEventRecord)}) "
-                f"VALUES ({_placeholders(CallEventRecord)})",
-                _values(event),
-            )
-        )
+        await self._write(lambda db: _add_event(db, *_values(event)))
 
     async def end_call(
         self,
@@ -1127,11 +1131,7 @@ class Store:
             if row is None:
                 return False
             failed = False
-            db.execute(
-                "INSERT INTO call_events (call_id, at, kind, cause, sip_code) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (call_id, at, f"ended:{outcome}", cause, sip_code),
-            )
+            _add_event(db, call_id, at, f"ended:{outcome}", cause, sip_code)
             if fail_verification:
                 failed = (
                     db.execute(
