@@ -1,6 +1,6 @@
 """Run every bench phase against the dev PBX and the far end; print, write JSON and a PNG.
 
-    python -m bench [--quick] [--out var/bench]
+    python -m bench [--quick] [--api-only] [--out var/bench]
 
 Needs the dev PBX and the far end up (`make bench` starts them). Baseline and gateway
 steps alternate at each rate, so both see the same machine at nearly the same time:
@@ -23,6 +23,7 @@ from typing import Any
 
 from bench.api import API_P99_TARGET_MS, ApiStep, api_step, sandbox_numbers
 from bench.baseline import Baseline
+from bench.floor import FloorProcess
 from bench.gateway import GatewayProcess, Poster
 from bench.measure import (
     SUSTAINED_P99_MS,
@@ -46,6 +47,7 @@ TARGETS = {
     "api_accepted_per_s": 2000.0,
     "api_p99_ms": API_P99_TARGET_MS,
 }
+RING_S = 3.0  # every call step's ring time
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -54,25 +56,51 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     far_end = FarEndRecords()
     if not far_end.running():
         sys.exit("bench: the far end is not running (make farend-up)")
-    numbers = Numbers()
-    step_s = 5.0 if args.quick else 20.0
-    search_s = 4.0 if args.quick else 10.0
-    ring_s = 3.0
     results: dict[str, Any] = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": _cpus(), "python": platform.python_version()},
-        "ring_seconds": ring_s,
-        "step_seconds": step_s,
+        "ring_seconds": RING_S,
+        "step_seconds": 5.0 if args.quick else 20.0,
         "sustained_p99_ms": SUSTAINED_P99_MS,
         "targets": TARGETS,
     }
+    steps: list[StepResult] = []
+    search: list[StepResult] = []
+    ringing: StepResult | None = None
+    if not args.api_only:
+        steps, search, ringing = await calls_phase(args, out, far_end)
+    api_steps = await api_phase(args, out)
 
+    results["steps"] = [asdict(s) | {"sustained": s.sustained} for s in steps]
+    results["search"] = [asdict(s) | {"sustained": s.sustained} for s in search]
+    results["ringing"] = asdict(ringing) if ringing else None
+    results["api"] = [asdict(s) | {"met": s.met} for s in api_steps]
+    results["verdict"] = verdict(steps + search, ringing, api_steps, _cpus())
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    if steps:
+        draw(steps, search, out / "latency.png")
+    print()
+    print(table(steps, search, ringing, api_steps, results["verdict"]))
+    print(f"\nwritten: {out / 'results.json'}" + (f", {out / 'latency.png'}" if steps else ""))
+    return results
+
+
+async def calls_phase(
+    args: argparse.Namespace, out: Path, far_end: FarEndRecords
+) -> tuple[list[StepResult], list[StepResult], StepResult]:
+    """1-3: calls through the baseline and the gateway at the same rates, alternating;
+    the maximum sustained rate of each; the gateway's memory with 1,500+ calls ringing."""
+    numbers = Numbers()
+    step_s = 5.0 if args.quick else 20.0
+    search_s = 4.0 if args.quick else 10.0
+    ring_s = RING_S
     baseline = Baseline()
     await baseline.connect()
     gateway = GatewayProcess(out / "gateway", free_port())
     await gateway.start()
     poster = Poster(gateway)
     steps: list[StepResult] = []
+    search: list[StepResult] = []
 
     async def step(system: str, rate: float, seconds: float) -> StepResult:
         """One step of `system` at `rate`, once the PBX is idle; printed as it ends."""
@@ -107,7 +135,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 steps.append(await step(system, rate, step_s))
 
         # The maximum sustained rate of each: climb until a rate is not sustained.
-        search: list[StepResult] = []
         for system in ("baseline", "gateway"):
             for rate in args.search:
                 search.append(await step(system, rate, search_s))
@@ -128,45 +155,50 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         await poster.close()
         gateway.stop()
         baseline.close()
+    return steps, search, ringing
 
-    # 4. API only, to sandbox numbers: nothing is dialed.
+
+async def api_phase(args: argparse.Namespace, out: Path) -> list[ApiStep]:
+    """Verifications to sandbox numbers (nothing dialed). At each rate the floor (bare
+    aiohttp, no work) and then the gateway; each climbs until it misses the target."""
     api = GatewayProcess(out / "api", free_port(), test_numbers=sandbox_numbers())
-    await api.start()
-    api_poster = Poster(api, connections=64)
+    floor = FloorProcess(out / "floor", free_port())
+    servers = {"floor": floor, "gateway": api}
     api_steps: list[ApiStep] = []
+    posters: dict[str, Poster] = {}
     try:
-        await api_step(api, api_poster, 500, 2)  # warm up
+        for name, server in servers.items():
+            await server.start()
+            posters[name] = Poster(server, connections=64)
+            await api_step(server, posters[name], 500, 2, name)  # warm up
+        climbing = set(servers)
         for rate in args.api_rates:
-            print(f"  API at {rate:g} verifications/s ...", flush=True)
-            api_result = await api_step(api, api_poster, rate, 3.0 if args.quick else 8.0)
-            api_steps.append(api_result)
-            print(
-                f"    accepted {api_result.accepted_per_s:g}/s, p50 "
-                f"{api_result.accept_ms['p50']} ms, p99 {api_result.accept_ms['p99']} ms, "
-                f"refused {api_result.refused}",
-                flush=True,
-            )
-            if not api_result.met:
+            for name in [n for n in servers if n in climbing]:
+                print(f"  API, {name}, at {rate:g} verifications/s ...", flush=True)
+                seconds = 3.0 if args.quick else 8.0
+                api_result = await api_step(servers[name], posters[name], rate, seconds, name)
+                api_steps.append(api_result)
+                print(
+                    f"    accepted {api_result.accepted_per_s:g}/s, p50 "
+                    f"{api_result.accept_ms['p50']} ms, p99 {api_result.accept_ms['p99']} ms, "
+                    f"refused {api_result.refused}, server {api_result.cpu_seconds_per_1000} "
+                    f"CPU-ms each, load generator {api_result.load_cpu_seconds_per_1000}",
+                    flush=True,
+                )
+                if not api_result.met:
+                    climbing.discard(name)
+            if not climbing:
                 break
     finally:
-        await api_poster.close()
-        api.stop()
-
-    results["steps"] = [asdict(s) | {"sustained": s.sustained} for s in steps]
-    results["search"] = [asdict(s) | {"sustained": s.sustained} for s in search]
-    results["ringing"] = asdict(ringing)
-    results["api"] = [asdict(s) | {"met": s.met} for s in api_steps]
-    results["verdict"] = verdict(steps + search, ringing, api_steps)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    draw(steps, search, out / "latency.png")
-    print()
-    print(table(steps, search, ringing, api_steps, results["verdict"]))
-    print(f"\nwritten: {out / 'results.json'}, {out / 'latency.png'}")
-    return results
+        for poster_ in posters.values():
+            await poster_.close()
+        for server in servers.values():
+            server.stop()
+    return api_steps
 
 
 def verdict(
-    steps: list[StepResult], ringing: StepResult, api_steps: list[ApiStep]
+    steps: list[StepResult], ringing: StepResult | None, api_steps: list[ApiStep], cpus: int
 ) -> dict[str, Any]:
     """Each target of issue 8 with the measured value and whether it is met."""
 
@@ -178,45 +210,105 @@ def verdict(
 
     out: dict[str, Any] = {}
     base, gw = at("baseline", 200), at("gateway", 200)
-    if base and gw:
-        for p, key in (("p50", "p50_extra_ms_at_200"), ("p99", "p99_extra_ms_at_200")):
-            extra = (gw.to_invite_ms[p] or 0) - (base.to_invite_ms[p] or 0)
-            out[key] = {"value": round(extra, 2), "met": extra <= TARGETS[key]}
-        out["no_loss_or_duplicate_at_200"] = {
-            "value": {"lost": gw.lost, "duplicates": gw.duplicates, "refused": gw.refused},
-            "met": gw.lost == gw.duplicates == gw.refused == 0,
+    if steps:
+        if base and gw:
+            for p, key in (("p50", "p50_extra_ms_at_200"), ("p99", "p99_extra_ms_at_200")):
+                extra = (gw.to_invite_ms[p] or 0) - (base.to_invite_ms[p] or 0)
+                out[key] = {"value": round(extra, 2), "met": extra <= TARGETS[key]}
+            out["no_loss_or_duplicate_at_200"] = {
+                "value": {"lost": gw.lost, "duplicates": gw.duplicates, "refused": gw.refused},
+                "met": gw.lost == gw.duplicates == gw.refused == 0,
+            }
+        max_base, max_gw = best("baseline"), best("gateway")
+        ratio = max_gw / max_base if max_base else 0.0
+        out["max_sustained_cps"] = {"baseline": max_base, "gateway": max_gw}
+        out["max_rate_ratio"] = {
+            "value": round(ratio, 3),
+            "met": ratio >= TARGETS["max_rate_ratio"],
         }
-    max_base, max_gw = best("baseline"), best("gateway")
-    ratio = max_gw / max_base if max_base else 0.0
-    out["max_sustained_cps"] = {"baseline": max_base, "gateway": max_gw}
-    out["max_rate_ratio"] = {"value": round(ratio, 3), "met": ratio >= TARGETS["max_rate_ratio"]}
-    # The worst sustained step, and each rate's against the baseline's CPU at that rate.
-    cpu = [s.cpu_seconds_per_1000 for s in steps if s.system == "gateway" and s.sustained]
-    worst = max((c for c in cpu if c is not None), default=None)
-    ratios = {}
-    for s in steps:
-        base_cpu = getattr(at("baseline", s.offered_cps), "cpu_seconds_per_1000", None)
-        if s.system == "gateway" and s.cpu_seconds_per_1000 and base_cpu:
-            ratios[f"{s.offered_cps:g}/s"] = round(s.cpu_seconds_per_1000 / base_cpu, 2)
-    out["cpu_seconds_per_1000"] = {
-        "value": worst,
-        "gateway_over_baseline": ratios,
-        "met": worst is not None and worst <= TARGETS["cpu_seconds_per_1000"],
-    }
-    out["rss_mb_with_1500_ringing"] = {
-        "value": ringing.peak_rss_mb,
-        "peak_ringing": ringing.peak_in_flight,
-        "met": (ringing.peak_in_flight or 0) >= 1500
-        and (ringing.peak_rss_mb or 1e9) <= TARGETS["rss_mb_with_1500_ringing"],
-    }
-    met_api = [s for s in api_steps if s.met]
-    top = max(met_api, key=lambda s: s.accepted_per_s, default=None)
+        # The worst sustained step, and each rate's against the baseline's CPU at that rate.
+        cpu = [s.cpu_seconds_per_1000 for s in steps if s.system == "gateway" and s.sustained]
+        worst = max((c for c in cpu if c is not None), default=None)
+        ratios = {}
+        for s in steps:
+            base_cpu = getattr(at("baseline", s.offered_cps), "cpu_seconds_per_1000", None)
+            if s.system == "gateway" and s.cpu_seconds_per_1000 and base_cpu:
+                ratios[f"{s.offered_cps:g}/s"] = round(s.cpu_seconds_per_1000 / base_cpu, 2)
+        out["cpu_seconds_per_1000"] = {
+            "value": worst,
+            "gateway_over_baseline": ratios,
+            "met": worst is not None and worst <= TARGETS["cpu_seconds_per_1000"],
+        }
+        if ringing is not None:
+            out["rss_mb_with_1500_ringing"] = {
+                "value": ringing.peak_rss_mb,
+                "peak_ringing": ringing.peak_in_flight,
+                "met": (ringing.peak_in_flight or 0) >= 1500
+                and (ringing.peak_rss_mb or 1e9) <= TARGETS["rss_mb_with_1500_ringing"],
+            }
+    gw_api, floor_api = _top(api_steps, "gateway"), _top(api_steps, "floor")
     out["api_accepted_per_s"] = {
-        "value": top.accepted_per_s if top else 0,
-        "p99_ms": top.accept_ms["p99"] if top else None,
-        "met": top is not None and top.accepted_per_s >= TARGETS["api_accepted_per_s"],
+        "value": gw_api.accepted_per_s if gw_api else 0,
+        "p99_ms": gw_api.accept_ms["p99"] if gw_api else None,
+        "floor": floor_api.accepted_per_s if floor_api else 0,
+        "met": gw_api is not None and gw_api.accepted_per_s >= TARGETS["api_accepted_per_s"],
     }
+    out["api_cpu_ms_per_request"] = api_budget(api_steps, cpus)
+    if base and gw:
+        out["cores_at_200"] = call_budget(base, gw, cpus)
     return out
+
+
+LOAD_GENERATOR = "bench (load generator)"  # in the baseline's steps: the baseline's loop
+
+
+def call_budget(base: StepResult, gw: StepResult, cpus: int) -> dict[str, Any]:
+    """What the machine leaves the gateway at 200 calls/s, from the cores each process of
+    the test bed used: Asterisk and the far end need what they needed under the baseline,
+    the gateway and its HTTP load generator share the rest."""
+    if not base.cores or not gw.cores:
+        return {}
+    pbx_and_far_end = base.cores["total"] - base.cores.get(LOAD_GENERATOR, 0.0)
+    left = cpus - pbx_and_far_end
+    load = gw.cores.get(LOAD_GENERATOR, 0.0)
+    return {
+        "baseline_bed": base.cores["total"],
+        "asterisk_and_far_end": round(pbx_and_far_end, 2),
+        "left_for_gateway_and_load": round(left, 2),
+        "load_generator": load,
+        "gateway_cpu_ms_per_call_that_fits": round((left - load) / base.offered_cps * 1000, 2),
+        "gateway_cpu_ms_per_call": gw.cpu_seconds_per_1000,
+    }
+
+
+def api_budget(api_steps: list[ApiStep], cpus: int) -> dict[str, Any]:
+    """CPU-ms per request: the gateway's, the floor's (HTTP alone) and the load generator's,
+    against what the target rate allows in one process (one core) or on every core."""
+
+    def cpu(system: str) -> float | None:
+        values = [
+            s.cpu_seconds_per_1000
+            for s in api_steps
+            if s.system == system and s.met and s.cpu_seconds_per_1000 is not None
+        ]
+        return round(min(values), 3) if values else None
+
+    floor_top = _top(api_steps, "floor")
+    load = floor_top.load_cpu_seconds_per_1000 if floor_top else None
+    rate = TARGETS["api_accepted_per_s"]
+    return {
+        "gateway": cpu("gateway"),
+        "floor": cpu("floor"),
+        "load_generator": load,
+        "one_process_at_target": round(1000 / rate, 3),
+        "all_cores_at_target": round(cpus * 1000 / rate - (load or 0.0), 3),
+    }
+
+
+def _top(api_steps: list[ApiStep], system: str) -> ApiStep | None:
+    """The system's fastest step that met the API target."""
+    met = [s for s in api_steps if s.system == system and s.met]
+    return max(met, key=lambda s: s.accepted_per_s, default=None)
 
 
 def _brief(s: StepResult) -> str:
@@ -256,6 +348,11 @@ def _cpus() -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short steps, for a smoke run")
+    parser.add_argument(
+        "--api-only",
+        action="store_true",
+        help="only the API phase (the gateway still logs in to the dev PBX)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "var" / "bench")
     parser.add_argument("--rates", type=float, nargs="+", default=[50, 100, 200, 300])
     parser.add_argument("--search", type=float, nargs="+", default=[225, 250, 275, 300, 350, 400])

@@ -6,11 +6,12 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from bench.gateway import GatewayProcess, Poster
+from bench.gateway import Poster, ServerProcess
 from bench.measure import paced, summary_ms
 
 SANDBOX_PHONES = 2_000  # cycled through; more than a step's concurrency
 SANDBOX_CODE = "1234"
+API_P99_TARGET_MS = 25.0
 
 
 def sandbox_numbers() -> dict[str, str]:
@@ -19,13 +20,16 @@ def sandbox_numbers() -> dict[str, str]:
 
 @dataclass
 class ApiStep:
+    system: str  # "gateway", or "floor": bench.floor's bare aiohttp server
     offered_per_s: float
     requests: int
     accepted: int = 0
     refused: int = 0
     accepted_per_s: float = 0.0
     accept_ms: dict[str, float | None] = field(default_factory=dict)
-    cpu_seconds_per_1000: float | None = None
+    cpu_seconds_per_1000: float | None = None  # the server's
+    # The load generator's (this process): it shares the machine's cores with the server.
+    load_cpu_seconds_per_1000: float | None = None
 
     @property
     def met(self) -> bool:
@@ -38,14 +42,13 @@ class ApiStep:
         )
 
 
-API_P99_TARGET_MS = 25.0
-
-
-async def api_step(gateway: GatewayProcess, poster: Poster, rate: float, seconds: float) -> ApiStep:
+async def api_step(
+    server: ServerProcess, poster: Poster, rate: float, seconds: float, system: str = "gateway"
+) -> ApiStep:
     """POST to sandbox numbers at `rate` (an open loop) for `seconds`."""
     phones = list(sandbox_numbers())
     count = int(rate * seconds)
-    step = ApiStep(rate, count)
+    step = ApiStep(system, rate, count)
     latencies: list[float] = []
     answered: list[float] = []
 
@@ -57,14 +60,15 @@ async def api_step(gateway: GatewayProcess, poster: Poster, rate: float, seconds
         else:
             step.refused += 1
 
-    cpu_before = gateway.cpu_seconds()
+    cpu_before, load_before = server.cpu_seconds(), time.process_time()
     t0 = time.time()
     await paced(rate, count, one)
-    cpu = gateway.cpu_seconds() - cpu_before
+    cpu, load = server.cpu_seconds() - cpu_before, time.process_time() - load_before
     step.accepted = len(latencies)
     if answered:
         step.accepted_per_s = round(step.accepted / (max(answered) - t0), 1)
     step.accept_ms = summary_ms(latencies)
     step.cpu_seconds_per_1000 = round(cpu / max(count, 1) * 1000, 3)
+    step.load_cpu_seconds_per_1000 = round(load / max(count, 1) * 1000, 3)
     await asyncio.sleep(1)  # let the write-ahead log checkpoint between steps
     return step

@@ -57,56 +57,52 @@ def bench_config(workdir: Path, port: int, test_numbers: dict[str, str] | None =
     return path
 
 
-class GatewayProcess:
-    """`python -m gateway run` with a fresh database and an API key."""
+class ServerProcess:
+    """A server under test in a process of its own: its URL, its CPU and its memory."""
 
-    def __init__(self, workdir: Path, port: int, test_numbers: dict[str, str] | None = None):
+    log_name = "server.log"
+
+    def __init__(self, workdir: Path, port: int) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        for old in workdir.glob("gateway.sqlite3*"):
-            old.unlink()
         self.workdir = workdir
         self.url = f"http://127.0.0.1:{port}"
-        self.config = bench_config(workdir, port, test_numbers)
         self.key = ""
         self.proc: subprocess.Popen[bytes] | None = None
         self.ps: psutil.Process | None = None
 
-    def _gateway(self, *args: str) -> str:
-        return subprocess.run(
-            [sys.executable, "-m", "gateway", *args, "--config", str(self.config)],
-            check=True,
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-        ).stdout
+    def command(self) -> list[str]:
+        raise NotImplementedError
 
     async def start(self) -> None:
-        self.key = self._gateway("keys", "create", "bench").strip().splitlines()[-1]
-        with (self.workdir / "gateway.log").open("ab") as log:
+        with (self.workdir / self.log_name).open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", "--config", str(self.config)],
+                self.command(),
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         self.ps = psutil.Process(self.proc.pid)
-        await self.wait_ready()
+        try:
+            await self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     async def wait_ready(self, timeout: float = 20.0) -> None:
-        """Until /readyz says ready (the database answers, AMI is logged in)."""
+        """Until /readyz answers 200 (the gateway: the database answers, AMI is logged in)."""
         assert self.proc is not None
         async with aiohttp.ClientSession() as http:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"gateway exited; see {self.workdir / 'gateway.log'}")
+                    raise RuntimeError(f"server exited; see {self.workdir / self.log_name}")
                 with contextlib.suppress(aiohttp.ClientError):
                     async with http.get(self.url + "/readyz") as response:
                         if response.status == 200:
                             return
                 await asyncio.sleep(0.1)
-        raise RuntimeError(f"gateway not ready within {timeout:g} s")
+        raise RuntimeError(f"{self.url} not ready within {timeout:g} s")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -130,6 +126,34 @@ class GatewayProcess:
         assert self.ps is not None
         return float(self.ps.memory_info().rss) / 2**20
 
+
+class GatewayProcess(ServerProcess):
+    """`python -m gateway run` with a fresh database and an API key."""
+
+    log_name = "gateway.log"
+
+    def __init__(self, workdir: Path, port: int, test_numbers: dict[str, str] | None = None):
+        super().__init__(workdir, port)
+        for old in workdir.glob("gateway.sqlite3*"):
+            old.unlink()
+        self.config = bench_config(workdir, port, test_numbers)
+
+    def _gateway(self, *args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", *args, "--config", str(self.config)],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        ).stdout
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "gateway", "run", "--config", str(self.config)]
+
+    async def start(self) -> None:
+        self.key = self._gateway("keys", "create", "bench").strip().splitlines()[-1]
+        await super().start()
+
     def ringing_at(self, numbers: list[str]) -> dict[str, float | None]:
         """phone (no +) -> when its call rang, from the gateway's database (read-only)."""
         wanted = {"+" + n for n in numbers}
@@ -147,15 +171,15 @@ class Poster:
     would. HTTP/1.1 written by hand: the load generator shares the 2 cores with what it
     measures, and aiohttp's client cost a quarter of a core at 200 requests/s."""
 
-    def __init__(self, gateway: GatewayProcess, connections: int = 256) -> None:
-        self.gateway = gateway
+    def __init__(self, server: ServerProcess, connections: int = 256) -> None:
+        self.server = server
         self._http = aiohttp.ClientSession()  # for the odd GET (/metrics)
-        self._port = int(gateway.url.rsplit(":", 1)[1])
+        self._port = int(server.url.rsplit(":", 1)[1])
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._slots = asyncio.Semaphore(connections)
         self._head = (
             "POST /v1/verifications HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Authorization: Bearer {gateway.key}\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {server.key}\r\nContent-Type: application/json\r\n"
         ).encode()
 
     async def close(self) -> None:
@@ -196,7 +220,8 @@ class Poster:
         system: str = "gateway",
     ) -> StepResult:
         """POST one verification per number at `rate`; wait until every call has ended."""
-        gateway = self.gateway
+        gateway = self.server
+        assert isinstance(gateway, GatewayProcess), "calls need the gateway"
         sent: dict[str, float] = {}
         accepted: list[float] = []
         refused = 0
@@ -250,7 +275,7 @@ class Poster:
         """Until the gateway reports no call in flight (its outcomes are all written)."""
         deadline = time.monotonic() + ring_seconds + 30
         while time.monotonic() < deadline:
-            async with self._http.get(self.gateway.url + "/metrics") as response:
+            async with self._http.get(self.server.url + "/metrics") as response:
                 text = await response.text()
             levels = {
                 family.name: family.samples[0].value

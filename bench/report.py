@@ -19,7 +19,7 @@ COLOURS = {"baseline": "tab:blue", "gateway": "tab:orange"}
 def table(
     steps: list[StepResult],
     search: list[StepResult],
-    ringing: StepResult,
+    ringing: StepResult | None,
     api_steps: list[ApiStep],
     verdict: dict[str, Any],
 ) -> str:
@@ -34,7 +34,7 @@ def table(
         " bed's processes use together while calls are being sent, of 2; ast: Asterisk's)",
         header,
     ]
-    for s in [*steps, *search, ringing]:
+    for s in [*steps, *search, *([ringing] if ringing else [])]:
         lines.append(
             f"{s.system:<16}{s.offered_cps:>8g}{s.achieved_cps:>9g}"
             f"{_ms(s.to_invite_ms, 'p50')}{_ms(s.to_invite_ms, 'p95')}{_ms(s.to_invite_ms, 'p99')}"
@@ -44,12 +44,18 @@ def table(
             f"{_num(s.cores.get('total'), 7)}{_num(s.cores.get('asterisk'), 6)}"
             + ("" if s.sustained else "  (not sustained)")
         )
-    lines += ["", "API only (sandbox numbers, nothing dialed)"]
-    lines.append(f"{'offered/s':>10}{'accepted/s':>11}{'p50 ms':>8}{'p99 ms':>8}{'cpu/1k':>8}")
+    lines += [
+        "",
+        "API only (sandbox numbers, nothing dialed; floor: a bare aiohttp server, no work;"
+        " cpu/1k: the server's CPU-seconds per 1,000 requests, load: the load generator's)",
+        f"{'system':<10}{'offered/s':>10}{'accepted/s':>11}{'p50 ms':>8}{'p99 ms':>8}"
+        f"{'cpu/1k':>8}{'load/1k':>8}",
+    ]
     for a in api_steps:
         lines.append(
-            f"{a.offered_per_s:>10g}{a.accepted_per_s:>11g}{_ms(a.accept_ms, 'p50')}"
-            f"{_ms(a.accept_ms, 'p99')}{_num(a.cpu_seconds_per_1000)}"
+            f"{a.system:<10}{a.offered_per_s:>10g}{a.accepted_per_s:>11g}"
+            f"{_ms(a.accept_ms, 'p50')}{_ms(a.accept_ms, 'p99')}"
+            f"{_num(a.cpu_seconds_per_1000)}{_num(a.load_cpu_seconds_per_1000)}"
             + ("" if a.met else "  (target not met)")
         )
     lines += ["", "targets"]
