@@ -109,7 +109,8 @@ class CallsConfig:
     # Calls waiting for a slot beyond this are refused (503 overloaded): a queue that
     # would take minutes to drain only makes every user wait past their code's use.
     max_queue: int = 1000
-    # While AMI is down a queued call waits this long for it, then fails pbx_unavailable.
+    # While AMI is down a queued call waits this long for it, then fails pbx_unavailable;
+    # once AMI has been down this long, creates are refused (503 pbx_unavailable).
     pbx_wait_seconds: float = 10.0
 
 

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from gateway.config import CallsConfig
 from gateway.logs import call_ids
-from gateway.outcomes import DELIVERED_OUTCOMES, Outcome, classify, health_of
+from gateway.outcomes import CANCELED, DELIVERED_OUTCOMES, Outcome, classify, health_of
 from gateway.pbx import CallEvent, CallEventKind, Dial, Pbx, PbxError
 from gateway.store import CallEventRecord, Store
 
@@ -47,6 +47,8 @@ class _LiveCall:
     # Adopted after a restart while still "dialing": whether it rang before the
     # restart is unknown (those events went with the old process).
     alert_unknown: bool = False
+    # Hung up by the gateway (a cancel, or a newer verification for the phone).
+    canceled: bool = False
 
 
 EndedCallback = Callable[[CallJob, Outcome], Awaitable[None]]
@@ -139,6 +141,11 @@ class Dialer:
     def queued(self) -> int:
         """Calls waiting to be placed (queued, or waiting for a slot)."""
         return len(self._waiting)
+
+    @property
+    def pbx_down_for(self) -> float:
+        """Seconds the PBX has been unreachable; 0 while AMI is logged in."""
+        return self._pbx.down_for
 
     @property
     def in_flight(self) -> int:
@@ -250,7 +257,9 @@ class Dialer:
 
     async def cancel(self, call_id: str) -> None:
         """Hang up a live call, or keep a queued one from being placed."""
-        if call_id in self._live:
+        live = self._live.get(call_id)
+        if live is not None:
+            live.canceled = True
             with contextlib.suppress(PbxError):
                 await self._pbx.hangup(call_id)
         elif call_id in self._waiting:
@@ -288,7 +297,7 @@ class Dialer:
             return False
         self._canceled.discard(job.call_id)
         self._waiting.discard(job.call_id)
-        await self._finish(job, Outcome.ERROR, None, None, "canceled")
+        await self._finish(job, Outcome.ERROR, None, None, CANCELED)
         return True
 
     async def _place(self, job: CallJob, dialed_at: float | None = None) -> None:
@@ -426,6 +435,11 @@ class Dialer:
             # "No answer" ends a missed call that rang as well as one that never did:
             # with its first events lost, say so rather than mark the number unreachable.
             outcome, reason = Outcome.ERROR, "pbx_lost"
+        if live.canceled and outcome in (Outcome.REJECTED, Outcome.ERROR):
+            # Our own hangup before the phone alerted (Asterisk reports cause 21 when it
+            # lands before the INVITE leaves): canceled, not a verdict on the number.
+            # What the network said first (busy, unreachable, invalid) still stands.
+            outcome, reason = Outcome.ERROR, CANCELED
         try:
             await self._finish(live.job, outcome, cause, sip_code, reason, at=at)
         finally:
@@ -444,6 +458,7 @@ class Dialer:
     ) -> None:
         self._release_cli(job.pool, job.cli)
         delivered = outcome in DELIVERED_OUTCOMES
+        canceled = reason == CANCELED
         await self._store.end_call(
             job.call_id,
             call_status="completed" if delivered else "failed",
@@ -455,8 +470,9 @@ class Dialer:
             fail_verification=not delivered,
             health=health_of(outcome),
             delivered=delivered,
+            about_number=not canceled,
         )
-        self._metrics.call_ended(outcome, cause)
+        self._metrics.call_ended(CANCELED if canceled else outcome, cause)
         log.info(
             "call %s (verification %s): %s, cause %s, sip %s",
             job.call_id,

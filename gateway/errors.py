@@ -55,6 +55,10 @@ class NumberKnownInvalid(GatewayError):
 class PbxUnavailable(GatewayError):
     code = "pbx_unavailable"
 
+    def __init__(self, detail: str, retry_after: int, **extra: object) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after = retry_after
+
 
 class RateLimited(GatewayError):
     """Too many requests. The message never says which limit fired."""

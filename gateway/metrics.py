@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.outcomes import Outcome
+from gateway.outcomes import CANCELED, Outcome
 from gateway.store import VERIFICATION_STATUSES, Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -120,8 +120,8 @@ class Metrics:
             registry=r,
         )
         self.key_budget.set(key_daily_calls)
-        for outcome in Outcome:  # every outcome shows, at 0 until it happens
-            self.calls.labels(outcome=outcome.value)
+        for outcome in [*Outcome, CANCELED]:  # every outcome shows, at 0 until it happens
+            self.calls.labels(outcome=outcome)
         for limit in RATE_LIMITS:
             self.rate_limited.labels(limit=limit)
         self._logins = 0

@@ -37,6 +37,10 @@ _BUSY = 17
 _REJECTED = 21
 
 DELIVERED_OUTCOMES = frozenset({Outcome.DELIVERED, Outcome.ANSWERED})
+# The reason of a call (outcome `error`) that the gateway ended before the phone alerted,
+# or never placed, because its verification was canceled or superseded. The calls metric
+# counts it under this label of its own: it is no failure of the call or the number.
+CANCELED = "canceled"
 
 _HEALTH = {
     Outcome.DELIVERED: Health.REACHABLE,

@@ -112,6 +112,9 @@ class Pbx(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    @property
+    def down_for(self) -> float: ...
+
     async def originate(self, dial: Dial) -> None: ...
 
     async def hangup(self, channel_id: str) -> None: ...
@@ -255,11 +258,17 @@ class AmiPbx:
         self._supervisor: asyncio.Task[None] | None = None
         self.reconnects = 0
         self.events_received = 0  # every AMI event this session was sent
+        self._down_since = time.monotonic()  # not logged in yet
 
     @property
     def connected(self) -> bool:
         """True while a logged-in AMI connection is up."""
         return self._logged_in.is_set()
+
+    @property
+    def down_for(self) -> float:
+        """Seconds since AMI was last logged in (or since start); 0 while it is."""
+        return 0.0 if self.connected else time.monotonic() - self._down_since
 
     async def start(self) -> None:
         """Start connecting in the background; see `wait_connected`."""
@@ -404,6 +413,8 @@ class AmiPbx:
                 raise PbxUnavailable(f"no Ping reply within {KEEPALIVE_TIMEOUT_S}s") from None
 
     def _drop_connection(self) -> None:
+        if self._logged_in.is_set():
+            self._down_since = time.monotonic()
         self._logged_in.clear()
         protocol, self._protocol = self._protocol, None
         if protocol is not None and not protocol.closed:

@@ -1113,11 +1113,13 @@ class Store:
         fail_verification: bool,
         health: str | None = None,
         delivered: bool = False,
+        about_number: bool = True,
     ) -> None:
         """Close a call with its outcome; fail its verification if asked.
 
         A call that was dialed also updates its number's health: `health` is what the
         outcome says of the number (None: nothing), `delivered` whether it alerted.
+        Not when `about_number` is false (the gateway hung up before the phone alerted).
         """
 
         def end(db: sqlite3.Connection) -> bool:
@@ -1145,11 +1147,15 @@ class Store:
                     _enqueue(db, row[0], STATUS_EVENTS["failed"], at)
             elif delivered:
                 _enqueue(db, row[0], "verification.delivered", at)
-            dialed = db.execute(
-                "SELECT v.phone FROM calls c JOIN verifications v ON v.id = c.verification_id "
-                "WHERE c.id = ? AND c.dialed_at IS NOT NULL",
-                (call_id,),
-            ).fetchone()
+            dialed = (
+                db.execute(
+                    "SELECT v.phone FROM calls c JOIN verifications v ON v.id = c.verification_id "
+                    "WHERE c.id = ? AND c.dialed_at IS NOT NULL",
+                    (call_id,),
+                ).fetchone()
+                if about_number
+                else None
+            )
             if dialed is not None:
                 db.execute(
                     "INSERT INTO number_health (phone, status, last_outcome, last_cause, "
@@ -1308,12 +1314,13 @@ class Store:
         return deleted == 1
 
     async def call_stats(self, since: float, until: float) -> list[tuple[str, str, int]]:
-        """(carrier, outcome, calls) for dialed calls that ended in [since, until)."""
+        """(carrier, outcome, calls) for dialed calls that ended in [since, until); not
+        those the gateway itself canceled before they alerted (outcomes.CANCELED)."""
         rows = await self._fetchall(
             "SELECT COALESCE(v.carrier, 'unknown'), c.outcome, COUNT(*) "
             "FROM calls c JOIN verifications v ON v.id = c.verification_id "
             "WHERE c.ended_at >= ? AND c.ended_at < ? AND c.dialed_at IS NOT NULL "
-            "GROUP BY 1, 2 ORDER BY 1, 2",
+            "AND c.reason IS NOT 'canceled' GROUP BY 1, 2 ORDER BY 1, 2",
             (since, until),
         )
         return [(str(carrier), str(outcome), int(n)) for carrier, outcome, n in rows]
@@ -1356,11 +1363,11 @@ class Store:
 
     async def ended_by_cause(self, since: float, until: float) -> list[tuple[str, int | None, int]]:
         """(outcome, hangup cause, calls) for dialed calls that ended in [since, until),
-        the most frequent first."""
+        the most frequent first; not those the gateway canceled before they alerted."""
         rows = await self._fetchall(
             "SELECT outcome, hangup_cause, COUNT(*) FROM calls "
             "WHERE ended_at >= ? AND ended_at < ? AND dialed_at IS NOT NULL "
-            "GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2",
+            "AND reason IS NOT 'canceled' GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2",
             (since, until),
         )
         return [

@@ -25,6 +25,7 @@ from gateway.errors import (
     NotFound,
     NumberKnownInvalid,
     Overloaded,
+    PbxUnavailable,
     RateLimited,
     RegionNotAllowed,
     VerificationNotPending,
@@ -59,6 +60,8 @@ Render = Callable[[VerificationRecord, CallRecord], str]
 IDEMPOTENCY_TTL_S = 86400.0
 DAY = 86400.0
 IDEMPOTENCY_SWEEP_S = 3600.0  # how often Idempotency-Keys past their 24 h are dropped
+# Retry-After of a create refused while the PBX is unreachable: about one reconnect try.
+PBX_RETRY_AFTER_S = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +163,14 @@ class Verifications:
             )
         phone = self.parse_phone(request.phone, request.region)
         sandbox_code = self._config.test_numbers.get(phone.e164)
+        down_for = self._dialer.pbx_down_for
+        if sandbox_code is None and down_for >= calls.pbx_wait_seconds:
+            # A short loss is absorbed (the call waits for AMI, within pbx_wait_seconds);
+            # past that, say so now: the client can fall back before a user waits.
+            raise PbxUnavailable(
+                f"the PBX has been unreachable for {down_for:.0f}s; retry later",
+                retry_after=PBX_RETRY_AFTER_S,
+            )
         pool = pool_for(self._pools, phone.region)
         if pool is None:
             raise RegionNotAllowed(

@@ -147,13 +147,36 @@ class FakePbx:
     ) -> None:
         self.script = script
         self.time_scale = time_scale
-        self.connected = connected
+        self._connected = connected
+        self._down_since = time.monotonic()
         self.originated: list[Originated] = []
         self.hangups: list[str] = []  # every hangup asked for, live call or not
+        # The cause Asterisk reports for our Hangup: 16, or 21 when it lands before the
+        # INVITE has left (seen on the dev PBX).
+        self.hangup_cause = NORMAL_CLEARING
         self.adopted: list[str] = []
         self.max_live = 0
         self._live: dict[str, asyncio.Task[None]] = {}
         self._events: asyncio.Queue[CallEvent] = asyncio.Queue()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @connected.setter
+    def connected(self, up: bool) -> None:
+        if self._connected and not up:
+            self._down_since = time.monotonic()
+        self._connected = up
+
+    @property
+    def down_for(self) -> float:
+        return 0.0 if self._connected else time.monotonic() - self._down_since
+
+    def lost_ami(self, seconds_ago: float) -> None:
+        """AMI went away `seconds_ago` and has not come back."""
+        self._connected = False
+        self._down_since = time.monotonic() - seconds_ago
 
     @property
     def dials(self) -> list[Dial]:
@@ -190,14 +213,14 @@ class FakePbx:
         self.max_live = max(self.max_live, len(self._live))
 
     async def hangup(self, channel_id: str) -> None:
-        """End a live call with cause 16, as Asterisk does for a Hangup action (our CANCEL)."""
+        """End a live call with `hangup_cause`, as Asterisk does for a Hangup action."""
         self.hangups.append(channel_id)
         if channel_id not in self._live:
             return  # the real adapter ignores calls it does not know (or that ended)
         if not self.connected:
             raise PbxUnavailable("not connected to AMI")
         self._live[channel_id].cancel()
-        self._end(channel_id, NORMAL_CLEARING, None)
+        self._end(channel_id, self.hangup_cause, None)
 
     async def next_event(self) -> CallEvent:
         return await self._events.get()

@@ -32,6 +32,7 @@ from gateway.config import (
     VerificationConfig,
 )
 from gateway.store import Store
+from gateway.verifications import PBX_RETRY_AFTER_S
 from tests.fakes import WAIT_S, FakePbx, fresh_mobile, rings_until_hung_up, until
 
 PROBLEM = "application/problem+json"
@@ -405,6 +406,19 @@ async def test_readyz_follows_the_pbx(api: Api) -> None:
     api.pbx.connected = True
     async with api.http.get(api.url + "/readyz") as response:
         assert response.status == 200
+
+
+async def test_create_while_the_pbx_is_long_gone_is_503_with_retry_after(api: Api) -> None:
+    api.pbx.lost_ami(seconds_ago=60)
+    async with await api.request(
+        "POST", "/v1/verifications", json={"phone": fresh_mobile()}
+    ) as response:
+        body = await response.json(content_type=None)
+        assert_problem(response, body, 503, "pbx_unavailable")
+        assert response.headers["Retry-After"] == str(PBX_RETRY_AFTER_S)
+    assert api.pbx.originated == []
+    api.pbx.connected = True
+    await api.create()
 
 
 # -- errors --------------------------------------------------------------------

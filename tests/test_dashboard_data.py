@@ -59,6 +59,7 @@ class Calls:
         cause: int | None = 19,
         carrier: str | None = "Telkomsel",
         phone: str = PHONE,
+        reason: str | None = None,
     ) -> str:
         """A call dialed at `dialed_at` (None: never) that ended at `ended_at` (None: live)."""
         self.n += 1
@@ -96,7 +97,7 @@ class Calls:
                 outcome=outcome,
                 cause=cause,
                 sip_code=None,
-                reason=None,
+                reason=reason,
                 at=ended_at,
                 fail_verification=not delivered,
                 delivered=delivered,
@@ -171,7 +172,10 @@ async def test_ended_by_cause_counts_only_dialed_calls_ended_in_the_window(
     await calls.add(dialed_at=T0 + 10)  # live: no outcome yet
     await calls.add(dialed_at=None, ended_at=T0 + 5, outcome="error", cause=None)  # never dialed
     await calls.add(dialed_at=T0 + 1, ended_at=T0 + 2, outcome="rejected", cause=21)
+    # Hung up by the gateway before it alerted (superseded): no verdict on the trunk.
+    await calls.add(dialed_at=T0 + 1, ended_at=T0 + 2, outcome="error", cause=21, reason="canceled")
     assert await store.ended_by_cause(T0, T0 + 60) == [("rejected", 21, 1)]
+    assert await store.call_stats(T0, T0 + 60) == [("Telkomsel", "rejected", 1)]
 
 
 # -- dashboard_data ------------------------------------------------------------

@@ -18,9 +18,13 @@ from gateway.outcomes import Outcome
 from gateway.pbx import Dial, OriginateRefused
 from gateway.store import CallRecord, Store, VerificationRecord
 from tests.fakes import (
+    HANGUP,
+    NO_ANSWER,
+    NORMAL_CLEARING,
     WAIT_S,
     FakePbx,
     Fate,
+    Step,
     by_last_digit,
     fresh_mobile,
     rings_until_hung_up,
@@ -340,6 +344,52 @@ async def test_cancel_hangs_up_a_live_call(make_dialer: HarnessFactory, store: S
     assert (call.outcome, call.hangup_cause) == ("delivered", 16)
     assert call.ended_at is not None
     assert harness.dialer.in_flight == 0
+
+
+def silent_until_hung_up(dial: Dial) -> tuple[Step, ...]:
+    """100 Trying and nothing more: no alert before `hangup` (or a ring timeout far off)."""
+    return (Step(60, HANGUP, NO_ANSWER),)
+
+
+@pytest.mark.parametrize("cause", [NORMAL_CLEARING, 21])  # 21: before the INVITE left
+async def test_a_call_canceled_before_it_alerted_ends_canceled(
+    make_dialer: HarnessFactory, store: Store, cause: int
+) -> None:
+    pbx = FakePbx(silent_until_hung_up)
+    pbx.hangup_cause = cause
+    harness = make_dialer(pbx)
+    harness.dialer.start()
+    job = await add_job(store)
+    harness.submit(job)
+
+    async def dialing() -> bool:
+        return (await call_of(store, job)).status == "dialing"
+
+    await until(dialing)
+    await harness.dialer.cancel(job.call_id)
+    await harness.ended(job)
+
+    call = await call_of(store, job)
+    # Not "rejected" or a plain error: the gateway hung up, so it says nothing of the number.
+    assert (call.outcome, call.reason, call.hangup_cause) == ("error", "canceled", cause)
+    found = await store.verification(job.verification_id)
+    assert found is not None
+    assert await store.number_health(found[0].phone) is None
+    assert harness.dialer.in_flight == 0
+
+
+async def test_a_rejection_that_came_before_the_cancel_stands(
+    make_dialer: HarnessFactory, store: Store
+) -> None:
+    busy = await add_job(store, "3")
+    harness = make_dialer()
+    harness.dialer.start()
+    harness.submit(busy)
+    await harness.ended(busy)
+    await harness.dialer.cancel(busy.call_id)  # too late: the network already said busy
+
+    call = await call_of(store, busy)
+    assert (call.outcome, call.reason) == ("busy", None)
 
 
 async def test_cancel_keeps_a_queued_call_from_being_placed(

@@ -28,6 +28,7 @@ from gateway.errors import (
     InvalidRequest,
     NotFound,
     NumberKnownInvalid,
+    PbxUnavailable,
     PhoneTypeNotAllowed,
     RegionNotAllowed,
     VerificationNotPending,
@@ -35,7 +36,7 @@ from gateway.errors import (
 from gateway.pbx import Dial
 from gateway.pool import Pool
 from gateway.store import CallRecord, Store, VerificationRecord
-from gateway.verifications import NewVerification, Verifications
+from gateway.verifications import PBX_RETRY_AFTER_S, NewVerification, Verifications
 from tests.fakes import FakePbx, Fate, by_last_digit, fresh_mobile, rings_until_hung_up, until
 
 KEY = "key_a"
@@ -207,6 +208,30 @@ async def test_a_create_behind_a_waiting_call_is_queued(domain: Domain) -> None:
         assert call.status == "queued"
     domain.pbx.connected = True
     await domain.dial_of(second)
+
+
+async def test_create_refused_while_the_pbx_has_been_down_past_its_wait(
+    domain: Domain,
+) -> None:
+    domain.pbx.lost_ami(seconds_ago=CallsConfig().pbx_wait_seconds + 1)
+    with pytest.raises(PbxUnavailable) as refused:
+        await domain.create("081234567890")
+    assert refused.value.retry_after == PBX_RETRY_AFTER_S
+    assert (domain.rows("verifications"), domain.rows("calls")) == (0, 0)
+    # Bad input is still told as such, not as a PBX problem.
+    with pytest.raises(InvalidPhone):
+        await domain.create("12345")
+    domain.pbx.connected = True
+    await domain.dial_of(await domain.create("081234567890"))
+
+
+async def test_a_short_pbx_loss_is_absorbed_by_the_queue(domain: Domain) -> None:
+    domain.pbx.lost_ami(seconds_ago=CallsConfig().pbx_wait_seconds - 2)
+    verification = await domain.create("081234567890")
+    _, call = await domain.call_of(verification)
+    assert call.status == "queued"
+    domain.pbx.connected = True
+    await domain.dial_of(verification)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.outcomes import Outcome
+from gateway.outcomes import CANCELED, Outcome
 from tests.conftest import phone_number
 from tests.farend import FarEnd
 from tests.integration.conftest import Gateway
@@ -71,7 +71,10 @@ async def test_outcome_counters_match_the_calls_made(start_gateway: Any, far_end
     assert by_label(after["otp_calls_total"], "outcome") == expected_outcomes
     assert by_label(after["otp_call_hangup_causes_total"], "cause") == expected_causes
     # Every outcome is exported, at 0 until it happens.
-    assert {dict(k)["outcome"] for k in after["otp_calls_total"]} == {o.value for o in Outcome}
+    assert {dict(k)["outcome"] for k in after["otp_calls_total"]} == {
+        *(o.value for o in Outcome),
+        CANCELED,
+    }
 
     # One latency observation per call that rang, each the POST-to-ringing time.
     rang = [v for v in ended if v["call"]["ringing_at"] is not None]

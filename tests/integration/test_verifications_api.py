@@ -112,6 +112,29 @@ async def test_wrong_codes_spend_attempts_until_locked(gateway: Gateway, far_end
     assert refused["verification_status"] == "max_attempts_reached"
 
 
+async def test_a_call_superseded_before_it_alerted_ends_canceled(
+    gateway: Gateway, far_end: FarEnd
+) -> None:
+    number = phone_number(9)  # 100 Trying only: it never alerts
+    _, first = await gateway.post("/v1/verifications", {"phone": f"+{number}"})
+    invited = await wire_record(far_end, number, lambda r: True)
+    _, second = await gateway.post("/v1/verifications", {"phone": f"+{number}"})
+    ended = await call_ended(gateway, first["id"])
+    assert ended["status"] == "canceled"
+    # The gateway hung it up: neither "rejected" nor a verdict on the number.
+    assert (ended["call"]["outcome"], ended["call"]["reason"]) == ("error", "canceled")
+    await wire_record(
+        far_end,
+        number,
+        lambda r: r.invited_at != invited.invited_at or r.canceled_at is not None,
+        count=2,
+    )
+    first_call = min(far_end.calls_to(number), key=lambda r: r.invited_at)
+    assert first_call.canceled_at is not None  # the far end got our CANCEL
+    _, newest = await gateway.get(f"/v1/verifications/{second['id']}")
+    assert newest["status"] == "pending"
+
+
 async def test_check_by_phone_uses_newest_pending(gateway: Gateway, far_end: FarEnd) -> None:
     number = phone_number(0)
     _, first = await gateway.post("/v1/verifications", {"phone": f"+{number}"})
