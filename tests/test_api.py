@@ -550,6 +550,7 @@ async def test_400_malformed_json(api: Api, body: bytes) -> None:
         {"phone": MOBILE, "ring_seconds": True},
         {"phone": MOBILE, "ring_seconds": 0},
         {"phone": MOBILE, "ring_seconds": 60},  # over calls.max_ring_seconds
+        {"phone": MOBILE, "ring_seconds": 61},  # over what any config allows
         {"phone": MOBILE, "reference": ["a"]},
         {"phone": MOBILE, "reference": "x" * 129},
         {"phone": MOBILE, "reference": "line\nbreak"},

@@ -26,6 +26,7 @@ from gateway.api.typedefs import (
     VERIFICATIONS,
     api_key,
 )
+from gateway.config import MAX_RING_SECONDS
 from gateway.errors import InvalidRequest, Unauthorized
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.numbers import DEFAULT_PAGE, MAX_LOOKUP
@@ -57,7 +58,7 @@ CREATE = {
     "region": _REGION,
     "reference": Field(str, max_length=MAX_REFERENCE_LENGTH),
     "callback_url": Field(str, max_length=MAX_CALLBACK_URL_LENGTH),
-    "ring_seconds": Field(int, minimum=1, maximum=120),
+    "ring_seconds": Field(int, minimum=1, maximum=MAX_RING_SECONDS),
 }
 CHECK = {"code": _CODE, "cli": _CLI}
 CHECK_BY_PHONE = {"phone": _PHONE, "region": _REGION, "code": _CODE, "cli": _CLI}

@@ -9,6 +9,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.api.bodies import MAX_BODY_BYTES
+from gateway.config import MAX_RING_SECONDS
 
 Schema = dict[str, Any]
 
@@ -63,7 +64,12 @@ SCHEMAS: dict[str, Schema] = {
             "region": _nullable("string", maxLength=2),
             "reference": _nullable("string", maxLength=128),
             "callback_url": _nullable("string", maxLength=2048, format="uri"),
-            "ring_seconds": _nullable("integer", minimum=1, maximum=120),
+            "ring_seconds": _nullable(
+                "integer",
+                minimum=1,
+                maximum=MAX_RING_SECONDS,
+                description="at most the gateway's calls.max_ring_seconds (15 by default)",
+            ),
         },
         "required": ["phone"],
         "additionalProperties": False,
