@@ -188,6 +188,15 @@ def check_allowed(phone: Phone, policy: NumbersConfig) -> None:
         )
 
 
+def masked(e164: str) -> str:
+    """A number for a log line: its first five digits (country and operator) and its
+    last two, the rest starred; enough to tell numbers apart, not to call one."""
+    digits = e164.lstrip("+")
+    if len(digits) <= 7:
+        return "+" + "*" * len(digits)
+    return f"+{digits[:5]}{'*' * (len(digits) - 7)}{digits[-2:]}"
+
+
 def format_for_trunk(e164: str, style: str) -> str:
     """`e164` as digits for a dial string or caller ID: e164, e164_no_plus or national."""
     if style == "e164":

@@ -269,7 +269,7 @@ class Verifications:
                     last_outcome=result.last_outcome,
                     last_cause=result.last_cause,
                 )
-            log.info("verification refused: rate limited (phone %s)", phone.e164)
+            log.info("verification refused: rate limited (phone %s)", phones.masked(phone.e164))
             raise RateLimited(result.retry_after, result.limit)
         for old_id, live_call_id in result.superseded:
             log.debug(
@@ -413,7 +413,9 @@ class Verifications:
         now = self._clock()
         failed, oldest = await self._store.failed_checks(phone, now - day)
         if failed >= self._config.limits.failed_checks_per_phone_per_day:
-            log.warning("checks for %s refused: %d wrong checks today", phone, failed)
+            log.warning(
+                "checks for %s refused: %d wrong checks today", phones.masked(phone), failed
+            )
             raise RateLimited((oldest or now) + day - now, "failed_checks")
 
     def _candidate_code(

@@ -296,3 +296,15 @@ def test_parse_returns_e164_or_raises_invalid_phone(case: tuple[str, str]) -> No
         assert re.fullmatch(r"[0-9]+", phones.format_for_trunk(phone.e164, style))
     # The normal form is a fixed point, whatever the default region.
     assert phones.parse(phone.e164, "US").e164 == phone.e164
+
+
+@pytest.mark.parametrize(
+    ("e164", "shown"),
+    [
+        ("+6281234567890", "+62812******90"),
+        ("+14155552671", "+14155****71"),
+        ("+1234567", "+*******"),  # too short to show any part
+    ],
+)
+def test_masked_keeps_only_the_head_and_the_last_two_digits(e164: str, shown: str) -> None:
+    assert phones.masked(e164) == shown

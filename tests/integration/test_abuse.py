@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import phones
 from gateway.config import LimitsConfig, NumbersConfig, Window
 from tests.conftest import phone_number, wire_record
 from tests.farend import FarEnd
@@ -29,8 +31,9 @@ def invites_since(far_end: FarEnd, since: float, prefix: str = "") -> list[str]:
 
 
 async def test_fourth_call_to_a_phone_in_ten_minutes_is_429(
-    gateway: Gateway, far_end: FarEnd
+    gateway: Gateway, far_end: FarEnd, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     phone = f"+{phone_number(3)}"
     for _ in range(3):
         status, created = await gateway.post("/v1/verifications", {"phone": phone})
@@ -46,6 +49,9 @@ async def test_fourth_call_to_a_phone_in_ten_minutes_is_429(
     await asyncio.sleep(NO_CALL_WAIT_S)
     assert invites_since(far_end, since, phone[1:]) == []
     assert len(far_end.calls_to(phone[1:])) == 3
+    refusals = [r.getMessage() for r in caplog.records if "rate limited" in r.getMessage()]
+    assert refusals == [f"verification refused: rate limited (phone {phones.masked(phone)})"]
+    assert phone[1:] not in "\n".join(r.getMessage() for r in caplog.records)
 
 
 async def test_range_walk_is_cut_off_at_the_prefix_limit(
@@ -139,8 +145,9 @@ async def test_blocked_prefix_gets_422(start_gateway: GatewayFactory, far_end: F
 
 
 async def test_ten_failed_checks_across_verifications_block_the_phone(
-    gateway: Gateway, far_end: FarEnd
+    gateway: Gateway, far_end: FarEnd, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     phone = phone_number(0)
 
     async def new_verification(n: int) -> tuple[str, str]:
@@ -173,5 +180,7 @@ async def test_ten_failed_checks_across_verifications_block_the_phone(
         "/v1/verifications/check", {"phone": f"+{phone}", "code": right}
     )
     assert (status, by_phone["code"]) == (429, "rate_limited")
+    assert phone not in "\n".join(r.getMessage() for r in caplog.records)
+    assert any(phones.masked(f"+{phone}") in r.getMessage() for r in caplog.records)
     _, current = await gateway.get(f"/v1/verifications/{vid}")
     assert (current["status"], current["attempts_remaining"]) == ("pending", 5)

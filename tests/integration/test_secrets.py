@@ -24,9 +24,10 @@ async def test_database_and_logs_hold_no_code_caller_id_or_secret(
     gateway: Gateway, far_end: FarEnd, dev_pbx: AmiSettings, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    clis, codes = [], []
+    clis, codes, numbers = [], [], []
     for behaviour in (0, 0, 2, 3, 1):
         number = phone_number(behaviour)
+        numbers.append(number)
         _, created = await gateway.post("/v1/verifications", {"phone": f"+{number}"})
         record = await wire_record(far_end, number)
         clis.append(record.from_user)
@@ -56,6 +57,8 @@ async def test_database_and_logs_hold_no_code_caller_id_or_secret(
         assert secret not in logged
     for cli in clis:
         assert cli not in logged, "a full caller ID was logged"
+    for number in numbers:
+        assert number not in logged, "a full phone number was logged"
 
 
 async def test_key_limited_to_networks_refuses_other_addresses(gateway: Gateway) -> None:
