@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,13 +15,14 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from aiohttp import ClientResponse, ClientSession
+from aiohttp import ClientResponse, ClientSession, web
 from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import apikeys
 from gateway.api import views
+from gateway.api.problems import problems_middleware
 from gateway.app import create_app
 from gateway.config import (
     AsteriskConfig,
@@ -738,3 +740,23 @@ async def test_docs_page_uses_only_assets_the_gateway_serves(api: Api) -> None:
 def test_timestamps_read_as_datetime_would_write_them(at: float) -> None:
     expected = datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds")
     assert views.timestamp(at) == expected.replace("+00:00", "Z")
+
+
+async def test_an_unhandled_error_is_a_500_problem_logged_by_route_not_path(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("a bug")
+
+    app = web.Application(middlewares=[problems_middleware])
+    app.router.add_get("/v1/numbers/{phone}", broken)
+    async with (
+        TestServer(app, host="127.0.0.1") as server,
+        ClientSession() as http,
+        http.get(server.make_url(f"/v1/numbers/{MOBILE}")) as response,
+    ):
+        body = await response.json(content_type=None)
+        assert_problem(response, body, 500, "internal_error")
+    logged = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.getMessage() for r in logged] == ["unhandled error on GET /v1/numbers/{phone}"]
+    assert logged[0].exc_info is not None  # with its traceback

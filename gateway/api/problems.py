@@ -87,7 +87,7 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
         code = _HTTP_CODES.get(exc.status, "http_error")
         return problem(exc.status, code, exc.reason, headers=_allow(exc))
     except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s", request.method, _route(request))
         return problem(500, "internal_error", "the gateway failed to handle this request")
 
 
@@ -96,12 +96,17 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     """Count each answer by route template (never the raw path: ids would explode it)."""
     started = time.perf_counter()
     response = await handler(request)
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
     request.app[METRICS].request(
-        request.method, route, response.status, time.perf_counter() - started
+        request.method, _route(request), response.status, time.perf_counter() - started
     )
     return response
+
+
+def _route(request: web.Request) -> str:
+    """The route template (`/v1/numbers/{phone}`): never a raw path, which can hold a
+    phone number or an id."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
 
 
 @web.middleware
@@ -120,7 +125,7 @@ async def timeout_middleware(request: web.Request, handler: Handler) -> web.Stre
         async with asyncio.timeout(limit):
             return await handler(request)
     except TimeoutError:
-        log.warning("%s %s took over %ss", request.method, request.path, limit)
+        log.warning("%s %s took over %ss", request.method, _route(request), limit)
         raise errors.Overloaded(f"the request took over {limit:g}s", retry_after=1) from None
 
 
