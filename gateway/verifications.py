@@ -12,14 +12,16 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from gateway import phones
 from gateway.config import Config
 from gateway.dialer import CallJob, Dialer
 from gateway.errors import (
+    GatewayError,
     IdempotencyConflict,
     InvalidRequest,
     NotFound,
@@ -55,6 +57,7 @@ MAX_EXPIRY_SLEEP_S = 1.0
 _CODE = re.compile(r"[0-9]{1,16}")
 
 Clock = Callable[[], float]
+T = TypeVar("T")
 Render = Callable[[VerificationRecord, CallRecord], str]
 # An Idempotency-Key answers its retries this long (DESIGN: 24 h).
 IDEMPOTENCY_TTL_S = 86400.0
@@ -121,8 +124,21 @@ class Verifications:
         self._clock = clock
         self._secret = config.security.code_secret.encode()
         self._expiry_task: asyncio.Task[None] | None = None
+        self._finishing: set[asyncio.Future[Any]] = set()  # see _to_the_end
 
     # -- create ----------------------------------------------------------------
+
+    async def _to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
+        """Await `work`; if the caller is canceled, `work` still runs to its end (what it
+        returns or raises then goes to nobody: the client was told the request failed)."""
+        task = asyncio.ensure_future(work)
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_log_unexpected)
+            raise
 
     def parse_phone(self, raw: str, region: str | None = None) -> phones.Phone:
         """Normalise and check a destination against the number policy."""
@@ -240,63 +256,66 @@ class Verifications:
         # Limits protect phones and the bill; a sandbox verification calls nobody.
         limits = self._limits(request.api_key_id, verification) if cli is not None else ()
         refuse_days = self._config.numbers.refuse_invalid_days
-        try:
-            result = await self._store.create_verification(
-                verification,
-                call,
-                limits,
-                idempotency,
-                invalid_since=now - refuse_days * DAY if cli is not None and refuse_days else None,
-            )
-        except BaseException:
-            if cli is not None:
-                pool.release(cli.e164)
-            if claimed:
-                self._dialer.unclaim()
-            raise
-        if not isinstance(result, Inserted):
-            if cli is not None:
-                pool.release(cli.e164)
-            if claimed:
-                self._dialer.unclaim()
-            if isinstance(result, Replayed):  # a concurrent retry of the same key won
-                return _replay(result, body_hash)
-            if isinstance(result, KnownInvalid):
-                raise NumberKnownInvalid(
-                    "the network reported this number as invalid; it is refused until "
-                    f"{_iso(result.last_call_at + refuse_days * DAY)} or until its health "
-                    "is reset",
-                    last_outcome=result.last_outcome,
-                    last_cause=result.last_cause,
+        invalid_since = now - refuse_days * DAY if cli is not None and refuse_days else None
+
+        async def store_and_place() -> tuple[VerificationRecord, CallRecord] | Replay:
+            try:
+                result = await self._store.create_verification(
+                    verification, call, limits, idempotency, invalid_since=invalid_since
                 )
-            log.info("verification refused: rate limited (phone %s)", phones.masked(phone.e164))
-            raise RateLimited(result.retry_after, result.limit)
-        for old_id, live_call_id in result.superseded:
-            log.debug(
-                "verification %s canceled: superseded by %s",
-                old_id,
-                verification_id,
-                extra=call_ids(old_id, live_call_id),
+            except BaseException:
+                if cli is not None:
+                    pool.release(cli.e164)
+                if claimed:
+                    self._dialer.unclaim()
+                raise
+            if not isinstance(result, Inserted):
+                if cli is not None:
+                    pool.release(cli.e164)
+                if claimed:
+                    self._dialer.unclaim()
+                if isinstance(result, Replayed):  # a concurrent retry of the same key won
+                    return _replay(result, body_hash)
+                if isinstance(result, KnownInvalid):
+                    raise NumberKnownInvalid(
+                        "the network reported this number as invalid; it is refused until "
+                        f"{_iso(result.last_call_at + refuse_days * DAY)} or until its health "
+                        "is reset",
+                        last_outcome=result.last_outcome,
+                        last_cause=result.last_cause,
+                    )
+                log.info("verification refused: rate limited (phone %s)", phones.masked(phone.e164))
+                raise RateLimited(result.retry_after, result.limit)
+            for old_id, live_call_id in result.superseded:
+                log.debug(
+                    "verification %s canceled: superseded by %s",
+                    old_id,
+                    verification_id,
+                    extra=call_ids(old_id, live_call_id),
+                )
+                if live_call_id is not None:
+                    await self._dialer.cancel(live_call_id)
+            if cli is None:
+                return verification, call
+            job = CallJob(
+                call_id=call_id,
+                verification_id=verification_id,
+                dial_number=dial_number,
+                cli=cli.e164,
+                cli_dial=phones.format_for_trunk(cli.e164, pool.cli_format),
+                pool=pool.name,
+                ring_seconds=ring_seconds,
+                queued_at=now,
             )
-            if live_call_id is not None:
-                await self._dialer.cancel(live_call_id)
-        if cli is None:
+            if claimed:
+                self._dialer.place_claimed(job, now)
+            else:
+                self._dialer.submit(job)
             return verification, call
-        job = CallJob(
-            call_id=call_id,
-            verification_id=verification_id,
-            dial_number=dial_number,
-            cli=cli.e164,
-            cli_dial=phones.format_for_trunk(cli.e164, pool.cli_format),
-            pool=pool.name,
-            ring_seconds=ring_seconds,
-            queued_at=now,
-        )
-        if claimed:
-            self._dialer.place_claimed(job, now)
-        else:
-            self._dialer.submit(job)
-        return verification, call
+
+        # The request's own cancellation (its timeout) must not cut this in two: a
+        # verification stored but its call never handed to the dialer.
+        return await self._to_the_end(store_and_place())
 
     async def resume(self, verification: VerificationRecord, call: CallRecord) -> bool:
         """Queue again a call that was still queued when the gateway stopped.
@@ -491,3 +510,13 @@ class Verifications:
 
 def _iso(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _log_unexpected(task: asyncio.Future[Any]) -> None:
+    """A create finished for a request that had given up: a refusal (a limit, a bad
+    number) is nobody's news; anything else is a bug worth a line."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None and not isinstance(exc, GatewayError):
+        log.error("a create whose request timed out failed", exc_info=exc)

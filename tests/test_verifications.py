@@ -10,6 +10,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -197,6 +198,36 @@ async def test_a_create_with_room_to_dial_is_stored_dialing_in_its_own_commit(
     events = await domain.store.call_events(call.id)
     assert [(e.kind, e.at) for e in events][:1] == [("dialing", domain.clock.now)]
     await domain.dial_of(verification)
+
+
+@pytest.mark.parametrize("pbx_up", [True, False])  # claimed and placed, or queued
+async def test_a_create_canceled_after_its_commit_still_places_its_call(
+    domain: Domain, monkeypatch: pytest.MonkeyPatch, pbx_up: bool
+) -> None:
+    committed, resume = asyncio.Event(), asyncio.Event()
+    real = domain.store.create_verification
+
+    async def slow_return(*args: Any, **kwargs: Any) -> Any:
+        result = await real(*args, **kwargs)
+        committed.set()
+        await resume.wait()  # the request times out here, after the commit
+        return result
+
+    monkeypatch.setattr(domain.store, "create_verification", slow_return)
+    domain.pbx.connected = pbx_up
+    request = asyncio.create_task(domain.create("081234567890"))
+    await committed.wait()
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    resume.set()
+    domain.pbx.connected = True
+
+    async def placed() -> bool:
+        return len(domain.pbx.placed) == 1
+
+    await until(placed)  # stored, so called: not left for the next start to find
+    assert domain.rows("verifications") == 1
 
 
 async def test_a_create_behind_a_waiting_call_is_queued(domain: Domain) -> None:
