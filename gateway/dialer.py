@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from gateway.config import CallsConfig
 from gateway.logs import call_ids
-from gateway.outcomes import CANCELED, DELIVERED_OUTCOMES, Outcome, classify, health_of
+from gateway.outcomes import CANCELED, DELIVERED_OUTCOMES, Outcome, followed, health_of
 from gateway.pbx import CallEvent, CallEventKind, Dial, Pbx, PbxError
 from gateway.store import CallEventRecord, Store
 
@@ -430,16 +430,14 @@ class Dialer:
         if live is None:
             return
         self._slots.release()
-        outcome = classify(alerted=live.alerted, answered=live.answered, cause=cause)
-        if outcome is Outcome.UNREACHABLE and live.alert_unknown and not live.alerted:
-            # "No answer" ends a missed call that rang as well as one that never did:
-            # with its first events lost, say so rather than mark the number unreachable.
-            outcome, reason = Outcome.ERROR, "pbx_lost"
-        if live.canceled and outcome in (Outcome.REJECTED, Outcome.ERROR):
-            # Our own hangup before the phone alerted (Asterisk reports cause 21 when it
-            # lands before the INVITE leaves): canceled, not a verdict on the number.
-            # What the network said first (busy, unreachable, invalid) still stands.
-            outcome, reason = Outcome.ERROR, CANCELED
+        outcome, reason = followed(
+            alerted=live.alerted,
+            answered=live.answered,
+            cause=cause,
+            reason=reason,
+            alert_unknown=live.alert_unknown,
+            canceled=live.canceled,
+        )
         try:
             await self._finish(live.job, outcome, cause, sip_code, reason, at=at)
         finally:

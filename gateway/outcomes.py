@@ -72,6 +72,34 @@ def classify(*, alerted: bool, answered: bool, cause: int | None) -> Outcome:
     return Outcome.ERROR
 
 
+def followed(
+    *,
+    alerted: bool,
+    answered: bool,
+    cause: int | None,
+    reason: str | None = None,
+    alert_unknown: bool = False,
+    canceled: bool = False,
+) -> tuple[Outcome, str | None]:
+    """The outcome of a call the gateway followed to its end, and the reason to record.
+
+    `classify`, and two cases it cannot see from the PBX alone:
+    - `alert_unknown`: adopted after a restart, its first events went with the old
+      process. "No answer" ends a missed call that rang as well as one that never did:
+      error/pbx_lost rather than marking the number unreachable.
+    - `canceled`: the gateway hung it up itself (a cancel, a newer verification). Before
+      it alerted that is error/canceled, not a verdict on the number, whatever cause
+      Asterisk gave (21 when the hangup beat the INVITE). A busy, unreachable or invalid
+      answer that came first stands.
+    """
+    outcome = classify(alerted=alerted, answered=answered, cause=cause)
+    if outcome is Outcome.UNREACHABLE and alert_unknown and not alerted:
+        return Outcome.ERROR, "pbx_lost"
+    if canceled and outcome in (Outcome.REJECTED, Outcome.ERROR):
+        return Outcome.ERROR, CANCELED
+    return outcome, reason
+
+
 def health_of(outcome: Outcome) -> Health | None:
     """The number health an outcome implies, or None when it says nothing."""
     return _HEALTH.get(outcome)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.outcomes import DELIVERED_OUTCOMES, Health, Outcome, classify, health_of
+from gateway.outcomes import (
+    CANCELED,
+    DELIVERED_OUTCOMES,
+    Health,
+    Outcome,
+    classify,
+    followed,
+    health_of,
+)
 
 NORMAL_CLEARING = 16
 NO_ANSWER = 19  # what Asterisk reports when its own ring timeout ends a ringing call
@@ -89,3 +97,47 @@ def test_outcomes_and_health_serialise_as_their_contract_strings() -> None:
     assert str(Outcome.INVALID_NUMBER) == "invalid_number"
     assert f"{Health.UNREACHABLE}" == "unreachable"
     assert Outcome("delivered") is Outcome.DELIVERED
+
+
+@pytest.mark.parametrize(("alerted", "answered", "cause", "expected"), TABLE)
+def test_followed_is_classify_for_a_call_heard_from_start_to_end(
+    alerted: bool, answered: bool, cause: int | None, expected: Outcome
+) -> None:
+    assert followed(alerted=alerted, answered=answered, cause=cause, reason="r") == (
+        expected,
+        "r",
+    )
+
+
+@pytest.mark.parametrize(
+    ("alerted", "cause", "expected"),
+    [
+        (False, NO_ANSWER, (Outcome.ERROR, "pbx_lost")),  # may have rung before the restart
+        (True, NO_ANSWER, (Outcome.DELIVERED, None)),  # seen ringing since
+        (False, 17, (Outcome.BUSY, None)),  # busy says so whatever came before
+    ],
+)
+def test_followed_an_adopted_call(
+    alerted: bool, cause: int, expected: tuple[Outcome, str | None]
+) -> None:
+    assert followed(alerted=alerted, answered=False, cause=cause, alert_unknown=True) == expected
+
+
+@pytest.mark.parametrize(
+    ("alerted", "answered", "cause", "expected"),
+    [
+        (False, False, 21, (Outcome.ERROR, CANCELED)),  # our hangup beat the INVITE
+        (False, False, NORMAL_CLEARING, (Outcome.ERROR, CANCELED)),
+        (False, False, None, (Outcome.ERROR, CANCELED)),
+        (True, False, NORMAL_CLEARING, (Outcome.DELIVERED, None)),  # it rang: delivered
+        (True, True, NORMAL_CLEARING, (Outcome.ANSWERED, None)),
+        (False, False, 17, (Outcome.BUSY, None)),  # the network answered first
+        (False, False, NO_ANSWER, (Outcome.UNREACHABLE, None)),
+        (False, False, 1, (Outcome.INVALID_NUMBER, None)),
+        (False, False, 34, (Outcome.CONGESTION, None)),
+    ],
+)
+def test_followed_a_call_the_gateway_hung_up(
+    alerted: bool, answered: bool, cause: int | None, expected: tuple[Outcome, str | None]
+) -> None:
+    assert followed(alerted=alerted, answered=answered, cause=cause, canceled=True) == expected
