@@ -23,6 +23,17 @@ LISTED_HEALTH = (Health.INVALID, Health.UNREACHABLE, Health.REACHABLE)
 Described = tuple[dict[str, Any], NumberHealthRecord | None]
 
 
+DAY_S = 86400.0
+
+
+def invalid_refused_since(policy: NumbersConfig, now: float) -> float | None:
+    """A number the network called invalid after this time is refused without a call
+    (numbers.refuse_invalid_days); None: never refused. The create (in its transaction)
+    and the number lookups both ask this."""
+    days = policy.refuse_invalid_days
+    return now - days * DAY_S if days > 0 else None
+
+
 class Numbers:
     """What the gateway knows about numbers, without calling them."""
 
@@ -56,11 +67,11 @@ class Numbers:
         return described
 
     def _refuses(self, record: NumberHealthRecord) -> bool:
-        days = self._config.numbers.refuse_invalid_days
+        since = invalid_refused_since(self._config.numbers, self._clock())
         return (
-            days > 0
+            since is not None
             and record.status == Health.INVALID
-            and self._clock() < (record.last_call_at or 0) + days * 86400
+            and (record.last_call_at or 0) > since
         )
 
     async def by_health(

@@ -33,6 +33,7 @@ from gateway.errors import (
     VerificationNotPending,
 )
 from gateway.logs import call_ids
+from gateway.numbers import invalid_refused_since
 from gateway.pool import Cli, Pool, pool_for
 from gateway.store import (
     CallRecord,
@@ -256,7 +257,9 @@ class Verifications:
         # Limits protect phones and the bill; a sandbox verification calls nobody.
         limits = self._limits(request.api_key_id, verification) if cli is not None else ()
         refuse_days = self._config.numbers.refuse_invalid_days
-        invalid_since = now - refuse_days * DAY if cli is not None and refuse_days else None
+        invalid_since = (
+            invalid_refused_since(self._config.numbers, now) if cli is not None else None
+        )
 
         async def store_and_place() -> tuple[VerificationRecord, CallRecord] | Replay:
             try:
