@@ -19,7 +19,7 @@ def _call_step(system: str, cores: dict[str, float], cpu: float) -> StepResult:
 def test_call_budget_gives_the_gateway_what_the_baseline_loop_used() -> None:
     base = _call_step(
         "baseline",
-        {"asterisk": 1.3, "far end": 0.2, "bench (load generator)": 0.25, "total": 1.75},
+        {"asterisk": 1.3, "far end": 0.2, "gateway": 0.05, "bench (load generator)": 0.25},
         1.2,
     )
     gw = _call_step(
@@ -27,8 +27,9 @@ def test_call_budget_gives_the_gateway_what_the_baseline_loop_used() -> None:
         {"asterisk": 1.0, "far end": 0.2, "gateway": 0.6, "bench (load generator)": 0.15},
         3.0,
     )
+    base.cores["total"] = 1.8
     budget = call_budget(base, gw, cpus=2)
-    assert budget["asterisk_and_far_end"] == 1.5
+    assert budget["asterisk_and_far_end"] == 1.5  # not the idle gateway's 0.05
     assert budget["left_for_gateway_and_load"] == 0.5
     # (0.5 - 0.15) cores over 200 calls/s
     assert budget["gateway_cpu_ms_per_call_that_fits"] == pytest.approx(1.75)
