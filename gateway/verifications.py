@@ -489,6 +489,9 @@ class Verifications:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expiry_task
             self._expiry_task = None
+        # Creates whose requests gave up: stored and handed over before the dialer stops.
+        if self._finishing:
+            await asyncio.wait(list(self._finishing))
 
     async def _expiry_loop(self) -> None:
         forgotten_at = 0.0

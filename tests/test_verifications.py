@@ -200,20 +200,29 @@ async def test_a_create_with_room_to_dial_is_stored_dialing_in_its_own_commit(
     await domain.dial_of(verification)
 
 
-@pytest.mark.parametrize("pbx_up", [True, False])  # claimed and placed, or queued
-async def test_a_create_canceled_after_its_commit_still_places_its_call(
-    domain: Domain, monkeypatch: pytest.MonkeyPatch, pbx_up: bool
-) -> None:
+def hold_after_commit(
+    domain: Domain, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold each create after its commit (where a request's timeout can land) until
+    `resume` is set; `committed` is set once it is stored."""
     committed, resume = asyncio.Event(), asyncio.Event()
     real = domain.store.create_verification
 
     async def slow_return(*args: Any, **kwargs: Any) -> Any:
         result = await real(*args, **kwargs)
         committed.set()
-        await resume.wait()  # the request times out here, after the commit
+        await resume.wait()
         return result
 
     monkeypatch.setattr(domain.store, "create_verification", slow_return)
+    return committed, resume
+
+
+@pytest.mark.parametrize("pbx_up", [True, False])  # claimed and placed, or queued
+async def test_a_create_canceled_after_its_commit_still_places_its_call(
+    domain: Domain, monkeypatch: pytest.MonkeyPatch, pbx_up: bool
+) -> None:
+    committed, resume = hold_after_commit(domain, monkeypatch)
     domain.pbx.connected = pbx_up
     request = asyncio.create_task(domain.create("081234567890"))
     await committed.wait()
@@ -228,6 +237,25 @@ async def test_a_create_canceled_after_its_commit_still_places_its_call(
 
     await until(placed)  # stored, so called: not left for the next start to find
     assert domain.rows("verifications") == 1
+
+
+async def test_stop_waits_for_a_create_whose_request_gave_up(
+    domain: Domain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    committed, resume = hold_after_commit(domain, monkeypatch)
+    request = asyncio.create_task(domain.create("081234567890"))
+    await committed.wait()
+    request.cancel()
+    stopping = asyncio.create_task(domain.verifications.stop())
+    await asyncio.sleep(0.05)
+    assert not stopping.done()  # the dialer must not stop before the call reaches it
+    resume.set()
+    await stopping
+
+    async def placed() -> bool:
+        return len(domain.pbx.placed) == 1
+
+    await until(placed)
 
 
 async def test_a_create_behind_a_waiting_call_is_queued(domain: Domain) -> None:
