@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import uuid
 from typing import Any
 
 from panoramisk import Manager
 
 from bench.measure import POOL_PREFIX, FarEndRecords, StepResult, fill_invites, paced, summary_ms
+from gateway.pbx import new_channel_id
 
 AMI = {"host": "127.0.0.1", "port": 5038, "username": "otp-gateway", "secret": "otp-dev-secret"}
 CHANNEL = "PJSIP/{number}@otp-trunk"
@@ -73,7 +73,7 @@ class Baseline:
 
         def fire(i: int) -> None:
             number = numbers[i]
-            channel_id = uuid.uuid4().hex
+            channel_id = new_channel_id()
             ids[number] = channel_id
             cli = POOL_PREFIX + f"{random.randrange(10_000):04d}"
             sent[number] = time.time()

@@ -338,6 +338,7 @@ def _check(config: Config) -> list[str]:
     )
     need(calls.max_concurrent >= 1, "calls.max_concurrent", "must be at least 1")
     need(calls.max_queue >= 1, "calls.max_queue", "must be at least 1")
+    need(0 <= calls.pbx_wait_seconds <= 300, "calls.pbx_wait_seconds", "must be 0 to 300")
     need(
         0 < calls.max_per_second <= 10_000,
         "calls.max_per_second",

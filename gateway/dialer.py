@@ -131,6 +131,10 @@ class Dialer:
         self._pbx_wait = config.pbx_wait_seconds
         self._draining = False
         self._idle = asyncio.Event()  # set when the last live call ends
+        # Places claimed by creates not yet stored (placed or given back): drain waits.
+        self._claims = 0
+        self._claims_settled = asyncio.Event()
+        self._claims_settled.set()
         self._live: dict[str, _LiveCall] = {}
         self._waiting: set[str] = set()  # queued, or taken off the queue and not yet placed
         self._canceled: set[str] = set()
@@ -197,6 +201,10 @@ class Dialer:
         for task in self._tasks:
             if task.get_name() == "dialer-dial":
                 task.cancel()
+        # A create that claimed a place before draining began is still being stored;
+        # once stored it is placed, and followed below like the others.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._claims_settled.wait(), timeout)
         # Calls already being placed finish placing (their dialing commit is written):
         # stopped halfway, they would be closed as lost at the next start.
         placing = [t for t in self._work if t.get_name() == "dialer-place"]
@@ -240,15 +248,24 @@ class Dialer:
         ):
             return False
         await self._slots.acquire()  # free (not locked): returns without waiting
+        self._claims += 1
+        self._claims_settled.clear()
         return True
 
     def unclaim(self) -> None:
         self._slots.release()
         self._pacer.give_back()
+        self._claim_settled()
+
+    def _claim_settled(self) -> None:
+        self._claims -= 1
+        if not self._claims:
+            self._claims_settled.set()
 
     def place_claimed(self, job: CallJob, dialed_at: float) -> None:
         """Place a claimed call, stored as dialing at `dialed_at`."""
         self._spawn(self._place_or_abandon(job, dialed_at), name="dialer-place")
+        self._claim_settled()
 
     def submit(self, job: CallJob) -> None:
         """Queue a call; it is placed as pacing allows."""
@@ -259,9 +276,13 @@ class Dialer:
         """Hang up a live call, or keep a queued one from being placed."""
         live = self._live.get(call_id)
         if live is not None:
+            # Marked first: the Hangup event can come before hangup() returns. A hangup
+            # that failed (AMI gone) leaves the call to ring out or be found lost.
             live.canceled = True
-            with contextlib.suppress(PbxError):
+            try:
                 await self._pbx.hangup(call_id)
+            except PbxError:
+                live.canceled = False
         elif call_id in self._waiting:
             # Closed when the dial loop reaches it; it no longer counts as waiting.
             self._waiting.discard(call_id)

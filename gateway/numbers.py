@@ -23,7 +23,7 @@ LISTED_HEALTH = (Health.INVALID, Health.UNREACHABLE, Health.REACHABLE)
 Described = tuple[dict[str, Any], NumberHealthRecord | None]
 
 
-DAY_S = 86400.0
+DAY = 86400.0
 
 
 def invalid_refused_since(policy: NumbersConfig, now: float) -> float | None:
@@ -31,7 +31,7 @@ def invalid_refused_since(policy: NumbersConfig, now: float) -> float | None:
     (numbers.refuse_invalid_days); None: never refused. The create (in its transaction)
     and the number lookups both ask this."""
     days = policy.refuse_invalid_days
-    return now - days * DAY_S if days > 0 else None
+    return now - days * DAY if days > 0 else None
 
 
 class Numbers:

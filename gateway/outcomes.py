@@ -89,8 +89,8 @@ def followed(
       error/pbx_lost rather than marking the number unreachable.
     - `canceled`: the gateway hung it up itself (a cancel, a newer verification). Before
       it alerted that is error/canceled, not a verdict on the number, whatever cause
-      Asterisk gave (21 when the hangup beat the INVITE). A busy, unreachable or invalid
-      answer that came first stands.
+      Asterisk gave (21 when the hangup beat the INVITE). An answer of the network that
+      came first (busy, unreachable, invalid, congestion) stands.
     """
     outcome = classify(alerted=alerted, answered=answered, cause=cause)
     if outcome is Outcome.UNREACHABLE and alert_unknown and not alerted:

@@ -15,6 +15,7 @@ import logging
 import random
 import re
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -54,6 +55,18 @@ _CALL_EVENTS = ("Newstate", "DialState", "Hangup", "OriginateResponse")
 
 _NUMBER = re.compile(r"\+?[0-9]{1,20}")
 _CHANNEL_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Every call the gateway places has a ChannelId (Asterisk's Uniqueid) starting with
+# this. The AMI user's event filter (asterisk-config/manager.conf) passes only events
+# of such channels: on a PBX that carries other traffic, the gateway hears its own
+# calls and nothing else.
+CHANNEL_ID_PREFIX = "otp-"
+
+
+def new_channel_id() -> str:
+    """A fresh id for a call: its ChannelId on the PBX, and its id in the store."""
+    return CHANNEL_ID_PREFIX + uuid.uuid4().hex
+
+
 _UNSAFE = re.compile(r"[\r\n]")
 
 

@@ -189,12 +189,13 @@ def check_allowed(phone: Phone, policy: NumbersConfig) -> None:
 
 
 def masked(e164: str) -> str:
-    """A number for a log line: its first five digits (country and operator) and its
-    last two, the rest starred; enough to tell numbers apart, not to call one."""
+    """A number for a log line: at most its first five digits (country and operator) and
+    its last two, with at least six starred; enough to tell numbers apart, not to call."""
     digits = e164.lstrip("+")
-    if len(digits) <= 7:
+    if len(digits) < 8:
         return "+" + "*" * len(digits)
-    return f"+{digits[:5]}{'*' * (len(digits) - 7)}{digits[-2:]}"
+    head = min(5, len(digits) - 8)
+    return f"+{digits[:head]}{'*' * (len(digits) - head - 2)}{digits[-2:]}"
 
 
 def format_for_trunk(e164: str, style: str) -> str:

@@ -25,6 +25,8 @@ from typing import Any, Literal, TypeVar
 
 import aiosqlite
 
+from gateway.outcomes import CANCELED
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -1315,13 +1317,13 @@ class Store:
 
     async def call_stats(self, since: float, until: float) -> list[tuple[str, str, int]]:
         """(carrier, outcome, calls) for dialed calls that ended in [since, until); not
-        those the gateway itself canceled before they alerted (outcomes.CANCELED)."""
+        those the gateway itself canceled before they alerted (CANCELED)."""
         rows = await self._fetchall(
             "SELECT COALESCE(v.carrier, 'unknown'), c.outcome, COUNT(*) "
             "FROM calls c JOIN verifications v ON v.id = c.verification_id "
             "WHERE c.ended_at >= ? AND c.ended_at < ? AND c.dialed_at IS NOT NULL "
-            "AND c.reason IS NOT 'canceled' GROUP BY 1, 2 ORDER BY 1, 2",
-            (since, until),
+            "AND c.reason IS NOT ? GROUP BY 1, 2 ORDER BY 1, 2",
+            (since, until, CANCELED),
         )
         return [(str(carrier), str(outcome), int(n)) for carrier, outcome, n in rows]
 
@@ -1367,8 +1369,8 @@ class Store:
         rows = await self._fetchall(
             "SELECT outcome, hangup_cause, COUNT(*) FROM calls "
             "WHERE ended_at >= ? AND ended_at < ? AND dialed_at IS NOT NULL "
-            "AND reason IS NOT 'canceled' GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2",
-            (since, until),
+            "AND reason IS NOT ? GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2",
+            (since, until, CANCELED),
         )
         return [
             (str(outcome), None if cause is None else int(cause), int(n))

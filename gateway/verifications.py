@@ -11,7 +11,6 @@ import logging
 import re
 import secrets
 import time
-import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -33,7 +32,8 @@ from gateway.errors import (
     VerificationNotPending,
 )
 from gateway.logs import call_ids
-from gateway.numbers import invalid_refused_since
+from gateway.numbers import DAY, invalid_refused_since
+from gateway.pbx import new_channel_id
 from gateway.pool import Cli, Pool, pool_for
 from gateway.store import (
     CallRecord,
@@ -62,10 +62,11 @@ T = TypeVar("T")
 Render = Callable[[VerificationRecord, CallRecord], str]
 # An Idempotency-Key answers its retries this long (DESIGN: 24 h).
 IDEMPOTENCY_TTL_S = 86400.0
-DAY = 86400.0
 IDEMPOTENCY_SWEEP_S = 3600.0  # how often Idempotency-Keys past their 24 h are dropped
 # Retry-After of a create refused while the PBX is unreachable: about one reconnect try.
 PBX_RETRY_AFTER_S = 5
+# How long stop() waits for creates whose requests gave up (a store write, a hangup).
+STOP_WAIT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,14 +126,14 @@ class Verifications:
         self._clock = clock
         self._secret = config.security.code_secret.encode()
         self._expiry_task: asyncio.Task[None] | None = None
-        self._finishing: set[asyncio.Future[Any]] = set()  # see _to_the_end
+        self._finishing: set[asyncio.Task[Any]] = set()  # see _to_the_end
 
     # -- create ----------------------------------------------------------------
 
     async def _to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
         """Await `work`; if the caller is canceled, `work` still runs to its end (what it
         returns or raises then goes to nobody: the client was told the request failed)."""
-        task = asyncio.ensure_future(work)
+        task = asyncio.create_task(work, name="verification-create")
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
         try:
@@ -180,14 +181,6 @@ class Verifications:
             )
         phone = self.parse_phone(request.phone, request.region)
         sandbox_code = self._config.test_numbers.get(phone.e164)
-        down_for = self._dialer.pbx_down_for
-        if sandbox_code is None and down_for >= calls.pbx_wait_seconds:
-            # A short loss is absorbed (the call waits for AMI, within pbx_wait_seconds);
-            # past that, say so now: the client can fall back before a user waits.
-            raise PbxUnavailable(
-                f"the PBX has been unreachable for {down_for:.0f}s; retry later",
-                retry_after=PBX_RETRY_AFTER_S,
-            )
         pool = pool_for(self._pools, phone.region)
         if pool is None:
             raise RegionNotAllowed(
@@ -196,9 +189,17 @@ class Verifications:
         ring_seconds = request.ring_seconds or calls.ring_seconds
         if not 1 <= ring_seconds <= calls.max_ring_seconds:
             raise InvalidRequest(f"ring_seconds must be 1-{calls.max_ring_seconds}")
+        down_for = self._dialer.pbx_down_for
+        if sandbox_code is None and down_for > 0 and down_for >= calls.pbx_wait_seconds:
+            # A short loss is absorbed (the call waits for AMI, within pbx_wait_seconds);
+            # past that, say so now: the client can fall back before a user waits.
+            raise PbxUnavailable(
+                f"the PBX has been unreachable for {down_for:.0f}s; retry later",
+                retry_after=PBX_RETRY_AFTER_S,
+            )
 
         verification_id = "vrf_" + secrets.token_hex(ID_BYTES)
-        call_id = uuid.uuid4().hex
+        call_id = new_channel_id()
         cli: Cli | None
         if sandbox_code is None:
             cli = pool.draw()
@@ -491,7 +492,9 @@ class Verifications:
             self._expiry_task = None
         # Creates whose requests gave up: stored and handed over before the dialer stops.
         if self._finishing:
-            await asyncio.wait(list(self._finishing))
+            _, late = await asyncio.wait(list(self._finishing), timeout=STOP_WAIT_S)
+            if late:
+                log.warning("shutdown: %d creates still being stored; left", len(late))
 
     async def _expiry_loop(self) -> None:
         forgotten_at = 0.0
@@ -518,7 +521,7 @@ def _iso(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _log_unexpected(task: asyncio.Future[Any]) -> None:
+def _log_unexpected(task: asyncio.Task[Any]) -> None:
     """A create finished for a request that had given up: a refusal (a limit, a bad
     number) is nobody's news; anything else is a bug worth a line."""
     if task.cancelled():

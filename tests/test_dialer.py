@@ -378,7 +378,7 @@ async def test_a_call_canceled_before_it_alerted_ends_canceled(
     assert harness.dialer.in_flight == 0
 
 
-async def test_a_rejection_that_came_before_the_cancel_stands(
+async def test_the_networks_answer_before_a_cancel_stands(
     make_dialer: HarnessFactory, store: Store
 ) -> None:
     busy = await add_job(store, "3")
@@ -506,6 +506,23 @@ async def test_a_claimed_call_is_placed_without_another_write(
     assert harness.outcomes[job.call_id] == Outcome.DELIVERED
     # No dialing event of its own: Verifications wrote it with the call.
     assert [e.kind for e in await store.call_events(job.call_id)][:1] == ["ringing"]
+
+
+async def test_drain_waits_for_a_claimed_call_still_being_stored(
+    make_dialer: HarnessFactory, store: Store
+) -> None:
+    harness = make_dialer()
+    harness.dialer.start()
+    assert await harness.dialer.claim()  # a create claimed a place; its commit is under way
+    draining = asyncio.create_task(harness.dialer.drain(timeout=WAIT_S))
+    await asyncio.sleep(0.05)
+    assert not draining.done()
+    assert not await harness.dialer.claim()  # draining: no new claim
+    job = await add_job(store, "0")
+    harness.dialer.place_claimed(job, dialed_at=time.time())
+    await draining
+    # Placed and followed to its end, not cut off when the dialer stops.
+    assert harness.outcomes[job.call_id] == Outcome.DELIVERED
 
 
 async def test_pacer_take_does_not_wait() -> None:

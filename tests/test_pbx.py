@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.pbx import AmiSettings, Dial, UnsafeAmiValue, check_text, originate_action
+from gateway.pbx import (
+    CHANNEL_ID_PREFIX,
+    AmiPbx,
+    AmiSettings,
+    Dial,
+    UnsafeAmiValue,
+    check_text,
+    new_channel_id,
+    originate_action,
+)
 
 SETTINGS = AmiSettings("127.0.0.1", 5038, "otp-gateway", "s", channel="PJSIP/{number}@otp-trunk")
 
@@ -81,3 +91,20 @@ def test_every_value_is_checked_for_line_breaks(text: str) -> None:
         assert "\r" in text or "\n" in text or not text.isprintable()
     else:
         assert "\r" not in text and "\n" not in text
+
+
+def test_new_channel_ids_carry_the_prefix_and_are_safe_to_send() -> None:
+    ids = {new_channel_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for channel_id in ids:
+        assert channel_id.startswith(CHANNEL_ID_PREFIX)
+        action = originate_action(SETTINGS, Dial(channel_id, "6281234567890", "622150001234", 8))
+        assert action["ChannelId"] == channel_id
+
+
+async def test_down_for_counts_from_start_until_a_login() -> None:
+    pbx = AmiPbx(SETTINGS)  # never started: never logged in
+    first = pbx.down_for
+    await asyncio.sleep(0.01)
+    assert not pbx.connected
+    assert 0 < first < pbx.down_for

@@ -302,9 +302,12 @@ def test_parse_returns_e164_or_raises_invalid_phone(case: tuple[str, str]) -> No
     ("e164", "shown"),
     [
         ("+6281234567890", "+62812******90"),
-        ("+14155552671", "+14155****71"),
+        ("+14155552671", "+141******71"),
+        ("+681234567", "+6******67"),  # short: more of it hidden
+        ("+68123456", "+******56"),
         ("+1234567", "+*******"),  # too short to show any part
     ],
 )
-def test_masked_keeps_only_the_head_and_the_last_two_digits(e164: str, shown: str) -> None:
+def test_masked_hides_at_least_six_digits(e164: str, shown: str) -> None:
     assert phones.masked(e164) == shown
+    assert shown.count("*") >= min(6, len(e164) - 1)

@@ -34,7 +34,7 @@ from gateway.errors import (
     RegionNotAllowed,
     VerificationNotPending,
 )
-from gateway.pbx import Dial
+from gateway.pbx import CHANNEL_ID_PREFIX, Dial
 from gateway.pool import Pool
 from gateway.store import CallRecord, Store, VerificationRecord
 from gateway.verifications import PBX_RETRY_AFTER_S, NewVerification, Verifications
@@ -60,7 +60,9 @@ class Clock:
         self.now += seconds
 
 
-def make_config(db_path: Path, code_length: int = 4) -> Config:
+def make_config(
+    db_path: Path, code_length: int = 4, test_numbers: dict[str, str] | None = None
+) -> Config:
     return Config(
         asterisk=AsteriskConfig(secret="unused"),  # noqa: S106 - never used: the PBX is fake
         pools=(PoolConfig(name="default", prefix="+6221500", code_length=code_length),),
@@ -68,6 +70,7 @@ def make_config(db_path: Path, code_length: int = 4) -> Config:
         database=DatabaseConfig(path=str(db_path)),
         calls=CallsConfig(ring_seconds=1, max_concurrent=50, max_per_second=1000),
         verification=VerificationConfig(ttl_seconds=TTL_S, max_attempts=MAX_ATTEMPTS),
+        test_numbers=test_numbers or {},
     )
 
 
@@ -137,9 +140,13 @@ async def make_domain(tmp_path: Path) -> AsyncIterator[DomainFactory]:
     """Build a domain (a config override, a PBX script); everything stops after the test."""
     started: list[Domain] = []
 
-    async def make(code_length: int = 4, script: Callable[[Dial], Fate] = by_last_digit) -> Domain:
+    async def make(
+        code_length: int = 4,
+        script: Callable[[Dial], Fate] = by_last_digit,
+        test_numbers: dict[str, str] | None = None,
+    ) -> Domain:
         db_path = tmp_path / f"gateway-{len(started)}.sqlite3"
-        config = make_config(db_path, code_length)
+        config = make_config(db_path, code_length, test_numbers)
         store = await Store.open(db_path)
         pools = [Pool(p) for p in config.pools]
         by_name = {p.name: p for p in pools}
@@ -184,6 +191,8 @@ async def test_create_stores_and_dials(domain: Domain) -> None:
     assert dial.number == "6281234567890"  # e164_no_plus, the default dial_format
     assert dial.caller_id.startswith("6221500") and len(dial.caller_id) == 11
     assert dial.ring_seconds == 1
+    # The AMI user's event filter hears only calls whose ChannelId has the prefix.
+    assert dial.channel_id.startswith(CHANNEL_ID_PREFIX)
 
 
 async def test_a_create_with_room_to_dial_is_stored_dialing_in_its_own_commit(
@@ -282,6 +291,18 @@ async def test_create_refused_while_the_pbx_has_been_down_past_its_wait(
         await domain.create("12345")
     domain.pbx.connected = True
     await domain.dial_of(await domain.create("081234567890"))
+
+
+async def test_a_sandbox_number_is_served_while_the_pbx_is_long_gone(
+    make_domain: DomainFactory,
+) -> None:
+    domain = await make_domain(test_numbers={"+6281234567890": "1234"})
+    domain.pbx.lost_ami(seconds_ago=CallsConfig().pbx_wait_seconds + 1)
+    verification = await domain.create("081234567890")  # nobody is called
+    _, call = await domain.call_of(verification)
+    assert (call.status, call.outcome, call.reason) == ("completed", "delivered", "sandbox")
+    with pytest.raises(PbxUnavailable):
+        await domain.create("081234567891")  # a real number still needs the PBX
 
 
 async def test_a_short_pbx_loss_is_absorbed_by_the_queue(domain: Domain) -> None:

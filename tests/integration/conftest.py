@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientResponse, ClientSession, web
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import apikeys
 from gateway.app import create_app
@@ -221,3 +222,20 @@ limits: {{key_requests_per_minute: 1000000}}
     yield process
     if process.proc is not None and process.proc.poll() is None:
         process.kill()
+
+
+async def scrape(gateway: Gateway) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Samples by name, then by their sorted labels, parsed by prometheus-client."""
+    response = await gateway.request("GET", "/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(await response.text()):
+        for s in family.samples:
+            samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return samples
+
+
+def by_label(samples: dict[tuple[tuple[str, str], ...], float], label: str) -> dict[str, float]:
+    """{label value: sample} for the samples not zero."""
+    return {dict(k)[label]: v for k, v in samples.items() if v}

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from gateway.pbx import AmiPbx, AmiSettings, CallEventKind, Dial
+from gateway.pbx import AmiPbx, AmiSettings, CallEventKind, Dial, new_channel_id
 from tests.conftest import DEV_CLI_PREFIX, phone_number, wire_record
 from tests.farend import FarEnd
 from tests.integration.ami_watch import MONITOR_SECRET, MONITOR_USER, AmiWatch
@@ -40,7 +40,9 @@ async def test_injection_attempts_reach_neither_ami_nor_the_far_end(
     assert len(far_end.records()) == records_before
 
 
-async def test_event_filter_sends_four_events_a_call(dev_pbx: AmiSettings, far_end: FarEnd) -> None:
+async def test_event_filter_sends_four_events_a_call_of_its_own_calls_only(
+    dev_pbx: AmiSettings, far_end: FarEnd
+) -> None:
     pbx = AmiPbx(dev_pbx)
     await pbx.start()
     host, port = dev_pbx.host, dev_pbx.port
@@ -51,16 +53,21 @@ async def test_event_filter_sends_four_events_a_call(dev_pbx: AmiSettings, far_e
             AmiWatch(host, port, dev_pbx.username, dev_pbx.secret) as filtered,
         ):
             dials = [
-                Dial(uuid.uuid4().hex, phone_number(0), f"{DEV_CLI_PREFIX}{n:04d}", 1)
+                Dial(new_channel_id(), phone_number(0), f"{DEV_CLI_PREFIX}{n:04d}", 1)
                 for n in range(10)
             ]
-            for dial in dials:
+            # Another user's calls on the same PBX: ChannelIds without the gateway's prefix.
+            others = [
+                Dial(uuid.uuid4().hex, phone_number(0), f"{DEV_CLI_PREFIX}{n:04d}", 1)
+                for n in range(10, 15)
+            ]
+            for dial in dials + others:
                 await pbx.originate(dial)
             kinds: list[CallEventKind] = []
             async with asyncio.timeout(15):
                 while kinds.count(CallEventKind.HANGUP) < len(dials):
                     kinds.append((await pbx.next_event()).kind)
-            for dial in dials:
+            for dial in dials + others:
                 await wire_record(far_end, dial.number, lambda r: r.canceled_at is not None)
             await asyncio.sleep(0.2)
     finally:
@@ -79,5 +86,9 @@ async def test_event_filter_sends_four_events_a_call(dev_pbx: AmiSettings, far_e
         "OriginateResponse",
         "Hangup",
     }
+    # The other calls rang and ended as well, and the gateway's user heard nothing of them.
+    other_ids = {d.channel_id for d in others}
+    assert len(everything.of_calls(other_ids)) >= 4 * len(others)
+    assert filtered.of_calls(other_ids) == []
     assert unfiltered >= 8
     assert kinds.count(CallEventKind.RINGING) == len(dials)

@@ -6,12 +6,11 @@ import asyncio
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.outcomes import CANCELED, Outcome
 from tests.conftest import phone_number
 from tests.farend import FarEnd
-from tests.integration.conftest import Gateway
+from tests.integration.conftest import Gateway, by_label, scrape
 from tests.integration.test_verifications_api import call_ended
 
 pytestmark = pytest.mark.integration
@@ -28,23 +27,6 @@ PLAN = [
     (6, "congestion", "34"),
     (8, "unreachable", "19"),
 ]
-
-
-async def scrape(gateway: Gateway) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    """Samples by name, then by their sorted labels, parsed by prometheus-client."""
-    response = await gateway.request("GET", "/metrics")
-    assert response.status == 200
-    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(await response.text()):
-        for s in family.samples:
-            samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
-    return samples
-
-
-def by_label(samples: dict[tuple[tuple[str, str], ...], float], label: str) -> dict[str, float]:
-    """{label value: sample} for the samples not zero."""
-    return {dict(k)[label]: v for k, v in samples.items() if v}
 
 
 async def test_outcome_counters_match_the_calls_made(start_gateway: Any, far_end: FarEnd) -> None:

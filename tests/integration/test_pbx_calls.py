@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.pbx import AmiPbx, AmiSettings, CallEvent, CallEventKind, Dial, PbxUnavailable
+from gateway.pbx import (
+    AmiPbx,
+    AmiSettings,
+    CallEvent,
+    CallEventKind,
+    Dial,
+    PbxUnavailable,
+    new_channel_id,
+)
 from tests.conftest import DEV_CLI_PREFIX, phone_number, wire_record
 from tests.farend import FarEnd
 
@@ -54,7 +61,7 @@ def caller_id(code: int) -> str:
 async def test_ringing_call_shows_caller_id_then_cancel(ami: AmiPbx, far_end: FarEnd) -> None:
     number = phone_number(0)
     cli = caller_id(4821)
-    dial = Dial(uuid.uuid4().hex, number, cli, RING_SECONDS)
+    dial = Dial(new_channel_id(), number, cli, RING_SECONDS)
     before = time.time()
     await ami.originate(dial)
     assert time.time() - before < 0.5, "originate must not wait for the ring to end"
@@ -97,7 +104,7 @@ async def test_far_end_behaviour_maps_to_hangup_cause(
     alerted: CallEventKind | None,
 ) -> None:
     number = phone_number(behaviour)
-    dial = Dial(uuid.uuid4().hex, number, caller_id(behaviour), RING_SECONDS)
+    dial = Dial(new_channel_id(), number, caller_id(behaviour), RING_SECONDS)
     await ami.originate(dial)
     events = (await events_until_hangup(ami, {dial.channel_id}, RING_SECONDS + 10))[dial.channel_id]
 
@@ -130,7 +137,7 @@ async def test_far_end_behaviour_maps_to_hangup_cause(
 
 async def test_concurrent_calls_are_correlated_by_channel_id(ami: AmiPbx, far_end: FarEnd) -> None:
     dials = [
-        Dial(uuid.uuid4().hex, phone_number(behaviour), caller_id(1000 + i), RING_SECONDS)
+        Dial(new_channel_id(), phone_number(behaviour), caller_id(1000 + i), RING_SECONDS)
         for i, behaviour in enumerate([0, 3, 4, 0, 1, 5, 0, 6, 0, 8] * 2)
     ]
     await asyncio.gather(*(ami.originate(d) for d in dials))
@@ -167,7 +174,7 @@ async def test_unknown_endpoint_ends_as_originate_failure(dev_pbx: AmiSettings) 
     await pbx.start()
     try:
         await pbx.wait_connected(10)
-        dial = Dial(uuid.uuid4().hex, phone_number(0), caller_id(1), RING_SECONDS)
+        dial = Dial(new_channel_id(), phone_number(0), caller_id(1), RING_SECONDS)
         await pbx.originate(dial)
         [hangup] = (await events_until_hangup(pbx, {dial.channel_id}, 5))[dial.channel_id]
         assert hangup.cause is None

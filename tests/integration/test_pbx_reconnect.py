@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
 
 import pytest
 
-from gateway.pbx import AmiPbx, AmiSettings, Dial
+from gateway.pbx import AmiPbx, AmiSettings, Dial, new_channel_id
 from tests.conftest import DEV_CLI_PREFIX, pbx_command, phone_number, wire_record
 from tests.farend import FarEnd
 
@@ -38,7 +37,7 @@ async def test_pbx_crash_is_noticed_and_the_call_is_not_replayed(
     try:
         await pbx.wait_connected(10)
         number = phone_number(0)
-        await pbx.originate(Dial(uuid.uuid4().hex, number, f"{DEV_CLI_PREFIX}0001", 5))
+        await pbx.originate(Dial(new_channel_id(), number, f"{DEV_CLI_PREFIX}0001", 5))
         await wire_record(far_end, number, lambda r: r.sent_at(180) is not None)
 
         await asyncio.to_thread(pbx_command, "kill")
@@ -53,7 +52,7 @@ async def test_pbx_crash_is_noticed_and_the_call_is_not_replayed(
 
         # And the new connection places calls.
         after = phone_number(3)
-        await pbx.originate(Dial(uuid.uuid4().hex, after, f"{DEV_CLI_PREFIX}0002", 2))
+        await pbx.originate(Dial(new_channel_id(), after, f"{DEV_CLI_PREFIX}0002", 2))
         record = await wire_record(far_end, after)
         assert record.final_code == 486
     finally:

@@ -9,8 +9,7 @@ import pytest
 
 from tests.conftest import phone_number, wire_record
 from tests.farend import FarEnd
-from tests.integration.conftest import Gateway
-from tests.integration.test_metrics import scrape
+from tests.integration.conftest import Gateway, scrape
 from tests.integration.test_verifications_api import call_ended, code_of
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ from gateway.config import VerificationConfig
 from tests.conftest import phone_number, wire_record
 from tests.fakes import until
 from tests.farend import FarEnd, InviteRecord
-from tests.integration.conftest import POOL_PREFIX, Gateway, GatewayFactory
+from tests.integration.conftest import POOL_PREFIX, Gateway, GatewayFactory, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -116,6 +116,7 @@ async def test_a_call_superseded_before_it_alerted_ends_canceled(
     gateway: Gateway, far_end: FarEnd
 ) -> None:
     number = phone_number(9)  # 100 Trying only: it never alerts
+    canceled_before = (await scrape(gateway))["otp_calls_total"][(("outcome", "canceled"),)]
     _, first = await gateway.post("/v1/verifications", {"phone": f"+{number}"})
     invited = await wire_record(far_end, number, lambda r: True)
     _, second = await gateway.post("/v1/verifications", {"phone": f"+{number}"})
@@ -131,6 +132,8 @@ async def test_a_call_superseded_before_it_alerted_ends_canceled(
     )
     first_call = min(far_end.calls_to(number), key=lambda r: r.invited_at)
     assert first_call.canceled_at is not None  # the far end got our CANCEL
+    canceled = (await scrape(gateway))["otp_calls_total"][(("outcome", "canceled"),)]
+    assert canceled == canceled_before + 1  # counted apart from failed calls
     _, newest = await gateway.get(f"/v1/verifications/{second['id']}")
     assert newest["status"] == "pending"
 
