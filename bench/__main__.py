@@ -185,7 +185,8 @@ async def api_phase(args: argparse.Namespace, out: Path) -> list[ApiStep]:
                 api_result = await api_step(servers[name], posters[name], rate, seconds, name)
                 api_steps.append(api_result)
                 print(
-                    f"    accepted {api_result.accepted_per_s:g}/s, p50 "
+                    f"    sent {api_result.fired_per_s:g}/s, "
+                    f"accepted {api_result.accepted_per_s:g}/s, p50 "
                     f"{api_result.accept_ms['p50']} ms, p99 {api_result.accept_ms['p99']} ms, "
                     f"refused {api_result.refused}, server {api_result.cpu_seconds_per_1000} "
                     f"CPU-ms each, load generator {api_result.load_cpu_seconds_per_1000}",

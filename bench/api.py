@@ -26,6 +26,9 @@ class ApiStep:
     accepted: int = 0
     refused: int = 0
     accepted_per_s: float = 0.0
+    # The rate the load generator managed to send at: below the offered rate, the
+    # generator (which shares the cores) fell behind, whatever the server did.
+    fired_per_s: float = 0.0
     accept_ms: dict[str, float | None] = field(default_factory=dict)
     cpu_seconds_per_1000: float | None = None  # the server's
     # The load generator's (this process): it shares the machine's cores with the server.
@@ -51,8 +54,10 @@ async def api_step(
     step = ApiStep(system, rate, count)
     latencies: list[float] = []
     answered: list[float] = []
+    fired: list[float] = []
 
     async def one(i: int) -> None:
+        fired.append(time.time())
         status, sent, at = await poster.post(phones[i % len(phones)])
         if status == 201:
             latencies.append(at - sent)
@@ -67,6 +72,8 @@ async def api_step(
     step.accepted = len(latencies)
     if answered:
         step.accepted_per_s = round(step.accepted / (max(answered) - t0), 1)
+    if fired:
+        step.fired_per_s = round(count / (max(fired) - t0 + 1 / rate), 1)
     step.accept_ms = summary_ms(latencies)
     step.cpu_seconds_per_1000 = round(cpu / max(count, 1) * 1000, 3)
     step.load_cpu_seconds_per_1000 = round(load / max(count, 1) * 1000, 3)

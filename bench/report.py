@@ -47,13 +47,14 @@ def table(
     lines += [
         "",
         "API only (sandbox numbers, nothing dialed; floor: a bare aiohttp server, no work;"
-        " cpu/1k: the server's CPU-seconds per 1,000 requests, load: the load generator's)",
-        f"{'system':<10}{'offered/s':>10}{'accepted/s':>11}{'p50 ms':>8}{'p99 ms':>8}"
-        f"{'cpu/1k':>8}{'load/1k':>8}",
+        " sent: the rate the load generator kept up; cpu/1k: the server's CPU-seconds per"
+        " 1,000 requests, load: the load generator's)",
+        f"{'system':<10}{'offered/s':>10}{'sent/s':>8}{'accepted/s':>11}{'p50 ms':>8}"
+        f"{'p99 ms':>8}{'cpu/1k':>8}{'load/1k':>8}",
     ]
     for a in api_steps:
         lines.append(
-            f"{a.system:<10}{a.offered_per_s:>10g}{a.accepted_per_s:>11g}"
+            f"{a.system:<10}{a.offered_per_s:>10g}{a.fired_per_s:>8g}{a.accepted_per_s:>11g}"
             f"{_ms(a.accept_ms, 'p50')}{_ms(a.accept_ms, 'p99')}"
             f"{_num(a.cpu_seconds_per_1000)}{_num(a.load_cpu_seconds_per_1000)}"
             + ("" if a.met else "  (target not met)")
