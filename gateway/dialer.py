@@ -477,7 +477,6 @@ class Dialer:
     ) -> None:
         self._release_cli(job.pool, job.cli)
         delivered = outcome in DELIVERED_OUTCOMES
-        canceled = reason == CANCELED
         await self._store.end_call(
             job.call_id,
             call_status="completed" if delivered else "failed",
@@ -489,9 +488,8 @@ class Dialer:
             fail_verification=not delivered,
             health=health_of(outcome),
             delivered=delivered,
-            about_number=not canceled,
         )
-        self._metrics.call_ended(CANCELED if canceled else outcome, cause)
+        self._metrics.call_ended(CANCELED if reason == CANCELED else outcome, cause)
         log.info(
             "call %s (verification %s): %s, cause %s, sip %s",
             job.call_id,

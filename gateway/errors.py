@@ -52,22 +52,25 @@ class NumberKnownInvalid(GatewayError):
     code = "number_known_invalid"
 
 
-class PbxUnavailable(GatewayError):
-    code = "pbx_unavailable"
+class Retryable(GatewayError):
+    """An error worth retrying after `retry_after` seconds (the Retry-After header)."""
 
     def __init__(self, detail: str, retry_after: int, **extra: object) -> None:
         super().__init__(detail, **extra)
         self.retry_after = retry_after
 
 
-class RateLimited(GatewayError):
+class PbxUnavailable(Retryable):
+    code = "pbx_unavailable"
+
+
+class RateLimited(Retryable):
     """Too many requests. The message never says which limit fired."""
 
     code = "rate_limited"
 
     def __init__(self, retry_after: float, limit: str) -> None:
-        super().__init__("too many requests; retry later")
-        self.retry_after = max(1, math.ceil(retry_after))
+        super().__init__("too many requests; retry later", max(1, math.ceil(retry_after)))
         self.limit = limit  # for the operator's metrics, never in the answer
 
 
@@ -75,12 +78,8 @@ class IdempotencyConflict(GatewayError):
     code = "idempotency_conflict"
 
 
-class Overloaded(GatewayError):
+class Overloaded(Retryable):
     code = "overloaded"
-
-    def __init__(self, detail: str, retry_after: int, **extra: object) -> None:
-        super().__init__(detail, **extra)
-        self.retry_after = retry_after
 
 
 class UnsupportedMediaType(GatewayError):

@@ -60,14 +60,12 @@ _CHANNEL_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # of such channels: on a PBX that carries other traffic, the gateway hears its own
 # calls and nothing else.
 CHANNEL_ID_PREFIX = "otp-"
+_UNSAFE = re.compile(r"[\r\n]")
 
 
 def new_channel_id() -> str:
     """A fresh id for a call: its ChannelId on the PBX, and its id in the store."""
     return CHANNEL_ID_PREFIX + uuid.uuid4().hex
-
-
-_UNSAFE = re.compile(r"[\r\n]")
 
 
 class PbxError(Exception):

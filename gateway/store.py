@@ -1115,13 +1115,12 @@ class Store:
         fail_verification: bool,
         health: str | None = None,
         delivered: bool = False,
-        about_number: bool = True,
     ) -> None:
         """Close a call with its outcome; fail its verification if asked.
 
         A call that was dialed also updates its number's health: `health` is what the
         outcome says of the number (None: nothing), `delivered` whether it alerted.
-        Not when `about_number` is false (the gateway hung up before the phone alerted).
+        Not a call the gateway canceled before it alerted (reason CANCELED).
         """
 
         def end(db: sqlite3.Connection) -> bool:
@@ -1155,7 +1154,7 @@ class Store:
                     "WHERE c.id = ? AND c.dialed_at IS NOT NULL",
                     (call_id,),
                 ).fetchone()
-                if about_number
+                if reason != CANCELED
                 else None
             )
             if dialed is not None:

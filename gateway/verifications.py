@@ -262,22 +262,23 @@ class Verifications:
             invalid_refused_since(self._config.numbers, now) if cli is not None else None
         )
 
+        def not_stored() -> None:
+            """Give back what the create took: its caller ID, its place in the dialer."""
+            if cli is not None:
+                pool.release(cli.e164)
+            if claimed:
+                self._dialer.unclaim()
+
         async def store_and_place() -> tuple[VerificationRecord, CallRecord] | Replay:
             try:
                 result = await self._store.create_verification(
                     verification, call, limits, idempotency, invalid_since=invalid_since
                 )
             except BaseException:
-                if cli is not None:
-                    pool.release(cli.e164)
-                if claimed:
-                    self._dialer.unclaim()
+                not_stored()
                 raise
             if not isinstance(result, Inserted):
-                if cli is not None:
-                    pool.release(cli.e164)
-                if claimed:
-                    self._dialer.unclaim()
+                not_stored()
                 if isinstance(result, Replayed):  # a concurrent retry of the same key won
                     return _replay(result, body_hash)
                 if isinstance(result, KnownInvalid):

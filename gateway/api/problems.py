@@ -78,7 +78,7 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
         headers = {}
         if isinstance(exc, errors.RateLimited):
             request.app[METRICS].rate_limited.labels(limit=exc.limit).inc()
-        if isinstance(exc, errors.Overloaded | errors.RateLimited | errors.PbxUnavailable):
+        if isinstance(exc, errors.Retryable):
             headers["Retry-After"] = str(exc.retry_after)
         return problem(STATUS.get(exc.code, 400), exc.code, exc.detail, exc.extra, headers)
     except web.HTTPException as exc:
