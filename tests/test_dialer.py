@@ -325,18 +325,24 @@ async def test_originate_timeout_fails_the_call_and_dialing_goes_on(
 # -- cancel --------------------------------------------------------------------
 
 
-async def test_cancel_hangs_up_a_live_call(make_dialer: HarnessFactory, store: Store) -> None:
-    harness = make_dialer(FakePbx(rings_until_hung_up))
+async def cancel_once(harness: Harness, store: Store, status: str) -> CallJob:
+    """Place a call, cancel it once it is `status` (dialing or ringing), wait for its end."""
     harness.dialer.start()
     job = await add_job(store)
     harness.submit(job)
 
-    async def ringing() -> bool:
-        return (await call_of(store, job)).status == "ringing"
+    async def reached() -> bool:
+        return (await call_of(store, job)).status == status
 
-    await until(ringing)
+    await until(reached)
     await harness.dialer.cancel(job.call_id)
     await harness.ended(job)
+    return job
+
+
+async def test_cancel_hangs_up_a_live_call(make_dialer: HarnessFactory, store: Store) -> None:
+    harness = make_dialer(FakePbx(rings_until_hung_up))
+    job = await cancel_once(harness, store, "ringing")
 
     assert harness.pbx.hangups == [job.call_id]
     call = await call_of(store, job)
@@ -358,16 +364,7 @@ async def test_a_call_canceled_before_it_alerted_ends_canceled(
     pbx = FakePbx(silent_until_hung_up)
     pbx.hangup_cause = cause
     harness = make_dialer(pbx)
-    harness.dialer.start()
-    job = await add_job(store)
-    harness.submit(job)
-
-    async def dialing() -> bool:
-        return (await call_of(store, job)).status == "dialing"
-
-    await until(dialing)
-    await harness.dialer.cancel(job.call_id)
-    await harness.ended(job)
+    job = await cancel_once(harness, store, "dialing")
 
     call = await call_of(store, job)
     # Not "rejected" or a plain error: the gateway hung up, so it says nothing of the number.
