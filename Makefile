@@ -11,7 +11,7 @@ FAREND := $(PYTHON) tests/farend.py
 .PHONY: help deps venv pbx-up pbx-down farend-up farend-down test unit lint run bench clean
 
 help:
-	@echo "make run      the gateway with the dev PBX and the far-end simulator"
+	@echo "make run      the gateway with the dev PBX and the far-end simulators"
 	@echo "make test     set everything up and run the whole suite"
 	@echo "make lint     ruff, mypy and hadolint"
 	@echo "make bench    speed and memory against a raw panoramisk baseline (var/bench/)"
@@ -42,11 +42,14 @@ pbx-up: deps
 pbx-down:
 	bash $(PBX) down
 
+# Both far ends: the lab one (5070, otp-trunk) and the field one (5071, otp-field).
 farend-up: deps
 	$(FAREND) up
+	$(FAREND) up --field
 
 farend-down:
 	$(FAREND) down
+	$(FAREND) down --field
 
 # The fixtures start the dev PBX and the far end (and stop what they started);
 # provisioning first keeps the one-minute debootstrap out of the first test.

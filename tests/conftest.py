@@ -1,8 +1,8 @@
-"""Session fixtures: the dev PBX (a real Asterisk 22) and the SIPp far end.
+"""Session fixtures: the dev PBX (a real Asterisk 22) and the SIPp far ends.
 
-Both start once per test session and stop at its end, unless they were already
-running (a developer's `make pbx-up` / `make farend-up`), in which case they are
-reused and left running. When either cannot start, the tests that need it fail:
+Each starts once per test session and stops at its end, unless it was already
+running (a developer's `make pbx-up` / `make farend-up`), in which case it is
+reused and left running. When one cannot start, the tests that need it fail:
 they never skip.
 """
 
@@ -23,6 +23,7 @@ from tests.farend import FarEnd, InviteRecord, format_record
 REPO = Path(__file__).resolve().parent.parent
 PBX_SCRIPT = REPO / "asterisk-config" / "dev" / "pbx.sh"
 FAREND_WORKDIR = REPO / ".cache" / "farend"
+FIELD_WORKDIR = REPO / ".cache" / "field-end"
 
 DEV_AMI = AmiSettings(
     host="127.0.0.1",
@@ -55,19 +56,32 @@ def dev_pbx() -> Iterator[AmiSettings]:
         assert stopped.returncode == 0, stopped.stderr
 
 
-@pytest.fixture(scope="session")
-def far_end() -> Iterator[FarEnd]:
-    """The SIPp far end on 127.0.0.1:5070, recording every INVITE it receives."""
-    far = FarEnd(FAREND_WORKDIR)
+def _serve(far: FarEnd, name: str) -> Iterator[FarEnd]:
+    """Start `far` unless it runs already; stop it afterwards only if it was started here."""
     was_running = far.running()
     if not was_running:
         try:
             far.start()
         except RuntimeError as exc:
-            pytest.fail(f"far end did not start: {exc}", pytrace=False)
+            pytest.fail(f"{name} did not start: {exc}", pytrace=False)
     yield far
     if not was_running:
         far.stop()
+
+
+@pytest.fixture(scope="session")
+def far_end() -> Iterator[FarEnd]:
+    """The SIPp far end on 127.0.0.1:5070 (endpoint otp-trunk), recording every INVITE."""
+    yield from _serve(FarEnd(FAREND_WORKDIR), "far end")
+
+
+@pytest.fixture(scope="session")
+def field_end() -> Iterator[FarEnd]:
+    """The field far end on 127.0.0.1:5071 (endpoint otp-field): real networks' behaviours.
+
+    Dial it with the channel `PJSIP/{number}@otp-field`; see tests/sipp/README.md.
+    """
+    yield from _serve(FarEnd.field(FIELD_WORKDIR), "field far end")
 
 
 _used_numbers: set[str] = set()
@@ -77,6 +91,7 @@ def phone_number(behaviour: int, network: str = "812") -> str:
     """A fresh Indonesian mobile number (no +) whose last digit picks the far end's behaviour.
 
     See tests/sipp/README.md: 0 rings, 1 progress only, 2 answers, 3 busy, 4 not found, ...
+    on the lab far end; the field far end (`field_end`) gives the digits other meanings.
     `network` is the mobile prefix: 812 Telkomsel, 815 Indosat, 817 XL, 881 Smartfren.
     """
     # Random, not sequential: consecutive numbers share a prefix, and the gateway's

@@ -1,9 +1,12 @@
-"""Far-end simulator for the Asterisk trunk: a SIPp UAS plus a reader for its event log.
+"""Far-end simulators for the Asterisk trunks: a SIPp UAS plus a reader for its event log.
 
-The scenario (tests/sipp/farend.xml) picks its behaviour from the last digit of the
-Request-URI user and writes one line per SIP event; see tests/sipp/README.md.
+Two scenarios pick their behaviour from the last digit of the Request-URI user and
+write one line per SIP event in the same format; see tests/sipp/README.md:
+- tests/sipp/farend.xml, the lab far end on 127.0.0.1:5070 (endpoint otp-trunk);
+- tests/sipp/field.xml, the "field" far end on 127.0.0.1:5071 (endpoint otp-field),
+  which behaves like real mobile networks and ignores OPTIONS.
 
-CLI (used by the Makefile):  python tests/farend.py up|down|status|show [--workdir DIR]
+CLI (used by the Makefile):  python tests/farend.py up|down|status|show [--field] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ SCENARIO = REPO_ROOT / "tests" / "sipp" / "farend.xml"
 DEFAULT_WORKDIR = REPO_ROOT / ".cache" / "farend"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5070
+FIELD_SCENARIO = REPO_ROOT / "tests" / "sipp" / "field.xml"
+FIELD_WORKDIR = REPO_ROOT / ".cache" / "field-end"
+FIELD_PORT = 5071
 SIPP_ENV = "FAREND_SIPP"  # optional override of the sipp executable
 PID_FILE = "sipp.pid"
 LOG_FILE = "farend.log"  # <log> actions, one line per SIP event
@@ -193,8 +199,8 @@ def process_socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
-def is_live_sipp(pid: int) -> bool:
-    """Tell whether `pid` is a live (non-zombie) sipp process running our scenario."""
+def is_live_sipp(pid: int, scenario: Path = SCENARIO) -> bool:
+    """Tell whether `pid` is a live (non-zombie) sipp process running `scenario`."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -203,7 +209,7 @@ def is_live_sipp(pid: int) -> bool:
     state = stat.rsplit(")", 1)[-1].split()[0]
     if state in ("Z", "X"):
         return False
-    return b"sipp" in os.path.basename(cmdline[0]) and str(SCENARIO).encode() in cmdline
+    return b"sipp" in os.path.basename(cmdline[0]) and str(scenario).encode() in cmdline
 
 
 def check_udp_port_free(host: str, port: int) -> None:
@@ -272,14 +278,14 @@ def reap(pid: int) -> int | None:
     return None if done == 0 else os.waitstatus_to_exitcode(status)
 
 
-def terminate(pid: int, own_child: bool) -> None:
+def terminate(pid: int, own_child: bool, scenario: Path = SCENARIO) -> None:
     """SIGTERM `pid` (SIGKILL after STOP_TIMEOUT) and wait until it is gone (reaped if ours)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
         deadline = time.monotonic() + STOP_TIMEOUT
         while time.monotonic() < deadline:
-            gone = reap(pid) is not None if own_child else not is_live_sipp(pid)
+            gone = reap(pid) is not None if own_child else not is_live_sipp(pid, scenario)
             if gone:
                 return
             time.sleep(POLL_INTERVAL)
@@ -289,11 +295,23 @@ def terminate(pid: int, own_child: bool) -> None:
 class FarEnd:
     """Start/stop the SIPp far end and read what it received."""
 
-    def __init__(self, workdir: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
-        """Prepare (not start) a far end logging into `workdir`, listening on UDP host:port."""
+    def __init__(
+        self,
+        workdir: Path,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        scenario: Path = SCENARIO,
+        answer_options: bool = True,
+    ) -> None:
+        """Prepare (not start) a far end logging into `workdir`, listening on UDP host:port.
+
+        `answer_options` runs SIPp with -aa, which answers out-of-dialog OPTIONS with 200.
+        """
         self.workdir = Path(workdir)
         self.host = host
         self.port = port
+        self.scenario = Path(scenario).resolve()  # as is_live_sipp finds it in the cmdline
+        self.answer_options = answer_options
         self.pid_file = self.workdir / PID_FILE
         self.log_file = self.workdir / LOG_FILE
         self.error_file = self.workdir / ERROR_FILE
@@ -302,6 +320,13 @@ class FarEnd:
         self._child: int | None = None  # pid spawned by this object, which must reap it
         self._reset_parser()
 
+    @classmethod
+    def field(
+        cls, workdir: Path = FIELD_WORKDIR, host: str = DEFAULT_HOST, port: int = FIELD_PORT
+    ) -> FarEnd:
+        """The field far end (field.xml): like a carrier, it leaves OPTIONS unanswered."""
+        return cls(workdir, host=host, port=port, scenario=FIELD_SCENARIO, answer_options=False)
+
     # ---- lifecycle -------------------------------------------------------------------
 
     def command(self) -> list[str]:
@@ -309,14 +334,14 @@ class FarEnd:
         sipp = os.environ.get(SIPP_ENV) or "sipp"
         return [
             shutil.which(sipp) or sipp,
-            "-sf", str(SCENARIO),
+            "-sf", str(self.scenario),
             "-i", self.host,
             "-p", str(self.port),
             "-bind_local",
             "-mi", self.host,
             "-ci", self.host,
             "-nostdin",
-            "-aa",
+            *(["-aa"] if self.answer_options else []),
             "-trace_logs", "-log_file", str(self.log_file),
             "-trace_err", "-error_file", str(self.error_file),
             "-screen_file", str(self.screen_file),
@@ -326,8 +351,8 @@ class FarEnd:
         """Start sipp in the background and wait until it has bound its UDP port."""
         if self.running():
             raise RuntimeError(f"far end already running (pid {self.pid()}, {self.workdir})")
-        if not SCENARIO.is_file():
-            raise RuntimeError(f"far end: scenario {SCENARIO} not found")
+        if not self.scenario.is_file():
+            raise RuntimeError(f"far end: scenario {self.scenario} not found")
         cmd = self.command()
         if not os.access(cmd[0], os.X_OK):
             raise RuntimeError(f"far end: sipp executable {cmd[0]!r} not found")
@@ -375,14 +400,14 @@ class FarEnd:
             self._child = None
             return False
         pid = self.pid()
-        return pid is not None and is_live_sipp(pid)
+        return pid is not None and is_live_sipp(pid, self.scenario)
 
     def stop(self) -> None:
         """Stop the sipp we started (SIGTERM, then SIGKILL) and wait for it; idempotent."""
         pid = self.pid()
         child, self._child = self._child, None
-        if pid is not None and (child is not None or is_live_sipp(pid)):
-            terminate(pid, own_child=child is not None)
+        if pid is not None and (child is not None or is_live_sipp(pid, self.scenario)):
+            terminate(pid, own_child=child is not None, scenario=self.scenario)
         self.pid_file.unlink(missing_ok=True)
 
     # ---- records ---------------------------------------------------------------------
@@ -444,35 +469,45 @@ class FarEnd:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI: up | down | status | show."""
+    """Run the CLI: up | down | status | show, for the lab far end or (--field) the field one."""
     parser = argparse.ArgumentParser(description="Far-end SIPp simulator for otp-gateway tests.")
     parser.add_argument("action", choices=["up", "down", "status", "show"])
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="state/log directory")
+    parser.add_argument(
+        "--field",
+        action="store_true",
+        help=f"the field far end ({FIELD_SCENARIO.name}, port {FIELD_PORT}, no OPTIONS answers)",
+    )
+    parser.add_argument("--workdir", type=Path, help="state/log directory")
     parser.add_argument("--host", default=DEFAULT_HOST, help="listen address (up only)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="listen UDP port (up only)")
+    parser.add_argument("--port", type=int, help="listen UDP port (up only)")
     args = parser.parse_args(argv)
-    far = FarEnd(args.workdir, host=args.host, port=args.port)
+    if args.field:
+        name = "field far end"
+        far = FarEnd.field(args.workdir or FIELD_WORKDIR, args.host, args.port or FIELD_PORT)
+    else:
+        name = "far end"
+        far = FarEnd(args.workdir or DEFAULT_WORKDIR, args.host, args.port or DEFAULT_PORT)
     if args.action == "up":
         if far.running():
-            print(f"far end already running (pid {far.pid()})")
+            print(f"{name} already running (pid {far.pid()})")
             return 0
         try:
             far.start()
         except RuntimeError as exc:
             print(exc, file=sys.stderr)
             return 1
-        print(f"far end up on udp:{args.host}:{args.port} (pid {far.pid()}, log {far.log_file})")
+        print(f"{name} up on udp:{far.host}:{far.port} (pid {far.pid()}, log {far.log_file})")
         return 0
     if args.action == "down":
         was_running = far.running()
         far.stop()
-        print("far end stopped" if was_running else "far end not running")
+        print(f"{name} stopped" if was_running else f"{name} not running")
         return 0
     if args.action == "status":
         if far.running():
-            print(f"far end running (pid {far.pid()}, log {far.log_file})")
+            print(f"{name} running (pid {far.pid()}, log {far.log_file})")
             return 0
-        print("far end not running")
+        print(f"{name} not running")
         return 1
     for record in far.records():
         print(format_record(record))

@@ -1,4 +1,4 @@
-"""The SIPp far-end simulator on its own, driven by a SIPp probe UAC and by raw UDP."""
+"""The SIPp far-end simulators on their own, driven by SIPp probe UACs and by raw UDP."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.farend import SCENARIO, FarEnd, InviteRecord, is_live_sipp
+from tests.conftest import phone_number
+from tests.farend import FIELD_PORT, FIELD_SCENARIO, SCENARIO, FarEnd, InviteRecord, is_live_sipp
 
 HOST = "127.0.0.1"
 PROBE = Path(__file__).resolve().parent / "sipp" / "uac_probe.xml"
+# Waits out the field far end's delays before it cancels (7 s, 2.5 s after a 183, 1 s after a 180).
+PATIENT_PROBE = Path(__file__).resolve().parent / "sipp" / "uac_patient_probe.xml"
 FAREND_PY = Path(__file__).resolve().parent / "farend.py"
 FROM_PREFIX = "62215009"
 # Every behaviour digit once: (Request-URI user, From user).
@@ -44,36 +47,52 @@ def free_udp_port() -> int:
         return port
 
 
-def run_probe(port: int, calls: list[tuple[str, str]], workdir: Path) -> None:
-    """Place `calls` with the SIPp probe UAC at the far end on `port`; fail unless all succeed."""
+def start_probe(
+    port: int, calls: list[tuple[str, str]], workdir: Path, probe: Path = PROBE
+) -> subprocess.Popen[bytes]:
+    """Start placing `calls` with a SIPp probe UAC at the far end on `port`."""
     sipp = shutil.which("sipp")
     assert sipp is not None, "sipp is not installed (apt-get install sip-tester)"
     workdir.mkdir(parents=True, exist_ok=True)
     injection = workdir / "calls.csv"
     injection.write_text("SEQUENTIAL\n" + "".join(f"{to};{frm};\n" for to, frm in calls))
-    errors = workdir / "probe-errors.log"
     args = [
         sipp,
-        "-sf", str(PROBE),
+        "-sf", str(probe),
         "-inf", str(injection),
         f"{HOST}:{port}",
-        "-i", HOST, "-bind_local", "-mi", HOST, "-ci", HOST,
+        # An explicit port: without -p SIPp takes the first free one from 5060 up,
+        # which may be a dev far end's 5070 or 5071 while it is down.
+        "-i", HOST, "-p", str(free_udp_port()), "-bind_local", "-mi", HOST, "-ci", HOST,
         "-nostdin",
         "-m", str(len(calls)), "-r", "100",
         "-timeout", "15s", "-timeout_error",
-        "-trace_err", "-error_file", str(errors),
+        "-trace_err", "-error_file", str(workdir / "probe-errors.log"),
     ]  # fmt: skip
-    result = subprocess.run(
-        args,
-        cwd=workdir,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    if result.returncode != 0:
-        log = errors.read_text() if errors.exists() else ""
-        pytest.fail(f"probe UAC failed ({result.returncode}):\n{result.stdout[-3000:]}\n{log}")
+    with (workdir / "probe.out").open("wb") as out:
+        return subprocess.Popen(
+            args, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def finish_probe(probe: subprocess.Popen[bytes], workdir: Path) -> None:
+    """Wait for a probe from start_probe(); fail unless all its calls succeeded."""
+    try:
+        returncode = probe.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        probe.kill()
+        probe.wait()
+        raise
+    if returncode != 0:
+        out = (workdir / "probe.out").read_text(errors="replace")
+        errors = workdir / "probe-errors.log"
+        log = errors.read_text(errors="replace") if errors.exists() else ""
+        pytest.fail(f"probe UAC failed ({returncode}):\n{out[-3000:]}\n{log}")
+
+
+def run_probe(port: int, calls: list[tuple[str, str]], workdir: Path, probe: Path = PROBE) -> None:
+    """Place `calls` with a SIPp probe UAC at the far end on `port`; fail unless all succeed."""
+    finish_probe(start_probe(port, calls, workdir, probe), workdir)
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +262,170 @@ def test_stray_options_is_answered_and_scenario_is_the_committed_one(far: FarEnd
         sock.sendto(options, (HOST, far.port))
         assert sock.recv(65535).decode().startswith("SIP/2.0 200 ")
     assert far.running()
+
+
+# ---- the field far end (field.xml): real networks' delays, early media and refusals ----
+
+# Every digit twice: the probe that cancels 1.5 s after a provisional response (so
+# CANCELs land inside the field far end's pauses) and the patient one (which waits
+# them out). (Request-URI user, From user).
+EARLY_CALLS = [(f"6281993000{d}", f"{FROM_PREFIX}{d:03d}") for d in range(10)]
+PATIENT_CALLS = [(f"6281994000{d}", f"{FROM_PREFIX}{d:03d}") for d in range(10)]
+FIELD_EARLY_RESPONSES = {
+    0: [100, 487],  # canceled during the 6 s post-dial delay
+    1: [183, 487],  # canceled during the announcement, before its 480
+    2: [200],
+    3: [403],
+    4: [183, 487],
+    5: [100, 487],
+    6: [180, 487],
+    7: [183, 487],  # canceled before the 180
+    8: [180, 200],
+    9: [401],
+}
+FIELD_PATIENT_RESPONSES = {
+    0: [100, 180, 487],
+    1: [183, 480],
+    2: [200],
+    3: [403],
+    4: [183, 487],
+    5: [100, 487],
+    6: [180, 487],
+    7: [183, 180, 487],
+    8: [180, 200],
+    9: [401],
+}
+# The field far end's delays, in seconds: (first code, second code, delay).
+FIELD_DELAYS = {0: (100, 180, 6.0), 1: (183, 480, 2.0), 7: (183, 180, 2.0), 8: (180, 200, 0.5)}
+# How late SIPp may be on a <pause> on a busy machine, in seconds.
+PAUSE_SLACK_S = 0.3
+
+
+@pytest.fixture(scope="module")
+def field(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FarEnd]:
+    """A private field far end on a free port and a temporary workdir, stopped afterwards."""
+    field = FarEnd.field(tmp_path_factory.mktemp("field"), port=free_udp_port())
+    try:
+        field.start()
+    except RuntimeError as exc:
+        pytest.fail(f"field far end did not start: {exc}", pytrace=False)
+    yield field
+    field.stop()
+    assert not field.running()
+
+
+@pytest.fixture(scope="module")
+def field_probed(
+    field: FarEnd, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, InviteRecord]:
+    """Both probes' calls to the field far end, run at once and settled; keyed by user."""
+    early_dir, patient_dir = tmp_path_factory.mktemp("early"), tmp_path_factory.mktemp("patient")
+    early = start_probe(field.port, EARLY_CALLS, early_dir)
+    patient = start_probe(field.port, PATIENT_CALLS, patient_dir, PATIENT_PROBE)
+    finish_probe(early, early_dir)
+    finish_probe(patient, patient_dir)
+    users = {to for to, _ in EARLY_CALLS + PATIENT_CALLS}
+    records = field.wait_for(
+        lambda rs: {r.request_user for r in rs if r.ended_at is not None} >= users, timeout=2
+    )
+    return {r.request_user: r for r in records if r.request_user in users}
+
+
+def check_field_call(record: InviteRecord, frm: str, expected: list[int]) -> None:
+    """What every settled field call shares: its responses, ACK, end, and no timer fired."""
+    assert record.from_user == frm
+    assert [code for code, _ in record.responses] == expected
+    assert record.final_code == expected[-1]
+    assert record.acked_at is not None and record.ended_at is not None
+    assert record.timeout is None and record.bye_sent_at is None
+    # The first response goes out at once; only later ones wait.
+    assert record.responses[0][1] - record.invited_at < PAUSE_SLACK_S
+    if expected[-1] == 200:
+        assert record.answered_at is not None and record.bye_at is not None
+        assert record.canceled_at is None
+    else:
+        assert record.answered_at is None and record.bye_at is None
+        assert (record.canceled_at is not None) == (expected[-1] == 487)
+
+
+@pytest.mark.parametrize("digit", range(10))
+def test_field_cancel_during_a_delay(field_probed: dict[str, InviteRecord], digit: int) -> None:
+    to, frm = EARLY_CALLS[digit]
+    record = field_probed[to]
+    check_field_call(record, frm, FIELD_EARLY_RESPONSES[digit])
+    if record.canceled_at is not None:
+        # The probe cancels 1.5 s after the first provisional: inside every pause.
+        assert 1.4 <= record.canceled_at - record.invited_at <= 2.5
+        sent_487 = record.sent_at(487)
+        assert sent_487 is not None and sent_487 - record.canceled_at < PAUSE_SLACK_S
+
+
+@pytest.mark.parametrize("digit", range(10))
+def test_field_behaviour_by_last_digit(field_probed: dict[str, InviteRecord], digit: int) -> None:
+    to, frm = PATIENT_CALLS[digit]
+    record = field_probed[to]
+    check_field_call(record, frm, FIELD_PATIENT_RESPONSES[digit])
+    if digit in FIELD_DELAYS:
+        first, second, delay = FIELD_DELAYS[digit]
+        first_at, second_at = record.sent_at(first), record.sent_at(second)
+        assert first_at is not None and second_at is not None
+        assert delay - 0.05 <= second_at - first_at <= delay + PAUSE_SLACK_S
+
+
+def test_field_scenario_runs_without_auto_answer(field: FarEnd, tmp_path: Path) -> None:
+    pid = field.pid()
+    assert pid is not None
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert str(FIELD_SCENARIO).encode() in cmdline and b"-aa" not in cmdline
+    # Each FarEnd recognises only a sipp running its own scenario.
+    assert is_live_sipp(pid, FIELD_SCENARIO) and not is_live_sipp(pid)
+    (tmp_path / "sipp.pid").write_text(f"{pid}\n")
+    assert FarEnd.field(tmp_path).running() and not FarEnd(tmp_path).running()
+
+
+def test_field_end_ignores_options_and_keeps_serving(field_end: FarEnd) -> None:
+    # The dev field far end itself (5071), as Asterisk's otp-field endpoint sees it.
+    assert field_end.port == FIELD_PORT
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        sock.settimeout(1)
+        local_port = sock.getsockname()[1]
+        options = sip_request(
+            "OPTIONS", "ping", FIELD_PORT, local_port, f"fopt-{os.getpid()}", f"To: <sip:{HOST}>"
+        )
+        sock.sendto(options, (HOST, FIELD_PORT))
+        with pytest.raises(TimeoutError):
+            sock.recv(65535)
+        assert field_end.running()
+
+        user, call_id = phone_number(3), f"after-options-{os.getpid()}-{time.time()}"
+        invite = sip_request(
+            "INVITE", user, FIELD_PORT, local_port, call_id, f"To: <sip:{user}@{HOST}>"
+        )
+        sock.sendto(invite, (HOST, FIELD_PORT))
+        response = sock.recv(65535).decode()
+        assert response.startswith("SIP/2.0 403 ")
+        to = next(h for h in response.split("\r\n") if h.startswith("To:"))
+        sock.sendto(
+            sip_request("ACK", user, FIELD_PORT, local_port, call_id, to), (HOST, FIELD_PORT)
+        )
+    field_end.wait_for(lambda rs: any(r.call_id == call_id and r.ended_at for r in rs), timeout=2)
+    [record] = field_end.calls_to(user)
+    assert record.call_id == call_id and record.final_code == 403 and record.acked_at
+    assert field_end.running()
+
+
+def test_cli_field_flag(tmp_path: Path) -> None:
+    workdir, port = tmp_path / "field", str(free_udp_port())
+    try:
+        up = cli("up", "--field", "--workdir", str(workdir), "--port", port)
+        assert up.returncode == 0 and "field far end up" in up.stdout, up.stderr
+        pid = int((workdir / "sipp.pid").read_text())
+        assert is_live_sipp(pid, FIELD_SCENARIO)
+        assert cli("status", "--field", "--workdir", str(workdir)).returncode == 0
+        # The lab far end's CLI does not mistake the field far end for its own.
+        assert cli("status", "--workdir", str(workdir)).returncode == 1
+        assert cli("down", "--field", "--workdir", str(workdir)).returncode == 0
+        assert not is_live_sipp(pid, FIELD_SCENARIO)
+    finally:
+        FarEnd.field(workdir).stop()
