@@ -93,7 +93,14 @@ install_configs() {
     local etc=$root/etc/asterisk
     install -m 0644 "$here/../extensions.conf" "$etc/extensions.conf"
     install -m 0644 "$here"/*.conf "$etc/"
-    mkdir -p "$root"/var/{lib,log,spool,run}/asterisk
+    # Tests add sections of their own (tests/integration/test_dropins.py loads the
+    # operator's drop-ins under other names) in $etc/otp-test/, and remove them after.
+    # A #tryinclude of a missing file is a no-op.
+    local name
+    for name in pjsip manager extensions; do
+        printf '\n#tryinclude "otp-test/%s.conf"\n' "$name" >>"$etc/$name.conf"
+    done
+    mkdir -p "$etc/otp-test" "$root"/var/{lib,log,spool,run}/asterisk
 }
 
 up() {
