@@ -137,7 +137,8 @@ async def serve(cfg: config.Config) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         logging.info("stopping: new requests get 503 while ringing calls finish")
-        await app[DIALER].drain(cfg.calls.max_ring_seconds + SHUTDOWN_GRACE_S)
+        dialer = app[DIALER]
+        await dialer.drain(dialer.cap_seconds(cfg.calls.max_ring_seconds) + SHUTDOWN_GRACE_S)
     finally:
         await runner.cleanup()
 

@@ -113,7 +113,7 @@ async def _calls_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     # Shutdown: the listener is already closed. Calls ringing now are let finish
     # (bounded by the longest ring); calls still queued stay queued for the next start.
-    await dialer.drain(config.calls.max_ring_seconds + SHUTDOWN_GRACE_S)
+    await dialer.drain(dialer.cap_seconds(config.calls.max_ring_seconds) + SHUTDOWN_GRACE_S)
     await verifications.stop()
     await dialer.stop()
 
@@ -157,8 +157,9 @@ async def _restore_calls_of_previous_run(
                 pool=verification.pool,
                 ring_seconds=call.ring_seconds,
                 queued_at=call.queued_at,
+                early_media_is_alerting=verifications.early_media_is_alerting(verification),
             )
-            await dialer.adopt(job, call.dialed_at or call.queued_at, call.status == "ringing")
+            await dialer.adopt(job, call.dialed_at or call.queued_at, call.ringing_at)
         elif await verifications.resume(verification, call):
             log.info(
                 "call %s resumed after a restart", call.id, extra=call_ids(verification.id, call.id)

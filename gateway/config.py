@@ -24,6 +24,9 @@ from standardwebhooks import Webhook
 # five attempts per verification, is the usual floor for a 4-digit OTP.
 MIN_POOL_CODES = 10_000
 MAX_RING_SECONDS = 60  # no network alerts a handset for longer than this
+# Mobile networks take 3-8 s from INVITE to alerting, a roaming phone longer; a minute
+# without any alerting is no post-dial delay any more.
+MAX_POST_DIAL_SECONDS = 60
 CODE_LENGTHS = range(4, 9)  # 4 to 8 trailing digits
 DIAL_FORMATS = ("e164", "e164_no_plus", "national")
 LOG_FORMATS = ("auto", "json", "text")
@@ -102,10 +105,15 @@ class PoolConfig:
 
 @dataclass(frozen=True, slots=True)
 class CallsConfig:
-    ring_seconds: int = 8
+    ring_seconds: int = 8  # counted from alerting (the first 180, or a lone 183)
     max_ring_seconds: int = 15
-    max_concurrent: int = 200
-    max_per_second: float = 50.0
+    # How long a call may wait for alerting (post-dial delay) before it ends no_alerting;
+    # Originate's Timeout is this plus the ring time.
+    max_post_dial_seconds: int = 15
+    # A typical trunk contract: 10 calls per second (CPS) and 100 channels. Above the
+    # carrier's limits calls come back 486 or 503; set both from your contract.
+    max_concurrent: int = 100
+    max_per_second: float = 10.0
     # Calls waiting for a slot beyond this are refused (503 overloaded): a queue that
     # would take minutes to drain only makes every user wait past their code's use.
     max_queue: int = 1000
@@ -121,6 +129,19 @@ class VerificationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EarlyMediaConfig:
+    """Where a 183 (early media) with no 180 counts as the phone alerting.
+
+    Empty (the default): nowhere. A lone 183 is then `progress_only`, not delivered."""
+
+    regions: tuple[str, ...] = ()  # ISO 3166 alpha-2 codes of the destination
+    carriers: tuple[str, ...] = ()  # carrier names as the number lookup gives them
+
+    def applies(self, region: str, carrier: str | None) -> bool:
+        return region in self.regions or (carrier is not None and carrier in self.carriers)
+
+
+@dataclass(frozen=True, slots=True)
 class NumbersConfig:
     default_region: str = "ID"
     allowed_regions: tuple[str, ...] = ("ID",)
@@ -129,6 +150,8 @@ class NumbersConfig:
     refuse_invalid_days: int = 30
     # Destinations never called (E.164 prefixes): revenue-share ranges, test ranges.
     blocked_prefixes: tuple[str, ...] = ()
+    # Carriers whose 183 means the phone rings (a ringback tone, no 180 ever).
+    early_media_is_alerting: EarlyMediaConfig = EarlyMediaConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +334,13 @@ def _check(config: Config) -> list[str]:
     need(1 <= ami.port <= 65535, "asterisk.port", "must be 1-65535")
     need(bool(ami.secret), "asterisk.secret", "must not be empty")
     need("{number}" in ami.channel, "asterisk.channel", "must contain {number}")
+    # The AMI filter passes the events of channels whose Uniqueid starts with otp-; a
+    # Local/ channel's far leg has a Uniqueid of its own, and its events never come.
+    need(
+        ami.channel.startswith("PJSIP/"),
+        "asterisk.channel",
+        "must be a PJSIP channel, PJSIP/{number}@<endpoint>",
+    )
     for key, value in (
         ("username", ami.username),
         ("secret", ami.secret),
@@ -335,6 +365,11 @@ def _check(config: Config) -> list[str]:
         1 <= calls.ring_seconds <= calls.max_ring_seconds,
         "calls.ring_seconds",
         "must be between 1 and calls.max_ring_seconds",
+    )
+    need(
+        0 <= calls.max_post_dial_seconds <= MAX_POST_DIAL_SECONDS,
+        "calls.max_post_dial_seconds",
+        f"must be 0-{MAX_POST_DIAL_SECONDS}",
     )
     need(calls.max_concurrent >= 1, "calls.max_concurrent", "must be at least 1")
     need(calls.max_queue >= 1, "calls.max_queue", "must be at least 1")
@@ -396,6 +431,12 @@ def _check(config: Config) -> list[str]:
         need(
             bool(_REGION.fullmatch(region)),
             f"numbers.allowed_regions[{i}]",
+            "must be an ISO 3166 alpha-2 code",
+        )
+    for i, region in enumerate(numbers.early_media_is_alerting.regions):
+        need(
+            bool(_REGION.fullmatch(region)),
+            f"numbers.early_media_is_alerting.regions[{i}]",
             "must be an ISO 3166 alpha-2 code",
         )
     for i, kind in enumerate(numbers.allowed_types):
@@ -498,7 +539,8 @@ def summary(config: Config) -> list[str]:
         f"database: {config.database.path}",
         f"asterisk: {config.asterisk.username}@{config.asterisk.host}:{config.asterisk.port}, "
         f"channel {config.asterisk.channel}, dial format {config.asterisk.dial_format}",
-        f"calls: ring {config.calls.ring_seconds}s (max {config.calls.max_ring_seconds}s), "
+        f"calls: ring {config.calls.ring_seconds}s (max {config.calls.max_ring_seconds}s) "
+        f"after up to {config.calls.max_post_dial_seconds}s of post-dial delay, "
         f"{config.calls.max_per_second:g}/s, {config.calls.max_concurrent} at once",
         f"numbers: default region {config.numbers.default_region}, "
         f"allowed regions {', '.join(config.numbers.allowed_regions)}, "

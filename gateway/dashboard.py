@@ -16,6 +16,7 @@ from aiohttp import web
 from gateway.api import views
 from gateway.api.typedefs import DIALER, NUMBERS, PBX, STORE
 from gateway.numbers import Numbers
+from gateway.outcomes import CAUSE_NAMES
 from gateway.store import Store
 
 STATIC_DIR = Path(__file__).parent / "static" / "dashboard"
@@ -37,27 +38,6 @@ PAGE_HEADERS = {
     "Cache-Control": "no-cache",
 }
 
-# Q.850 causes the outcome table (DESIGN.md section 4) names, and the normal clearing
-# of an answered call that the gateway hangs up.
-CAUSE_NAMES = {
-    1: "Unallocated number",
-    3: "No route to destination",
-    16: "Normal clearing",
-    17: "User busy",
-    18: "No user responding",
-    19: "No answer",
-    20: "Subscriber absent",
-    21: "Call rejected",
-    22: "Number changed",
-    27: "Destination out of order",
-    28: "Invalid number format",
-    34: "No circuit available",
-    38: "Network out of order",
-    41: "Temporary failure",
-    42: "Switching equipment congestion",
-    44: "Requested channel not available",
-    47: "Resource unavailable",
-}
 
 routes = web.RouteTableDef()
 

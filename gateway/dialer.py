@@ -12,16 +12,27 @@ from typing import Any, Protocol
 
 from gateway.config import CallsConfig
 from gateway.logs import call_ids
-from gateway.outcomes import CANCELED, DELIVERED_OUTCOMES, Outcome, followed, health_of
+from gateway.outcomes import (
+    CANCELED,
+    DELIVERED_OUTCOMES,
+    UNCERTAIN_OUTCOMES,
+    Heard,
+    Outcome,
+    followed,
+    health_of,
+)
 from gateway.pbx import CallEvent, CallEventKind, Dial, Pbx, PbxError
 from gateway.store import CallEventRecord, Store
 
 log = logging.getLogger(__name__)
 
-# A call with no Hangup this long after its ring time ended is given up as lost:
-# Asterisk hangs up within a second of the Timeout, so 30 s means the events are gone.
+# A call with no Hangup this long after its cap is given up as lost: Asterisk hangs up
+# within a second of its Timeout, so 30 s means the events are gone.
 LOST_CALL_GRACE_S = 30.0
 SWEEP_INTERVAL_S = 1.0
+# The gateway hangs a call up itself at its cap; Asterisk's Timeout, this much later,
+# ends it when the gateway cannot (AMI lost), and never races the gateway's own timer.
+PBX_CAP_MARGIN_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,19 +47,30 @@ class CallJob:
     pool: str
     ring_seconds: float
     queued_at: float = 0.0  # wall clock; how long it may wait for a PBX counts from here
+    # The destination's carrier uses 183 for real ringing (numbers.early_media_is_alerting).
+    early_media_is_alerting: bool = False
 
 
 @dataclass(slots=True)
 class _LiveCall:
     job: CallJob
     dialed_at: float
-    alerted: bool = False
+    rang: bool = False  # 180
+    progress: bool = False  # 183
     answered: bool = False
     # Adopted after a restart while still "dialing": whether it rang before the
     # restart is unknown (those events went with the old process).
     alert_unknown: bool = False
     # Hung up by the gateway (a cancel, or a newer verification for the phone).
     canceled: bool = False
+    # Hung up by the gateway's timer: ring_seconds after alerting, or at the cap.
+    timed_out: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+    @property
+    def alerted(self) -> bool:
+        """A 180 or a 183 came: the ring time runs."""
+        return self.rang or self.progress
 
 
 EndedCallback = Callable[[CallJob, Outcome], Awaitable[None]]
@@ -59,6 +81,7 @@ class CallMetrics(Protocol):
 
     def call_ringing(self, since_request: float) -> None: ...
     def call_ended(self, outcome: str, cause: int | None) -> None: ...
+    def trunk_rejected(self, trunk: str, sip_code: int | None) -> None: ...
     def pbx_connected(self) -> None: ...
 
 
@@ -67,6 +90,9 @@ class _NoMetrics:
         pass
 
     def call_ended(self, outcome: str, cause: int | None) -> None:
+        pass
+
+    def trunk_rejected(self, trunk: str, sip_code: int | None) -> None:
         pass
 
     def pbx_connected(self) -> None:
@@ -129,6 +155,7 @@ class Dialer:
         self._slots = asyncio.Semaphore(config.max_concurrent)
         self._pacer = Pacer(config.max_per_second)
         self._pbx_wait = config.pbx_wait_seconds
+        self._max_post_dial = config.max_post_dial_seconds
         self._draining = False
         self._idle = asyncio.Event()  # set when the last live call ends
         # Places claimed by creates not yet stored (placed or given back): drain waits.
@@ -167,6 +194,9 @@ class Dialer:
 
     async def stop(self) -> None:
         """Stop every task this dialer started."""
+        for live in self._live.values():
+            if live.timer is not None:
+                live.timer.cancel()
         tasks = [*self._tasks, *self._work]
         for task in tasks:
             task.cancel()
@@ -183,14 +213,48 @@ class Dialer:
         self._work.add(task)
         task.add_done_callback(self._work.discard)
 
-    async def adopt(self, job: CallJob, dialed_at: float, alerted: bool) -> None:
+    async def adopt(self, job: CallJob, dialed_at: float, ringing_at: float | None) -> None:
         """Follow a call an earlier process placed: never dialed again, closed by its
-        Hangup if the PBX still has it, else as lost once its ring time has passed."""
+        Hangup if the PBX still has it, else as lost once its cap has passed. Its ring
+        time runs on from `ringing_at` (when it alerted, if it had)."""
         await self._slots.acquire()
-        self._live[job.call_id] = _LiveCall(
-            job, dialed_at=dialed_at, alerted=alerted, alert_unknown=not alerted
+        live = _LiveCall(
+            job, dialed_at=dialed_at, rang=ringing_at is not None, alert_unknown=not ringing_at
         )
+        self._live[job.call_id] = live
         self._pbx.adopt(job.call_id)
+        self._arm(live, ringing_at)
+
+    def cap_seconds(self, ring_seconds: float) -> float:
+        """The longest a call may last: post-dial delay, then the ring time."""
+        return self._max_post_dial + ring_seconds
+
+    def _arm(self, live: _LiveCall, alerted_at: float | None = None) -> None:
+        """(Re)set the timer that hangs `live` up: ring_seconds after `alerted_at`, and
+        never later than its cap."""
+        deadline = live.dialed_at + self.cap_seconds(live.job.ring_seconds)
+        if alerted_at is not None:
+            deadline = min(deadline, alerted_at + live.job.ring_seconds)
+        if live.timer is not None:
+            live.timer.cancel()
+        live.timer = asyncio.get_running_loop().call_later(
+            max(0.0, deadline - time.time()), self._time_out, live
+        )
+
+    def _time_out(self, live: _LiveCall) -> None:
+        """The ring time (or the cap) has run out: hang the call up."""
+        live.timer = None
+        if self._live.get(live.job.call_id) is not live:
+            return
+        live.timed_out = True
+        self._spawn(self._hang_up(live.job), name="dialer-timer")
+
+    async def _hang_up(self, job: CallJob) -> None:
+        try:
+            await self._pbx.hangup(job.call_id)
+        except PbxError as exc:
+            # Asterisk's own Timeout ends it a little later; the sweep if nothing does.
+            log.warning("call %s: hangup failed: %s", job.call_id, exc, extra=_ids(job))
 
     async def drain(self, timeout: float) -> None:
         """Stop placing calls and wait, at most `timeout`, for the live ones to end.
@@ -324,7 +388,7 @@ class Dialer:
     async def _place(self, job: CallJob, dialed_at: float | None = None) -> None:
         """Place `job`; `dialed_at`: it was claimed, and is stored as dialing already."""
         if dialed_at is not None:
-            self._live[job.call_id] = _LiveCall(job, dialed_at=dialed_at)
+            self._go_live(job, dialed_at)
             await self._originate(job)
             return
         if not self._pbx.connected:
@@ -343,14 +407,18 @@ class Dialer:
         # Written before the Originate: after a crash a call marked dialing is
         # reconciled, never dialed again.
         await self._store.call_progress(job.call_id, "dialing", "dialed_at", now, "dialing")
-        self._live[job.call_id] = _LiveCall(job, dialed_at=now)
+        self._go_live(job, now)
         await self._originate(job)
 
+    def _go_live(self, job: CallJob, dialed_at: float) -> None:
+        live = _LiveCall(job, dialed_at=dialed_at)
+        self._live[job.call_id] = live
+        self._arm(live)
+
     async def _originate(self, job: CallJob) -> None:
+        timeout = self.cap_seconds(job.ring_seconds) + PBX_CAP_MARGIN_S
         try:
-            await self._pbx.originate(
-                Dial(job.call_id, job.dial_number, job.cli_dial, job.ring_seconds)
-            )
+            await self._pbx.originate(Dial(job.call_id, job.dial_number, job.cli_dial, timeout))
         except PbxError as exc:
             log.warning("call %s: originate failed: %s", job.call_id, exc, extra=_ids(job))
             reason = "pbx_unavailable" if not self._pbx.connected else "originate_refused"
@@ -411,16 +479,31 @@ class Dialer:
         live = self._live.get(call_id)
         if live is None:
             return
-        if kind in (CallEventKind.RINGING, CallEventKind.PROGRESS) and not live.alerted:
-            live.alerted = True
-            await self._store.call_progress(call_id, "ringing", "ringing_at", at, kind)
-            if live.job.queued_at:
-                self._metrics.call_ringing(at - live.job.queued_at)
+        if kind is CallEventKind.RINGING and not live.rang:
+            # The handset alerts: the ring time counts from here, even after a 183.
+            first = not live.alerted
+            live.rang = True
+            self._arm(live, at)
+            await self._alerted(live, at, kind, first)
+        elif kind is CallEventKind.PROGRESS and not live.alerted:
+            # Early media: maybe a ringback tone with the phone ringing behind it.
+            live.progress = True
+            self._arm(live, at)
+            await self._alerted(live, at, kind, first=True)
         elif kind is CallEventKind.HANGUP:
             await self._end(call_id, cause, sip_code, reason, at)
         else:
             live.answered = live.answered or kind is CallEventKind.ANSWERED
             await self._store.add_call_event(CallEventRecord(call_id, at, kind, None, None))
+
+    async def _alerted(self, live: _LiveCall, at: float, kind: CallEventKind, first: bool) -> None:
+        call_id = live.job.call_id
+        if not first:
+            await self._store.add_call_event(CallEventRecord(call_id, at, kind, None, None))
+            return
+        await self._store.call_progress(call_id, "ringing", "ringing_at", at, kind)
+        if live.job.queued_at:
+            self._metrics.call_ringing(at - live.job.queued_at)
 
     async def _reconcile(self, connected_at: float) -> None:
         """After an AMI (re)connection, close the calls Asterisk no longer has: their
@@ -450,15 +533,34 @@ class Dialer:
         live = self._live.pop(call_id, None)
         if live is None:
             return
+        if live.timer is not None:
+            live.timer.cancel()
         self._slots.release()
-        outcome, reason = followed(
-            alerted=live.alerted,
+        heard = Heard(
+            rang=live.rang,
+            progress=live.progress,
             answered=live.answered,
             cause=cause,
+            sip_code=sip_code,
+            timed_out=live.timed_out,
+        )
+        outcome, reason = followed(
+            heard,
             reason=reason,
+            early_media_is_alerting=live.job.early_media_is_alerting,
             alert_unknown=live.alert_unknown,
             canceled=live.canceled,
         )
+        if outcome is Outcome.TRUNK_REJECTED:
+            self._metrics.trunk_rejected(self._pbx.trunk, sip_code)
+            log.error(
+                "call %s: trunk %s refused the call with SIP %s: check the trunk's account, "
+                "its caller-ID rules and its call rate",
+                call_id,
+                self._pbx.trunk,
+                sip_code,
+                extra=_ids(live.job),
+            )
         try:
             await self._finish(live.job, outcome, cause, sip_code, reason, at=at)
         finally:
@@ -477,17 +579,19 @@ class Dialer:
     ) -> None:
         self._release_cli(job.pool, job.cli)
         delivered = outcome in DELIVERED_OUTCOMES
+        uncertain = outcome in UNCERTAIN_OUTCOMES
         await self._store.end_call(
             job.call_id,
-            call_status="completed" if delivered else "failed",
+            call_status="completed" if delivered or uncertain else "failed",
             outcome=outcome,
             cause=cause,
             sip_code=sip_code,
             reason=reason,
             at=at or time.time(),
-            fail_verification=not delivered,
+            fail_verification=not (delivered or uncertain),
             health=health_of(outcome),
             delivered=delivered,
+            uncertain=uncertain,
         )
         self._metrics.call_ended(CANCELED if reason == CANCELED else outcome, cause)
         log.info(
@@ -508,7 +612,8 @@ class Dialer:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             now = time.time()
             for call_id, live in list(self._live.items()):
-                if now > live.dialed_at + live.job.ring_seconds + LOST_CALL_GRACE_S:
+                cap = self.cap_seconds(live.job.ring_seconds) + PBX_CAP_MARGIN_S
+                if now > live.dialed_at + cap + LOST_CALL_GRACE_S:
                     log.warning(
                         "call %s: no hangup from the PBX; closing it as lost",
                         call_id,

@@ -72,7 +72,13 @@ class Metrics:
             registry=r,
         )
         self.calls = Counter(
-            "otp_calls", "Calls ended, by outcome (DESIGN.md section 4)", ["outcome"], registry=r
+            "otp_calls", "Calls ended, by outcome (README: call outcomes)", ["outcome"], registry=r
+        )
+        self.trunk_rejections = Counter(
+            "otp_trunk_rejections",
+            "Calls the trunk refused (SIP 401, 403, 407: account, caller ID, call rate)",
+            ["trunk", "sip_code"],
+            registry=r,
         )
         self.hangup_causes = Counter(
             "otp_call_hangup_causes",
@@ -147,6 +153,9 @@ class Metrics:
     def call_ended(self, outcome: str, cause: int | None) -> None:
         self.calls.labels(outcome=outcome).inc()
         self.hangup_causes.labels(cause="none" if cause is None else str(cause)).inc()
+
+    def trunk_rejected(self, trunk: str, sip_code: int | None) -> None:
+        self.trunk_rejections.labels(trunk=trunk, sip_code=str(sip_code)).inc()
 
     def pbx_connected(self) -> None:
         self._logins += 1

@@ -11,7 +11,7 @@ from typing import Any
 from gateway import phones
 from gateway.config import Config, NumbersConfig
 from gateway.errors import InvalidRequest
-from gateway.outcomes import DELIVERED_OUTCOMES, Health, Outcome
+from gateway.outcomes import DELIVERED_OUTCOMES, UNCERTAIN_OUTCOMES, Health, Outcome
 from gateway.store import NumberHealthRecord, Store
 
 MAX_LOOKUP = 1000  # numbers per lookup request
@@ -94,33 +94,45 @@ class Numbers:
         return await self._store.reset_number_health(phone.e164)
 
     async def stats(self, since: float, until: float) -> dict[str, Any]:
-        """Calls, deliveries and failures over [since, until), overall, by carrier and outcome."""
+        """Calls, deliveries and failures over [since, until), overall, by carrier and outcome.
+
+        A call with no verdict on delivery (progress_only) is counted apart: `uncertain`,
+        neither delivered nor failed."""
         rows = await self._store.call_stats(since, until)
-        by_outcome: dict[str, int] = {outcome.value: 0 for outcome in Outcome}
+        by_outcome = _no_outcomes()
         carriers: dict[str, dict[str, int]] = {}
         for carrier, outcome, count in rows:
             by_outcome[outcome] = by_outcome.get(outcome, 0) + count
-            tally = carriers.setdefault(carrier, {"calls": 0, "delivered": 0})
-            tally["calls"] += count
-            if outcome in DELIVERED_OUTCOMES:
-                tally["delivered"] += count
-        calls = sum(by_outcome.values())
-        delivered = sum(by_outcome[o] for o in DELIVERED_OUTCOMES)
+            carriers.setdefault(carrier, _no_outcomes())[outcome] += count
         return {
-            **_totals(calls, delivered),
+            **_totals(by_outcome),
             "by_outcome": by_outcome,
             "by_carrier": [
-                {"carrier": carrier, **_totals(t["calls"], t["delivered"])}
-                for carrier, t in sorted(carriers.items(), key=lambda kv: -kv[1]["calls"])
+                {
+                    "carrier": carrier,
+                    **_totals(outcomes),
+                    "by_outcome": {o: n for o, n in outcomes.items() if n},  # e.g. network_answer
+                }
+                for carrier, outcomes in sorted(
+                    carriers.items(), key=lambda kv: -sum(kv[1].values())
+                )
             ],
         }
 
 
-def _totals(calls: int, delivered: int) -> dict[str, Any]:
+def _no_outcomes() -> dict[str, int]:
+    return {outcome.value: 0 for outcome in Outcome}
+
+
+def _totals(by_outcome: dict[str, int]) -> dict[str, Any]:
+    calls = sum(by_outcome.values())
+    delivered = sum(by_outcome[o] for o in DELIVERED_OUTCOMES)
+    uncertain = sum(by_outcome[o] for o in UNCERTAIN_OUTCOMES)
     return {
         "calls": calls,
         "delivered": delivered,
-        "failed": calls - delivered,
+        "uncertain": uncertain,
+        "failed": calls - delivered - uncertain,
         "delivery_rate": round(delivered / calls, 4) if calls else None,
     }
 

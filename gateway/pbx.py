@@ -48,6 +48,20 @@ RECONNECT_CAP_S = 2.0
 # long for one before ending the call on the OriginateResponse alone.
 ORIGINATE_FAILURE_GRACE_S = 1.0
 
+# Originate's Timeout is a cap on the whole call, counted by Asterisk from its INVITE;
+# the gateway ends calls by its own timers (ring time from alerting, the post-dial cap).
+# Ring time (60) plus post-dial delay (60) plus the margin fit under this.
+MAX_ORIGINATE_TIMEOUT_S = 180.0
+# Asterisk's versions that read the advanced `eventfilter(...)` form of manager.conf
+# (older ones skip those lines: the gateway then hears every event of the PBX), and the
+# first that reports the SIP code (TechCause) on Hangup. Read in Asterisk's source.
+EVENT_FILTER_SINCE = {18: (18, 26), 20: (20, 11), 21: (21, 6), 22: (22, 1)}
+TECH_CAUSE_SINCE = (22, 7)
+SUPPORTED_MAJORS = (18, 20, 21, 22)
+
+# Q.850 cause of the gateway's own hangups (a ring timer, a cancel): normal clearing.
+NORMAL_CLEARING = 16
+
 # Asterisk's ChannelState values (include/asterisk/channelstate.h).
 _STATE_RINGING = "5"
 _STATE_UP = "6"
@@ -114,7 +128,9 @@ class Dial:
     channel_id: str
     number: str  # destination as the trunk expects it, digits with an optional +
     caller_id: str  # digits with an optional +: the pool number carrying the code
-    ring_seconds: float
+    # Originate's Timeout: Asterisk ends the call this long after its INVITE whatever
+    # the gateway does (a backstop; the gateway's own timers end it first).
+    timeout_seconds: float
 
 
 class Pbx(Protocol):
@@ -125,6 +141,9 @@ class Pbx(Protocol):
 
     @property
     def down_for(self) -> float: ...
+
+    @property
+    def trunk(self) -> str: ...
 
     async def originate(self, dial: Dial) -> None: ...
 
@@ -149,8 +168,9 @@ class AmiSettings:
     secret: str
     channel: str = "PJSIP/{number}@otp-trunk"
     # AMI answers logins before Asterisk has finished booting, and until then PJSIP
-    # drops SIP responses (a call would lose its 180). Knowing when boot ends needs the
-    # `system` class, which this user does not have: wait this long after each login.
+    # drops SIP responses (a call would lose its 180). Asterisk says when boot has ended
+    # (FullyBooted, at login to a user with the `system` read class); without that class
+    # nothing says it, and the gateway waits this long after each login instead.
     settle_seconds: float = 2.0
 
 
@@ -168,19 +188,57 @@ def check_text(value: str, what: str) -> str:
     return value
 
 
+def trunk_name(channel: str) -> str:
+    """The PJSIP endpoint a channel template dials through, named in logs and metrics.
+
+    `PJSIP/{number}@otp-trunk` and `PJSIP/otp-trunk/sip:{number}@host` are both otp-trunk.
+    """
+    rest = channel.removeprefix("PJSIP/")
+    first = rest.split("/", 1)[0]
+    return first.split("@", 1)[1] if "@" in first else first
+
+
+def version_gaps(version: str) -> list[str]:
+    """What the gateway lacks on this Asterisk version (CoreSettings' AsteriskVersion)."""
+    found = re.search(r"(\d+)\.(\d+)", version)
+    if found is None:
+        return [f"Asterisk version {version!r} not recognised; assuming 22.7 or newer"]
+    major, minor = int(found[1]), int(found[2])
+    gaps = []
+    if major < SUPPORTED_MAJORS[0] or (major < 22 and major not in SUPPORTED_MAJORS):
+        gaps.append(f"Asterisk {major} is not supported (18, 20, 21 and 22 are)")
+    filter_since = EVENT_FILTER_SINCE.get(major)
+    if major <= 22 and (filter_since is None or (major, minor) < filter_since):
+        gaps.append(
+            "this version skips manager.conf's eventfilter(...) lines (they need 18.26, "
+            "20.11, 21.6 or 22.1): the gateway hears every event of the PBX, and still "
+            "follows only its own calls, at some CPU cost"
+        )
+    if (major, minor) < TECH_CAUSE_SINCE:
+        gaps.append(
+            "this version does not report the SIP code on Hangup (TechCause, from 22.7): "
+            "a trunk's 401/403/407 then look like a user's decline (rejected, not "
+            "trunk_rejected)"
+        )
+    return gaps
+
+
 def originate_action(settings: AmiSettings, dial: Dial) -> dict[str, str]:
     """The Originate action for `dial`, every value checked before it reaches AMI."""
     if not _CHANNEL_ID.fullmatch(dial.channel_id):
         raise UnsafeAmiValue("channel_id must be 1-64 letters, digits, '.', '_' or '-'")
     number = check_number(dial.number, "number")
     caller_id = check_number(dial.caller_id, "caller_id")
-    if not 0 < dial.ring_seconds <= 120:
-        raise UnsafeAmiValue("ring_seconds must be in (0, 120]")
+    if not 0 < dial.timeout_seconds <= MAX_ORIGINATE_TIMEOUT_S:
+        raise UnsafeAmiValue(f"timeout_seconds must be in (0, {MAX_ORIGINATE_TIMEOUT_S:g}]")
     return {
         "Action": "Originate",
         "Channel": check_text(settings.channel.format(number=number), "channel"),
         "CallerID": f"<{caller_id}>",
-        "Timeout": str(round(dial.ring_seconds * 1000)),
+        "Timeout": str(round(dial.timeout_seconds * 1000)),
+        # The caller ID carries the code: keep the call out of the CDR, which would
+        # store it for anyone who reads the PBX's call records.
+        "Variable": "CDR_PROP(disable)=1",
         # An answered call runs Hangup at once: the far end gets a BYE, not a conversation.
         "Application": "Hangup",
         # panoramisk would send Python's True as "True"; Asterisk wants the string.
@@ -267,9 +325,12 @@ class AmiPbx:
         self._logged_in = asyncio.Event()
         self._lost = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
+        self._booted = asyncio.Event()  # FullyBooted came on this connection
         self.reconnects = 0
         self.events_received = 0  # every AMI event this session was sent
         self._down_since = time.monotonic()  # not logged in yet
+        self.version: str | None = None  # Asterisk's, once read at login
+        self.trunk = trunk_name(settings.channel)
 
     @property
     def connected(self) -> bool:
@@ -322,7 +383,10 @@ class AmiPbx:
         if not _CHANNEL_ID.fullmatch(channel_id):
             raise UnsafeAmiValue("bad channel_id")
         # Asterisk looks a channel up by name or by Uniqueid, which is our ChannelId.
-        reply = await self._send({"Action": "Hangup", "Channel": channel_id})
+        # Without a cause the Hangup event says 0; 16 is what the gateway means.
+        reply = await self._send(
+            {"Action": "Hangup", "Channel": channel_id, "Cause": str(NORMAL_CLEARING)}
+        )
         if not reply.success:
             log.info(
                 "hangup of %s: %s",
@@ -379,6 +443,7 @@ class AmiPbx:
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         self._lost.clear()
+        self._booted.clear()
         _, protocol = await asyncio.wait_for(
             loop.create_connection(_Protocol, self.settings.host, self.settings.port),
             CONNECT_TIMEOUT_S,
@@ -402,12 +467,52 @@ class AmiPbx:
             raise PbxError(
                 f"AMI login as {self.settings.username!r} refused: {reply.get('Message', '')}"
             )
-        if self.settings.settle_seconds:
-            await asyncio.sleep(self.settings.settle_seconds)
-            if self._lost.is_set():
-                raise PbxUnavailable("AMI connection lost while settling")
+        await self._wait_booted()
+        await self._read_version()
+        if self._lost.is_set():
+            raise PbxUnavailable("AMI connection lost while logging in")
         self._logged_in.set()
         self._events.put_nowait(CallEvent("", CallEventKind.CONNECTED, time.time()))
+
+    async def _wait_booted(self) -> None:
+        """Wait for Asterisk's FullyBooted, at most settle_seconds.
+
+        Asterisk sends it at login to a user with the `system` read class once booted,
+        or later when boot ends. A user without that class never gets it: the wait then
+        ends after settle_seconds, the old guess."""
+        if not self.settings.settle_seconds:
+            return
+        try:
+            await asyncio.wait_for(self._booted.wait(), self.settings.settle_seconds)
+        except TimeoutError:
+            log.warning(
+                "no FullyBooted from Asterisk within %ss of login; placing calls anyway "
+                "(give the AMI user read = call,system to wait for the real boot signal)",
+                self.settings.settle_seconds,
+            )
+
+    async def _read_version(self) -> None:
+        """Read Asterisk's version once logged in and say what the gateway will lack."""
+        try:
+            reply = await self._send(
+                {"Action": "CoreSettings"}, timeout=LOGIN_TIMEOUT_S, require_login=False
+            )
+        except TimeoutError:
+            reply = None
+        if reply is None or not reply.success:
+            log.info(
+                "cannot read Asterisk's version (CoreSettings needs write = reporting); "
+                "see the supported versions in asterisk-config/README.md"
+            )
+            return
+        version = str(reply.get("AsteriskVersion", ""))
+        if version != self.version:
+            self.version = version
+            gaps = version_gaps(version)
+            for gap in gaps:
+                log.warning("Asterisk %s: %s", version, gap)
+            if not gaps:
+                log.info("Asterisk %s: every feature the gateway uses is there", version)
 
     async def _keepalive(self) -> None:
         """Ping until a reply is late or the connection drops."""
@@ -468,6 +573,8 @@ class AmiPbx:
         self.events_received += 1
         name = message.get("Event", "")
         if name not in _CALL_EVENTS:
+            if name == "FullyBooted":
+                self._booted.set()
             return
         if name == "DialState":
             channel_id = message.get("DestUniqueid", "")

@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar
 
 import aiosqlite
 
-from gateway.outcomes import CANCELED
+from gateway.outcomes import CANCELED, about_number
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -1115,12 +1115,14 @@ class Store:
         fail_verification: bool,
         health: str | None = None,
         delivered: bool = False,
+        uncertain: bool = False,
     ) -> None:
         """Close a call with its outcome; fail its verification if asked.
 
         A call that was dialed also updates its number's health: `health` is what the
-        outcome says of the number (None: nothing), `delivered` whether it alerted.
-        Not a call the gateway canceled before it alerted (reason CANCELED).
+        outcome says of the number (None: nothing), `delivered` whether it alerted,
+        `uncertain` whether it ended with no verdict (the verification stays pending).
+        Not a call that says nothing of its number (outcomes.about_number).
         """
 
         def end(db: sqlite3.Connection) -> bool:
@@ -1148,13 +1150,15 @@ class Store:
                     _enqueue(db, row[0], STATUS_EVENTS["failed"], at)
             elif delivered:
                 _enqueue(db, row[0], "verification.delivered", at)
+            elif uncertain:
+                _enqueue(db, row[0], "verification.delivery_uncertain", at)
             dialed = (
                 db.execute(
                     "SELECT v.phone FROM calls c JOIN verifications v ON v.id = c.verification_id "
                     "WHERE c.id = ? AND c.dialed_at IS NOT NULL",
                     (call_id,),
                 ).fetchone()
-                if reason != CANCELED
+                if about_number(outcome, reason)
                 else None
             )
             if dialed is not None:

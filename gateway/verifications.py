@@ -311,6 +311,7 @@ class Verifications:
                 pool=pool.name,
                 ring_seconds=ring_seconds,
                 queued_at=now,
+                early_media_is_alerting=self.early_media_is_alerting(verification),
             )
             if claimed:
                 self._dialer.place_claimed(job, now)
@@ -321,6 +322,11 @@ class Verifications:
         # The request's own cancellation (its timeout) must not cut this in two: a
         # verification stored but its call never handed to the dialer.
         return await self._to_the_end(store_and_place())
+
+    def early_media_is_alerting(self, verification: VerificationRecord) -> bool:
+        """Whether a lone 183 counts as alerting for this destination."""
+        policy = self._config.numbers.early_media_is_alerting
+        return policy.applies(verification.region, verification.carrier)
 
     async def resume(self, verification: VerificationRecord, call: CallRecord) -> bool:
         """Queue again a call that was still queued when the gateway stopped.
@@ -348,6 +354,7 @@ class Verifications:
                 pool=pool.name,
                 ring_seconds=call.ring_seconds,
                 queued_at=now,
+                early_media_is_alerting=self.early_media_is_alerting(verification),
             )
         )
         return True

@@ -84,7 +84,11 @@ def test_minimal_config_gets_every_default() -> None:
         dial_format="e164_no_plus",
     )
     assert cfg.calls == config.CallsConfig(
-        ring_seconds=8, max_ring_seconds=15, max_concurrent=200, max_per_second=50.0
+        ring_seconds=8,
+        max_ring_seconds=15,
+        max_post_dial_seconds=15,
+        max_concurrent=100,
+        max_per_second=10.0,
     )
     assert cfg.verification == config.VerificationConfig(ttl_seconds=300, max_attempts=5)
     assert cfg.numbers == config.NumbersConfig(

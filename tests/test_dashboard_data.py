@@ -206,8 +206,24 @@ async def test_dashboard_data_figures(store: Store, calls: Calls, tmp_path: Path
     assert (window["seconds"], window["calls"], window["delivered"]) == (WINDOW_S, 5, 3)
     assert window["delivery_rate"] == 0.6
     assert window["by_carrier"] == [
-        {"carrier": "Telkomsel", "calls": 4, "delivered": 2, "failed": 2, "delivery_rate": 0.5},
-        {"carrier": "XL", "calls": 1, "delivered": 1, "failed": 0, "delivery_rate": 1.0},
+        {
+            "carrier": "Telkomsel",
+            "calls": 4,
+            "delivered": 2,
+            "uncertain": 0,
+            "failed": 2,
+            "delivery_rate": 0.5,
+            "by_outcome": {"delivered": 2, "busy": 1, "invalid_number": 1},
+        },
+        {
+            "carrier": "XL",
+            "calls": 1,
+            "delivered": 1,
+            "uncertain": 0,
+            "failed": 0,
+            "delivery_rate": 1.0,
+            "by_outcome": {"delivered": 1},
+        },
     ]
     assert window["by_cause"] == [
         {"outcome": "delivered", "hangup_cause": 19, "cause_name": "No answer", "calls": 3},

@@ -7,32 +7,39 @@ import itertools
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 
 from gateway.config import CallsConfig
-from gateway.dialer import CallJob, Dialer, Pacer
-from gateway.outcomes import Outcome
+from gateway.dialer import PBX_CAP_MARGIN_S, CallJob, Dialer, Pacer
+from gateway.outcomes import POST_DIAL_TIMEOUT, RING_TIMEOUT, Outcome
 from gateway.pbx import Dial, OriginateRefused
 from gateway.store import CallRecord, Store, VerificationRecord
 from tests.fakes import (
+    ANSWERED,
     HANGUP,
     NO_ANSWER,
     NORMAL_CLEARING,
+    PROGRESS,
+    REPLY_S,
+    RINGING,
     WAIT_S,
     FakePbx,
     Fate,
     Step,
     by_last_digit,
     fresh_mobile,
+    rejected,
     rings_until_hung_up,
     until,
 )
 
 POOL = "default"
 CLI_PREFIX = "+6221500"
+# The ring time of a job, real seconds: the gateway's own timer hangs up after it.
+RING_S = 0.2
 
 _serial = itertools.count(1)
 
@@ -44,7 +51,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
     await opened.close()
 
 
-async def add_job(store: Store, last_digit: str = "0", ring_seconds: float = 1.0) -> CallJob:
+async def add_job(store: Store, last_digit: str = "0", ring_seconds: float = RING_S) -> CallJob:
     """A verification and its queued call in the store; the job that places the call."""
     n = next(_serial)
     phone = fresh_mobile(last_digit)
@@ -150,9 +157,11 @@ async def make_dialer(store: Store) -> AsyncIterator[HarnessFactory]:
         max_concurrent: int = 50,
         max_per_second: float = 1000.0,
         pbx_wait_seconds: float = 10.0,
+        max_post_dial_seconds: int = 0,
     ) -> Harness:
         calls = CallsConfig(
             ring_seconds=1,
+            max_post_dial_seconds=max_post_dial_seconds,
             max_concurrent=max_concurrent,
             max_per_second=max_per_second,
             pbx_wait_seconds=pbx_wait_seconds,
@@ -181,8 +190,8 @@ async def harness(make_dialer: HarnessFactory) -> Harness:
 @pytest.mark.parametrize(
     ("digit", "outcome", "cause", "sip_code", "alerted"),
     [
-        ("0", Outcome.DELIVERED, 19, 480, True),  # 180, then our ring timeout
-        ("1", Outcome.DELIVERED, 19, 480, True),  # 183 only: progress counts as alerted
+        ("0", Outcome.DELIVERED, 19, 480, True),  # 180, then the network's no answer
+        ("1", Outcome.PROGRESS_ONLY, 16, None, True),  # 183 only, then our ring timer
         ("2", Outcome.ANSWERED, 16, None, True),
         ("3", Outcome.BUSY, 17, 486, False),
         ("4", Outcome.INVALID_NUMBER, 1, 404, False),
@@ -190,7 +199,7 @@ async def harness(make_dialer: HarnessFactory) -> Harness:
         ("6", Outcome.CONGESTION, 34, 503, False),
         ("7", Outcome.INVALID_NUMBER, 28, 484, False),
         ("8", Outcome.UNREACHABLE, 19, 480, False),
-        ("9", Outcome.UNREACHABLE, 19, None, False),  # Trying only, then the ring timeout
+        ("9", Outcome.NO_ALERTING, 16, None, False),  # Trying only, then our cap
     ],
 )
 async def test_outcome_is_written_to_the_store(
@@ -207,7 +216,8 @@ async def test_outcome_is_written_to_the_store(
     await harness.ended(job)
 
     call = await call_of(store, job)
-    delivered = outcome in (Outcome.DELIVERED, Outcome.ANSWERED)
+    # A call that only ever showed progress leaves its verification pending.
+    delivered = outcome in (Outcome.DELIVERED, Outcome.ANSWERED, Outcome.PROGRESS_ONLY)
     assert harness.outcomes[job.call_id] is outcome
     assert call.outcome == outcome
     assert call.status == ("completed" if delivered else "failed")
@@ -227,7 +237,9 @@ async def test_dial_carries_the_job(harness: Harness, store: Store) -> None:
     harness.submit(job)
     await harness.ended(job)
 
-    assert harness.pbx.placed == [Dial(job.call_id, job.dial_number, job.cli_dial, 2)]
+    # Originate's Timeout: the post-dial cap (0 here) and the ring time, then a margin.
+    timeout = 2 + PBX_CAP_MARGIN_S
+    assert harness.pbx.placed == [Dial(job.call_id, job.dial_number, job.cli_dial, timeout)]
 
 
 async def test_call_timeline_is_recorded(harness: Harness, store: Store) -> None:
@@ -497,7 +509,7 @@ async def test_a_claimed_call_is_placed_without_another_write(
     harness.dialer.start()
     assert await harness.dialer.claim()
     job = await add_job(store, "0")  # stored as queued here; Verifications stores it dialing
-    harness.dialer.place_claimed(job, dialed_at=123.0)
+    harness.dialer.place_claimed(job, dialed_at=time.time())
     await harness.ended(job)
     assert [d.channel_id for d in harness.pbx.placed] == [job.call_id]
     assert harness.outcomes[job.call_id] == Outcome.DELIVERED
@@ -568,9 +580,147 @@ async def test_an_adopted_call_that_was_dialing_and_ends_unanswered_is_lost_not_
     job = await add_job(store, "0")
     await store.call_progress(job.call_id, "dialing", "dialed_at", time.time(), "dialing")
     # After a restart: it may have rung before the old process died; nobody knows.
-    await harness.dialer.adopt(job, time.time(), alerted=False)
+    await harness.dialer.adopt(job, time.time(), ringing_at=None)
     harness.pbx.end_adopted(job.call_id, 19, 480)  # Asterisk's own ring timeout
     await harness.ended(job)
     call = await call_of(store, job)
     assert (call.outcome, call.reason, call.hangup_cause) == ("error", "pbx_lost", 19)
     assert await store.number_health(job.dial_number) is None  # no false "unreachable"
+
+
+# -- the ring time counts from alerting (real networks) ---------------------------
+
+
+async def ended_call(harness: Harness, store: Store, job: CallJob) -> CallRecord:
+    harness.submit(job)
+    await harness.ended(job)
+    return await call_of(store, job)
+
+
+async def test_the_ring_time_counts_from_the_180_not_from_the_invite(
+    make_dialer: HarnessFactory, store: Store
+) -> None:
+    """Post-dial delay (100, then 180 six PBX seconds later) does not eat the ring."""
+
+    def post_dial_delay(dial: Dial) -> Fate:
+        return (Step(6, RINGING),)  # 0.3 s real, then rings until hung up
+
+    harness = make_dialer(FakePbx(post_dial_delay), max_post_dial_seconds=2)
+    harness.dialer.start()
+    job = await add_job(store, "0")
+    call = await ended_call(harness, store, job)
+    assert (call.outcome, call.reason) == (Outcome.DELIVERED, RING_TIMEOUT)
+    assert call.ringing_at is not None and call.dialed_at is not None
+    assert call.ringing_at - call.dialed_at >= 0.25
+    # Hung up by the gateway RING_S after the 180, not RING_S after the Originate.
+    assert call.ended_at is not None
+    assert RING_S - 0.02 <= call.ended_at - call.ringing_at <= RING_S + 0.15
+    assert await status_of(store, job) == "pending"
+
+
+async def test_a_180_after_a_183_starts_the_ring_time_again(
+    make_dialer: HarnessFactory, store: Store
+) -> None:
+    def ringback_then_ring(dial: Dial) -> Fate:
+        return (Step(REPLY_S, PROGRESS), Step(3, RINGING))  # the 180 0.15 s after the 183
+
+    harness = make_dialer(FakePbx(ringback_then_ring), max_post_dial_seconds=2)
+    harness.dialer.start()
+    call = await ended_call(harness, store, await add_job(store, "0"))
+    assert (call.outcome, call.reason) == (Outcome.DELIVERED, RING_TIMEOUT)
+    events = {e.kind: e.at for e in await store.call_events(call.id)}
+    assert call.ended_at is not None
+    assert RING_S - 0.02 <= call.ended_at - events["ringing"] <= RING_S + 0.15
+
+
+async def test_nothing_alerting_before_the_cap_is_no_alerting_and_says_nothing_of_the_number(
+    make_dialer: HarnessFactory, store: Store
+) -> None:
+    harness = make_dialer(max_post_dial_seconds=0)
+    harness.dialer.start()
+    job = await add_job(store, "9")  # 100 Trying only
+    call = await ended_call(harness, store, job)
+    assert (call.outcome, call.reason, call.status) == (
+        Outcome.NO_ALERTING,
+        POST_DIAL_TIMEOUT,
+        "failed",
+    )
+    assert harness.pbx.hangups == [job.call_id]  # the gateway hung it up at its cap
+    assert await status_of(store, job) == "failed"  # a fallback can start
+    assert await health_of(store, call) == "unknown"
+
+
+async def health_of(store: Store, call: CallRecord) -> str | None:
+    """The health status of the call's number, None when it has no record."""
+    record = await store.number_health("+" + call.dial_number)
+    return None if record is None else record.status
+
+
+@pytest.mark.parametrize("early_media_is_alerting", [False, True])
+async def test_a_lone_183_is_progress_only_unless_the_carrier_rings_with_it(
+    harness: Harness, store: Store, early_media_is_alerting: bool
+) -> None:
+    job = replace(await add_job(store, "1"), early_media_is_alerting=early_media_is_alerting)
+    call = await ended_call(harness, store, job)
+    if early_media_is_alerting:
+        assert (call.outcome, call.status) == (Outcome.DELIVERED, "completed")
+        assert await health_of(store, call) == "reachable"
+    else:
+        assert (call.outcome, call.status) == (Outcome.PROGRESS_ONLY, "completed")
+        assert await health_of(store, call) == "unknown"
+    assert call.reason == RING_TIMEOUT
+    assert await status_of(store, job) == "pending"  # the user may have seen it
+
+
+async def test_an_answer_with_no_alerting_is_a_network_answer(
+    make_dialer: HarnessFactory, store: Store
+) -> None:
+    def voicemail(dial: Dial) -> Fate:
+        return (Step(REPLY_S, ANSWERED), Step(0, HANGUP, NORMAL_CLEARING))
+
+    harness = make_dialer(FakePbx(voicemail))
+    harness.dialer.start()
+    job = await add_job(store, "0")
+    call = await ended_call(harness, store, job)
+    assert (call.outcome, call.status) == (Outcome.NETWORK_ANSWER, "failed")
+    assert await status_of(store, job) == "failed"
+    assert await health_of(store, call) == "unknown"
+
+
+@dataclass
+class RecordingMetrics:
+    trunk_rejections: list[tuple[str, int | None]] = field(default_factory=list)
+
+    def call_ringing(self, since_request: float) -> None:
+        pass
+
+    def call_ended(self, outcome: str, cause: int | None) -> None:
+        pass
+
+    def trunk_rejected(self, trunk: str, sip_code: int | None) -> None:
+        self.trunk_rejections.append((trunk, sip_code))
+
+    def pbx_connected(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("sip_code", [401, 403, 407])
+async def test_a_trunk_refusal_is_the_operators_problem_not_the_numbers(
+    make_dialer: HarnessFactory, store: Store, sip_code: int
+) -> None:
+    harness = make_dialer(FakePbx(lambda dial: rejected(21, sip_code)))
+    metrics = RecordingMetrics()
+    harness.dialer = Dialer(
+        harness.pbx, store, harness.calls, harness.release_cli, harness.on_ended, metrics
+    )
+    harness.dialer.start()
+    job = await add_job(store, "0")
+    call = await ended_call(harness, store, job)
+    assert (call.outcome, call.hangup_cause, call.sip_code) == (
+        Outcome.TRUNK_REJECTED,
+        21,
+        sip_code,
+    )
+    assert await status_of(store, job) == "failed"
+    assert await health_of(store, call) is None  # not the number's doing
+    assert metrics.trunk_rejections == [("fake-trunk", sip_code)]

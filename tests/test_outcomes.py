@@ -7,8 +7,12 @@ import pytest
 from gateway.outcomes import (
     CANCELED,
     DELIVERED_OUTCOMES,
+    POST_DIAL_TIMEOUT,
+    RING_TIMEOUT,
     Health,
+    Heard,
     Outcome,
+    about_number,
     classify,
     followed,
     health_of,
@@ -20,19 +24,20 @@ INVALID_CAUSES = (1, 3, 22, 28)
 UNREACHABLE_CAUSES = (18, 19, 20, 27)
 CONGESTION_CAUSES = (34, 38, 41, 42, 44, 47)
 
-# (alerted, answered, cause) -> outcome, one row per line of the table.
+# (rang, answered, cause) -> outcome, one row per line of the table. "rang": a 180.
 TABLE: list[tuple[bool, bool, int | None, Outcome]] = [
-    # Rang (180) or progress (183), then ended by the ring timeout or by the callee.
+    # Rang (180), then ended by the ring timer or by the callee.
     (True, False, NO_ANSWER, Outcome.DELIVERED),
     (True, False, NORMAL_CLEARING, Outcome.DELIVERED),
     (True, False, 17, Outcome.DELIVERED),  # callee pressed "busy" after it rang
     (True, False, 21, Outcome.DELIVERED),  # callee declined after it rang
     (True, False, 18, Outcome.DELIVERED),
     (True, False, None, Outcome.DELIVERED),
-    # Answered: the gateway hangs up at once.
+    # Answered after it rang: the gateway hangs up at once.
     (True, True, NORMAL_CLEARING, Outcome.ANSWERED),
-    (False, True, NORMAL_CLEARING, Outcome.ANSWERED),
     (True, True, None, Outcome.ANSWERED),
+    # Answered with no alerting before it: voicemail or an announcement server.
+    (False, True, NORMAL_CLEARING, Outcome.NETWORK_ANSWER),
     # Before ringing.
     (False, False, 17, Outcome.BUSY),
     (False, False, 21, Outcome.REJECTED),
@@ -51,11 +56,74 @@ TABLE: list[tuple[bool, bool, int | None, Outcome]] = [
 ]
 
 
-@pytest.mark.parametrize(("alerted", "answered", "cause", "expected"), TABLE)
-def test_classify_follows_the_design_table(
-    alerted: bool, answered: bool, cause: int | None, expected: Outcome
+@pytest.mark.parametrize(("rang", "answered", "cause", "expected"), TABLE)
+def test_classify_follows_the_outcome_table(
+    rang: bool, answered: bool, cause: int | None, expected: Outcome
 ) -> None:
-    assert classify(alerted=alerted, answered=answered, cause=cause) is expected
+    assert classify(Heard(rang=rang, answered=answered, cause=cause)) is expected
+
+
+# A 183 (early media) and what followed it -> outcome (README: honest outcomes).
+EARLY_MEDIA: list[tuple[Heard, Outcome]] = [
+    # The gateway's ring timer ended a call that only ever sent 183: not certain.
+    (Heard(progress=True, cause=NORMAL_CLEARING, timed_out=True), Outcome.PROGRESS_ONLY),
+    (Heard(progress=True, cause=None, timed_out=True), Outcome.PROGRESS_ONLY),
+    # An announcement, then the network's final response: that response, never delivered.
+    (Heard(progress=True, cause=NO_ANSWER, sip_code=480), Outcome.UNREACHABLE),
+    (Heard(progress=True, cause=20), Outcome.UNREACHABLE),
+    (Heard(progress=True, cause=27), Outcome.UNREACHABLE),
+    (Heard(progress=True, cause=1, sip_code=404), Outcome.INVALID_NUMBER),
+    (Heard(progress=True, cause=17, sip_code=486), Outcome.BUSY),
+    (Heard(progress=True, cause=34, sip_code=503), Outcome.CONGESTION),
+    # 183 then a 180: the phone rang.
+    (Heard(progress=True, rang=True, cause=NORMAL_CLEARING, timed_out=True), Outcome.DELIVERED),
+    # 183 then an answer, no 180: an announcement server or voicemail.
+    (Heard(progress=True, answered=True, cause=NORMAL_CLEARING), Outcome.NETWORK_ANSWER),
+    # Nothing alerted before the gateway's cap.
+    (Heard(cause=NORMAL_CLEARING, timed_out=True), Outcome.NO_ALERTING),
+    (Heard(cause=None, timed_out=True), Outcome.NO_ALERTING),
+    # The network's verdict stands even when the gateway's hangup crossed it.
+    (Heard(cause=1, timed_out=True), Outcome.INVALID_NUMBER),
+    # The trunk's refusals, told from a user's decline by the SIP code.
+    *[(Heard(cause=21, sip_code=code), Outcome.TRUNK_REJECTED) for code in (401, 403, 407)],
+    (Heard(cause=21, sip_code=603), Outcome.REJECTED),
+    (Heard(cause=21), Outcome.REJECTED),  # Asterisk before 22.7: no SIP code
+]
+
+
+@pytest.mark.parametrize(("heard", "expected"), EARLY_MEDIA)
+def test_classify_a_network_that_does_not_say_what_it_means(
+    heard: Heard, expected: Outcome
+) -> None:
+    assert classify(heard) is expected
+
+
+@pytest.mark.parametrize(
+    ("heard", "expected"),
+    [
+        (Heard(progress=True, cause=NORMAL_CLEARING, timed_out=True), Outcome.DELIVERED),
+        (Heard(progress=True, answered=True, cause=NORMAL_CLEARING), Outcome.ANSWERED),
+        # An announcement then a reject is that reject, whatever the switch says.
+        (Heard(progress=True, cause=NO_ANSWER, sip_code=480), Outcome.DELIVERED),
+        (Heard(cause=NORMAL_CLEARING, timed_out=True), Outcome.NO_ALERTING),
+    ],
+)
+def test_early_media_is_alerting_counts_a_183_as_a_180(heard: Heard, expected: Outcome) -> None:
+    assert classify(heard, early_media_is_alerting=True) is expected
+
+
+@pytest.mark.parametrize(
+    ("heard", "reason"),
+    [
+        (Heard(rang=True, cause=NORMAL_CLEARING, timed_out=True), RING_TIMEOUT),
+        (Heard(progress=True, cause=NORMAL_CLEARING, timed_out=True), RING_TIMEOUT),
+        (Heard(cause=NORMAL_CLEARING, timed_out=True), POST_DIAL_TIMEOUT),
+        # The far end's own 480 after ringing: no reason, its cause and SIP code tell.
+        (Heard(rang=True, cause=NO_ANSWER, sip_code=480), None),
+    ],
+)
+def test_a_call_the_gateway_timer_ended_says_so(heard: Heard, reason: str | None) -> None:
+    assert followed(heard)[1] == reason
 
 
 @pytest.mark.parametrize(
@@ -69,6 +137,11 @@ def test_classify_follows_the_design_table(
         (Outcome.UNREACHABLE, Health.UNREACHABLE),
         (Outcome.CONGESTION, None),
         (Outcome.ERROR, None),
+        # Says nothing of the number: untouched.
+        (Outcome.PROGRESS_ONLY, None),
+        (Outcome.NO_ALERTING, None),
+        (Outcome.NETWORK_ANSWER, None),
+        (Outcome.TRUNK_REJECTED, None),
     ],
 )
 def test_health_of_each_outcome(outcome: Outcome, health: Health | None) -> None:
@@ -86,6 +159,10 @@ def test_outcome_values_are_exactly_the_contract_set() -> None:
         "unreachable",
         "congestion",
         "error",
+        "progress_only",
+        "no_alerting",
+        "network_answer",
+        "trunk_rejected",
     }
 
 
@@ -99,18 +176,16 @@ def test_outcomes_and_health_serialise_as_their_contract_strings() -> None:
     assert Outcome("delivered") is Outcome.DELIVERED
 
 
-@pytest.mark.parametrize(("alerted", "answered", "cause", "expected"), TABLE)
+@pytest.mark.parametrize(("rang", "answered", "cause", "expected"), TABLE)
 def test_followed_is_classify_for_a_call_heard_from_start_to_end(
-    alerted: bool, answered: bool, cause: int | None, expected: Outcome
+    rang: bool, answered: bool, cause: int | None, expected: Outcome
 ) -> None:
-    assert followed(alerted=alerted, answered=answered, cause=cause, reason="r") == (
-        expected,
-        "r",
-    )
+    heard = Heard(rang=rang, answered=answered, cause=cause)
+    assert followed(heard, reason="r") == (expected, "r")
 
 
 @pytest.mark.parametrize(
-    ("alerted", "cause", "expected"),
+    ("rang", "cause", "expected"),
     [
         (False, NO_ANSWER, (Outcome.ERROR, "pbx_lost")),  # may have rung before the restart
         (True, NO_ANSWER, (Outcome.DELIVERED, None)),  # seen ringing since
@@ -118,13 +193,13 @@ def test_followed_is_classify_for_a_call_heard_from_start_to_end(
     ],
 )
 def test_followed_an_adopted_call(
-    alerted: bool, cause: int, expected: tuple[Outcome, str | None]
+    rang: bool, cause: int, expected: tuple[Outcome, str | None]
 ) -> None:
-    assert followed(alerted=alerted, answered=False, cause=cause, alert_unknown=True) == expected
+    assert followed(Heard(rang=rang, cause=cause), alert_unknown=True) == expected
 
 
 @pytest.mark.parametrize(
-    ("alerted", "answered", "cause", "expected"),
+    ("rang", "answered", "cause", "expected"),
     [
         (False, False, 21, (Outcome.ERROR, CANCELED)),  # our hangup beat the INVITE
         (False, False, NORMAL_CLEARING, (Outcome.ERROR, CANCELED)),
@@ -138,6 +213,14 @@ def test_followed_an_adopted_call(
     ],
 )
 def test_followed_a_call_the_gateway_hung_up(
-    alerted: bool, answered: bool, cause: int | None, expected: tuple[Outcome, str | None]
+    rang: bool, answered: bool, cause: int | None, expected: tuple[Outcome, str | None]
 ) -> None:
-    assert followed(alerted=alerted, answered=answered, cause=cause, canceled=True) == expected
+    heard = Heard(rang=rang, answered=answered, cause=cause)
+    assert followed(heard, canceled=True) == expected
+
+
+def test_trunk_refusals_and_cancels_say_nothing_of_the_number() -> None:
+    assert not about_number(Outcome.TRUNK_REJECTED, None)
+    assert not about_number(Outcome.ERROR, CANCELED)
+    assert about_number(Outcome.NO_ALERTING, POST_DIAL_TIMEOUT)
+    assert about_number(Outcome.DELIVERED, RING_TIMEOUT)

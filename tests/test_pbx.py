@@ -30,6 +30,7 @@ def test_originate_action_fields() -> None:
         "Channel": "PJSIP/6281234567890@otp-trunk",
         "CallerID": "<622150001234>",
         "Timeout": "8000",
+        "Variable": "CDR_PROP(disable)=1",
         "Application": "Hangup",
         "Async": "true",
         "ChannelId": "abc123",
@@ -46,7 +47,7 @@ def test_originate_action_fields() -> None:
         Dial("abc", "6281234567890", "+62-21-500", 8),
         Dial("a\r\nb", "6281234567890", "622150001234", 8),
         Dial("abc", "6281234567890", "622150001234", 0),
-        Dial("abc", "6281234567890", "622150001234", 121),
+        Dial("abc", "6281234567890", "622150001234", 181),
         Dial("abc", "1" * 21, "622150001234", 8),
     ],
 )

@@ -23,7 +23,7 @@ from gateway.config import (
     SecurityConfig,
     VerificationConfig,
 )
-from gateway.dialer import Dialer
+from gateway.dialer import PBX_CAP_MARGIN_S, Dialer
 from gateway.errors import (
     InvalidPhone,
     InvalidRequest,
@@ -190,7 +190,8 @@ async def test_create_stores_and_dials(domain: Domain) -> None:
     dial = await domain.dial_of(verification)
     assert dial.number == "6281234567890"  # e164_no_plus, the default dial_format
     assert dial.caller_id.startswith("6221500") and len(dial.caller_id) == 11
-    assert dial.ring_seconds == 1
+    # Originate's Timeout is a cap: post-dial delay, the ring time, then a margin.
+    assert dial.timeout_seconds == 15 + 1 + PBX_CAP_MARGIN_S
     # The AMI user's event filter hears only calls whose ChannelId has the prefix.
     assert dial.channel_id.startswith(CHANNEL_ID_PREFIX)
 

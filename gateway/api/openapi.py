@@ -10,6 +10,7 @@ from typing import Any
 from gateway import __version__
 from gateway.api.bodies import MAX_BODY_BYTES
 from gateway.config import MAX_RING_SECONDS
+from gateway.outcomes import Outcome
 
 Schema = dict[str, Any]
 
@@ -33,10 +34,7 @@ def _obj(properties: dict[str, Schema], required: list[str] | None = None) -> Sc
 
 TIME = _nullable("string", format="date-time")
 STATUSES = ["pending", "approved", "canceled", "expired", "failed", "max_attempts_reached"]
-OUTCOMES = [
-    "delivered", "answered", "busy", "rejected", "invalid_number", "unreachable",
-    "congestion", "error",
-]  # fmt: skip
+OUTCOMES = [outcome.value for outcome in Outcome]
 HEALTH = ["unknown", "reachable", "unreachable", "invalid"]
 
 SCHEMAS: dict[str, Schema] = {
@@ -149,7 +147,13 @@ SCHEMAS: dict[str, Schema] = {
                     "outcome": {"type": ["string", "null"], "enum": [*OUTCOMES, None]},
                     "hangup_cause": _nullable("integer"),
                     "sip_code": _nullable("integer"),
-                    "reason": _nullable("string"),
+                    "reason": _nullable(
+                        "string",
+                        description="why the gateway ended the call itself: ring_timeout "
+                        "(rang for ring_seconds), post_dial_timeout (nothing alerted in "
+                        "time), canceled; or what failed (originate_refused, pbx_lost, ...). "
+                        "null when the network ended it: see hangup_cause and sip_code",
+                    ),
                     "ring_seconds": {"type": "integer"},
                     "dialed_at": TIME,
                     "ringing_at": TIME,
@@ -195,26 +199,40 @@ SCHEMAS: dict[str, Schema] = {
         {
             "calls": {"type": "integer"},
             "delivered": {"type": "integer"},
+            "uncertain": {
+                "type": "integer",
+                "description": "calls that only ever showed early media (progress_only)",
+            },
             "failed": {"type": "integer"},
             "delivery_rate": _nullable("number"),
         }
     ),
 }
+BY_OUTCOME = {"type": "object", "additionalProperties": {"type": "integer"}}
 SCHEMAS["Stats"] = _obj(
     {
         "since": TIME,
         "until": TIME,
-        "calls": {"type": "integer"},
-        "delivered": {"type": "integer"},
-        "failed": {"type": "integer"},
-        "delivery_rate": _nullable("number"),
-        "by_outcome": {"type": "object", "additionalProperties": {"type": "integer"}},
+        **SCHEMAS["Totals"]["properties"],
+        "by_outcome": BY_OUTCOME,
         "by_carrier": {
             "type": "array",
             "items": {
                 "type": "object",
-                "properties": {"carrier": {"type": "string"}, **SCHEMAS["Totals"]["properties"]},
-                "required": ["carrier", "calls", "delivered", "failed", "delivery_rate"],
+                "properties": {
+                    "carrier": {"type": "string"},
+                    **SCHEMAS["Totals"]["properties"],
+                    "by_outcome": BY_OUTCOME,
+                },
+                "required": [
+                    "carrier",
+                    "calls",
+                    "delivered",
+                    "uncertain",
+                    "failed",
+                    "delivery_rate",
+                    "by_outcome",
+                ],
                 "additionalProperties": False,
             },
         },

@@ -140,7 +140,7 @@ async def test_stats_by_carrier_match_the_calls_made(start_gateway: Any, far_end
     gateway: Gateway = await start_gateway()  # its own database: only this test's calls
     plan = {
         "812": [0, 0, 3],  # Telkomsel: 2 delivered, 1 busy
-        "817": [1, 4],  # XL: 1 delivered (183), 1 invalid
+        "817": [1, 4],  # XL: 1 uncertain (183 only), 1 invalid
         "881": [2, 5, 6, 8],  # Smartfren: 1 answered, rejected, congestion, unreachable
     }
     created = [
@@ -152,17 +152,19 @@ async def test_stats_by_carrier_match_the_calls_made(start_gateway: Any, far_end
 
     status, stats = await gateway.get("/v1/stats?window=1h")
     assert status == 200, stats
-    assert (stats["calls"], stats["delivered"], stats["failed"]) == (9, 4, 5)
-    assert stats["delivery_rate"] == round(4 / 9, 4)
+    assert (stats["calls"], stats["delivered"], stats["uncertain"], stats["failed"]) == (9, 3, 1, 5)
+    assert stats["delivery_rate"] == round(3 / 9, 4)
     carriers = {c["carrier"]: c for c in stats["by_carrier"]}
     assert {k: (v["calls"], v["delivered"], v["delivery_rate"]) for k, v in carriers.items()} == {
         "Telkomsel": (3, 2, round(2 / 3, 4)),
-        "XL": (2, 1, 0.5),
+        "XL": (2, 0, 0.0),
         "Smartfren": (4, 1, 0.25),
     }
     outcomes = {k: v for k, v in stats["by_outcome"].items() if v}
+    assert carriers["XL"]["by_outcome"] == {"progress_only": 1, "invalid_number": 1}
     assert outcomes == {
-        "delivered": 3,
+        "progress_only": 1,
+        "delivered": 2,
         "answered": 1,
         "busy": 1,
         "invalid_number": 1,

@@ -10,6 +10,8 @@
   // The chart's geometry, in viewBox units (the svg's viewBox is 0 0 760 190).
   const CHART = { width: 760, height: 190, left: 40, right: 8, top: 12, bottom: 26 };
   const DELIVERED = new Set(["delivered", "answered"]);
+  // Only early media, then the ring timer: maybe rang behind a ringback tone, maybe not.
+  const UNCERTAIN = new Set(["progress_only"]);
 
   const count = new Intl.NumberFormat("en-US");
   const percent = new Intl.NumberFormat("en-US", {
@@ -138,7 +140,8 @@
       const cause = entry.hangup_cause === null ? "none" : String(entry.hangup_cause);
       const row = element("tr", { "data-outcome": entry.outcome, "data-cause": cause });
       const outcome = element("td", { "data-field": "outcome" });
-      outcome.append(element("span", { class: DELIVERED.has(entry.outcome) ? "tag good" : "tag bad" }, entry.outcome.replaceAll("_", " ")));
+      const tag = DELIVERED.has(entry.outcome) ? "tag good" : UNCERTAIN.has(entry.outcome) ? "tag unsure" : "tag bad";
+      outcome.append(element("span", { class: tag }, entry.outcome.replaceAll("_", " ")));
       const label = entry.hangup_cause === null
         ? "—"
         : `${entry.hangup_cause}${entry.cause_name ? ` · ${entry.cause_name}` : ""}`;
@@ -170,6 +173,7 @@
     setText("queued", count.format(data.queued));
     setText("delivery-rate", rate(data.window.delivery_rate));
     setText("delivered", count.format(data.window.delivered));
+    setText("uncertain", count.format(data.window.uncertain));
     setText("calls-window", count.format(data.window.calls));
     renderChart(minutes);
     renderCarriers(data.window.by_carrier);
