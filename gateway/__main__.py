@@ -255,10 +255,12 @@ def follow_call(args: argparse.Namespace) -> int:
                 shown = state
                 detail = ""
                 if call["outcome"]:
-                    detail = (
-                        f": {call['outcome']} (cause {call['hangup_cause']}, "
-                        f"SIP {call['sip_code']})"
-                    )
+                    facts = [f"cause {call['hangup_cause']}"]
+                    if call["sip_code"] is not None:
+                        facts.append(f"SIP {call['sip_code']}")
+                    if call["reason"]:
+                        facts.append(call["reason"])
+                    detail = f": {call['outcome']} ({', '.join(facts)})"
                 print(f"{time.monotonic() - started:6.2f}s  {call['status']}{detail}")
             if call["status"] in ("completed", "failed"):
                 print(f"verification is {current['status']}")
