@@ -232,6 +232,8 @@ class Dialer:
     def _arm(self, live: _LiveCall, alerted_at: float | None = None) -> None:
         """(Re)set the timer that hangs `live` up: ring_seconds after `alerted_at`, and
         never later than its cap."""
+        if live.timed_out:
+            return  # hung up already: a 180 crossing the CANCEL changes nothing
         deadline = live.dialed_at + self.cap_seconds(live.job.ring_seconds)
         if alerted_at is not None:
             deadline = min(deadline, alerted_at + live.job.ring_seconds)
@@ -542,7 +544,9 @@ class Dialer:
             answered=live.answered,
             cause=cause,
             sip_code=sip_code,
-            timed_out=live.timed_out,
+            # Only a Hangup the PBX reported says the timer ended it: a call lost with
+            # AMI (reason pbx_lost) may have rung meanwhile.
+            timed_out=live.timed_out and reason is None,
         )
         outcome, reason = followed(
             heard,

@@ -144,6 +144,10 @@ def classify(heard: Heard, early_media_is_alerting: bool = False) -> Outcome:
     return Outcome.ERROR
 
 
+# What a call adopted after a restart cannot be said to be: it may have rung before.
+_ALERT_UNKNOWABLE = frozenset({Outcome.UNREACHABLE, Outcome.NO_ALERTING, Outcome.PROGRESS_ONLY})
+
+
 def followed(
     heard: Heard,
     *,
@@ -165,7 +169,7 @@ def followed(
       came first (busy, unreachable, invalid, congestion) stands.
     """
     outcome = classify(heard, early_media_is_alerting)
-    if outcome is Outcome.UNREACHABLE and alert_unknown and not heard.rang:
+    if outcome in _ALERT_UNKNOWABLE and alert_unknown and not heard.rang:
         return Outcome.ERROR, "pbx_lost"
     if canceled and outcome in (Outcome.REJECTED, Outcome.ERROR):
         return Outcome.ERROR, CANCELED

@@ -189,13 +189,15 @@ def test_followed_is_classify_for_a_call_heard_from_start_to_end(
     [
         (False, NO_ANSWER, (Outcome.ERROR, "pbx_lost")),  # may have rung before the restart
         (True, NO_ANSWER, (Outcome.DELIVERED, None)),  # seen ringing since
+        (False, None, (Outcome.ERROR, "pbx_lost")),  # hung up at its cap: rang before?
         (False, 17, (Outcome.BUSY, None)),  # busy says so whatever came before
     ],
 )
 def test_followed_an_adopted_call(
     rang: bool, cause: int, expected: tuple[Outcome, str | None]
 ) -> None:
-    assert followed(Heard(rang=rang, cause=cause), alert_unknown=True) == expected
+    heard = Heard(rang=rang, cause=cause, timed_out=cause is None)
+    assert followed(heard, alert_unknown=True) == expected
 
 
 @pytest.mark.parametrize(
