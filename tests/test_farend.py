@@ -99,10 +99,15 @@ def run_probe(port: int, calls: list[tuple[str, str]], workdir: Path, probe: Pat
 def far(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FarEnd]:
     """A private far end on a free port and a temporary workdir, stopped afterwards."""
     far = FarEnd(tmp_path_factory.mktemp("farend"), host=HOST, port=free_udp_port())
+    yield from private(far, "far end")
+
+
+def private(far: FarEnd, name: str) -> Iterator[FarEnd]:
+    """Start `far`, hand it out, then stop it and check that it is gone."""
     try:
         far.start()
     except RuntimeError as exc:
-        pytest.fail(f"far end did not start: {exc}", pytrace=False)
+        pytest.fail(f"{name} did not start: {exc}", pytrace=False)
     yield far
     far.stop()
     assert not far.running()
@@ -305,13 +310,7 @@ PAUSE_SLACK_S = 0.3
 def field(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FarEnd]:
     """A private field far end on a free port and a temporary workdir, stopped afterwards."""
     field = FarEnd.field(tmp_path_factory.mktemp("field"), port=free_udp_port())
-    try:
-        field.start()
-    except RuntimeError as exc:
-        pytest.fail(f"field far end did not start: {exc}", pytrace=False)
-    yield field
-    field.stop()
-    assert not field.running()
+    yield from private(field, "field far end")
 
 
 @pytest.fixture(scope="module")
