@@ -55,6 +55,8 @@ class CallJob:
 class _LiveCall:
     job: CallJob
     dialed_at: float
+    # When Asterisk sent the INVITE (DialBegin); until known, the Originate's time.
+    invited_at: float | None = None
     rang: bool = False  # 180
     progress: bool = False  # 183
     answered: bool = False
@@ -234,7 +236,8 @@ class Dialer:
         never later than its cap."""
         if live.timed_out:
             return  # hung up already: a 180 crossing the CANCEL changes nothing
-        deadline = live.dialed_at + self.cap_seconds(live.job.ring_seconds)
+        started = live.invited_at or live.dialed_at
+        deadline = started + self.cap_seconds(live.job.ring_seconds)
         if alerted_at is not None:
             deadline = min(deadline, alerted_at + live.job.ring_seconds)
         if live.timer is not None:
@@ -481,7 +484,13 @@ class Dialer:
         live = self._live.get(call_id)
         if live is None:
             return
-        if kind is CallEventKind.RINGING and not live.rang:
+        if kind is CallEventKind.INVITED:
+            # Asterisk may have queued the Originate for a while: the cap counts from
+            # the INVITE, as Asterisk's own Timeout does. Nothing to write.
+            live.invited_at = at
+            if not live.alerted:
+                self._arm(live)
+        elif kind is CallEventKind.RINGING and not live.rang:
             # The handset alerts: the ring time counts from here, even after a 183.
             first = not live.alerted
             live.rang = True

@@ -65,7 +65,7 @@ NORMAL_CLEARING = 16
 # Asterisk's ChannelState values (include/asterisk/channelstate.h).
 _STATE_RINGING = "5"
 _STATE_UP = "6"
-_CALL_EVENTS = ("Newstate", "DialState", "Hangup", "OriginateResponse")
+_CALL_EVENTS = ("DialBegin", "Newstate", "DialState", "Hangup", "OriginateResponse")
 
 _NUMBER = re.compile(r"\+?[0-9]{1,20}")
 _CHANNEL_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -101,6 +101,9 @@ class UnsafeAmiValue(ValueError):
 class CallEventKind(enum.StrEnum):
     """What the PBX reported about one call."""
 
+    # DialBegin: Asterisk sends the INVITE now (after its Originate queue). Post-dial
+    # delay counts from here.
+    INVITED = "invited"
     RINGING = "ringing"  # 180, or Newstate Ringing
     PROGRESS = "progress"  # 183 without 180: many mobile networks alert this way
     ANSWERED = "answered"  # the channel went Up
@@ -576,7 +579,7 @@ class AmiPbx:
             if name == "FullyBooted":
                 self._booted.set()
             return
-        if name == "DialState":
+        if name in ("DialState", "DialBegin"):
             channel_id = message.get("DestUniqueid", "")
         else:
             channel_id = message.get("Uniqueid", "")
@@ -584,7 +587,9 @@ class AmiPbx:
         if call is None:
             return
         kind: CallEventKind | None = None
-        if name == "Newstate":
+        if name == "DialBegin":
+            kind = CallEventKind.INVITED
+        elif name == "Newstate":
             state = message.get("ChannelState", "")
             kind = {_STATE_RINGING: CallEventKind.RINGING, _STATE_UP: CallEventKind.ANSWERED}.get(
                 state

@@ -15,7 +15,7 @@ import pytest
 from gateway.config import CallsConfig
 from gateway.dialer import PBX_CAP_MARGIN_S, CallJob, Dialer, Pacer
 from gateway.outcomes import POST_DIAL_TIMEOUT, RING_TIMEOUT, Outcome
-from gateway.pbx import Dial, OriginateRefused
+from gateway.pbx import CallEventKind, Dial, OriginateRefused
 from gateway.store import CallRecord, Store, VerificationRecord
 from tests.fakes import (
     ANSWERED,
@@ -724,3 +724,21 @@ async def test_a_trunk_refusal_is_the_operators_problem_not_the_numbers(
     assert await status_of(store, job) == "failed"
     assert await health_of(store, call) is None  # not the number's doing
     assert metrics.trunk_rejections == [("fake-trunk", sip_code)]
+
+
+async def test_the_cap_counts_from_the_invite_not_from_a_queued_originate(
+    make_dialer: HarnessFactory, store: Store
+) -> None:
+    """Asterisk sends the INVITE (DialBegin) 0.1 s after the Originate: no alerting ends
+    the call RING_S after the INVITE, as Asterisk's own Timeout counts."""
+
+    def queued_in_asterisk(dial: Dial) -> Fate:
+        return (Step(2, CallEventKind.INVITED),)  # then 100 Trying only
+
+    harness = make_dialer(FakePbx(queued_in_asterisk), max_post_dial_seconds=0)
+    harness.dialer.start()
+    job = await add_job(store, "0")
+    call = await ended_call(harness, store, job)
+    assert (call.outcome, call.reason) == (Outcome.NO_ALERTING, POST_DIAL_TIMEOUT)
+    assert call.ended_at is not None and call.dialed_at is not None
+    assert call.ended_at - call.dialed_at >= 0.1 + RING_S - 0.02

@@ -78,9 +78,10 @@ async def test_event_filter_sends_four_events_a_call_of_its_own_calls_only(
     print(
         f"\nAMI events per ring-and-cancel call: {unfiltered:g} unfiltered, {per_call:g} filtered"
     )
-    # Newstate, DialState, OriginateResponse and Hangup: what the adapter uses.
-    assert per_call == 4
+    # DialBegin, Newstate, DialState, OriginateResponse and Hangup: what the adapter uses.
+    assert per_call == 5
     assert {e["Event"] for e in filtered.of_calls(ids)} == {
+        "DialBegin",
         "Newstate",
         "DialState",
         "OriginateResponse",

@@ -59,7 +59,7 @@ WIRE_TOLERANCE_S = 1.0  # how late Asterisk's CANCEL may reach the far end
 DEFAULT_QUALIFY_TIMEOUT_S = 3.0
 QUALIFY_MARGIN_S = 0.5
 # The events the gateway's adapter uses: all its AMI user's filter lets through of a call.
-GATEWAY_EVENTS = {"Newstate", "DialState", "OriginateResponse", "Hangup"}
+GATEWAY_EVENTS = {"DialBegin", "Newstate", "DialState", "OriginateResponse", "Hangup"}
 CDR_WAIT_S = 5.0  # Asterisk dispatches a CDR shortly after the channel hangs up
 
 # What the test puts where the drop-ins say CHANGE-ME.
@@ -365,12 +365,16 @@ async def test_a_call_through_the_drop_ins_reaches_a_carrier_that_ignores_option
     assert record.canceled_at is not None
     rang_for = record.canceled_at - record.invited_at
     assert RING_SECONDS - 0.1 <= rang_for <= RING_SECONDS + WIRE_TOLERANCE_S
-    assert [e.kind for e in events] == [CallEventKind.RINGING, CallEventKind.HANGUP]
+    assert [e.kind for e in events] == [
+        CallEventKind.INVITED,
+        CallEventKind.RINGING,
+        CallEventKind.HANGUP,
+    ]
 
     # The drop-in's AMI user: write `reporting` lets the gateway read the version...
     assert pbx.version, "CoreSettings refused: the user lacks write = reporting"
     # ... read `system` and the include filter bring FullyBooted at login, and the
-    # filter passes the four events the adapter uses, of its own calls only.
+    # filter passes the five events the adapter uses, of its own calls only.
     assert "FullyBooted" in names(heard.events)
     assert names(heard.events) <= {"FullyBooted", *GATEWAY_EVENTS}
     assert names(heard.of_calls({dial.channel_id})) == GATEWAY_EVENTS

@@ -68,7 +68,9 @@ async def test_ringing_call_shows_caller_id_then_cancel(ami: AmiPbx, far_end: Fa
 
     events = await events_until_hangup(ami, {dial.channel_id}, RING_SECONDS + 10)
     kinds = [e.kind for e in events[dial.channel_id]]
-    assert kinds == [CallEventKind.RINGING, CallEventKind.HANGUP]
+    assert kinds == [CallEventKind.INVITED, CallEventKind.RINGING, CallEventKind.HANGUP]
+    invited, ringing = events[dial.channel_id][:2]
+    assert dial.channel_id and 0 <= ringing.at - invited.at < 1.0
     assert events[dial.channel_id][-1].cause == 19
 
     record = await wire_record(far_end, number, lambda r: r.canceled_at is not None)
@@ -113,7 +115,8 @@ async def test_far_end_behaviour_maps_to_hangup_cause(
     assert hangup.cause == cause
     if sip_code is not None:
         assert hangup.sip_code == sip_code
-    kinds = {e.kind for e in events[:-1]}
+    assert events[0].kind is CallEventKind.INVITED  # every call: the INVITE left
+    kinds = {e.kind for e in events[1:-1]}
     if alerted is None:
         assert kinds == set()
     else:
