@@ -471,6 +471,8 @@ class AmiPbx:
                 f"AMI login as {self.settings.username!r} refused: {reply.get('Message', '')}"
             )
         await self._wait_booted()
+        if self._lost.is_set():
+            raise PbxUnavailable("AMI connection lost while waiting for Asterisk to boot")
         await self._read_version()
         if self._lost.is_set():
             raise PbxUnavailable("AMI connection lost while logging in")
@@ -485,9 +487,18 @@ class AmiPbx:
         ends after settle_seconds, the old guess."""
         if not self.settings.settle_seconds:
             return
+        booted = asyncio.ensure_future(self._booted.wait())
+        lost = asyncio.ensure_future(self._lost.wait())
         try:
-            await asyncio.wait_for(self._booted.wait(), self.settings.settle_seconds)
-        except TimeoutError:
+            await asyncio.wait(
+                (booted, lost),
+                timeout=self.settings.settle_seconds,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            booted.cancel()
+            lost.cancel()
+        if not self._booted.is_set() and not self._lost.is_set():
             log.warning(
                 "no FullyBooted from Asterisk within %ss of login; placing calls anyway "
                 "(give the AMI user read = call,system to wait for the real boot signal)",

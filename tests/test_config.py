@@ -289,6 +289,15 @@ def test_a_number_or_string_is_not_accepted_as_a_boolean(value: object) -> None:
         ({"numbers": {"allowed_types": [["mobile"]]}}, "numbers.allowed_types[0]"),
         ({"asterisk": {"secret": 12345}}, "asterisk.secret"),
         ({"http": {"host": None}}, "http.host"),
+        ({"numbers": {"early_media_is_alerting": ["ID"]}}, "numbers.early_media_is_alerting"),
+        (
+            {"numbers": {"early_media_is_alerting": {"regions": "ID"}}},
+            "numbers.early_media_is_alerting.regions",
+        ),
+        (
+            {"numbers": {"early_media_is_alerting": {"carrier": ["XL"]}}},
+            "numbers.early_media_is_alerting.carrier",
+        ),
     ],
 )
 def test_wrong_shapes_are_named_by_path(overrides: dict[str, Any], path: str) -> None:
@@ -396,6 +405,11 @@ def test_an_ami_value_with_a_line_break_is_refused() -> None:
         ({"pools": [{"name": "a", "prefix": "+622150012", "code_length": 7}]}, "pools[0]"),
         ({"pools": [{"name": "a", "prefix": "+0221500"}]}, "pools[0].prefix"),
         ({"pools": [{"name": "a", "prefix": "+62 21 500"}]}, "pools[0].prefix"),
+        ({"asterisk": {"channel": "PJSIP/otp-trunk/sip:{number}@carrier.example"}}, None),
+        (
+            {"numbers": {"early_media_is_alerting": {"regions": ["id"]}}},
+            "numbers.early_media_is_alerting.regions[0]",
+        ),
     ],
 )
 def test_boundaries(overrides: dict[str, Any], path: str | None) -> None:
