@@ -24,16 +24,18 @@ ENV PATH=/opt/otp-gateway/.venv/bin:$PATH \
 RUN groupadd --gid 10001 otp-gateway \
     && useradd --uid 10001 --gid otp-gateway --no-create-home \
         --home-dir /var/lib/otp-gateway --shell /usr/sbin/nologin otp-gateway \
-    && install -d -o otp-gateway -g otp-gateway -m 0750 /var/lib/otp-gateway
+    && install -d -o otp-gateway -g otp-gateway -m 0700 /var/lib/otp-gateway
 COPY --from=build /opt/otp-gateway/.venv /opt/otp-gateway/.venv
 
 # Mount the config at /etc/otp-gateway/config.yaml (http.host 0.0.0.0, port 8080,
-# database.path under /var/lib/otp-gateway); secrets come from the environment
-# through ${NAME} in it (AMI_SECRET, OTP_CODE_SECRET).
+# http.operator_host 0.0.0.0, operator_port 8081, database.path under
+# /var/lib/otp-gateway); secrets come from the environment through ${NAME} in it
+# (AMI_SECRET, OTP_CODE_SECRET). 8081 serves /metrics and the dashboard: publish it
+# to the operator's network only.
 USER 10001:10001
 WORKDIR /var/lib/otp-gateway
 VOLUME ["/var/lib/otp-gateway"]
-EXPOSE 8080
+EXPOSE 8080 8081
 
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,11 +25,13 @@ from bench.measure import FarEndRecords, StepResult, fill_invites, paced, summar
 REPO = Path(__file__).resolve().parent.parent
 
 
-def bench_config(workdir: Path, port: int, test_numbers: dict[str, str] | None = None) -> Path:
+def bench_config(
+    workdir: Path, port: int, operator_port: int, test_numbers: dict[str, str] | None = None
+) -> Path:
     """A config whose limits and pacing stay out of the way: the bench measures the
     gateway's own cost, not its policy."""
     config: dict[str, Any] = {
-        "http": {"host": "127.0.0.1", "port": port},
+        "http": {"host": "127.0.0.1", "port": port, "operator_port": operator_port},
         "database": {"path": str(workdir / "gateway.sqlite3")},
         "asterisk": {"secret": AMI["secret"], "settle_seconds": 0.5},
         "pools": [{"name": "bench", "prefix": "+6221500", "code_length": 4}],
@@ -66,6 +69,7 @@ class ServerProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.url = f"http://127.0.0.1:{port}"
+        self.metrics_url = self.url + "/metrics"
         self.key = ""
         self.proc: subprocess.Popen[bytes] | None = None
         self.ps: psutil.Process | None = None
@@ -136,7 +140,11 @@ class GatewayProcess(ServerProcess):
         super().__init__(workdir, port)
         for old in workdir.glob("gateway.sqlite3*"):
             old.unlink()
-        self.config = bench_config(workdir, port, test_numbers)
+        with socket.socket() as s:  # the operator's listener: a free port of its own
+            s.bind(("127.0.0.1", 0))
+            operator_port = int(s.getsockname()[1])
+        self.metrics_url = f"http://127.0.0.1:{operator_port}/metrics"
+        self.config = bench_config(workdir, port, operator_port, test_numbers)
 
     def _gateway(self, *args: str) -> str:
         return subprocess.run(
@@ -275,7 +283,7 @@ class Poster:
         """Until the gateway reports no call in flight (its outcomes are all written)."""
         deadline = time.monotonic() + ring_seconds + 30
         while time.monotonic() < deadline:
-            async with self._http.get(self.server.url + "/metrics") as response:
+            async with self._http.get(self.server.metrics_url) as response:
                 text = await response.text()
             levels = {
                 family.name: family.samples[0].value

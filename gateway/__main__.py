@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import uvloop
-from aiohttp import web
 
 from gateway import apikeys, config, logs
 from gateway.store import Store
@@ -56,6 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         metavar="CIDR",
         help="only accept the key from this network (repeatable)",
+    )
+    create.add_argument(
+        "--scope",
+        choices=apikeys.SCOPES,
+        default=apikeys.VERIFY,
+        help="verify (default): its own verifications and number lookups; admin: also "
+        "number health lists and resets, wrong-check resets and stats",
     )
     with_config(keys.add_parser("list", help="list keys (never the keys themselves)"))
     with_config(keys.add_parser("revoke", help="revoke a key by id or name")).add_argument("key")
@@ -119,18 +125,37 @@ def run(cfg: config.Config) -> int:
 async def serve(cfg: config.Config) -> None:
     """Run the app; on SIGTERM or SIGINT answer 503 to new work while ringing calls
     finish (bounded by the longest ring), then stop."""
+    # Only `run` needs the app.
+    from gateway import listener
     from gateway.api.typedefs import DIALER
-    from gateway.app import SHUTDOWN_GRACE_S, create_app  # only `run` needs the app
+    from gateway.app import create_app, create_operator_app
 
+    http = cfg.http
+    listener.ensure_open_files(
+        http.max_connections + listener.OPERATOR_MAX_CONNECTIONS + listener.RESERVED_FILES
+    )
     app = create_app(cfg)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
+    api = listener.runner(app, http)
+    operator = listener.runner(create_operator_app(app), http)
+    await api.setup()  # the app's resources, which the operator routes read too
+    await operator.setup()
     # What start-up made lives as long as the process: out of the collector's way.
     gc.collect()
     gc.freeze()
+    servers: list[asyncio.Server] = []
     try:
-        await web.TCPSite(runner, cfg.http.host, cfg.http.port).start()
-        logging.info("listening on http://%s:%s", cfg.http.host, cfg.http.port)
+        servers.append(await listener.listen(api, http.host, http.port, http.max_connections))
+        logging.info("listening on http://%s:%s", http.host, http.port)
+        servers.append(
+            await listener.listen(
+                operator, http.operator_host, http.operator_port, listener.OPERATOR_MAX_CONNECTIONS
+            )
+        )
+        logging.info(
+            "operator routes (/metrics, /dashboard) on http://%s:%s",
+            http.operator_host,
+            http.operator_port,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -138,9 +163,14 @@ async def serve(cfg: config.Config) -> None:
         await stop.wait()
         logging.info("stopping: new requests get 503 while ringing calls finish")
         dialer = app[DIALER]
-        await dialer.drain(dialer.cap_seconds(cfg.calls.max_ring_seconds) + SHUTDOWN_GRACE_S)
+        await dialer.drain(dialer.cap_seconds(cfg.calls.max_ring_seconds) + config.SHUTDOWN_GRACE_S)
     finally:
-        await runner.cleanup()
+        for server in servers:
+            server.close()  # stop accepting; the runners close the connections
+        await operator.cleanup()
+        await api.cleanup()
+        for server in servers:
+            await server.wait_closed()
 
 
 async def manage_keys(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -148,11 +178,16 @@ async def manage_keys(cfg: config.Config, args: argparse.Namespace) -> int:
     try:
         if args.keys == "create":
             try:
-                record, key = await apikeys.create_key(store, args.name, tuple(args.allow_network))
+                record, key = await apikeys.create_key(
+                    store, args.name, tuple(args.allow_network), args.scope
+                )
             except ValueError as exc:
                 print(f"--allow-network: {exc}", file=sys.stderr)
                 return 2
-            print(f"created API key {record.id} ({record.name}); it is shown only now:")
+            print(
+                f"created API key {record.id} ({record.name}, scope {record.scope}); "
+                "it is shown only now:"
+            )
             print(key)
             return 0
         if args.keys == "list":
@@ -160,7 +195,8 @@ async def manage_keys(cfg: config.Config, args: argparse.Namespace) -> int:
                 state = "revoked" if record.revoked_at else "active"
                 networks = record.allowed_networks or "any address"
                 print(
-                    f"{record.id}\t{record.name}\t{_when(record.created_at)}\t{state}\t{networks}"
+                    f"{record.id}\t{record.name}\t{_when(record.created_at)}\t{state}\t"
+                    f"{record.scope}\t{networks}"
                 )
             return 0
         revoked = await store.revoke_api_key(args.key, time.time())

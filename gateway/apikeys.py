@@ -13,6 +13,13 @@ KEY_PREFIX = "otpk_"
 # 32 random bytes: far beyond guessing, so a fast hash (SHA-256) is enough to store it.
 KEY_BYTES = 32
 
+# What a key may do. verify: create, read, check and cancel its own verifications, and
+# look numbers up. admin: that, and what concerns every key's calls (number health
+# lists and resets, wrong-check resets, stats). Keys made before scopes are admin.
+VERIFY = "verify"
+ADMIN = "admin"
+SCOPES = (VERIFY, ADMIN)
+
 
 def hash_key(key: str) -> str:
     """The stored form of an API key."""
@@ -20,12 +27,14 @@ def hash_key(key: str) -> str:
 
 
 async def create_key(
-    store: Store, name: str, networks: tuple[str, ...] = ()
+    store: Store, name: str, networks: tuple[str, ...] = (), scope: str = VERIFY
 ) -> tuple[ApiKeyRecord, str]:
     """Make and store a key; return its record and the key itself (shown once).
 
     `networks` (CIDRs) limits where the key may be used from; empty: anywhere.
     """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
     parsed = [str(ipaddress.ip_network(n, strict=False)) for n in networks]
     key = KEY_PREFIX + secrets.token_urlsafe(KEY_BYTES)
     record = ApiKeyRecord(
@@ -35,6 +44,7 @@ async def create_key(
         created_at=time.time(),
         revoked_at=None,
         allowed_networks=",".join(parsed) or None,
+        scope=scope,
     )
     await store.add_api_key(record)
     return record, key

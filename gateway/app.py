@@ -7,10 +7,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from aiohttp import web
+from aiohttp import web, web_response
 
 from gateway import dashboard
-from gateway.api import views
+from gateway.api import operator, views
 from gateway.api.bodies import MAX_BODY_BYTES
 from gateway.api.handlers import auth_middleware, routes
 from gateway.api.problems import (
@@ -23,6 +23,7 @@ from gateway.api.ratelimit import RequestRate
 from gateway.api.typedefs import (
     CONFIG,
     DIALER,
+    GATEWAY,
     METRICS,
     NUMBERS,
     PBX,
@@ -30,25 +31,31 @@ from gateway.api.typedefs import (
     STORE,
     VERIFICATIONS,
 )
-from gateway.config import Config
+from gateway.config import SHUTDOWN_GRACE_S, Config
 from gateway.dialer import CallJob, Dialer
 from gateway.logs import call_ids
 from gateway.metrics import Metrics
 from gateway.numbers import Numbers
 from gateway.pbx import AmiPbx, AmiSettings, Pbx
 from gateway.pool import Pool
+from gateway.retention import Retention
 from gateway.store import Store
 from gateway.verifications import Verifications
 from gateway.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
-# Beyond the longest ring, for Asterisk's hangup and its events to arrive.
-SHUTDOWN_GRACE_S = 5.0
+# aiohttp puts its name and version in every response's Server header, its own answers
+# to malformed requests included (those never reach an app's signals): the gateway
+# names nothing a scanner could match against a list of vulnerable versions. The
+# module global is the only hook; tests/test_http_hardening.py checks it still works.
+SERVER_HEADER = "otp-gateway"
+web_response.SERVER_SOFTWARE = SERVER_HEADER  # type: ignore[attr-defined]
 
 
 def create_app(config: Config, pbx: Pbx | None = None) -> web.Application:
-    """The gateway as an aiohttp app; `pbx` replaces the AMI connection in unit tests."""
+    """The gateway's API as an aiohttp app; `pbx` replaces the AMI connection in unit
+    tests. Its operator routes are another app: create_operator_app."""
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
         middlewares=[
@@ -63,8 +70,17 @@ def create_app(config: Config, pbx: Pbx | None = None) -> web.Application:
     app[METRICS] = Metrics(config.limits.key_daily_calls)
     if pbx is not None:
         app[PBX] = pbx
-    app.cleanup_ctx.extend([_store_ctx, _pbx_ctx, _calls_ctx, _webhooks_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _pbx_ctx, _calls_ctx, _webhooks_ctx, _retention_ctx])
     app.add_routes(routes)
+    return app
+
+
+def create_operator_app(gateway: web.Application) -> web.Application:
+    """/metrics and the dashboard, for a listener of their own (http.operator_port):
+    they read the resources of `gateway` (create_app's), so start it after that one."""
+    app = web.Application(middlewares=[problems_middleware])
+    app[GATEWAY] = gateway
+    app.add_routes(operator.routes)
     app.add_routes(dashboard.routes)
     return app
 
@@ -132,6 +148,13 @@ async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
     await sender.stop()
 
 
+async def _retention_ctx(app: web.Application) -> AsyncIterator[None]:
+    retention = Retention(app[STORE], app[CONFIG].database.retention_days)
+    retention.start()
+    yield
+    await retention.stop()
+
+
 async def _restore_calls_of_previous_run(
     store: Store, dialer: Dialer, verifications: Verifications
 ) -> None:
@@ -159,7 +182,9 @@ async def _restore_calls_of_previous_run(
                 queued_at=call.queued_at,
                 early_media_is_alerting=verifications.early_media_is_alerting(verification),
             )
-            await dialer.adopt(job, call.dialed_at or call.queued_at, call.ringing_at)
+            # A 183 sets ringing_at too: only a "ringing" event on its timeline was a 180.
+            rang = any(e.kind == "ringing" for e in await store.call_events(call.id))
+            await dialer.adopt(job, call.dialed_at or call.queued_at, call.ringing_at, rang)
         elif await verifications.resume(verification, call):
             log.info(
                 "call %s resumed after a restart", call.id, extra=call_ids(verification.id, call.id)

@@ -5,7 +5,9 @@ Nothing else in the gateway reads YAML or the environment.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import ipaddress
 import math
 import os
 import re
@@ -27,7 +29,20 @@ MAX_RING_SECONDS = 60  # no network alerts a handset for longer than this
 # Mobile networks take 3-8 s from INVITE to alerting, a roaming phone longer; a minute
 # without any alerting is no post-dial delay any more.
 MAX_POST_DIAL_SECONDS = 60
+# Beyond the longest ring, for Asterisk's hangup and its events to arrive at shutdown.
+SHUTDOWN_GRACE_S = 5.0
+# The longest limit window a config may set is 31 days: retention never forgets a call
+# that a limit still counts.
+MIN_RETENTION_DAYS = 31
+# Far above any real client count, and below the open files a process may be given.
+MAX_CONNECTIONS = 60_000
 CODE_LENGTHS = range(4, 9)  # 4 to 8 trailing digits
+# A webhook secret keys HMAC-SHA256 over bodies any receiver sees: 24 bytes (192 bits,
+# the size Standard Webhooks' own tooling makes) leaves no offline search of the key.
+MIN_WEBHOOK_SECRET_BYTES = 24
+# IPv6 prefixes that carry an IPv4 address a translator or relay forwards to: NAT64's
+# (RFC 6052, RFC 8215) in the last 32 bits, 6to4's (RFC 3056) after 2002::/16.
+NAT64_PREFIXES = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 DIAL_FORMATS = ("e164", "e164_no_plus", "national")
 LOG_FORMATS = ("auto", "json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -67,11 +82,23 @@ class HttpConfig:
     port: int = 8080
     # A request the gateway cannot answer in this time gets a 503, not a hung client.
     request_timeout_seconds: float = 10.0
+    # A connection with no request for this long is closed: after a response, and from
+    # the connect until its headers are complete (so a client that trickles them too).
+    keepalive_seconds: float = 15.0
+    # Open API connections at most; beyond it a new one is answered 503 and closed,
+    # before the process runs out of file descriptors (AMI and the database need some).
+    max_connections: int = 1000
+    # /metrics and the dashboard: their own listener, on loopback unless said otherwise.
+    operator_host: str = "127.0.0.1"
+    operator_port: int = 8081
 
 
 @dataclass(frozen=True, slots=True)
 class DatabaseConfig:
     path: str = "var/gateway.sqlite3"
+    # Finished verifications, with their calls, events and webhooks, are deleted this
+    # many days after their creation; 0 keeps them for ever.
+    retention_days: int = 90
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +137,10 @@ class CallsConfig:
     # How long a call may wait for alerting (post-dial delay) before it ends no_alerting;
     # Originate's Timeout is this plus the ring time.
     max_post_dial_seconds: int = 15
-    # A typical trunk contract: 10 calls per second (CPS) and 100 channels. Above the
-    # carrier's limits calls come back 486 or 503; set both from your contract.
-    max_concurrent: int = 100
+    # A typical trunk contract: 10 calls per second (CPS), and channels for 10/s times
+    # post-dial delay plus ring (6 s + 8 s). Above the carrier's limits calls come back
+    # 486 or 503; set both from your contract.
+    max_concurrent: int = 150
     max_per_second: float = 10.0
     # Calls waiting for a slot beyond this are refused (503 overloaded): a queue that
     # would take minutes to drain only makes every user wait past their code's use.
@@ -174,8 +202,14 @@ class LimitsConfig:
     # Per API key: requests of any kind per minute, and calls per rolling day.
     key_requests_per_minute: int = 600
     key_daily_calls: int = 10_000
-    # Guessing: wrong checks against one phone, across its verifications, per day.
+    # Guessing: wrong checks against one phone, across its verifications, made with one
+    # API key, per rolling day and per 30 days. The ceilings across keys are higher, so
+    # that a stranger guessing through another service cannot lock the owner out.
+    # 20 per 30 days leaves a 4-digit code 1 chance in 500 a month (check-config).
     failed_checks_per_phone_per_day: int = 10
+    failed_checks_per_phone_per_day_all_keys: int = 30
+    failed_checks_per_phone_per_30_days: int = 20
+    failed_checks_per_phone_per_30_days_all_keys: int = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +225,24 @@ class WebhooksConfig:
     timeout_seconds: float = 5.0  # per delivery attempt
     retry_base_seconds: float = 5.0  # the first retry's delay; doubles, with jitter
     give_up_seconds: int = 86400  # stop retrying this long after the event
+    # Networks (CIDRs) a receiver may be in although they are not globally routable: a
+    # receiver on this host or the LAN. Empty: deliveries reach public addresses only.
+    allowed_networks: tuple[str, ...] = ()
+
+    def reaches(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Whether a delivery may connect to `address`: one in allowed_networks, or a
+        globally routable one that carries no inside IPv4 address (NAT64, 6to4)."""
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1 on the wire
+        if any(address in ipaddress.ip_network(n, strict=False) for n in self.allowed_networks):
+            return True
+        carried = []
+        if isinstance(address, ipaddress.IPv6Address):
+            if any(address in prefix for prefix in NAT64_PREFIXES):
+                carried.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+            if address.sixtofour is not None:
+                carried.append(address.sixtofour)
+        return all(a.is_global and not a.is_multicast for a in (address, *carried))
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +381,24 @@ def _check(config: Config) -> list[str]:
         if not ok:
             problems.append(f"{path}: {message}")
 
-    need(1 <= config.http.port <= 65535, "http.port", "must be 1-65535")
+    http = config.http
+    need(1 <= http.port <= 65535, "http.port", "must be 1-65535")
+    need(1 <= http.operator_port <= 65535, "http.operator_port", "must be 1-65535")
+    need(http.operator_port != http.port, "http.operator_port", "must differ from http.port")
+    need(
+        0 < http.keepalive_seconds <= 300, "http.keepalive_seconds", "must be above 0, at most 300"
+    )
+    need(
+        1 <= http.max_connections <= MAX_CONNECTIONS,
+        "http.max_connections",
+        f"must be 1-{MAX_CONNECTIONS}",
+    )
+    need(
+        config.database.retention_days == 0
+        or MIN_RETENTION_DAYS <= config.database.retention_days <= 3650,
+        "database.retention_days",
+        f"must be 0 (keep for ever) or {MIN_RETENTION_DAYS}-3650",
+    )
     ami = config.asterisk
     need(1 <= ami.port <= 65535, "asterisk.port", "must be 1-65535")
     need(bool(ami.secret), "asterisk.secret", "must not be empty")
@@ -407,6 +476,23 @@ def _check(config: Config) -> list[str]:
             Webhook(hooks.secret)
         except Exception:  # the library raises several kinds for a bad secret
             problems.append("webhooks.secret: must be whsec_ followed by base64")
+        else:
+            # Decoded as the library does: the prefix off, padding added.
+            decoded = base64.b64decode(hooks.secret.removeprefix("whsec_") + "==")
+            need(
+                len(decoded) >= MIN_WEBHOOK_SECRET_BYTES,
+                "webhooks.secret",
+                f"must decode to at least {MIN_WEBHOOK_SECRET_BYTES} bytes, not {len(decoded)} "
+                '(make one with: echo "whsec_$(openssl rand -base64 32)")',
+            )
+    for i, network in enumerate(hooks.allowed_networks):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            problems.append(
+                f"webhooks.allowed_networks[{i}]: must be a network in CIDR notation, "
+                "e.g. 127.0.0.1/32 or 10.20.0.0/16"
+            )
     need(0 < hooks.timeout_seconds <= 60, "webhooks.timeout_seconds", "must be above 0, at most 60")
     need(
         0 < hooks.retry_base_seconds <= 3600,
@@ -425,8 +511,19 @@ def _check(config: Config) -> list[str]:
                 "count must be at least 1, seconds 1 to 31 days",
             )
     need(1 <= limits.prefix_hidden_digits <= 8, "limits.prefix_hidden_digits", "must be 1-8")
-    for name in ("key_requests_per_minute", "key_daily_calls", "failed_checks_per_phone_per_day"):
+    for name in (
+        "key_requests_per_minute",
+        "key_daily_calls",
+        "failed_checks_per_phone_per_day",
+        "failed_checks_per_phone_per_30_days",
+    ):
         need(getattr(limits, name) >= 1, f"limits.{name}", "must be at least 1")
+    for name in ("failed_checks_per_phone_per_day", "failed_checks_per_phone_per_30_days"):
+        need(
+            getattr(limits, f"{name}_all_keys") >= getattr(limits, name),
+            f"limits.{name}_all_keys",
+            f"must be at least limits.{name} (the limit per key)",
+        )
     for i, region in enumerate(numbers.allowed_regions):
         need(
             bool(_REGION.fullmatch(region)),
@@ -527,16 +624,64 @@ def _check_test_numbers(config: Config) -> list[str]:
     return problems
 
 
+def shutdown_seconds(config: Config) -> float:
+    """The longest a SIGTERM may take: ringing calls end (post-dial delay, ring time and
+    a grace), then the requests still in flight are answered. systemd's TimeoutStopSec
+    and Compose's stop_grace_period must be longer, or calls are cut off."""
+    calls = config.calls
+    return (
+        calls.max_post_dial_seconds
+        + calls.max_ring_seconds
+        + SHUTDOWN_GRACE_S
+        + config.http.request_timeout_seconds
+    )
+
+
 def entropy_bits(pool: PoolConfig) -> float:
     """log2 of the number of codes a pool can present."""
     return math.log2(pool.codes)
 
 
+def wrong_codes_per_30_days(limits: LimitsConfig, per_key: bool) -> int:
+    """The most wrong codes the limits let through against one phone in 30 days: with
+    one API key, or with any number of them."""
+    if per_key:
+        return min(
+            limits.failed_checks_per_phone_per_30_days, 30 * limits.failed_checks_per_phone_per_day
+        )
+    return min(
+        limits.failed_checks_per_phone_per_30_days_all_keys,
+        30 * limits.failed_checks_per_phone_per_day_all_keys,
+    )
+
+
+def guessing_odds(codes: int, attempts: int, guesses: int) -> float:
+    """The chance that `guesses` wrong codes find a code among `codes`, spent `attempts`
+    at a time: each verification has a new code, so the guesser at best tries `attempts`
+    different codes against each, 1 - (1 - a/N)^(g // a) * (1 - (g % a)/N)."""
+    full, rest = divmod(guesses, attempts)
+    miss = (1 - min(attempts, codes) / codes) ** full * (1 - min(rest, codes) / codes)
+    return 1 - miss
+
+
+def _odds(chance: float) -> str:
+    return f"1 in {round(1 / chance)} ({100 * chance:.3g}%)" if chance > 0 else "none"
+
+
 def summary(config: Config) -> list[str]:
     """Human lines describing a valid config, without any secret."""
     lines = [
-        f"http: {config.http.host}:{config.http.port}",
-        f"database: {config.database.path}",
+        f"http: {config.http.host}:{config.http.port}, operator routes (/metrics, "
+        f"/dashboard) on {config.http.operator_host}:{config.http.operator_port}, "
+        f"at most {config.http.max_connections} connections",
+        f"database: {config.database.path}, "
+        + (
+            f"finished verifications kept {config.database.retention_days} days"
+            if config.database.retention_days
+            else "kept for ever"
+        ),
+        f"shutdown: up to {shutdown_seconds(config):g}s after SIGTERM (systemd "
+        "TimeoutStopSec and Compose stop_grace_period must be longer)",
         f"asterisk: {config.asterisk.username}@{config.asterisk.host}:{config.asterisk.port}, "
         f"channel {config.asterisk.channel}, dial format {config.asterisk.dial_format}",
         f"calls: ring {config.calls.ring_seconds}s (max {config.calls.max_ring_seconds}s) "
@@ -546,6 +691,25 @@ def summary(config: Config) -> list[str]:
         f"allowed regions {', '.join(config.numbers.allowed_regions)}, "
         f"types {', '.join(config.numbers.allowed_types)}",
     ]
+    if config.http.operator_host not in ("127.0.0.1", "::1", "localhost"):
+        lines.append(
+            f"warning: operator routes listen on {config.http.operator_host}: /metrics names "
+            "API keys; let only the operator's network reach that port"
+        )
+    if config.webhooks.secret is not None and config.webhooks.allowed_networks:
+        lines.append(
+            "warning: webhooks.allowed_networks lets callback URLs reach "
+            f"{', '.join(config.webhooks.allowed_networks)}: any API key can have the "
+            "gateway post there"
+        )
+    limits, attempts = config.limits, config.verification.max_attempts
+    lines.append(
+        "limits: wrong codes per phone: per API key "
+        f"{limits.failed_checks_per_phone_per_day} a day and "
+        f"{limits.failed_checks_per_phone_per_30_days} per 30 days; across keys "
+        f"{limits.failed_checks_per_phone_per_day_all_keys} a day and "
+        f"{limits.failed_checks_per_phone_per_30_days_all_keys} per 30 days"
+    )
     for pool in config.pools:
         source = (
             pool.prefix + "X" * pool.code_length if pool.prefix else f"{len(pool.numbers)} numbers"
@@ -562,6 +726,21 @@ def summary(config: Config) -> list[str]:
                 f"{config.verification.max_attempts} attempts wins 1 time in "
                 f"{1 / min(chance, 1):.0f}; use this pool only where that risk is accepted"
             )
+        one_key, any_key = (
+            guessing_odds(pool.codes, attempts, wrong_codes_per_30_days(limits, per_key))
+            for per_key in (True, False)
+        )
+        lines.append(
+            f"  guessing one phone's code: {_odds(one_key)} per 30 days through one API key, "
+            f"{_odds(any_key)} through any number of keys"
+        )
+        # Every call to another phone: the per-phone limits never apply.
+        per_call = min(attempts, limits.failed_checks_per_phone_per_day, pool.codes)
+        lines.append(
+            f"  guessing at large: one API key's {limits.key_daily_calls} calls a day, each to "
+            f"another phone, find about {limits.key_daily_calls * per_call / pool.codes:.3g} "
+            "codes a day"
+        )
     if config.test_numbers:
         lines.append(
             f"warning: test_numbers is set: {len(config.test_numbers)} phones are never "

@@ -1,7 +1,8 @@
 """The live dashboard: a static page at /dashboard that polls /dashboard/data.
 
-Like /metrics it needs no API key (it is for the operator's network only), so its
-JSON holds counts alone: never a phone number, a code or a caller ID.
+Like /metrics it needs no API key and is served on the operator's listener only
+(http.operator_port); its JSON holds counts alone: never a phone number, a code or a
+caller ID.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api import views
-from gateway.api.typedefs import DIALER, NUMBERS, PBX, STORE
+from gateway.api.typedefs import DIALER, GATEWAY, NUMBERS, PBX, STORE
 from gateway.numbers import Numbers
 from gateway.outcomes import CAUSE_NAMES
 from gateway.store import Store
@@ -98,7 +99,7 @@ async def dashboard_page(request: web.Request) -> web.FileResponse:
 @routes.get("/dashboard/data")
 async def dashboard_figures(request: web.Request) -> web.Response:
     """The dashboard's figures: counts only, so it may go without an API key."""
-    app = request.app
+    app = request.app[GATEWAY]  # the API app, whose resources these are
     dialer, pbx = app[DIALER], app[PBX]
     live = Live(pbx.connected, dialer.in_flight, dialer.queued)
     body = await dashboard_data(app[STORE], app[NUMBERS], live, time.time())

@@ -21,7 +21,7 @@ from gateway.outcomes import (
     followed,
     health_of,
 )
-from gateway.pbx import CallEvent, CallEventKind, Dial, Pbx, PbxError
+from gateway.pbx import NORMAL_CLEARING, CallEvent, CallEventKind, Dial, Pbx, PbxError
 from gateway.store import CallEventRecord, Store
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,11 @@ SWEEP_INTERVAL_S = 1.0
 # The gateway hangs a call up itself at its cap; Asterisk's Timeout, this much later,
 # ends it when the gateway cannot (AMI lost), and never races the gateway's own timer.
 PBX_CAP_MARGIN_S = 2.0
+# A timer's hangup that Asterisk could not do (no channel yet, AMI away) is tried again
+# this often, until the call ends or Asterisk's own Timeout ends it.
+HANGUP_RETRY_S = 1.0
+
+RINGING = CallEventKind.RINGING
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +75,7 @@ class _LiveCall:
     timer: asyncio.TimerHandle | None = None
 
     @property
-    def alerted(self) -> bool:
+    def ring_started(self) -> bool:
         """A 180 or a 183 came: the ring time runs."""
         return self.rang or self.progress
 
@@ -215,13 +220,20 @@ class Dialer:
         self._work.add(task)
         task.add_done_callback(self._work.discard)
 
-    async def adopt(self, job: CallJob, dialed_at: float, ringing_at: float | None) -> None:
+    async def adopt(
+        self, job: CallJob, dialed_at: float, ringing_at: float | None, rang: bool
+    ) -> None:
         """Follow a call an earlier process placed: never dialed again, closed by its
         Hangup if the PBX still has it, else as lost once its cap has passed. Its ring
-        time runs on from `ringing_at` (when it alerted, if it had)."""
+        time runs on from `ringing_at` (its first 180 or 183, if it had one); `rang`:
+        that was a 180."""
         await self._slots.acquire()
         live = _LiveCall(
-            job, dialed_at=dialed_at, rang=ringing_at is not None, alert_unknown=not ringing_at
+            job,
+            dialed_at=dialed_at,
+            rang=rang,
+            progress=ringing_at is not None and not rang,
+            alert_unknown=ringing_at is None,
         )
         self._live[job.call_id] = live
         self._pbx.adopt(job.call_id)
@@ -230,6 +242,10 @@ class Dialer:
     def cap_seconds(self, ring_seconds: float) -> float:
         """The longest a call may last: post-dial delay, then the ring time."""
         return self._max_post_dial + ring_seconds
+
+    def _pbx_timeout(self, ring_seconds: float) -> float:
+        """Originate's Timeout: the cap, and the margin that lets the gateway go first."""
+        return self.cap_seconds(ring_seconds) + PBX_CAP_MARGIN_S
 
     def _arm(self, live: _LiveCall, alerted_at: float | None = None) -> None:
         """(Re)set the timer that hangs `live` up: ring_seconds after `alerted_at`, and
@@ -249,17 +265,25 @@ class Dialer:
     def _time_out(self, live: _LiveCall) -> None:
         """The ring time (or the cap) has run out: hang the call up."""
         live.timer = None
-        if self._live.get(live.job.call_id) is not live:
+        if self._live.get(live.job.call_id) is not live or live.canceled:
             return
         live.timed_out = True
-        self._spawn(self._hang_up(live.job), name="dialer-timer")
+        self._spawn(self._hang_up(live), name="dialer-timer")
 
-    async def _hang_up(self, job: CallJob) -> None:
+    async def _hang_up(self, live: _LiveCall) -> None:
+        job = live.job
         try:
-            await self._pbx.hangup(job.call_id)
-        except PbxError as exc:
-            # Asterisk's own Timeout ends it a little later; the sweep if nothing does.
+            done = await self._pbx.hangup(job.call_id)
+        except (PbxError, TimeoutError) as exc:
             log.warning("call %s: hangup failed: %s", job.call_id, exc, extra=_ids(job))
+            done = False
+        if not done and self._live.get(job.call_id) is live and not live.canceled:
+            # No channel yet (Asterisk still queues the Originate: its DialBegin re-arms
+            # the timer) or no AMI: not timed out until a hangup lands. Try again.
+            live.timed_out = False
+            if live.timer is None:
+                loop = asyncio.get_running_loop()
+                live.timer = loop.call_later(HANGUP_RETRY_S, self._time_out, live)
 
     async def drain(self, timeout: float) -> None:
         """Stop placing calls and wait, at most `timeout`, for the live ones to end.
@@ -350,7 +374,7 @@ class Dialer:
             live.canceled = True
             try:
                 await self._pbx.hangup(call_id)
-            except PbxError:
+            except (PbxError, TimeoutError):
                 live.canceled = False
         elif call_id in self._waiting:
             # Closed when the dial loop reaches it; it no longer counts as waiting.
@@ -421,7 +445,7 @@ class Dialer:
         self._arm(live)
 
     async def _originate(self, job: CallJob) -> None:
-        timeout = self.cap_seconds(job.ring_seconds) + PBX_CAP_MARGIN_S
+        timeout = self._pbx_timeout(job.ring_seconds)
         try:
             await self._pbx.originate(Dial(job.call_id, job.dial_number, job.cli_dial, timeout))
         except PbxError as exc:
@@ -484,37 +508,35 @@ class Dialer:
         live = self._live.get(call_id)
         if live is None:
             return
+        alerting = kind in (RINGING, CallEventKind.PROGRESS)
         if kind is CallEventKind.INVITED:
             # Asterisk may have queued the Originate for a while: the cap counts from
             # the INVITE, as Asterisk's own Timeout does. Nothing to write.
             live.invited_at = at
-            if not live.alerted:
+            if not live.ring_started:
                 self._arm(live)
-        elif kind is CallEventKind.RINGING and not live.rang:
-            # The handset alerts: the ring time counts from here, even after a 183.
-            first = not live.alerted
-            live.rang = True
-            self._arm(live, at)
-            await self._alerted(live, at, kind, first)
-        elif kind is CallEventKind.PROGRESS and not live.alerted:
-            # Early media: maybe a ringback tone with the phone ringing behind it.
-            live.progress = True
-            self._arm(live, at)
-            await self._alerted(live, at, kind, first=True)
+        elif alerting:
+            # The first 180 or 183, or a 180 after a 183 (the handset alerts now): the
+            # ring time counts from here. A 183 may be a ringback tone with the phone
+            # ringing behind it. Alerting that crossed the gateway's CANCEL, or a 183
+            # after alerting, goes on the timeline only.
+            first = not live.ring_started
+            news = not live.timed_out and (first or (kind is RINGING and not live.rang))
+            if news:
+                live.rang = live.rang or kind is RINGING
+                live.progress = live.progress or kind is not RINGING
+                self._arm(live, at)
+            if news and first:
+                await self._store.call_progress(call_id, "ringing", "ringing_at", at, kind)
+                if live.job.queued_at:
+                    self._metrics.call_ringing(at - live.job.queued_at)
+            else:
+                await self._store.add_call_event(CallEventRecord(call_id, at, kind, None, None))
         elif kind is CallEventKind.HANGUP:
             await self._end(call_id, cause, sip_code, reason, at)
         else:
             live.answered = live.answered or kind is CallEventKind.ANSWERED
             await self._store.add_call_event(CallEventRecord(call_id, at, kind, None, None))
-
-    async def _alerted(self, live: _LiveCall, at: float, kind: CallEventKind, first: bool) -> None:
-        call_id = live.job.call_id
-        if not first:
-            await self._store.add_call_event(CallEventRecord(call_id, at, kind, None, None))
-            return
-        await self._store.call_progress(call_id, "ringing", "ringing_at", at, kind)
-        if live.job.queued_at:
-            self._metrics.call_ringing(at - live.job.queued_at)
 
     async def _reconcile(self, connected_at: float) -> None:
         """After an AMI (re)connection, close the calls Asterisk no longer has: their
@@ -553,9 +575,7 @@ class Dialer:
             answered=live.answered,
             cause=cause,
             sip_code=sip_code,
-            # Only a Hangup the PBX reported says the timer ended it: a call lost with
-            # AMI (reason pbx_lost) may have rung meanwhile.
-            timed_out=live.timed_out and reason is None,
+            timed_out=_ended_by_timer(live, cause, sip_code, reason),
         )
         outcome, reason = followed(
             heard,
@@ -625,14 +645,27 @@ class Dialer:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             now = time.time()
             for call_id, live in list(self._live.items()):
-                cap = self.cap_seconds(live.job.ring_seconds) + PBX_CAP_MARGIN_S
-                if now > live.dialed_at + cap + LOST_CALL_GRACE_S:
+                if now > live.dialed_at + self._pbx_timeout(live.job.ring_seconds) + (
+                    LOST_CALL_GRACE_S
+                ):
                     log.warning(
                         "call %s: no hangup from the PBX; closing it as lost",
                         call_id,
                         extra=_ids(live.job),
                     )
                     await self._end(call_id, None, None, "pbx_lost")
+
+
+def _ended_by_timer(
+    live: _LiveCall, cause: int | None, sip_code: int | None, reason: str | None
+) -> bool:
+    """Whether the gateway's timer ended the call: its hangup landed, and the Hangup the
+    PBX reported is that hangup's (normal clearing, no SIP response). A final response of
+    the network that crossed the CANCEL is the network's verdict; a call lost with AMI
+    (a reason of its own) may have rung meanwhile."""
+    return (
+        live.timed_out and reason is None and sip_code is None and cause in (NORMAL_CLEARING, None)
+    )
 
 
 def _ids(job: CallJob) -> dict[str, str]:

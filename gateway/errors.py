@@ -24,6 +24,12 @@ class Unauthorized(GatewayError):
     code = "unauthorized"
 
 
+class InsufficientScope(GatewayError):
+    """The API key is valid but its scope does not cover the route (`required_scope`)."""
+
+    code = "insufficient_scope"
+
+
 class NotFound(GatewayError):
     code = "not_found"
 
@@ -50,6 +56,13 @@ class DestinationBlocked(GatewayError):
 
 class NumberKnownInvalid(GatewayError):
     code = "number_known_invalid"
+
+
+class InvalidCallbackUrl(GatewayError):
+    """A well-formed callback_url the gateway will not post to: credentials in it, or a
+    host that is an address inside (not globally routable, not allowed by the operator)."""
+
+    code = "invalid_callback_url"
 
 
 class Retryable(GatewayError):

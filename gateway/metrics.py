@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.outcomes import CANCELED, Outcome
+from gateway.outcomes import CANCELED, MAX_Q850_CAUSE, Outcome
 from gateway.store import VERIFICATION_STATUSES, Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -30,8 +30,18 @@ RATE_LIMITS = (
     "api_key_daily",
     "global",
     "key_requests_per_minute",
-    "failed_checks",
+    "failed_checks",  # wrong codes per phone and API key, per day
+    "failed_checks_all_keys",
+    "failed_checks_30_days",
+    "failed_checks_30_days_all_keys",
 )
+
+
+def _cause_label(cause: int | None) -> str:
+    """A hangup cause as a label: one of at most 130 values, whatever a caller passes."""
+    if cause is None:
+        return "none"
+    return str(cause) if 0 <= cause <= MAX_Q850_CAUSE else "other"
 
 
 class _VerificationStatuses(Collector):
@@ -82,7 +92,8 @@ class Metrics:
         )
         self.hangup_causes = Counter(
             "otp_call_hangup_causes",
-            "Calls ended, by Q.850 hangup cause ('none' when the call never reached the network)",
+            "Calls ended, by Q.850 hangup cause ('none' when the call never reached the network, "
+            "'other' for a value outside 0-127)",
             ["cause"],
             registry=r,
         )
@@ -152,7 +163,7 @@ class Metrics:
 
     def call_ended(self, outcome: str, cause: int | None) -> None:
         self.calls.labels(outcome=outcome).inc()
-        self.hangup_causes.labels(cause="none" if cause is None else str(cause)).inc()
+        self.hangup_causes.labels(cause=_cause_label(cause)).inc()
 
     def trunk_rejected(self, trunk: str, sip_code: int | None) -> None:
         self.trunk_rejections.labels(trunk=trunk, sip_code=str(sip_code)).inc()

@@ -11,6 +11,7 @@ import io
 import itertools
 import multiprocessing
 import os
+import re
 import signal
 import stat
 import sys
@@ -44,6 +45,10 @@ BATCHES_IN_FLIGHT_PER_WORKER = 2
 # Each worker loads its own copy of phonenumbers' metadata, and past a few workers the
 # parent's CSV reading and writing is the bottleneck.
 MAX_WORKERS = 4
+# What makes a spreadsheet read a cell as a formula (OWASP's list), with the full-width
+# forms some read the same way.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+_E164_LIKE = re.compile(r"\+[0-9]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +64,8 @@ class CheckResult:
     region: str | None
 
     def row(self) -> list[str]:
-        """The report's cells, in REPORT_COLUMNS order."""
-        return [
+        """The report's cells, in REPORT_COLUMNS order, safe to open in a spreadsheet."""
+        cells = [
             self.input,
             self.e164 or "",
             "true" if self.valid else "false",
@@ -69,6 +74,16 @@ class CheckResult:
             self.carrier or "",
             self.region or "",
         ]
+        return [spreadsheet_safe(cell) for cell in cells]
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """`cell`, with a leading ' if a spreadsheet would read it as a formula (OWASP, CSV
+    injection): it starts with = + - @, a tab or a carriage return. A + and digits
+    alone (an E.164 number) is left as it is: no formula can be made of it."""
+    if cell.startswith(FORMULA_STARTS) and not _E164_LIKE.fullmatch(cell):
+        return "'" + cell
+    return cell
 
 
 REPORT_COLUMNS = tuple(f.name for f in fields(CheckResult))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,8 @@ from gateway.config import Config, NumbersConfig
 from gateway.errors import InvalidRequest
 from gateway.outcomes import DELIVERED_OUTCOMES, UNCERTAIN_OUTCOMES, Health, Outcome
 from gateway.store import NumberHealthRecord, Store
+
+log = logging.getLogger(__name__)
 
 MAX_LOOKUP = 1000  # numbers per lookup request
 MAX_PAGE = 1000
@@ -92,6 +95,19 @@ class Numbers:
         """Forget a number's health (it was reassigned); False if none was known."""
         phone = phones.parse(raw, self._config.numbers.default_region)
         return await self._store.reset_number_health(phone.e164)
+
+    async def reset_failed_checks(self, raw: str, by_key: str) -> int:
+        """Forget the wrong codes tried against a number, every API key's, so that its
+        checks are no longer refused; return how many were forgotten."""
+        phone = phones.parse(raw, self._config.numbers.default_region)
+        forgotten = await self._store.reset_check_failures(phone.e164)
+        log.info(
+            "%d wrong checks against %s forgotten (API key %s)",
+            forgotten,
+            phones.masked(phone.e164),
+            by_key,
+        )
+        return forgotten
 
     async def stats(self, since: float, until: float) -> dict[str, Any]:
         """Calls, deliveries and failures over [since, until), overall, by carrier and outcome.

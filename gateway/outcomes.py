@@ -47,6 +47,8 @@ class Health(enum.StrEnum):
     INVALID = "invalid"
 
 
+# A Q.850 cause value is 7 bits (ITU-T Q.850, 2.2.5): anything above is no cause.
+MAX_Q850_CAUSE = 127
 # Q.850 causes (Asterisk's AST_CAUSE_*).
 _INVALID_NUMBER = frozenset({1, 3, 22, 28})  # unallocated, no route, number changed, bad format
 _UNREACHABLE = frozenset({18, 19, 20, 27})  # no user responding, no answer, absent, out of order
@@ -90,7 +92,6 @@ CANCELED = "canceled"
 # the cap. A far end's own 480 has no reason, only its cause and SIP code.
 RING_TIMEOUT = "ring_timeout"
 POST_DIAL_TIMEOUT = "post_dial_timeout"
-ENDED_BY_GATEWAY = frozenset({CANCELED, RING_TIMEOUT, POST_DIAL_TIMEOUT})
 
 _HEALTH = {
     Outcome.DELIVERED: Health.REACHABLE,
@@ -173,7 +174,7 @@ def followed(
         return Outcome.ERROR, "pbx_lost"
     if canceled and outcome in (Outcome.REJECTED, Outcome.ERROR):
         return Outcome.ERROR, CANCELED
-    if heard.timed_out and reason is None:
+    if heard.timed_out:
         reason = RING_TIMEOUT if heard.rang or heard.progress else POST_DIAL_TIMEOUT
     return outcome, reason
 

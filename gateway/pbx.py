@@ -24,6 +24,8 @@ from panoramisk.actions import Action
 from panoramisk.ami_protocol import AMIProtocol
 from panoramisk.message import Message
 
+from gateway.outcomes import MAX_Q850_CAUSE
+
 log = logging.getLogger(__name__)
 # panoramisk logs every AMI message at debug level. Those carry caller IDs, and a
 # caller ID carries its code: the wire is never logged, at any level.
@@ -47,6 +49,17 @@ RECONNECT_CAP_S = 2.0
 # when none was (unknown endpoint, no capacity) no Hangup ever comes. Wait this
 # long for one before ending the call on the OriginateResponse alone.
 ORIGINATE_FAILURE_GRACE_S = 1.0
+# The longest unfinished AMI message the reader keeps, in characters (bytes, for the
+# ASCII Asterisk writes). Asterisk's longest call events are a few KiB; a peer that sends
+# more without the blank line that ends a message is broken or hostile, and waiting for
+# the ping timeout would hold all of it: the connection is dropped, the supervisor
+# reconnects.
+MAX_MESSAGE_CHARS = 64 * 1024
+# SIP response codes (RFC 3261, 7.2), for Hangup's TechCause.
+MIN_SIP_CODE, MAX_SIP_CODE = 100, 699
+# OriginateResponse's Reason is the AST_CONTROL_* value that ended the attempt (0-2
+# digits); anything else from AMI is not put into a call's reason.
+MAX_ORIGINATE_REASON = 99
 
 # Originate's Timeout is a cap on the whole call, counted by Asterisk from its INVITE;
 # the gateway ends calls by its own timers (ring time from alerting, the post-dial cap).
@@ -150,7 +163,7 @@ class Pbx(Protocol):
 
     async def originate(self, dial: Dial) -> None: ...
 
-    async def hangup(self, channel_id: str) -> None: ...
+    async def hangup(self, channel_id: str) -> bool: ...
 
     async def next_event(self) -> CallEvent: ...
 
@@ -267,7 +280,15 @@ class _Protocol(AMIProtocol):  # type: ignore[misc]  # panoramisk is untyped
         if self.queue:
             text = self.queue.popleft() + text
         blocks = text.split("\r\n\r\n")
-        self.queue.append(blocks.pop())  # the unfinished message, if any
+        unfinished = blocks.pop()
+        if len(unfinished) <= MAX_MESSAGE_CHARS:
+            self.queue.append(unfinished)
+        else:
+            log.warning(
+                "AMI sent over %d characters without an end of message: dropping the connection",
+                MAX_MESSAGE_CHARS,
+            )
+            self.transport.close()  # connection_lost follows: the supervisor reconnects
         for block in blocks:
             block = block.strip()
             if block.startswith("Event: "):
@@ -379,10 +400,13 @@ class AmiPbx:
             self._calls.pop(dial.channel_id, None)
             raise OriginateRefused(reply.get("Message", "refused"))
 
-    async def hangup(self, channel_id: str) -> None:
-        """Hang up a call placed by `originate` (cancels it while ringing)."""
+    async def hangup(self, channel_id: str) -> bool:
+        """Hang up a call placed by `originate` (cancels it while ringing).
+
+        False when Asterisk has no such channel (yet: an Originate it still queues) or
+        the call has ended here already."""
         if channel_id not in self._calls:
-            return
+            return False
         if not _CHANNEL_ID.fullmatch(channel_id):
             raise UnsafeAmiValue("bad channel_id")
         # Asterisk looks a channel up by name or by Uniqueid, which is our ChannelId.
@@ -397,6 +421,7 @@ class AmiPbx:
                 reply.get("Message", "refused"),
                 extra={"call_id": channel_id},
             )
+        return bool(reply.success)
 
     async def next_event(self) -> CallEvent:
         """The next event of any call placed here."""
@@ -451,7 +476,7 @@ class AmiPbx:
             loop.create_connection(_Protocol, self.settings.host, self.settings.port),
             CONNECT_TIMEOUT_S,
         )
-        protocol.factory = _Session(self._on_message, self._lost.set)
+        protocol.factory = _Session(self._on_message, self._on_lost)
         protocol.encoding = "utf8"
         protocol.log = _wire_log
         self._protocol = protocol
@@ -512,8 +537,9 @@ class AmiPbx:
                 {"Action": "CoreSettings"}, timeout=LOGIN_TIMEOUT_S, require_login=False
             )
         except TimeoutError:
-            reply = None
-        if reply is None or not reply.success:
+            log.warning("Asterisk did not answer CoreSettings within %ss", LOGIN_TIMEOUT_S)
+            return
+        if not reply.success:
             log.info(
                 "cannot read Asterisk's version (CoreSettings needs write = reporting); "
                 "see the supported versions in asterisk-config/README.md"
@@ -541,6 +567,14 @@ class AmiPbx:
                 await self._send({"Action": "Ping"}, timeout=KEEPALIVE_TIMEOUT_S)
             except TimeoutError:
                 raise PbxUnavailable(f"no Ping reply within {KEEPALIVE_TIMEOUT_S}s") from None
+
+    def _on_lost(self) -> None:
+        """The TCP connection is gone: fail the actions waiting on it now, not at their
+        timeouts (panoramisk forgets them without an answer)."""
+        self._lost.set()
+        for future in self._pending:
+            if not future.done():
+                future.set_exception(PbxUnavailable("AMI connection lost"))
 
     def _drop_connection(self) -> None:
         if self._logged_in.is_set():
@@ -613,7 +647,9 @@ class AmiPbx:
             }.get(message.get("DialStatus", ""))
         elif name == "Hangup":
             self._end_call(
-                channel_id, _int_or_none(message.get("Cause")), _sip_code(message.get("TechCause"))
+                channel_id,
+                _number_in(message.get("Cause"), 0, MAX_Q850_CAUSE),
+                _number_in(message.get("TechCause"), MIN_SIP_CODE, MAX_SIP_CODE),
             )
             return
         elif name == "OriginateResponse" and message.get("Response") != "Success":
@@ -623,7 +659,7 @@ class AmiPbx:
                 channel_id,
                 None,
                 None,
-                f"originate_failed:{message.get('Reason', '')}",
+                _originate_failure(message.get("Reason")),
             )
             return
         if kind is not None and kind not in call.seen:
@@ -633,7 +669,7 @@ class AmiPbx:
     def _end_call(
         self, channel_id: str, cause: int | None, sip_code: int | None, reason: str | None = None
     ) -> None:
-        if self._calls.pop(channel_id, None) is None:
+        if channel_id not in self._calls:
             return  # already ended
         self._events.put_nowait(
             CallEvent(
@@ -645,15 +681,25 @@ class AmiPbx:
                 reason=reason,
             )
         )
+        # Only once its end is on the way to the dialer: a call is never dropped unended.
+        del self._calls[channel_id]
 
 
-def _int_or_none(value: object) -> int | None:
-    try:
-        return int(str(value))
-    except ValueError:
+_ASCII_NUMBER = re.compile(r"[0-9]{1,3}")
+
+
+def _number_in(value: object, low: int, high: int) -> int | None:
+    """`value` as a number if it is 1-3 ASCII digits in [low, high], else None.
+
+    Not int(): it reads digits of any script, signs, spaces, underscores and numbers of
+    any size, none of which Asterisk writes."""
+    if not isinstance(value, str) or not _ASCII_NUMBER.fullmatch(value):
         return None
+    number = int(value)
+    return number if low <= number <= high else None
 
 
-def _sip_code(value: object) -> int | None:
-    code = _int_or_none(value)
-    return code if code is not None and 100 <= code <= 699 else None
+def _originate_failure(reason: object) -> str:
+    """A call's reason for a failed OriginateResponse, from a known set."""
+    number = _number_in(reason, 0, MAX_ORIGINATE_REASON)
+    return f"originate_failed:{'unknown' if number is None else number}"

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import secrets
 import sqlite3
 import time
@@ -44,6 +45,11 @@ LAZY_WRITE_S = 0.02
 # How long a statement waits for another process holding the write lock (the CLI's
 # `keys create` while the gateway runs) before failing.
 BUSY_TIMEOUT_MS = 5000
+
+# The database holds phone numbers and key hashes: for the gateway's user alone. SQLite
+# gives the -wal and -shm files it creates the mode of the database file.
+DATABASE_FILE_MODE = 0o600
+DATABASE_DIR_MODE = 0o700
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: API keys, verifications, calls and their event timeline.
@@ -203,6 +209,25 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX verifications_by_prefix;
     DROP INDEX verifications_by_time;
     """,
+    # 9: API key scopes and failed checks per key
+    # Keys made before scopes keep every right they had (admin); new keys say theirs.
+    # A wrong check is a row of its own, at the time it was made, so the windows over
+    # them count by key or across keys, and an admin can forget a phone's.
+    """
+    ALTER TABLE api_keys ADD COLUMN scope TEXT NOT NULL DEFAULT 'admin';  -- verify | admin
+    CREATE TABLE check_failures (
+        phone TEXT NOT NULL,                -- E.164
+        api_key_id TEXT NOT NULL,
+        at REAL NOT NULL,
+        failures INTEGER NOT NULL           -- 1; more only for the rows carried over here
+    );
+    CREATE INDEX check_failures_by_phone ON check_failures (phone, at);
+    CREATE INDEX check_failures_by_time ON check_failures (at);
+    INSERT INTO check_failures (phone, api_key_id, at, failures)
+        SELECT phone, api_key_id, updated_at, failed_checks FROM verifications
+        WHERE failed_checks > 0
+        AND updated_at > CAST(strftime('%s', 'now') AS REAL) - 30 * 86400;
+    """,
 )
 
 LIVE_CALL_STATUSES = ("queued", "dialing", "ringing")
@@ -321,6 +346,18 @@ class WindowLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckLimit:
+    """At most `count` wrong checks against one phone in `seconds`: those made with the
+    checking verification's API key (`per_key`), or with any key. `name` says which
+    limit refused, for the operator's metrics."""
+
+    count: int
+    seconds: float
+    per_key: bool
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class ApiKeyRecord:
     id: str
     name: str
@@ -328,6 +365,7 @@ class ApiKeyRecord:
     created_at: float
     revoked_at: float | None
     allowed_networks: str | None = None
+    scope: str = "verify"  # verify | admin (apikeys.SCOPES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,6 +536,37 @@ def _key_usage_full(db: sqlite3.Connection, limit: WindowLimit, at: float) -> fl
     return float(limit.seconds)
 
 
+def _check_limits_full(
+    db: sqlite3.Connection,
+    limits: tuple[CheckLimit, ...],
+    phone: str,
+    api_key_id: str,
+    at: float,
+) -> Limited | None:
+    """The first of `limits` that the wrong checks against `phone` already fill, with
+    the seconds until it has room; None when each has room. A phone has few rows: the
+    limits refuse its checks long before they could grow."""
+    rows = db.execute(
+        "SELECT at, failures, api_key_id = ? FROM check_failures "
+        "WHERE phone = ? AND at > ? ORDER BY at",
+        (api_key_id, phone, at - max(limit.seconds for limit in limits)),
+    ).fetchall()
+    for limit in limits:
+        counted = [
+            (when, n)
+            for when, n, mine in rows
+            if when > at - limit.seconds and (mine or not limit.per_key)
+        ]
+        used = sum(n for _, n in counted)
+        if used < limit.count:
+            continue
+        for when, n in counted:  # room once enough of the oldest have left the window
+            used -= n
+            if used < limit.count:
+                return Limited(max(1.0, float(when) + limit.seconds - at), limit.name)
+    return None
+
+
 def _count_key_usage(db: sqlite3.Connection, api_key_id: str, at: float) -> None:
     minute = int(at // 60)
     new = (
@@ -513,6 +582,28 @@ def _count_key_usage(db: sqlite3.Connection, api_key_id: str, at: float) -> None
             "DELETE FROM key_usage WHERE api_key_id = ? AND minute < ?",
             (api_key_id, minute - 2 * 1440),
         )
+
+
+def _private_files(path: Path) -> None:
+    """Create the database file, in a directory of its own if it has none, for its owner
+    alone; make an existing one (and its -wal and -shm) so if others could read it."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=DATABASE_DIR_MODE, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DATABASE_FILE_MODE))
+    for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            mode = file.stat().st_mode & 0o777
+        except FileNotFoundError:
+            continue
+        if not mode & ~DATABASE_FILE_MODE:
+            continue
+        try:
+            file.chmod(DATABASE_FILE_MODE)
+        except PermissionError:  # only its owner (or root) may
+            log.warning("%s is mode %03o: make it %03o", file, mode, DATABASE_FILE_MODE)
+        else:
+            log.warning("%s was mode %03o: made it %03o", file, mode, DATABASE_FILE_MODE)
 
 
 async def _checkpoints(path: str) -> None:
@@ -623,7 +714,7 @@ class Store:
     async def open(cls, path: str | Path) -> Store:
         """Open (creating if needed) the database at `path` and migrate it."""
         if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _private_files(Path(path))
         # The loop thread uses the connection too (quick batches), never at the same
         # time as aiosqlite's: one batch at a time, whichever runs it.
         db = await aiosqlite.connect(str(path), isolation_level=None, check_same_thread=False)
@@ -942,15 +1033,62 @@ class Store:
             )
         )
 
+    async def forget_verifications(
+        self, before: float, after: int, limit: int
+    ) -> tuple[int, int | None]:
+        """Delete, in one transaction, up to `limit` finished verifications created before
+        `before`, with their calls, call events and webhooks; the oldest first, from
+        the row after `after`. Returns how many, and the row to go on from (None: done).
+
+        One still pending, with a call still live or a webhook still to deliver, is
+        passed over. Rows are walked in insertion (creation) order, without an index
+        on created_at that every create would have to write."""
+
+        def forget(db: sqlite3.Connection) -> tuple[int, int | None]:
+            rows = db.execute(
+                "SELECT v.rowid, v.id, v.created_at, v.status = 'pending' "
+                "OR EXISTS (SELECT 1 FROM calls c WHERE c.verification_id = v.id "
+                "AND c.status IN ('queued', 'dialing', 'ringing')) "
+                "OR EXISTS (SELECT 1 FROM webhook_outbox w WHERE w.verification_id = v.id "
+                "AND w.delivered_at IS NULL AND w.given_up_at IS NULL) "
+                "FROM verifications v WHERE v.rowid > ? ORDER BY v.rowid LIMIT ?",
+                (after, limit),
+            ).fetchall()
+            ids: list[str] = []
+            go_on: int | None = rows[-1][0] if len(rows) == limit else None
+            for _, verification_id, created_at, kept in rows:
+                if created_at >= before:
+                    go_on = None  # the rest is younger
+                    break
+                if not kept:
+                    ids.append(verification_id)
+            if ids:
+                marks = ",".join("?" * len(ids))
+                for statement in (
+                    "DELETE FROM call_events WHERE call_id IN "
+                    f"(SELECT id FROM calls WHERE verification_id IN ({marks}))",
+                    f"DELETE FROM webhook_outbox WHERE verification_id IN ({marks})",
+                    f"DELETE FROM calls WHERE verification_id IN ({marks})",
+                    f"DELETE FROM verifications WHERE id IN ({marks})",
+                ):
+                    db.execute(statement, ids)
+            return len(ids), go_on
+
+        return await self._write(forget)
+
     async def verification(
         self, verification_id: str
     ) -> tuple[VerificationRecord, CallRecord] | None:
         return await self._verification_where("v.id = ?", (verification_id,))
 
-    async def newest_pending(self, phone: str) -> tuple[VerificationRecord, CallRecord] | None:
+    async def newest_pending(
+        self, phone: str, api_key_id: str
+    ) -> tuple[VerificationRecord, CallRecord] | None:
+        """The newest pending verification of `phone` made with `api_key_id`."""
         return await self._verification_where(
-            "v.phone = ? AND v.status = 'pending' ORDER BY v.created_at DESC LIMIT 1",
-            (phone,),
+            "v.phone = ? AND v.api_key_id = ? AND v.status = 'pending' "
+            "ORDER BY v.created_at DESC LIMIT 1",
+            (phone, api_key_id),
         )
 
     async def _verification_where(
@@ -970,16 +1108,35 @@ class Store:
         return VerificationRecord(*row[:split]), CallRecord(*row[split:])
 
     async def spend_attempt(
-        self, verification_id: str, approve: bool, at: float
-    ) -> VerificationRecord | None:
+        self,
+        verification_id: str,
+        approve: bool,
+        at: float,
+        limits: tuple[CheckLimit, ...] = (),
+    ) -> VerificationRecord | Limited | None:
         """Record one check of a pending verification; None when it was not pending.
 
         A right code approves it; a wrong one spends an attempt, and the last wrong
         attempt moves it to max_attempts_reached. One statement, so two concurrent
         checks can never both spend the same attempt.
+
+        When the phone's wrong checks already fill one of `limits`, nothing is spent and
+        the check, right or wrong, is refused (Limited). The count is read and the wrong
+        check recorded in one transaction: concurrent checks cannot pass a limit together.
         """
 
-        def spend(db: sqlite3.Connection) -> VerificationRecord | None:
+        def spend(db: sqlite3.Connection) -> VerificationRecord | Limited | None:
+            if limits:
+                checked = db.execute(
+                    "SELECT phone, api_key_id FROM verifications "
+                    "WHERE id = ? AND status = 'pending' AND expires_at > ?",
+                    (verification_id, at),
+                ).fetchone()
+                if checked is None:
+                    return None
+                refused = _check_limits_full(db, limits, checked[0], checked[1], at)
+                if refused is not None:
+                    return refused
             row = db.execute(
                 "UPDATE verifications SET "
                 "attempts_remaining = attempts_remaining - CASE WHEN ? THEN 0 ELSE 1 END, "
@@ -993,24 +1150,34 @@ class Store:
             record = VerificationRecord(*row) if row else None
             if record is not None and record.status in STATUS_EVENTS:
                 _enqueue(db, verification_id, STATUS_EVENTS[record.status], at)
+            if record is not None and not approve:
+                db.execute(
+                    "INSERT INTO check_failures (phone, api_key_id, at, failures) "
+                    "VALUES (?, ?, ?, 1)",
+                    (record.phone, record.api_key_id, at),
+                )
+                if limits:  # what no window looks at any more: every phone's, by index
+                    db.execute(
+                        "DELETE FROM check_failures WHERE at <= ?",
+                        (at - max(limit.seconds for limit in limits),),
+                    )
             return record
 
         record = await self._write(spend, quick=True)
-        if record is not None and record.status != "pending":
+        if isinstance(record, VerificationRecord) and record.status != "pending":
             self.status_tally[record.status] += 1
         return record
 
-    async def failed_checks(self, phone: str, since: float) -> tuple[int, float | None]:
-        """Wrong checks against `phone`'s verifications created since `since`, and the
-        creation time of the oldest of those verifications that had any."""
-        row = await self._fetchone(
-            "SELECT COALESCE(SUM(failed_checks), 0), MIN(created_at) FROM verifications "
-            "WHERE phone = ? AND created_at > ? AND failed_checks > 0",
-            (phone, since),
-            quick=True,
-        )
-        assert row is not None
-        return int(row[0]), (float(row[1]) if row[1] is not None else None)
+    async def reset_check_failures(self, phone: str) -> int:
+        """Forget the wrong checks against `phone`, every key's; return how many."""
+
+        def forget(db: sqlite3.Connection) -> int:
+            forgotten = db.execute(
+                "DELETE FROM check_failures WHERE phone = ? RETURNING failures", (phone,)
+            ).fetchall()
+            return sum(int(row[0]) for row in forgotten)
+
+        return await self._write(forget)
 
     async def calls_by_key(self, since: float) -> dict[str, int]:
         """Calls (verifications not in the sandbox) requested since `since`, per API key,
@@ -1150,7 +1317,13 @@ class Store:
                     _enqueue(db, row[0], STATUS_EVENTS["failed"], at)
             elif delivered:
                 _enqueue(db, row[0], "verification.delivered", at)
-            elif uncertain:
+            elif (
+                uncertain
+                and db.execute(
+                    "SELECT 1 FROM verifications WHERE id = ? AND status = 'pending'", (row[0],)
+                ).fetchone()
+            ):
+                # Only news while the code may still be typed (not after approval).
                 _enqueue(db, row[0], "verification.delivery_uncertain", at)
             dialed = (
                 db.execute(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -15,13 +16,15 @@ from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from gateway import phones
-from gateway.config import Config
+from gateway.config import Config, WebhooksConfig
 from gateway.dialer import CallJob, Dialer
 from gateway.errors import (
     GatewayError,
     IdempotencyConflict,
+    InvalidCallbackUrl,
     InvalidRequest,
     NotFound,
     NumberKnownInvalid,
@@ -37,9 +40,11 @@ from gateway.pbx import new_channel_id
 from gateway.pool import Cli, Pool, pool_for
 from gateway.store import (
     CallRecord,
+    CheckLimit,
     Idempotency,
     Inserted,
     KnownInvalid,
+    Limited,
     Replayed,
     Store,
     VerificationRecord,
@@ -67,6 +72,9 @@ IDEMPOTENCY_SWEEP_S = 3600.0  # how often Idempotency-Keys past their 24 h are d
 PBX_RETRY_AFTER_S = 5
 # How long stop() waits for creates whose requests gave up (a store write, a hangup).
 STOP_WAIT_S = 5.0
+# The windows of the wrong-check limits (limits.failed_checks_per_phone_per_*).
+CHECK_DAY_S = 86400.0
+CHECK_30_DAYS_S = 30 * CHECK_DAY_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +89,24 @@ def request_hash(request: NewVerification) -> str:
     """What makes two create requests the same request, hashed."""
     fields = {k: v for k, v in asdict(request).items() if k != "api_key_id"}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _check_callback_host(url: str, webhooks: WebhooksConfig) -> None:
+    """Refuse a callback_url whose host is an address webhooks may not reach.
+
+    Only a literal address can be judged here; a name is judged at each delivery, on
+    the addresses it resolves to then (gateway/webhooks.py)."""
+    host = urlsplit(url).hostname or ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return  # a name
+    if not webhooks.reaches(address):
+        raise InvalidCallbackUrl(
+            f"callback_url points at {host}, an address webhooks may not reach: it is not "
+            "globally routable (the operator may allow it with webhooks.allowed_networks)",
+            field="callback_url",
+        )
 
 
 def _replay(stored: Replayed, body_hash: str) -> Replay:
@@ -107,6 +133,15 @@ class CheckResult:
     valid: bool
 
 
+@dataclass(frozen=True, slots=True)
+class _Presented:
+    """What a check presents, its form validated: the code, or the E.164 readings of
+    the caller ID the user saw (which pool's code it holds depends on the verification)."""
+
+    code: str | None
+    cli_readings: tuple[str, ...]
+
+
 class Verifications:
     """Verification lifecycle on top of the store, the pools and the dialer."""
 
@@ -125,6 +160,30 @@ class Verifications:
         self._dialer = dialer
         self._clock = clock
         self._secret = config.security.code_secret.encode()
+        limits, day, month = config.limits, CHECK_DAY_S, CHECK_30_DAYS_S
+        self._check_limits = (  # the metric label names the one that refused
+            CheckLimit(
+                limits.failed_checks_per_phone_per_day, day, per_key=True, name="failed_checks"
+            ),
+            CheckLimit(
+                limits.failed_checks_per_phone_per_day_all_keys,
+                day,
+                per_key=False,
+                name="failed_checks_all_keys",
+            ),
+            CheckLimit(
+                limits.failed_checks_per_phone_per_30_days,
+                month,
+                per_key=True,
+                name="failed_checks_30_days",
+            ),
+            CheckLimit(
+                limits.failed_checks_per_phone_per_30_days_all_keys,
+                month,
+                per_key=False,
+                name="failed_checks_30_days_all_keys",
+            ),
+        )
         self._expiry_task: asyncio.Task[None] | None = None
         self._finishing: set[asyncio.Task[Any]] = set()  # see _to_the_end
 
@@ -179,6 +238,8 @@ class Verifications:
                 "callback_url needs webhooks configured on the gateway (webhooks.secret)",
                 field="callback_url",
             )
+        if request.callback_url is not None:
+            _check_callback_host(request.callback_url, self._config.webhooks)
         phone = self.parse_phone(request.phone, request.region)
         sandbox_code = self._config.test_numbers.get(phone.e164)
         pool = pool_for(self._pools, phone.region)
@@ -387,19 +448,24 @@ class Verifications:
         self, api_key_id: str, verification_id: str, code: str | None, cli: str | None
     ) -> CheckResult:
         """Check a code (trailing digits) or a full caller ID against a verification."""
+        presented = self._presented(code, cli)
         verification, _ = await self.get(api_key_id, verification_id)
-        return await self._check(verification, code, cli)
+        return await self._check(verification, presented)
 
     async def check_by_phone(
         self, api_key_id: str, phone: str, region: str | None, code: str | None, cli: str | None
     ) -> CheckResult:
-        """Check against the newest pending verification of `phone`."""
+        """Check against the newest pending verification of `phone` made with this key.
+
+        The body is validated first: whether something is pending is told only to a
+        well-formed check."""
+        presented = self._presented(code, cli)
         e164 = phones.parse(phone, region or self._config.numbers.default_region).e164
-        found = await self._store.newest_pending(e164)
-        if found is None or found[0].api_key_id != api_key_id:
+        found = await self._store.newest_pending(e164, api_key_id)
+        if found is None:
             raise NotFound("no pending verification for this phone")
         verification, _ = await self._expire_if_due(found)
-        return await self._check(verification, code, cli)
+        return await self._check(verification, presented)
 
     async def cancel(
         self, api_key_id: str, verification_id: str
@@ -415,19 +481,29 @@ class Verifications:
             await self._dialer.cancel(call.id)
         return await self.get(api_key_id, verification_id)
 
-    async def _check(
-        self, verification: VerificationRecord, code: str | None, cli: str | None
-    ) -> CheckResult:
+    async def _check(self, verification: VerificationRecord, presented: _Presented) -> CheckResult:
         if verification.status != "pending":
             raise VerificationNotPending(
                 f"verification is {verification.status}", verification_status=verification.status
             )
-        await self._refuse_guessing(verification.phone)
-        candidate = self._candidate_code(verification, code, cli)
+        candidate = self._candidate_code(verification, presented)
         valid = candidate is not None and hmac.compare_digest(
             self._code_hash(verification.id, candidate), verification.code_hash
         )
-        updated = await self._store.spend_attempt(verification.id, valid, self._clock())
+        # The wrong-check limits are read in the transaction that spends the attempt:
+        # concurrent wrong checks cannot all slip under them. Once one is full, every
+        # check of the phone is refused, a right code too, so that asking for a new
+        # call does not reset the count.
+        updated = await self._store.spend_attempt(
+            verification.id, valid, self._clock(), self._check_limits
+        )
+        if isinstance(updated, Limited):
+            log.warning(
+                "checks for %s refused: %s limit reached",
+                phones.masked(verification.phone),
+                updated.limit,
+            )
+            raise RateLimited(updated.retry_after, updated.limit)
         if updated is None:  # changed under us: expired, canceled or checked concurrently
             found = await self._store.verification(verification.id)
             assert found is not None
@@ -437,33 +513,33 @@ class Verifications:
             )
         return CheckResult(updated, valid)
 
-    async def _refuse_guessing(self, phone: str) -> None:
-        """Too many wrong checks against one phone today: no more checks, whatever the
-        verification, so that asking for a new call does not reset the count."""
-        day = 86400
-        now = self._clock()
-        failed, oldest = await self._store.failed_checks(phone, now - day)
-        if failed >= self._config.limits.failed_checks_per_phone_per_day:
-            log.warning(
-                "checks for %s refused: %d wrong checks today", phones.masked(phone), failed
-            )
-            raise RateLimited((oldest or now) + day - now, "failed_checks")
-
-    def _candidate_code(
-        self, verification: VerificationRecord, code: str | None, cli: str | None
-    ) -> str | None:
-        """The code a check presents, or None when it cannot be right."""
+    def _presented(self, code: str | None, cli: str | None) -> _Presented:
+        """The check's body, validated before anything is looked up (InvalidRequest)."""
         if (code is None) == (cli is None):
             raise InvalidRequest("give exactly one of code or cli")
         if code is not None:
             if not _CODE.fullmatch(code):
-                raise InvalidRequest("code must be 1-16 digits")
-            return code
+                raise InvalidRequest("code must be 1-16 digits", field="code")
+            return _Presented(code, ())
         assert cli is not None
+        readings = phones.cli_candidates(cli, self._config.numbers.default_region)
+        if not readings:
+            raise InvalidRequest(
+                "cli must be a phone number: digits, an optional +, spaces or dashes",
+                field="cli",
+            )
+        return _Presented(None, tuple(readings))
+
+    def _candidate_code(
+        self, verification: VerificationRecord, presented: _Presented
+    ) -> str | None:
+        """The code a check presents, or None when it cannot be right."""
+        if presented.code is not None:
+            return presented.code
         pool = self._pools_by_name.get(verification.pool)
         if pool is None:
             return None
-        for e164 in phones.cli_candidates(cli, self._config.numbers.default_region):
+        for e164 in presented.cli_readings:
             code = pool.code_of(e164)
             if code is not None:
                 return code

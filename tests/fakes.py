@@ -216,15 +216,16 @@ class FakePbx:
         )
         self.max_live = max(self.max_live, len(self._live))
 
-    async def hangup(self, channel_id: str) -> None:
+    async def hangup(self, channel_id: str) -> bool:
         """End a live call with `hangup_cause`, as Asterisk does for a Hangup action."""
         self.hangups.append(channel_id)
         if channel_id not in self._live:
-            return  # the real adapter ignores calls it does not know (or that ended)
+            return False  # the real adapter ignores calls it does not know (or that ended)
         if not self.connected:
             raise PbxUnavailable("not connected to AMI")
         self._live[channel_id].cancel()
         self._end(channel_id, self.hangup_cause, None)
+        return True
 
     async def next_event(self) -> CallEvent:
         return await self._events.get()

@@ -62,9 +62,10 @@ class Api:
     """A running gateway app and a client holding a valid API key."""
 
     url: str
-    key: str
+    key: str  # a verify key, as `keys create` makes by default
     other_key: str  # another client's live key
     revoked_key: str
+    admin_key: str  # the operator's: number health, its resets, stats
     http: ClientSession
     pbx: FakePbx
 
@@ -133,6 +134,7 @@ async def start_api(tmp_path: Path) -> AsyncIterator[ApiFactory]:
             _, other_key = await apikeys.create_key(store, "other")
             revoked, revoked_key = await apikeys.create_key(store, "revoked")
             await store.revoke_api_key(revoked.id, time.time())
+            _, admin_key = await apikeys.create_key(store, "operator", scope="admin")
         finally:
             await store.close()
         fake = pbx or FakePbx()
@@ -142,7 +144,8 @@ async def start_api(tmp_path: Path) -> AsyncIterator[ApiFactory]:
         servers.append(server)
         session = ClientSession()
         sessions.append(session)
-        return Api(str(server.make_url("")).rstrip("/"), key, other_key, revoked_key, session, fake)
+        url = str(server.make_url("")).rstrip("/")
+        return Api(url, key, other_key, revoked_key, admin_key, session, fake)
 
     yield start
     for session in sessions:
@@ -421,6 +424,82 @@ async def test_create_while_the_pbx_is_long_gone_is_503_with_retry_after(api: Ap
     assert api.pbx.originated == []
     api.pbx.connected = True
     await api.create()
+
+
+# -- keys and scopes, guessing -------------------------------------------------
+
+ADMIN_ROUTES = [
+    ("GET", "/v1/numbers?health=reachable"),
+    ("GET", "/v1/numbers"),  # refused before its query is read
+    ("DELETE", f"/v1/numbers/{MOBILE}/health"),
+    ("DELETE", f"/v1/numbers/{MOBILE}/failed-checks"),
+    ("GET", "/v1/stats?window=1h"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN_ROUTES)
+async def test_a_verify_key_gets_403_on_admin_routes(api: Api, method: str, path: str) -> None:
+    problem = await expect_problem(api, method, path, 403, "insufficient_scope")
+
+    assert problem["required_scope"] == "admin"
+    async with await api.request(method, path, key=api.admin_key) as response:
+        assert response.status in (200, 204, 400), await response.text()
+
+
+async def test_a_verify_key_looks_numbers_up(api: Api) -> None:
+    status, _ = await api.call("GET", f"/v1/numbers/{MOBILE}")
+    assert status == 200
+    status, _ = await api.call("POST", "/v1/numbers/lookup", json={"phones": [MOBILE]})
+    assert status == 200
+
+
+async def latest_code(api: Api, phone: str, dials: int) -> str:
+    """The code of the `dials`-th call placed to `phone`."""
+    number = phone.lstrip("+")
+
+    async def placed() -> list[str]:
+        found = [d.caller_id for d in api.pbx.placed if d.number == number]
+        return found if len(found) >= dials else []
+
+    return (await until(placed))[dials - 1][-4:]
+
+
+@pytest.mark.parametrize(
+    "body", [{"code": "12a4"}, {"cli": "private number"}, {}, {"code": "1234", "cli": "1234"}]
+)
+async def test_check_by_phone_validates_the_body_first(api: Api, body: dict[str, Any]) -> None:
+    phone = fresh_mobile()
+    path, body = "/v1/verifications/check", {"phone": phone, **body}
+    # Nothing pending: the answer does not tell that apart from a bad body.
+    await expect_problem(api, "POST", path, 400, "invalid_request", json=body)
+    created = await api.create(phone)
+    await expect_problem(api, "POST", path, 400, "invalid_request", json=body)
+    _, current = await api.call("GET", f"/v1/verifications/{created['id']}")
+    assert current["attempts_remaining"] == 5
+
+
+async def test_an_admin_resets_a_phones_wrong_checks(api: Api) -> None:
+    phone = fresh_mobile()
+    for n in (1, 2):  # ten wrong codes: the day's limit for this key and phone
+        created = await api.create(phone)
+        wrong = f"{(int(await latest_code(api, phone, n)) + 1) % 10_000:04d}"
+        for _ in range(5):
+            status, _ = await api.call(
+                "POST", f"/v1/verifications/{created['id']}/check", json={"code": wrong}
+            )
+            assert status == 200
+    created = await api.create(phone)
+    code = await latest_code(api, phone, 3)
+    check = f"/v1/verifications/{created['id']}/check"
+    await expect_problem(api, "POST", check, 429, "rate_limited", json={"code": code})
+
+    async with await api.request(
+        "DELETE", f"/v1/numbers/{phone}/failed-checks", key=api.admin_key
+    ) as response:
+        assert response.status == 204
+
+    status, body = await api.call("POST", check, json={"code": code})
+    assert (status, body["status"], body["valid"]) == (200, "approved", True)
 
 
 # -- errors --------------------------------------------------------------------

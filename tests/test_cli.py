@@ -102,6 +102,27 @@ def test_keys_create_list_revoke(config_file: Path) -> None:
     assert again.returncode == 1
 
 
+def test_check_config_shows_the_guessing_odds(config_file: Path) -> None:
+    result = gateway("check-config", "--config", str(config_file), env=SECRETS)
+    assert result.returncode == 0, result.stderr
+    assert "1 in 500 (0.2%) per 30 days through one API key" in result.stdout
+
+
+def test_keys_have_a_scope_verify_unless_admin_is_asked_for(config_file: Path) -> None:
+    args = ("--config", str(config_file))
+    assert gateway("keys", "create", "checkout", *args, env=SECRETS).returncode == 0
+    admin = gateway("keys", "create", "ops", "--scope", "admin", *args, env=SECRETS)
+    assert admin.returncode == 0, admin.stderr
+    assert "scope admin" in admin.stdout
+    refused = gateway("keys", "create", "root", "--scope", "root", *args, env=SECRETS)
+    assert refused.returncode == 2
+    assert "invalid choice" in refused.stderr
+
+    listed = gateway("keys", "list", *args, env=SECRETS).stdout.splitlines()
+    scopes = {line.split("\t")[1]: line.split("\t")[4] for line in listed}
+    assert scopes == {"checkout": "verify", "ops": "admin"}
+
+
 def test_numbers_check_reports_a_csv_offline(tmp_path: Path) -> None:
     source = tmp_path / "numbers.csv"
     source.write_text("phone\n+6281234567890\n0817 1234 5678\n+62215551234\n+62812\nhello\n")

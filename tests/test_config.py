@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
+import ipaddress
 import math
 from pathlib import Path
 from typing import Any
@@ -87,7 +89,7 @@ def test_minimal_config_gets_every_default() -> None:
         ring_seconds=8,
         max_ring_seconds=15,
         max_post_dial_seconds=15,
-        max_concurrent=100,
+        max_concurrent=150,
         max_per_second=10.0,
     )
     assert cfg.verification == config.VerificationConfig(ttl_seconds=300, max_attempts=5)
@@ -406,6 +408,19 @@ def test_an_ami_value_with_a_line_break_is_refused() -> None:
         ({"pools": [{"name": "a", "prefix": "+0221500"}]}, "pools[0].prefix"),
         ({"pools": [{"name": "a", "prefix": "+62 21 500"}]}, "pools[0].prefix"),
         ({"asterisk": {"channel": "PJSIP/otp-trunk/sip:{number}@carrier.example"}}, None),
+        ({"http": {"operator_port": 9100}}, None),
+        ({"http": {"operator_port": 0}}, "http.operator_port"),
+        ({"http": {"operator_port": 8080}}, "http.operator_port"),  # the API's port
+        ({"http": {"keepalive_seconds": 0.5}}, None),
+        ({"http": {"keepalive_seconds": 0}}, "http.keepalive_seconds"),
+        ({"http": {"keepalive_seconds": 301}}, "http.keepalive_seconds"),
+        ({"http": {"max_connections": 1}}, None),
+        ({"http": {"max_connections": 0}}, "http.max_connections"),
+        ({"http": {"max_connections": 60_001}}, "http.max_connections"),
+        ({"database": {"retention_days": 0}}, None),  # kept for ever
+        ({"database": {"retention_days": 31}}, None),
+        ({"database": {"retention_days": 30}}, "database.retention_days"),
+        ({"database": {"retention_days": 3651}}, "database.retention_days"),
         (
             {"numbers": {"early_media_is_alerting": {"regions": ["id"]}}},
             "numbers.early_media_is_alerting.regions[0]",
@@ -601,6 +616,30 @@ def test_example_config_without_its_secrets_names_both_variables() -> None:
     assert "OTP_CODE_SECRET" in problem_at(found, "security.code_secret")
 
 
+def test_http_and_retention_defaults() -> None:
+    cfg = parse(BASE)
+    assert (cfg.http.operator_host, cfg.http.operator_port) == ("127.0.0.1", 8081)
+    assert (cfg.http.keepalive_seconds, cfg.http.max_connections) == (15.0, 1000)
+    assert cfg.database.retention_days == 90
+    assert config.load(EXAMPLE, ENV).http == cfg.http  # the example shows the defaults
+    assert config.load(EXAMPLE, ENV).database == cfg.database
+
+
+def test_shutdown_takes_the_longest_call_then_the_requests_in_flight() -> None:
+    cfg = parse(BASE)
+    assert config.shutdown_seconds(cfg) == 15 + 15 + config.SHUTDOWN_GRACE_S + 10
+    slow = parse(merged(BASE, {"calls": {"max_ring_seconds": 60, "max_post_dial_seconds": 60}}))
+    assert config.shutdown_seconds(slow) == 60 + 60 + config.SHUTDOWN_GRACE_S + 10
+    lines = config.summary(slow)
+    assert "shutdown: up to 135s after SIGTERM" in "\n".join(lines)
+
+
+def test_summary_warns_when_operator_routes_leave_loopback() -> None:
+    assert not any("operator" in line for line in config.summary(parse(BASE)) if "warn" in line)
+    exposed = parse(merged(BASE, {"http": {"operator_host": "0.0.0.0"}}))  # noqa: S104
+    assert any(line.startswith("warning: operator routes") for line in config.summary(exposed))
+
+
 def test_summary_describes_the_config_without_its_secrets() -> None:
     cfg = config.load(EXAMPLE, ENV)
     lines = config.summary(cfg)
@@ -611,6 +650,94 @@ def test_summary_describes_the_config_without_its_secrets() -> None:
     assert "otp-gateway@127.0.0.1:5038" in text
     assert "pool default: +6221500XXXX, 10000 codes (13.3 bits)" in text
     assert not any("warning" in line for line in lines)
+
+
+# -- wrong codes: limits per key and across keys, and what they leave a guesser ------
+
+
+def test_wrong_code_limits_are_per_key_with_higher_ceilings_across_keys() -> None:
+    limits = parse(BASE).limits
+    assert (limits.failed_checks_per_phone_per_day, limits.failed_checks_per_phone_per_30_days) == (
+        10,
+        20,
+    )
+    assert (
+        limits.failed_checks_per_phone_per_day_all_keys,
+        limits.failed_checks_per_phone_per_30_days_all_keys,
+    ) == (30, 60)
+
+
+@pytest.mark.parametrize(
+    ("limits", "path"),
+    [
+        ({"failed_checks_per_phone_per_30_days": 0}, "limits.failed_checks_per_phone_per_30_days"),
+        (  # under the per-key limit, the per-key one would never be reached
+            {"failed_checks_per_phone_per_day_all_keys": 9},
+            "limits.failed_checks_per_phone_per_day_all_keys",
+        ),
+        (
+            {"failed_checks_per_phone_per_30_days_all_keys": 19},
+            "limits.failed_checks_per_phone_per_30_days_all_keys",
+        ),
+        ({"failed_checks_per_phone_per_day_all_keys": 10}, None),  # one ceiling for all
+    ],
+)
+def test_wrong_code_limits_across_keys_are_at_least_those_per_key(
+    limits: dict[str, Any], path: str | None
+) -> None:
+    raw = merged(BASE, {"limits": limits})
+    if path is None:
+        parse(raw)
+    else:
+        found = problems(raw)
+        assert paths(found) == {path}
+        assert "must be at least" in found[0]
+
+
+def test_guessing_odds_spend_the_wrong_codes_a_verification_at_a_time() -> None:
+    # Each verification is a new code: five guesses at a time, not twenty at one code.
+    assert config.guessing_odds(10_000, 5, 20) == pytest.approx(1 - (1 - 5 / 10_000) ** 4)
+    assert config.guessing_odds(10_000, 5, 22) == pytest.approx(
+        1 - (1 - 5 / 10_000) ** 4 * (1 - 2 / 10_000)
+    )
+    assert config.guessing_odds(40, 5, 100) == pytest.approx(1 - (35 / 40) ** 20)
+    assert config.guessing_odds(4, 5, 3) == pytest.approx(0.75)
+    assert config.guessing_odds(4, 5, 5) == 1.0  # five attempts cover four codes
+    assert config.guessing_odds(10_000, 5, 0) == 0.0
+
+
+def test_summary_shows_the_guessing_odds_of_each_pool() -> None:
+    raw = merged(
+        BASE,
+        {
+            "pools": [
+                {"name": "four", "prefix": "+6221500", "regions": ["ID"]},
+                {"name": "six", "prefix": "+62215", "code_length": 6},
+            ]
+        },
+    )
+    lines = config.summary(parse(raw))
+    assert (
+        "limits: wrong codes per phone: per API key 10 a day and 20 per 30 days; "
+        "across keys 30 a day and 60 per 30 days"
+    ) in lines
+    four = lines.index("pool four: +6221500XXXX, 10000 codes (13.3 bits), serves ID")
+    # 20 wrong codes through one key: 1 - (1 - 5/10^4)^4; 60 across keys: ^12.
+    assert lines[four + 1 : four + 3] == [
+        "  guessing one phone's code: 1 in 500 (0.2%) per 30 days through one API key, "
+        "1 in 167 (0.598%) through any number of keys",
+        "  guessing at large: one API key's 10000 calls a day, each to another phone, "
+        "find about 5 codes a day",
+    ]
+    six = lines.index(
+        "pool six: +62215XXXXXX, 1000000 codes (19.9 bits), serves all allowed regions"
+    )
+    assert lines[six + 1 : six + 3] == [
+        "  guessing one phone's code: 1 in 50000 (0.002%) per 30 days through one API key, "
+        "1 in 16667 (0.006%) through any number of keys",
+        "  guessing at large: one API key's 10000 calls a day, each to another phone, "
+        "find about 0.05 codes a day",
+    ]
 
 
 def test_summary_never_contains_secrets_even_when_they_resemble_other_values() -> None:
@@ -653,3 +780,116 @@ def test_summary_warns_when_sandbox_numbers_are_configured() -> None:
     lines = config.summary(parse(merged(BASE, {"test_numbers": {"+6281200000001": "4321"}})))
     assert any(line.startswith("warning: test_numbers is set: 1 phones") for line in lines)
     assert not any("test_numbers" in line for line in config.summary(parse(BASE)))
+
+
+# -- issue 14: the PJSIP channel, the post-dial cap, early media ---------------------
+
+
+def test_a_channel_that_is_not_pjsip_is_refused() -> None:
+    found = problems(merged(BASE, {"asterisk": {"channel": "Local/{number}@otp"}}))
+    assert problem_at(found, "asterisk.channel").startswith("asterisk.channel: must be a PJSIP")
+
+
+@pytest.mark.parametrize(("seconds", "ok"), [(-1, False), (0, True), (60, True), (61, False)])
+def test_max_post_dial_seconds_is_bounded(seconds: int, ok: bool) -> None:
+    raw = merged(BASE, {"calls": {"max_post_dial_seconds": seconds}})
+    if ok:
+        assert parse(raw).calls.max_post_dial_seconds == seconds
+    else:
+        assert problems(raw) == ["calls.max_post_dial_seconds: must be 0-60"]
+
+
+def test_early_media_is_alerting_by_region_or_carrier() -> None:
+    raw = merged(
+        BASE, {"numbers": {"early_media_is_alerting": {"regions": ["ID"], "carriers": ["XL"]}}}
+    )
+    policy = parse(raw).numbers.early_media_is_alerting
+    assert policy == config.EarlyMediaConfig(regions=("ID",), carriers=("XL",))
+    assert policy.applies("ID", None)
+    assert policy.applies("MY", "XL")
+    assert not policy.applies("MY", "Maxis")
+    assert not config.EarlyMediaConfig().applies("ID", "Telkomsel")
+
+
+def test_early_media_regions_are_checked() -> None:
+    raw = merged(BASE, {"numbers": {"early_media_is_alerting": {"regions": ["indonesia"]}}})
+    assert problems(raw) == [
+        "numbers.early_media_is_alerting.regions[0]: must be an ISO 3166 alpha-2 code"
+    ]
+
+
+# -- webhooks -------------------------------------------------------------------
+
+
+def webhook_secret(size: int) -> str:
+    return "whsec_" + base64.b64encode(bytes(range(size))).decode()
+
+
+@pytest.mark.parametrize(("size", "ok"), [(16, False), (23, False), (24, True), (32, True)])
+def test_a_webhook_secret_under_24_bytes_is_refused(size: int, ok: bool) -> None:
+    raw = merged(BASE, {"webhooks": {"secret": webhook_secret(size)}})
+    if ok:
+        assert parse(raw).webhooks.secret == webhook_secret(size)
+    else:
+        found = problem_at(problems(raw), "webhooks.secret")
+        assert found.startswith(f"webhooks.secret: must decode to at least 24 bytes, not {size}")
+
+
+def test_webhook_allowed_networks_are_cidrs_named_by_index() -> None:
+    assert parse(BASE).webhooks.allowed_networks == ()
+    good = ["127.0.0.1/32", "10.20.0.0/16", "::1", "fd00::/8"]
+    raw = merged(BASE, {"webhooks": {"allowed_networks": good}})
+    assert parse(raw).webhooks.allowed_networks == tuple(good)
+    raw = merged(BASE, {"webhooks": {"allowed_networks": [*good, "localhost", "10.0.0.0/33"]}})
+    assert paths(problems(raw)) == {"webhooks.allowed_networks[4]", "webhooks.allowed_networks[5]"}
+    raw = merged(BASE, {"webhooks": {"allowed_networks": "127.0.0.1/32"}})
+    assert problems(raw) == ["webhooks.allowed_networks: must be a list"]
+
+
+@pytest.mark.parametrize(
+    ("address", "reached"),
+    [
+        ("93.184.216.34", True),
+        ("2606:4700::1", True),
+        ("::ffff:93.184.216.34", True),
+        ("64:ff9b::808:808", True),  # NAT64 of a public address
+        ("2002:808:808::", True),  # 6to4 of a public address
+        ("127.0.0.1", False),
+        ("::1", False),
+        ("0.0.0.0", False),  # noqa: S104 - an address under test, not a bind
+        ("::", False),
+        ("::ffff:127.0.0.1", False),
+        ("169.254.169.254", False),
+        ("10.0.0.1", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("100.64.0.1", False),
+        ("198.18.0.1", False),
+        ("fd00::1", False),
+        ("fe80::1", False),
+        ("224.0.0.1", False),
+        ("ff02::1", False),
+        ("255.255.255.255", False),
+        ("64:ff9b::a00:1", False),  # NAT64 of 10.0.0.1
+        ("64:ff9b:1::a00:1", False),  # local-use NAT64 of 10.0.0.1
+        ("2002:a00:1::", False),  # 6to4 of 10.0.0.1
+    ],
+)
+def test_webhooks_reach_only_globally_routable_addresses(address: str, reached: bool) -> None:
+    assert config.WebhooksConfig().reaches(ipaddress.ip_address(address)) is reached
+
+
+def test_allowed_networks_open_exactly_themselves() -> None:
+    hooks = config.WebhooksConfig(allowed_networks=("127.0.0.1/32", "10.20.0.0/16", "fd00::/8"))
+    for inside in ("127.0.0.1", "::ffff:127.0.0.1", "10.20.3.4", "fd00::1"):
+        assert hooks.reaches(ipaddress.ip_address(inside)), inside
+    for outside in ("127.0.0.2", "10.21.0.1", "::1", "169.254.169.254"):
+        assert not hooks.reaches(ipaddress.ip_address(outside)), outside
+
+
+def test_summary_warns_when_webhooks_may_reach_inside() -> None:
+    raw = merged(BASE, {"webhooks": {"secret": webhook_secret(32)}})
+    assert not any("allowed_networks" in line for line in config.summary(parse(raw)))
+    raw = merged(raw, {"webhooks": {"allowed_networks": ["10.20.0.0/16"]}})
+    [line] = [line for line in config.summary(parse(raw)) if "allowed_networks" in line]
+    assert line.startswith("warning: webhooks.allowed_networks lets callback URLs reach 10.20")

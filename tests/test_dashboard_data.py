@@ -1,5 +1,5 @@
 """The dashboard's figures: the store's per-minute and by-cause queries, the data
-function, and the routes served without an API key."""
+function, and the routes served without an API key on the operator's listener."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.app import create_app
+from gateway.app import create_app, create_operator_app
 from gateway.config import AsteriskConfig, Config, DatabaseConfig, PoolConfig, SecurityConfig
 from gateway.dashboard import CHART_MINUTES, WINDOW_S, Live, dashboard_data
 from gateway.numbers import Numbers
@@ -261,8 +261,9 @@ async def test_dashboard_data_without_calls(store: Store, tmp_path: Path) -> Non
 
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[AppClient]:
+    """A client of the operator's listener, the API's started first (its resources)."""
     app = create_app(config(tmp_path / "gateway.sqlite3"), pbx=FakePbx())
-    async with TestClient(TestServer(app)) as test_client:
+    async with TestServer(app), TestClient(TestServer(create_operator_app(app))) as test_client:
         yield test_client
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import re
 import shlex
 import subprocess
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway import config
+from gateway import config, listener
 from gateway.__main__ import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -166,3 +167,64 @@ def test_systemd_unit_flags_are_the_gateways(tmp_path: Path) -> None:
     argv = shlex.split(unit()["Service"]["ExecStart"])
     args = [tmp_path / "absent.yaml" if arg.endswith(".yaml") else arg for arg in argv[3:]]
     assert main([str(arg) for arg in args]) == 1
+
+
+def _seconds(value: str) -> float:
+    """A systemd or Compose duration in seconds: 150, 150s, 2min 30s, 2m30s."""
+    units = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", value)
+    assert parts, value
+    return sum(float(n) * units[unit] for n, unit in parts)
+
+
+def _longest_configs() -> list[config.Config]:
+    """The defaults, and the call settings at their maxima (which a config may set)."""
+    base = config.load(
+        REPO / "config.example.yaml", {"AMI_SECRET": "x", "OTP_CODE_SECRET": "y" * 16}
+    )
+    calls = config.CallsConfig(
+        max_ring_seconds=config.MAX_RING_SECONDS,
+        max_post_dial_seconds=config.MAX_POST_DIAL_SECONDS,
+    )
+    return [base, dataclasses.replace(base, calls=calls)]
+
+
+def test_systemd_unit_waits_for_the_longest_shutdown() -> None:
+    stop = _seconds(unit()["Service"]["TimeoutStopSec"])
+    for cfg in _longest_configs():
+        assert stop > config.shutdown_seconds(cfg), cfg.calls
+
+
+def test_compose_waits_for_the_longest_shutdown(compose: dict[str, Any]) -> None:
+    grace = _seconds(compose["services"]["gateway"]["stop_grace_period"])
+    for cfg in _longest_configs():
+        assert grace > config.shutdown_seconds(cfg), cfg.calls
+
+
+def test_systemd_unit_allows_the_open_files_the_connections_need() -> None:
+    needed = (
+        config.HttpConfig().max_connections
+        + listener.OPERATOR_MAX_CONNECTIONS
+        + listener.RESERVED_FILES
+    )
+    assert int(unit()["Service"]["LimitNOFILE"]) >= needed
+
+
+def test_the_state_directory_is_for_the_gateways_user_alone() -> None:
+    assert unit()["Service"]["StateDirectoryMode"] == "0700"
+    assert unit()["Service"]["UMask"] == "0077"
+    assert "-m 0700 /var/lib/otp-gateway" in (REPO / "Dockerfile").read_text()
+
+
+def test_compose_publishes_the_operator_listener_on_loopback_only(
+    compose: dict[str, Any],
+) -> None:
+    gateway = compose["services"]["gateway"]
+    mounted = next(v.split(":")[0] for v in gateway["volumes"] if "config.yaml" in v)
+    environ = {"AMI_SECRET": "x", "OTP_CODE_SECRET": "y" * 16}
+    cfg = config.load(REPO / mounted, environ)
+    # Inside the container it listens on every address; the host publishes it on loopback.
+    assert cfg.http.operator_host == "0.0.0.0"  # noqa: S104
+    published = [str(port).split("#")[0].strip() for port in gateway["ports"]]
+    assert f"127.0.0.1:{cfg.http.operator_port}:{cfg.http.operator_port}" in published
+    assert str(cfg.http.operator_port) in dockerfile_setting(r"^EXPOSE (.+)$").split()

@@ -580,7 +580,7 @@ async def test_an_adopted_call_that_was_dialing_and_ends_unanswered_is_lost_not_
     job = await add_job(store, "0")
     await store.call_progress(job.call_id, "dialing", "dialed_at", time.time(), "dialing")
     # After a restart: it may have rung before the old process died; nobody knows.
-    await harness.dialer.adopt(job, time.time(), ringing_at=None)
+    await harness.dialer.adopt(job, time.time(), ringing_at=None, rang=False)
     harness.pbx.end_adopted(job.call_id, 19, 480)  # Asterisk's own ring timeout
     await harness.ended(job)
     call = await call_of(store, job)
@@ -742,3 +742,93 @@ async def test_the_cap_counts_from_the_invite_not_from_a_queued_originate(
     assert (call.outcome, call.reason) == (Outcome.NO_ALERTING, POST_DIAL_TIMEOUT)
     assert call.ended_at is not None and call.dialed_at is not None
     assert call.ended_at - call.dialed_at >= 0.1 + RING_S - 0.02
+
+
+class SlowHangupPbx(FakePbx):
+    """Asterisk accepts the Hangup, but the call's own script says how it ends: what the
+    network did while the gateway's CANCEL was on its way."""
+
+    def __init__(self, script: Callable[[Dial], Fate], refusals: int = 0) -> None:
+        super().__init__(script)
+        self.refusals = refusals  # the first hangups find no channel yet
+
+    async def hangup(self, channel_id: str) -> bool:
+        self.hangups.append(channel_id)
+        if self.refusals:
+            self.refusals -= 1
+            return False
+        return channel_id in self.live
+
+
+async def test_a_network_final_response_that_crosses_the_timer_is_the_verdict(
+    make_dialer: HarnessFactory, store: Store
+) -> None:
+    """183, the ring timer fires, but the network's 480 ends the call first."""
+
+    def announcement(dial: Dial) -> Fate:
+        return (Step(REPLY_S, PROGRESS), Step(8, HANGUP, NO_ANSWER, 480))  # 0.4 s
+
+    harness = make_dialer(SlowHangupPbx(announcement))
+    harness.dialer.start()
+    job = await add_job(store, "0")
+    call = await ended_call(harness, store, job)
+    assert harness.pbx.hangups == [job.call_id]  # the timer did fire
+    assert (call.outcome, call.reason, call.sip_code) == (Outcome.UNREACHABLE, None, 480)
+
+
+async def test_alerting_that_crosses_the_timers_cancel_changes_nothing(
+    make_dialer: HarnessFactory, store: Store
+) -> None:
+    def late_ring(dial: Dial) -> Fate:  # the 180 comes after the gateway's cap (0.2 s)
+        return (Step(6, RINGING), Step(1, HANGUP, NORMAL_CLEARING))
+
+    harness = make_dialer(SlowHangupPbx(late_ring))
+    harness.dialer.start()
+    job = await add_job(store, "0")
+    call = await ended_call(harness, store, job)
+    assert (call.outcome, call.reason) == (Outcome.NO_ALERTING, POST_DIAL_TIMEOUT)
+    assert await health_of(store, call) == "unknown"
+
+
+async def test_a_timer_hangup_that_finds_no_channel_is_tried_again(
+    make_dialer: HarnessFactory, store: Store
+) -> None:
+    harness = make_dialer(FakePbx())
+    harness.pbx = SlowHangupPbx(lambda dial: (), refusals=1)
+    harness.dialer = Dialer(
+        harness.pbx, store, harness.calls, harness.release_cli, harness.on_ended
+    )
+    harness.dialer.start()
+    job = await add_job(store, "9")
+    harness.submit(job)
+    await until(lambda: _async(len(harness.pbx.hangups) >= 2), timeout=WAIT_S)
+    assert harness.pbx.hangups == [job.call_id, job.call_id]
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def test_a_cancel_stops_the_ring_timer(harness: Harness, store: Store) -> None:
+    job = await add_job(store, "1")  # 183 only: the ring timer is armed
+    harness.submit(job)
+    await until(lambda: _async(bool(harness.pbx.live)))
+    await harness.dialer.cancel(job.call_id)
+    await harness.ended(job)
+    call = await call_of(store, job)
+    await asyncio.sleep(RING_S * 2)
+    assert harness.pbx.hangups == [job.call_id]  # the timer did not hang up again
+    assert (call.outcome, call.reason) == (Outcome.ERROR, "canceled")
+
+
+async def test_a_call_adopted_after_a_lone_183_is_not_delivered_by_its_480(
+    harness: Harness, store: Store
+) -> None:
+    job = await add_job(store, "0")
+    now = time.time()
+    await store.call_progress(job.call_id, "dialing", "dialed_at", now, "dialing")
+    await store.call_progress(job.call_id, "ringing", "ringing_at", now, "progress")
+    await harness.dialer.adopt(job, now, ringing_at=now, rang=False)
+    harness.pbx.end_adopted(job.call_id, NO_ANSWER, 480)  # the announcement's reject
+    await harness.ended(job)
+    assert (await call_of(store, job)).outcome == Outcome.UNREACHABLE

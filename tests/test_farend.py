@@ -382,6 +382,7 @@ def test_field_scenario_runs_without_auto_answer(field: FarEnd, tmp_path: Path) 
     assert FarEnd.field(tmp_path).running() and not FarEnd(tmp_path).running()
 
 
+@pytest.mark.integration  # the shared field far end on its fixed port
 def test_field_end_ignores_options_and_keeps_serving(field_end: FarEnd) -> None:
     # The dev field far end itself (5071), as Asterisk's otp-field endpoint sees it.
     assert field_end.port == FIELD_PORT

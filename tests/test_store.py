@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import shutil
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from gateway.store import (
     ApiKeyRecord,
     CallEventRecord,
     CallRecord,
+    CheckLimit,
     Inserted,
     Limited,
     Replayed,
@@ -136,6 +139,40 @@ async def test_open_creates_missing_parent_directories(tmp_path: Path) -> None:
     assert path.is_file()
 
 
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+async def test_the_database_is_created_for_its_owner_alone(tmp_path: Path) -> None:
+    umask = os.umask(0o022)  # a usual umask: without care, files come out 0644
+    try:
+        path = tmp_path / "state" / "gateway.sqlite3"
+        opened = await Store.open(path)
+        try:
+            await create(opened, 1)  # something in the -wal
+            files = [path, Path(f"{path}-wal"), Path(f"{path}-shm")]
+            assert {f.name: mode(f) for f in files} == {f.name: 0o600 for f in files}
+            assert mode(path.parent) == 0o700
+        finally:
+            await opened.close()
+    finally:
+        os.umask(umask)
+
+
+async def test_an_existing_database_readable_by_others_is_made_private(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = await Store.open(db_path)
+    await first.close()
+    os.chmod(db_path, 0o644)
+    reopened = await Store.open(db_path)
+    try:
+        assert mode(db_path) == 0o600
+    finally:
+        await reopened.close()
+    assert f"{db_path} was mode 644: made it 600" in caplog.text
+
+
 async def test_migrations_are_applied_once_and_reopening_keeps_data(db_path: Path) -> None:
     first = await Store.open(db_path)
     try:
@@ -178,9 +215,10 @@ async def test_created_verification_and_call_read_back_unchanged(store: Store) -
     record, queued = verification(), call()
     assert (await store.create_verification(record, queued)) == Inserted([])
     assert await store.verification("vrf_1") == (record, queued)
-    assert await store.newest_pending(PHONE) == (record, queued)
+    assert await store.newest_pending(PHONE, "key_1") == (record, queued)
     assert await store.verification("vrf_missing") is None
-    assert await store.newest_pending(OTHER_PHONE) is None
+    assert await store.newest_pending(OTHER_PHONE, "key_1") is None
+    assert await store.newest_pending(PHONE, "key_2") is None  # only the key's own
 
 
 async def test_create_cancels_the_phones_pending_verification_and_names_its_live_call(
@@ -197,7 +235,7 @@ async def test_create_cancels_the_phones_pending_verification_and_names_its_live
     assert found[0].updated_at == newer.created_at
     assert await status_of(store, "vrf_3") == "pending"
     assert await status_of(store, other.id) == "pending"
-    newest = await store.newest_pending(PHONE)
+    newest = await store.newest_pending(PHONE, "key_1")
     assert newest is not None
     assert newest[0].id == "vrf_3"
 
@@ -335,6 +373,161 @@ async def test_concurrent_mixed_checks_end_in_one_final_state(store: Store) -> N
     assert found is not None
     assert found[0] == finals[0]
     assert found[0].attempts_remaining == 3 - wrong_spent >= 0
+
+
+# -- wrong checks per phone: by key, across keys, in the transaction that spends -
+
+DAY = 86400.0
+PER_KEY = CheckLimit(3, DAY, per_key=True, name="failed_checks")
+ALL_KEYS = CheckLimit(5, DAY, per_key=False, name="failed_checks_all_keys")
+
+
+async def create_for(store: Store, n: int, key: str, *, attempts: int = 20) -> VerificationRecord:
+    """Store vrf_<n> to PHONE for API key `key`, with room for many checks."""
+    record = dataclasses.replace(
+        verification(f"vrf_{n}", attempts=attempts, created_at=T0 + n), api_key_id=key
+    )
+    await store.create_verification(record, call(f"call_{n}", record.id, queued_at=T0 + n))
+    return record
+
+
+def failures(path: Path) -> int:
+    """Wrong checks recorded, every phone and key."""
+    return int(raw_query(path, "SELECT COALESCE(SUM(failures), 0) FROM check_failures")[0][0])
+
+
+async def test_the_failed_check_limit_holds_against_concurrent_checks(
+    store: Store, db_path: Path
+) -> None:
+    """Nine wrong checks recorded, five more at once: one is spent, four are refused."""
+    await create_for(store, 1, "key_1")
+    limits = (CheckLimit(10, DAY, per_key=True, name="failed_checks"),)
+    for i in range(9):
+        spent = await store.spend_attempt("vrf_1", approve=False, at=T0 + 10 + i, limits=limits)
+        assert isinstance(spent, VerificationRecord)
+
+    results = await asyncio.gather(
+        *(store.spend_attempt("vrf_1", approve=False, at=T0 + 20, limits=limits) for _ in range(5))
+    )
+
+    assert sum(isinstance(r, VerificationRecord) for r in results) == 1
+    # The oldest wrong check (T0 + 10) leaves the day's window first.
+    assert [r for r in results if isinstance(r, Limited)] == [
+        Limited(DAY - 10, "failed_checks")
+    ] * 4
+    assert failures(db_path) == 10
+    # Even the right code is refused now, and the verification keeps its attempts.
+    assert await store.spend_attempt("vrf_1", True, T0 + 21, limits) == Limited(
+        DAY - 11, "failed_checks"
+    )
+    found = await store.verification("vrf_1")
+    assert found is not None
+    assert (found[0].status, found[0].attempts_remaining, found[0].failed_checks) == (
+        "pending", 10, 10,
+    )  # fmt: skip
+
+
+async def test_wrong_checks_count_per_key_under_a_ceiling_across_keys(store: Store) -> None:
+    for n, key in enumerate(("key_1", "key_2", "key_3"), start=1):
+        await create_for(store, n, key)
+    limits = (PER_KEY, ALL_KEYS)
+
+    async def wrong(vid: str, at: float) -> VerificationRecord | Limited | None:
+        return await store.spend_attempt(vid, approve=False, at=at, limits=limits)
+
+    for i in range(3):
+        assert isinstance(await wrong("vrf_1", T0 + 10 + i), VerificationRecord)
+    assert await wrong("vrf_1", T0 + 20) == Limited(DAY - 10, "failed_checks")
+    # Another key still checks the same phone: key_1's guesses are key_1's.
+    for i in range(2):
+        assert isinstance(await wrong("vrf_2", T0 + 30 + i), VerificationRecord)
+    # Five across keys: the ceiling holds for every key, one that never guessed too.
+    assert await wrong("vrf_2", T0 + 40) == Limited(DAY - 30, "failed_checks_all_keys")
+    right = await store.spend_attempt("vrf_3", approve=True, at=T0 + 41, limits=limits)
+    assert right == Limited(DAY - 31, "failed_checks_all_keys")
+    # Another phone is another count.
+    other = dataclasses.replace(verification("vrf_9", phone=OTHER_PHONE), api_key_id="key_1")
+    await store.create_verification(other, call("call_9", "vrf_9"))
+    assert isinstance(await wrong("vrf_9", T0 + 42), VerificationRecord)
+
+
+async def test_wrong_checks_leave_the_window_and_a_reset_forgets_them(
+    store: Store, db_path: Path
+) -> None:
+    long_window = (CheckLimit(2, 30 * DAY, per_key=True, name="failed_checks_30_days"),)
+    await create_for(store, 1, "key_1")
+    for at in (T0 + 10, T0 + 11):
+        assert isinstance(
+            await store.spend_attempt("vrf_1", False, at, long_window), VerificationRecord
+        )
+    assert await store.spend_attempt("vrf_1", False, T0 + 12, long_window) == Limited(
+        30 * DAY - 2, "failed_checks_30_days"
+    )
+
+    assert await store.reset_check_failures(PHONE) == 2
+    assert await store.reset_check_failures(PHONE) == 0
+    assert isinstance(
+        await store.spend_attempt("vrf_1", False, T0 + 13, long_window), VerificationRecord
+    )
+    assert isinstance(
+        await store.spend_attempt("vrf_1", False, T0 + 14, long_window), VerificationRecord
+    )
+    assert isinstance(await store.spend_attempt("vrf_1", False, T0 + 15, long_window), Limited)
+    # The window passes; what it no longer counts is forgotten at the next wrong check.
+    later = T0 + 13 + 30 * DAY
+    record = dataclasses.replace(
+        verification("vrf_3", created_at=later, expires_at=later + TTL), api_key_id="key_1"
+    )
+    await store.create_verification(record, call("call_3", "vrf_3", queued_at=later))
+    assert isinstance(
+        await store.spend_attempt("vrf_3", False, later, long_window), VerificationRecord
+    )
+    assert raw_query(db_path, "SELECT at FROM check_failures ORDER BY at") == [
+        (T0 + 14,), (later,),
+    ]  # fmt: skip
+
+
+async def test_keys_from_before_scopes_become_admin_and_keep_their_wrong_checks(
+    db_path: Path,
+) -> None:
+    """A database from before migration 9: its keys keep every right (admin), and the
+    wrong checks of the last 30 days still count, by key."""
+    now = time.time()
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as db:
+        for number, script in enumerate(MIGRATIONS[:8], start=1):
+            db.executescript(script)
+            db.execute(f"PRAGMA user_version = {number}")
+        db.execute(
+            "INSERT INTO api_keys (id, name, key_hash, created_at) VALUES "
+            "('key_old', 'billing', 'hash-old', ?)",
+            (now - 90 * DAY,),
+        )
+        for vid, failed, age in (("vrf_recent", 4, DAY), ("vrf_old", 5, 31 * DAY)):
+            db.execute(
+                "INSERT INTO verifications (id, api_key_id, phone, region, status, code_hash, "
+                "pool, cli_prefix, cli_length, cli_pattern, attempts_remaining, created_at, "
+                "expires_at, updated_at, failed_checks) VALUES "
+                "(?, 'key_old', ?, 'ID', 'failed', 'h', 'p', '+6221500', 4, 'x', 1, ?, ?, ?, ?)",
+                (vid, PHONE, now - age, now - age + TTL, now - age, failed),
+            )
+    store = await Store.open(db_path)
+    try:
+        old = await store.api_key_by_hash("hash-old")
+        assert old is not None and old.scope == "admin"
+        new = ApiKeyRecord("key_new", "login", "hash-new", now, None)
+        await store.add_api_key(new)
+        assert new.scope == "verify"
+        assert await store.api_key_by_hash("hash-new") == new
+        pending = dataclasses.replace(verification("vrf_1", created_at=now), api_key_id="key_old")
+        await store.create_verification(pending, call("call_1", "vrf_1", queued_at=now))
+        limits = (CheckLimit(5, 30 * DAY, per_key=True, name="failed_checks_30_days"),)
+        assert isinstance(
+            await store.spend_attempt("vrf_1", False, now, limits), VerificationRecord
+        )
+        refused = await store.spend_attempt("vrf_1", False, now + 1, limits)
+        assert isinstance(refused, Limited) and refused.limit == "failed_checks_30_days"
+    finally:
+        await store.close()
 
 
 # -- set_status, expiry ------------------------------------------------------

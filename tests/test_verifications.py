@@ -19,6 +19,7 @@ from gateway.config import (
     CallsConfig,
     Config,
     DatabaseConfig,
+    LimitsConfig,
     PoolConfig,
     SecurityConfig,
     VerificationConfig,
@@ -31,6 +32,7 @@ from gateway.errors import (
     NumberKnownInvalid,
     PbxUnavailable,
     PhoneTypeNotAllowed,
+    RateLimited,
     RegionNotAllowed,
     VerificationNotPending,
 )
@@ -42,6 +44,8 @@ from tests.fakes import FakePbx, Fate, by_last_digit, fresh_mobile, rings_until_
 
 KEY = "key_a"
 OTHER_KEY = "key_b"
+THIRD_KEY = "key_c"
+DAY = 86400.0
 TTL_S = 300
 MAX_ATTEMPTS = 5
 CODE_SECRET = "unit-test-code-secret-0123456789"  # noqa: S105 - a test's HMAC key
@@ -61,7 +65,10 @@ class Clock:
 
 
 def make_config(
-    db_path: Path, code_length: int = 4, test_numbers: dict[str, str] | None = None
+    db_path: Path,
+    code_length: int = 4,
+    test_numbers: dict[str, str] | None = None,
+    limits: LimitsConfig | None = None,
 ) -> Config:
     return Config(
         asterisk=AsteriskConfig(secret="unused"),  # noqa: S106 - never used: the PBX is fake
@@ -71,6 +78,7 @@ def make_config(
         calls=CallsConfig(ring_seconds=1, max_concurrent=50, max_per_second=1000),
         verification=VerificationConfig(ttl_seconds=TTL_S, max_attempts=MAX_ATTEMPTS),
         test_numbers=test_numbers or {},
+        limits=limits or LimitsConfig(),
     )
 
 
@@ -144,9 +152,10 @@ async def make_domain(tmp_path: Path) -> AsyncIterator[DomainFactory]:
         code_length: int = 4,
         script: Callable[[Dial], Fate] = by_last_digit,
         test_numbers: dict[str, str] | None = None,
+        limits: LimitsConfig | None = None,
     ) -> Domain:
         db_path = tmp_path / f"gateway-{len(started)}.sqlite3"
-        config = make_config(db_path, code_length, test_numbers)
+        config = make_config(db_path, code_length, test_numbers, limits)
         store = await Store.open(db_path)
         pools = [Pool(p) for p in config.pools]
         by_name = {p.name: p for p in pools}
@@ -424,10 +433,18 @@ async def test_a_wrong_cli_spends_an_attempt(domain: Domain) -> None:
     assert result.verification.attempts_remaining == MAX_ATTEMPTS - 1
 
 
-@pytest.mark.parametrize(
-    ("code", "cli"),
-    [(None, None), ("1234", "+622150001234"), ("12a4", None), ("", None), ("1" * 17, None)],
-)
+MALFORMED_CHECKS = [
+    (None, None),
+    ("1234", "+622150001234"),
+    ("12a4", None),
+    ("", None),
+    ("1" * 17, None),
+    (None, "private number"),  # no reading of it is a number
+    (None, "+62 21 5OO 1234"),
+]
+
+
+@pytest.mark.parametrize(("code", "cli"), MALFORMED_CHECKS)
 async def test_malformed_check_spends_nothing(
     domain: Domain, code: str | None, cli: str | None
 ) -> None:
@@ -482,6 +499,149 @@ async def test_concurrent_right_checks_approve_once(domain: Domain) -> None:
     approved = [r for r in results if not isinstance(r, BaseException)]
     assert len(approved) == 1 and approved[0].valid
     assert all(isinstance(r, VerificationNotPending) for r in results if r not in approved)
+
+
+@pytest.mark.parametrize(("code", "cli"), MALFORMED_CHECKS)
+async def test_check_by_phone_validates_the_body_before_looking_anything_up(
+    domain: Domain, code: str | None, cli: str | None
+) -> None:
+    """A malformed body is 400 whether or not something is pending (not 404, 409 or 429)."""
+    with pytest.raises(InvalidRequest):
+        await domain.verifications.check_by_phone(KEY, fresh_mobile(), None, code, cli)
+
+
+async def wrong_code(domain: Domain, verification: VerificationRecord) -> str:
+    return f"{(int(await domain.code_of(verification)) + 1) % 10_000:04d}"
+
+
+async def spend_all_attempts(domain: Domain, verification: VerificationRecord, key: str) -> None:
+    wrong = await wrong_code(domain, verification)
+    for _ in range(MAX_ATTEMPTS):
+        result = await domain.verifications.check(key, verification.id, wrong, None)
+        assert not result.valid
+
+
+async def failed_checks(domain: Domain, phone: str) -> int:
+    """Wrong checks against `phone`, as its verifications count them."""
+    with contextlib.closing(sqlite3.connect(domain.db_path)) as db:
+        row = db.execute(
+            "SELECT COALESCE(SUM(failed_checks), 0) FROM verifications WHERE phone = ?", (phone,)
+        ).fetchone()
+    return int(row[0])
+
+
+async def test_concurrent_wrong_checks_never_pass_the_phones_limit(domain: Domain) -> None:
+    """Nine wrong codes recorded; five more at once while other work keeps the store
+    busy (as a loaded gateway's does): one is checked, four are refused, never 14."""
+    phone = fresh_mobile()
+    first = await domain.create(phone)
+    await spend_all_attempts(domain, first, KEY)
+    second = await domain.create(phone)
+    wrong = await wrong_code(domain, second)
+    for _ in range(4):
+        await domain.verifications.check(KEY, second.id, wrong, None)
+    assert await failed_checks(domain, phone) == 9
+    third = await domain.create(phone)
+    wrong = await wrong_code(domain, third)
+
+    busy = True
+
+    async def other_requests() -> None:
+        while busy:
+            await domain.store.ping()
+
+    load = asyncio.create_task(other_requests())
+    await asyncio.sleep(0)
+    try:
+        results = await asyncio.gather(
+            *(domain.verifications.check(KEY, third.id, wrong, None) for _ in range(5)),
+            return_exceptions=True,
+        )
+    finally:
+        busy = False
+        await load
+
+    assert len([r for r in results if not isinstance(r, BaseException)]) == 1
+    assert [type(r) for r in results if isinstance(r, BaseException)] == [RateLimited] * 4
+    assert await failed_checks(domain, phone) == 10
+
+
+async def test_check_by_phone_finds_the_callers_own_verification(domain: Domain) -> None:
+    phone = fresh_mobile()
+    mine = await domain.create(phone)
+    code = await domain.code_of(mine)
+    await domain.create(phone, key=OTHER_KEY)  # newer, and another service's
+
+    result = await domain.verifications.check_by_phone(KEY, phone, None, code, None)
+
+    assert result.valid and result.verification.id == mine.id
+
+
+async def test_a_strangers_wrong_checks_leave_the_owner_room(domain: Domain) -> None:
+    """Ten wrong codes through another key lock that key out for the day, not this one."""
+    phone = fresh_mobile()
+    mine = await domain.create(phone)
+    code = await domain.code_of(mine)
+    for _ in range(2):
+        await spend_all_attempts(domain, await domain.create(phone, key=OTHER_KEY), OTHER_KEY)
+
+    result = await domain.verifications.check_by_phone(KEY, phone, None, code, None)
+
+    assert result.valid and result.verification.status == "approved"
+    domain.clock.advance(601)  # the phone's calls per ten minutes
+    theirs = await domain.create(phone, key=OTHER_KEY)
+    with pytest.raises(RateLimited) as refused:
+        await domain.verifications.check(OTHER_KEY, theirs.id, await domain.code_of(theirs), None)
+    assert refused.value.limit == "failed_checks"
+
+
+async def test_wrong_checks_across_keys_stop_at_their_ceiling(make_domain: DomainFactory) -> None:
+    domain = await make_domain(
+        limits=LimitsConfig(
+            failed_checks_per_phone_per_day=5, failed_checks_per_phone_per_day_all_keys=10
+        )
+    )
+    phone = fresh_mobile()
+    mine = await domain.create(phone)
+    code = await domain.code_of(mine)
+    for key in (OTHER_KEY, THIRD_KEY):
+        await spend_all_attempts(domain, await domain.create(phone, key=key), key)
+
+    with pytest.raises(RateLimited) as refused:
+        await domain.verifications.check(KEY, mine.id, code, None)
+
+    assert refused.value.limit == "failed_checks_all_keys"
+    assert 0 < refused.value.retry_after <= DAY
+    current, _ = await domain.verifications.get(KEY, mine.id)
+    assert (current.status, current.attempts_remaining) == ("pending", MAX_ATTEMPTS)
+
+
+async def test_the_30_day_window_refuses_until_it_passes(domain: Domain) -> None:
+    """Twenty wrong codes in 30 days (ten a day, the daily limit): refused after the
+    day's window has passed, until the oldest leave the 30 days."""
+    phone = fresh_mobile()
+    for _day in range(2):  # ten wrong codes a day, two days
+        for _ in range(2):
+            await spend_all_attempts(domain, await domain.create(phone), KEY)
+            domain.clock.advance(601)
+        domain.clock.advance(DAY)
+    first_wrong_at = domain.clock.now - 2 * DAY - 4 * 601
+
+    refused_at = domain.clock.now
+    verification = await domain.create(phone)
+    with pytest.raises(RateLimited) as refused:
+        await domain.verifications.check(
+            KEY, verification.id, await domain.code_of(verification), None
+        )
+    assert refused.value.limit == "failed_checks_30_days"
+    frees_at = first_wrong_at + 30 * DAY  # the first five leave: room for one more
+    assert refused.value.retry_after == pytest.approx(frees_at - refused_at, abs=2)
+
+    domain.clock.now = frees_at + 1
+    verification = await domain.create(phone)
+    code = await domain.code_of(verification)
+    result = await domain.verifications.check(KEY, verification.id, code, None)
+    assert result.valid
 
 
 async def test_code_hash_hides_the_code(make_domain: DomainFactory) -> None:

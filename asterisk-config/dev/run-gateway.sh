@@ -41,6 +41,7 @@ then
 fi
 
 port=$($py -c "from gateway import config; print(config.load('$config').http.port)")
+operator=$($py -c "from gateway import config; h = config.load('$config').http; print(f'{h.operator_host}:{h.operator_port}')")
 cat <<TXT
 
   otp-gateway dev: config $config, API key in var/dev.key
@@ -52,6 +53,7 @@ cat <<TXT
       -d '{"phone": "+6281234567890"}'
 
   Or follow one call live:  OTP_API_KEY=$key $py -m gateway call +6281234567890 --url http://127.0.0.1:$port
+  Dashboard: http://$operator/dashboard   Metrics: http://$operator/metrics
   Stop with Ctrl-C; then 'make pbx-down farend-down' stops the dev PBX and the far end.
 
 TXT

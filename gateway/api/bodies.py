@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import (
+    InvalidCallbackUrl,
+    InvalidRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 
 # The biggest legitimate body (a create with a long callback URL) is under 3 KiB.
 MAX_BODY_BYTES = 16 * 1024
@@ -35,7 +41,7 @@ async def read_object(request: web.Request, schema: dict[str, Field]) -> dict[st
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes") from None
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_non_finite, parse_float=_finite)
     except (ValueError, RecursionError):
         raise InvalidRequest("the body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -52,6 +58,20 @@ async def read_object(request: web.Request, schema: dict[str, Field]) -> dict[st
             continue
         _check(name, value, spec)
     return body
+
+
+def _non_finite(constant: str) -> NoReturn:
+    """NaN and Infinity are not JSON (RFC 8259); Python's parser takes them, and an
+    answer echoing one would not be JSON either."""
+    raise InvalidRequest(f"the body holds {constant}, which is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float, refused when too big for one (1e999 is infinity)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidRequest(f"the body holds {text[:20]}, a number too big for the gateway")
+    return value
 
 
 def _check(name: str, value: Any, spec: Field) -> None:
@@ -79,7 +99,8 @@ def _check(name: str, value: Any, spec: Field) -> None:
 
 
 def check_callback_url(url: str | None) -> str | None:
-    """An absolute http(s) URL, or an InvalidRequest."""
+    """An absolute http(s) URL without credentials, or an InvalidRequest (malformed) or
+    InvalidCallbackUrl (credentials). Where its host may be is the domain's to check."""
     if url is None:
         return None
     try:
@@ -90,5 +111,11 @@ def check_callback_url(url: str | None) -> str | None:
     if host is None or parts.scheme not in ("http", "https"):
         raise InvalidRequest(
             "callback_url must be an absolute http or https URL", field="callback_url"
+        )
+    if "@" in parts.netloc:
+        # aiohttp would send them as Basic auth to whatever the host is; a receiver that
+        # needs authenticating checks the webhook's signature instead.
+        raise InvalidCallbackUrl(
+            "callback_url must not hold a user name or password", field="callback_url"
         )
     return url

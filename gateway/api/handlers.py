@@ -27,8 +27,7 @@ from gateway.api.typedefs import (
     api_key,
 )
 from gateway.config import MAX_RING_SECONDS
-from gateway.errors import InvalidRequest, Unauthorized
-from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.errors import InsufficientScope, InvalidRequest, Unauthorized
 from gateway.numbers import DEFAULT_PAGE, MAX_LOOKUP
 from gateway.store import CallRecord, VerificationRecord
 from gateway.verifications import (
@@ -80,6 +79,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         request.app[REQUEST_RATE].hit(record.id)
         request[API_KEY] = record
     return await handler(request)
+
+
+def require_admin(request: web.Request) -> None:
+    """Refuse (403) a verify key: the route concerns every key's calls."""
+    if api_key(request).scope != apikeys.ADMIN:
+        raise InsufficientScope(
+            "this route needs an API key of scope admin", required_scope=apikeys.ADMIN
+        )
 
 
 @routes.post("/v1/verifications")
@@ -172,6 +179,7 @@ async def _verification_response(
 @routes.get("/v1/numbers")
 async def list_numbers(request: web.Request) -> web.Response:
     """Numbers by health, for cleaning a customer database; paged with a cursor."""
+    require_admin(request)
     health = request.query.get("health")
     if health is None:
         raise InvalidRequest("health is required: invalid, unreachable or reachable")
@@ -205,13 +213,25 @@ async def read_number(request: web.Request) -> web.Response:
 @routes.delete("/v1/numbers/{phone}/health")
 async def reset_number_health(request: web.Request) -> web.Response:
     """Forget what calls taught about a number (it was reassigned)."""
+    require_admin(request)
     await request.app[NUMBERS].reset(request.match_info["phone"])
+    return web.Response(status=204)
+
+
+@routes.delete("/v1/numbers/{phone}/failed-checks")
+async def reset_failed_checks(request: web.Request) -> web.Response:
+    """Forget the wrong codes tried against a number, every key's: its checks resume."""
+    require_admin(request)
+    await request.app[NUMBERS].reset_failed_checks(
+        request.match_info["phone"], by_key=api_key(request).id
+    )
     return web.Response(status=204)
 
 
 @routes.get("/v1/stats")
 async def stats(request: web.Request) -> web.Response:
     """Delivery statistics over a window: overall, by carrier and by outcome."""
+    require_admin(request)
     since, until = _window(request)
     body = await request.app[NUMBERS].stats(since, until)
     return web.json_response(
@@ -266,13 +286,6 @@ def _instant(raw: str | None, name: str) -> float | None:
     return parsed.timestamp()
 
 
-@routes.get("/metrics")
-async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format; like /healthz, for the operator's network only."""
-    body = await request.app[METRICS].render(request.app[STORE])
-    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
-
-
 @routes.get("/openapi.json")
 async def openapi_document(request: web.Request) -> web.Response:
     return web.json_response(openapi.document())
@@ -284,7 +297,11 @@ async def docs(request: web.Request) -> web.FileResponse:
     return web.FileResponse(DOCS_DIR / "index.html")
 
 
-routes.static("/docs/assets", SWAGGER_UI_DIR)
+@routes.get(r"/docs/assets/{name:swagger-ui\.css|swagger-ui-bundle\.js}")
+async def docs_asset(request: web.Request) -> web.FileResponse:
+    """The two files of Swagger UI the page uses: not its whole directory (source maps,
+    other builds: about 25 MB)."""
+    return web.FileResponse(SWAGGER_UI_DIR / request.match_info["name"])
 
 
 @routes.get("/healthz")

@@ -115,7 +115,11 @@ SCHEMAS: dict[str, Schema] = {
             "status": {"type": "string", "enum": ["pending", "delivered", "failed"]},
             "attempts": {"type": "integer"},
             "last_status": _nullable("integer"),
-            "last_error": _nullable("string"),
+            "last_error": _nullable(
+                "string",
+                description="why the last attempt failed: connect_failed, timeout, "
+                "http_status (see last_status) or refused_address",
+            ),
             "delivered_at": TIME,
             "next_attempt_at": TIME,
         }
@@ -150,7 +154,8 @@ SCHEMAS: dict[str, Schema] = {
                     "reason": _nullable(
                         "string",
                         description="why the gateway ended the call itself: ring_timeout "
-                        "(rang for ring_seconds), post_dial_timeout (nothing alerted in "
+                        "(its ring time ran out after a 180 or a lone 183), "
+                        "post_dial_timeout (nothing alerted in "
                         "time), canceled; or what failed (originate_refused, pbx_lost, ...). "
                         "null when the network ended it: see hangup_cause and sip_code",
                     ),
@@ -295,19 +300,22 @@ def _problems(*statuses: int) -> dict[str, Any]:
 _REASONS = {
     400: "invalid_request",
     401: "unauthorized",
+    403: "insufficient_scope: the route needs an API key of scope admin",
     404: "not_found",
     405: "method_not_allowed",
     409: "verification_not_pending or idempotency_conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "invalid_phone, phone_type_not_allowed, region_not_allowed, destination_blocked, "
-    "number_known_invalid",
+    "number_known_invalid, invalid_callback_url",
     429: "rate_limited",
     503: "overloaded or pbx_unavailable",
 }
 # Every /v1 operation can answer these.
 _V1_ERRORS = (401, 429, 503)
 _BODY_ERRORS = (400, 413, 415)
+# Routes about every key's calls: a verify key gets 403 insufficient_scope.
+ADMIN_ONLY = "Needs an API key of scope admin; a verify key gets 403 insufficient_scope."
 
 
 def _json(schema: Schema, description: str) -> dict[str, Any]:
@@ -340,7 +348,15 @@ def document() -> dict[str, Any]:
         },
         "components": {
             "schemas": SCHEMAS,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key (otpk_...). Scope verify: its own "
+                    "verifications and number lookups. Scope admin: also number health "
+                    "lists and resets, wrong-check resets and stats.",
+                }
+            },
         },
         "paths": {
             "/v1/verifications": {
@@ -384,7 +400,8 @@ def document() -> dict[str, Any]:
             "/v1/verifications/check": {
                 "post": _op(
                     "checkByPhone",
-                    "Check against the newest pending verification of a phone",
+                    "Check against the newest pending verification of a phone made with "
+                    "this API key",
                     {
                         "200": _json(_ref("CheckResult"), "the check's result"),
                         **_problems(*_BODY_ERRORS, 404, 409, 422, *_V1_ERRORS),
@@ -421,8 +438,9 @@ def document() -> dict[str, Any]:
                             ),
                             "a page of numbers",
                         ),
-                        **_problems(400, *_V1_ERRORS),
+                        **_problems(400, 403, *_V1_ERRORS),
                     },
+                    description=ADMIN_ONLY,
                     parameters=[
                         {
                             "name": "health",
@@ -481,7 +499,19 @@ def document() -> dict[str, Any]:
                 "delete": _op(
                     "resetNumberHealth",
                     "Forget what calls taught about a number",
-                    {"204": {"description": "forgotten"}, **_problems(422, *_V1_ERRORS)},
+                    {"204": {"description": "forgotten"}, **_problems(403, 422, *_V1_ERRORS)},
+                    description=ADMIN_ONLY,
+                    parameters=[PHONE],
+                    security=[{"bearer": []}],
+                )
+            },
+            "/v1/numbers/{phone}/failed-checks": {
+                "delete": _op(
+                    "resetFailedChecks",
+                    "Forget the wrong codes tried against a number, every key's: its checks "
+                    "are no longer refused by the wrong-check limits",
+                    {"204": {"description": "forgotten"}, **_problems(403, 422, *_V1_ERRORS)},
+                    description=ADMIN_ONLY,
                     parameters=[PHONE],
                     security=[{"bearer": []}],
                 )
@@ -492,8 +522,9 @@ def document() -> dict[str, Any]:
                     "Delivery statistics over a window, by carrier and outcome",
                     {
                         "200": _json(SCHEMAS["Stats"], "the statistics"),
-                        **_problems(400, *_V1_ERRORS),
+                        **_problems(400, 403, *_V1_ERRORS),
                     },
+                    description=ADMIN_ONLY,
                     parameters=[
                         {"name": "window", "in": "query", "schema": {"type": "string"}},
                         {"name": "since", "in": "query", "schema": {"type": "string"}},
@@ -520,7 +551,7 @@ def document() -> dict[str, Any]:
             "/metrics": {
                 "get": _op(
                     "metrics",
-                    "Prometheus metrics",
+                    "Prometheus metrics; on the operator listener (http.operator_port) only",
                     {
                         "200": {
                             "description": "text exposition format",
@@ -549,7 +580,7 @@ def document() -> dict[str, Any]:
             "/dashboard": {
                 "get": _op(
                     "dashboard",
-                    "Live dashboard page (HTML); like /metrics, for the operator's network only",
+                    "Live dashboard page (HTML); on the operator listener only, like /metrics",
                     {
                         "200": {
                             "description": "the page; it polls /dashboard/data every 2 s",
@@ -561,7 +592,7 @@ def document() -> dict[str, Any]:
             "/dashboard/data": {
                 "get": _op(
                     "dashboardData",
-                    "The dashboard's figures: aggregates only",
+                    "The dashboard's figures: aggregates only; on the operator listener only",
                     {"200": _json(SCHEMAS["Dashboard"], "the figures")},
                 )
             },

@@ -21,6 +21,7 @@ PROBLEM_TYPE = "application/problem+json"
 STATUS = {
     errors.InvalidRequest.code: 400,
     errors.Unauthorized.code: 401,
+    errors.InsufficientScope.code: 403,
     errors.NotFound.code: 404,
     errors.VerificationNotPending.code: 409,
     errors.IdempotencyConflict.code: 409,
@@ -31,6 +32,7 @@ STATUS = {
     errors.RegionNotAllowed.code: 422,
     errors.DestinationBlocked.code: 422,
     errors.NumberKnownInvalid.code: 422,
+    errors.InvalidCallbackUrl.code: 422,
     errors.RateLimited.code: 429,
     errors.PbxUnavailable.code: 503,
     errors.Overloaded.code: 503,

@@ -21,6 +21,8 @@ VERIFICATIONS = web.AppKey("verifications", Verifications)
 NUMBERS = web.AppKey("numbers", Numbers)
 REQUEST_RATE = web.AppKey("request_rate", RequestRate)
 METRICS = web.AppKey("metrics", Metrics)
+# On the operator app: the API app, whose resources the operator routes read.
+GATEWAY = web.AppKey("gateway", web.Application)
 # Set by the auth middleware on every /v1 request.
 API_KEY = web.RequestKey("api_key", ApiKeyRecord)
 

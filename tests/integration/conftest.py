@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import apikeys
-from gateway.app import create_app
+from gateway.app import create_app, create_operator_app
 from gateway.config import (
     AsteriskConfig,
     CallsConfig,
@@ -66,13 +66,16 @@ def dev_config(db_path: Path, ami: AmiSettings, **sections: Any) -> Config:
 
 @dataclasses.dataclass
 class Gateway:
-    """A running gateway and an HTTP client holding a valid API key."""
+    """A running gateway and an HTTP client holding a valid API key; `operator_url` is
+    the listener of /metrics and the dashboard."""
 
     url: str
     key: str
     http: ClientSession
     db_path: Path
     server: TestServer
+    operator_url: str
+    operator: TestServer
 
     async def request(
         self, method: str, path: str, json: Any = None, key: str | None = None, **kw: Any
@@ -110,16 +113,28 @@ async def start_gateway(
         if key is None:
             store = await Store.open(db_path)
             try:
-                _, key = await apikeys.create_key(store, "integration")
+                # admin: the suite also reads number health and stats.
+                _, key = await apikeys.create_key(store, "integration", scope="admin")
             finally:
                 await store.close()
         app: web.Application = create_app(config)
         server = TestServer(app, host="127.0.0.1")
         await server.start_server()
-        servers.append(server)
+        # The operator's listener reads the app's resources: it starts after, stops before.
+        operator = TestServer(create_operator_app(app), host="127.0.0.1")
+        await operator.start_server()
+        servers.extend((operator, server))
         session = ClientSession()
         sessions.append(session)
-        gateway = Gateway(str(server.make_url("")).rstrip("/"), key, session, db_path, server)
+        gateway = Gateway(
+            str(server.make_url("")).rstrip("/"),
+            key,
+            session,
+            db_path,
+            server,
+            str(operator.make_url("")).rstrip("/"),
+            operator,
+        )
         await wait_ready(gateway)
         return gateway
 
@@ -132,6 +147,7 @@ async def start_gateway(
 
 async def stop_gateway(gateway: Gateway) -> None:
     """Stop a gateway started by `start_gateway` before the test ends (a restart)."""
+    await gateway.operator.close()
     await gateway.server.close()
 
 
@@ -198,7 +214,7 @@ def gateway_process(dev_pbx: AmiSettings, tmp_path: Path) -> Iterator[GatewayPro
     config = tmp_path / "config.yaml"
     config.write_text(
         f"""
-http: {{host: 127.0.0.1, port: {port}}}
+http: {{host: 127.0.0.1, port: {port}, operator_port: {free_port()}}}
 database: {{path: '{tmp_path / "gw.sqlite3"}'}}
 asterisk: {{secret: '{dev_pbx.secret}'}}
 security: {{code_secret: fault-test-code-secret}}
@@ -209,8 +225,10 @@ limits: {{key_requests_per_minute: 1000000}}
     )
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     process = GatewayProcess(config, env, f"http://127.0.0.1:{port}", tmp_path / "gw.log")
+    # admin: the generated requests reach every route, number health and stats too.
+    create_key = ["keys", "create", "faults", "--scope", "admin", "--config", str(config)]
     created = subprocess.run(
-        [sys.executable, "-m", "gateway", "keys", "create", "faults", "--config", str(config)],
+        [sys.executable, "-m", "gateway", *create_key],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -226,7 +244,7 @@ limits: {{key_requests_per_minute: 1000000}}
 
 async def scrape(gateway: Gateway) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     """Samples by name, then by their sorted labels, parsed by prometheus-client."""
-    response = await gateway.request("GET", "/metrics")
+    response = await gateway.http.get(gateway.operator_url + "/metrics")
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}

@@ -101,7 +101,7 @@ async def test_global_ceiling_and_daily_key_budget(
     ]
     assert statuses == [201, 201, 429]
     # The budget's use shows in /metrics.
-    response = await budget.http.get(budget.url + "/metrics")
+    response = await budget.http.get(budget.operator_url + "/metrics")
     assert response.status == 200
     samples = {
         (sample.name, sample.labels.get("name", "")): sample.value

@@ -186,7 +186,7 @@ async def test_dashboard_shows_the_calls_placed_and_updates_live(
     assert set(expected_carriers) == {"Telkomsel", "XL", "Indosat Ooredoo Hutchison"}
 
     page = Page(browser)
-    await in_browser(page.open, gateway.url + "/dashboard")
+    await in_browser(page.open, gateway.operator_url + "/dashboard")
     shown = await in_browser(
         page.wait, f"{placed} calls", lambda shown: shown["calls-window"] == str(placed)
     )
@@ -205,7 +205,7 @@ async def test_dashboard_shows_the_calls_placed_and_updates_live(
     assert shown["causes"][("invalid_number", "1")] == "1"
 
     # Served without an API key, and aggregates only: no number, caller ID or code.
-    async with gateway.http.get(gateway.url + "/dashboard/data") as response:
+    async with gateway.http.get(gateway.operator_url + "/dashboard/data") as response:
         assert response.status == 200
         data = await response.text()
     caller_ids = [record.from_user for n in numbers for record in far_end.calls_to(n)]

@@ -25,10 +25,14 @@ pytestmark = pytest.mark.integration
 
 # A gateway asked to stop finishes in-flight work bounded by the ring time.
 STOP_DEADLINE_S = 15
+# http.keepalive_seconds of the process, short so the test of idle connections is.
+KEEPALIVE_S = 1
 
 
 class Process(GatewayProcess):
     """The gateway process, with its CLI, started only once ready, stopped by SIGTERM."""
+
+    operator_url = ""  # /metrics and the dashboard
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -63,13 +67,15 @@ class Process(GatewayProcess):
 
 @pytest.fixture
 def process(dev_pbx: AmiSettings, far_end: FarEnd, tmp_path: Path) -> Iterator[Process]:
-    port = free_port()
+    port, operator_port = free_port(), free_port()
     config = tmp_path / "config.yaml"
     config.write_text(
         (REPO / "config.example.yaml")
         .read_text()
         .replace("var/gateway.sqlite3", str(tmp_path / "gw.sqlite3"))
         .replace("port: 8080", f"port: {port}")
+        .replace("operator_port: 8081", f"operator_port: {operator_port}")
+        .replace("keepalive_seconds: 15 ", f"keepalive_seconds: {KEEPALIVE_S} ")
         .replace("ring_seconds: 8 ", "ring_seconds: 2 ")
     )
     env = {
@@ -78,6 +84,7 @@ def process(dev_pbx: AmiSettings, far_end: FarEnd, tmp_path: Path) -> Iterator[P
         "OTP_CODE_SECRET": "process-test-code-secret",
     }
     gateway = Process(config, env, f"http://127.0.0.1:{port}", tmp_path / "gateway.log")
+    gateway.operator_url = f"http://127.0.0.1:{operator_port}"
     created = gateway.cli("keys", "create", "process-test", "--config", str(config))
     assert created.returncode == 0, created.stderr
     gateway.key = created.stdout.strip().splitlines()[-1]
@@ -184,3 +191,36 @@ async def test_sigterm_lets_a_ringing_call_finish_then_exits_0(
         call = json.loads(response.read())["call"]
     assert (call["status"], call["outcome"]) == ("completed", "delivered")
     assert process.stop() == 0
+
+
+def _get(url: str) -> tuple[int, dict[str, str]]:
+    """Status and headers of a GET, errors included."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers)
+
+
+async def test_run_serves_operator_routes_on_their_own_listener_only(process: Process) -> None:
+    for path in ("/metrics", "/dashboard", "/dashboard/data"):
+        status, _ = await asyncio.to_thread(_get, process.operator_url + path)
+        assert status == 200, path
+        status, _ = await asyncio.to_thread(_get, process.url + path)
+        assert status == 404, path
+    _, headers = await asyncio.to_thread(_get, process.url + "/healthz")
+    assert headers["Server"] == "otp-gateway"  # no aiohttp, no version
+
+
+async def test_run_closes_an_idle_connection_after_the_keepalive_timeout(
+    process: Process,
+) -> None:
+    host, port = process.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    started = time.monotonic()
+    try:
+        # Nothing is sent: the server hangs up (EOF) once the keep-alive time is over.
+        assert await asyncio.wait_for(reader.read(), KEEPALIVE_S + 5) == b""
+    finally:
+        writer.close()
+    assert KEEPALIVE_S - 0.2 <= time.monotonic() - started <= KEEPALIVE_S + 1.5

@@ -1,9 +1,12 @@
-"""Webhooks: every event reaches a receiver that fails at first, signed, with stable ids."""
+"""Webhooks: every event reaches a receiver that fails at first, signed, with stable ids;
+a callback URL reaches no address inside unless the operator allows it."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import socket
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,13 +19,15 @@ from standardwebhooks import Webhook
 from gateway.config import VerificationConfig, WebhooksConfig
 from tests.conftest import phone_number, wire_record
 from tests.farend import FarEnd
-from tests.integration.conftest import GatewayFactory, wait_for
+from tests.integration.conftest import Gateway, GatewayFactory, wait_for
 from tests.integration.test_verifications_api import call_ended, code_of
 
 pytestmark = pytest.mark.integration
 
 SECRET = "whsec_" + base64.b64encode(b"integration-webhook-secret-0123").decode()
 FAILURES_FIRST = 2  # the receiver answers 500 to the first two attempts of each message
+# The receiver runs on this host: by default no webhook may reach it.
+LOOPBACK = ("127.0.0.0/8", "::1/128")
 
 
 class Receiver:
@@ -71,7 +76,9 @@ async def test_every_event_arrives_signed_after_failed_attempts(
     start_gateway: GatewayFactory, far_end: FarEnd, receiver: Receiver
 ) -> None:
     gateway = await start_gateway(
-        webhooks=WebhooksConfig(secret=SECRET, retry_base_seconds=0.2, timeout_seconds=2),
+        webhooks=WebhooksConfig(
+            secret=SECRET, retry_base_seconds=0.2, timeout_seconds=2, allowed_networks=LOOPBACK
+        ),
         verification=VerificationConfig(ttl_seconds=6, max_attempts=5),
     )
 
@@ -133,3 +140,76 @@ async def test_callback_url_needs_webhooks_configured(
         "/v1/verifications", {"phone": f"+{phone_number(0)}", "callback_url": receiver.url}
     )
     assert (status, body["code"]) == (400, "invalid_request")
+
+
+async def webhooks_attempted(gateway: Gateway, verification_id: str) -> list[dict[str, Any]]:
+    """The verification's webhooks once each has been attempted."""
+    async with asyncio.timeout(10):
+        while True:
+            status, body = await gateway.get(f"/v1/verifications/{verification_id}")
+            assert status == 200, body
+            if body["webhooks"] and all(w["attempts"] for w in body["webhooks"]):
+                return list(body["webhooks"])
+            await asyncio.sleep(0.05)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://user:hunter2@hooks.example.com/otp",
+        "https://token@hooks.example.com/otp",
+        "http://127.0.0.1:8080/hooks",
+        "http://0.0.0.0/",
+        "http://[::1]/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.1:5038/",
+        "http://[fd00::1]/",
+    ],
+)
+async def test_a_callback_url_with_credentials_or_an_inside_address_is_refused(
+    start_gateway: GatewayFactory, url: str
+) -> None:
+    gateway = await start_gateway(webhooks=WebhooksConfig(secret=SECRET))
+    status, body = await gateway.post(
+        "/v1/verifications", {"phone": f"+{phone_number(9)}", "callback_url": url}
+    )
+    assert (status, body["code"], body["field"]) == (422, "invalid_callback_url", "callback_url")
+    assert "hunter2" not in body["detail"]
+
+
+async def test_a_name_that_resolves_inside_is_refused_at_delivery(
+    start_gateway: GatewayFactory, receiver: Receiver
+) -> None:
+    gateway = await start_gateway(webhooks=WebhooksConfig(secret=SECRET))
+    inside = receiver.url.replace("127.0.0.1", "localhost")  # a name, so accepted at create
+    status, created = await gateway.post(
+        "/v1/verifications", {"phone": f"+{phone_number(9)}", "callback_url": inside}
+    )
+    assert status == 201, created
+    await gateway.post(f"/v1/verifications/{created['id']}/cancel", {})
+    [webhook] = await webhooks_attempted(gateway, created["id"])
+    assert (webhook["status"], webhook["last_error"]) == ("pending", "refused_address")
+    assert receiver.attempts == {}
+
+
+async def test_the_client_sees_a_class_of_error_not_its_detail(
+    start_gateway: GatewayFactory,
+) -> None:
+    gateway = await start_gateway(webhooks=WebhooksConfig(secret=SECRET, allowed_networks=LOOPBACK))
+    nowhere = f"http://127.0.0.1:{closed_port()}/hooks"  # allowed, but nothing listens
+    status, created = await gateway.post(
+        "/v1/verifications", {"phone": f"+{phone_number(9)}", "callback_url": nowhere}
+    )
+    assert status == 201, created
+    await gateway.post(f"/v1/verifications/{created['id']}/cancel", {})
+    [webhook] = await webhooks_attempted(gateway, created["id"])
+    assert (webhook["last_error"], webhook["last_status"]) == ("connect_failed", None)
