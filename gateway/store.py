@@ -30,6 +30,9 @@ from gateway.outcomes import CANCELED, about_number
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+# aiosqlite logs each operation at debug level with its arguments and, once done, its
+# result: rows with phone numbers. Like the AMI wire, it is never logged, at any level.
+logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 
 # API keys looked up within this many seconds are not looked up again (one query per
 # request was a tenth of the API's cost); KEY_CACHE_SIZE bounds the answers kept.
