@@ -28,7 +28,7 @@ RUN groupadd --gid 10001 otp-gateway \
 COPY --from=build /opt/otp-gateway/.venv /opt/otp-gateway/.venv
 
 # Mount the config at /etc/otp-gateway/config.yaml (http.host 0.0.0.0, port 8080,
-# http.operator_host 0.0.0.0, operator_port 8081, database.path under
+# http.operator_host 0.0.0.0, operator_port 8081, database.url under
 # /var/lib/otp-gateway); secrets come from the environment through ${NAME} in it
 # (AMI_SECRET, OTP_CODE_SECRET). 8081 serves /metrics and the dashboard: publish it
 # to the operator's network only.

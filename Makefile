@@ -7,24 +7,30 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PBX := asterisk-config/dev/pbx.sh
 FAREND := $(PYTHON) tests/farend.py
+PG := $(PYTHON) tests/pg.py
 
-.PHONY: help deps venv pbx-up pbx-down farend-up farend-down test unit lint run bench clean
+.PHONY: help deps venv pbx-up pbx-down farend-up farend-down pg-up pg-down test unit lint run bench clean
 
 help:
 	@echo "make run      the gateway with the dev PBX and the far-end simulators"
 	@echo "make test     set everything up and run the whole suite"
 	@echo "make lint     ruff, mypy and hadolint"
 	@echo "make bench    speed and memory against a raw panoramisk baseline (var/bench/)"
-	@echo "make pbx-up | pbx-down | farend-up | farend-down"
+	@echo "make pbx-up | pbx-down | farend-up | farend-down | pg-up | pg-down"
 
 # System packages: debootstrap builds the dev PBX root, sip-tester is SIPp,
-# chromium and its driver run the dashboard test headless.
-SYSTEM_PACKAGES := debootstrap sip-tester chromium chromium-driver
+# chromium and its driver run the dashboard test headless, postgresql is the
+# server tests/pg.py runs. The createcluster.d drop-in (read by postgresql-common)
+# keeps the package from creating and starting its own cluster on 5432.
+SYSTEM_PACKAGES := debootstrap sip-tester chromium chromium-driver postgresql
 deps:
 	@if ! command -v debootstrap >/dev/null || ! command -v sipp >/dev/null \
-		|| ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		|| ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null \
+		|| ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		[ "$$(id -u)" -eq 0 ] || { echo "deps: run as root to apt-get install $(SYSTEM_PACKAGES)"; exit 1; }; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); \
+		mkdir -p /etc/postgresql-common/createcluster.d \
+		&& echo 'create_main_cluster = false' >/etc/postgresql-common/createcluster.d/otp-gateway.conf \
+		&& apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); \
 	fi
 
 $(STAMP): pyproject.toml
@@ -51,6 +57,13 @@ farend-down:
 	$(FAREND) down
 	$(FAREND) down --field
 
+# The dev/test PostgreSQL on 127.0.0.1:55432 (`$(PG) url`), data in .cache/postgresql/.
+pg-up: deps
+	$(PG) up
+
+pg-down:
+	$(PG) down
+
 # The fixtures start the dev PBX and the far end (and stop what they started);
 # provisioning first keeps the one-minute debootstrap out of the first test.
 test: deps venv
@@ -74,5 +87,5 @@ run: deps venv pbx-up farend-up
 bench: deps venv pbx-up farend-up
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
-clean: pbx-down farend-down
+clean: pbx-down farend-down pg-down
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -21,7 +21,7 @@ from typing import Any
 import uvloop
 
 from gateway import apikeys, config, logs
-from gateway.store import Store
+from gateway.store import StoreUnavailable, open_store
 
 DEFAULT_CONFIG = "config.yaml"
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -107,18 +107,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in config.summary(cfg):
             print(f"  {line}")
         return 0
-    if args.command == "run":
-        return run(cfg)
-    if args.command == "numbers":
-        return asyncio.run(export_numbers(cfg, args.health))
-    return asyncio.run(manage_keys(cfg, args))
+    try:
+        if args.command == "run":
+            return run(cfg)
+        if args.command == "numbers":
+            return asyncio.run(export_numbers(cfg, args.health))
+        return asyncio.run(manage_keys(cfg, args))
+    except StoreUnavailable as exc:  # the database could not be opened
+        print(f"database.url: {exc}", file=sys.stderr)
+        return 1
 
 
 def run(cfg: config.Config) -> int:
     """Serve until SIGINT or SIGTERM, then drain and exit 0."""
     logs.setup(cfg.logging.format, cfg.logging.level)
     # libuv's event loop: about an eighth less CPU per call than asyncio's (make bench).
-    uvloop.run(serve(cfg))
+    try:
+        uvloop.run(serve(cfg))
+    except StoreUnavailable as exc:
+        logging.error("database.url: %s", exc)
+        return 1
     return 0
 
 
@@ -174,7 +182,7 @@ async def serve(cfg: config.Config) -> None:
 
 
 async def manage_keys(cfg: config.Config, args: argparse.Namespace) -> int:
-    store = await Store.open(cfg.database.path)
+    store = await open_store(config.database_url(cfg.database), cfg.database.pool_size)
     try:
         if args.keys == "create":
             try:
@@ -225,7 +233,7 @@ def check_numbers(args: argparse.Namespace) -> int:
 
 async def export_numbers(cfg: config.Config, health: str) -> int:
     """Every number with `health`, as CSV on stdout, for cleaning a customer database."""
-    store = await Store.open(cfg.database.path)
+    store = await open_store(config.database_url(cfg.database), cfg.database.pool_size)
     writer = csv.writer(sys.stdout, lineterminator="\n")
     writer.writerow(
         [

@@ -31,7 +31,7 @@ from gateway.api.typedefs import (
     STORE,
     VERIFICATIONS,
 )
-from gateway.config import SHUTDOWN_GRACE_S, Config
+from gateway.config import SHUTDOWN_GRACE_S, Config, database_url
 from gateway.dialer import CallJob, Dialer
 from gateway.logs import call_ids
 from gateway.metrics import Metrics
@@ -39,7 +39,7 @@ from gateway.numbers import Numbers
 from gateway.pbx import AmiPbx, AmiSettings, Pbx
 from gateway.pool import Pool
 from gateway.retention import Retention
-from gateway.store import Store
+from gateway.store import Store, open_store
 from gateway.verifications import Verifications
 from gateway.webhooks import WebhookSender
 
@@ -86,7 +86,8 @@ def create_operator_app(gateway: web.Application) -> web.Application:
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
-    store = await Store.open(app[CONFIG].database.path)
+    database = app[CONFIG].database
+    store = await open_store(database_url(database), database.pool_size)
     app[STORE] = store
     yield
     await store.close()

@@ -13,6 +13,7 @@ import os
 import re
 import types
 import typing
+import urllib.parse
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,11 @@ SHUTDOWN_GRACE_S = 5.0
 MIN_RETENTION_DAYS = 31
 # Far above any real client count, and below the open files a process may be given.
 MAX_CONNECTIONS = 60_000
+# PostgreSQL connections per gateway; each is a server process, and the server's own
+# max_connections (100 by default) is shared by every gateway.
+MAX_POOL_SIZE = 100
+SQLITE_SCHEME = "sqlite:///"
+DEFAULT_DATABASE_URL = SQLITE_SCHEME + "var/gateway.sqlite3"
 CODE_LENGTHS = range(4, 9)  # 4 to 8 trailing digits
 # A webhook secret keys HMAC-SHA256 over bodies any receiver sees: 24 bytes (192 bits,
 # the size Standard Webhooks' own tooling makes) leaves no offline search of the key.
@@ -95,7 +101,13 @@ class HttpConfig:
 
 @dataclass(frozen=True, slots=True)
 class DatabaseConfig:
-    path: str = "var/gateway.sqlite3"
+    # sqlite:///var/gateway.sqlite3 (a file: one gateway) or
+    # postgresql://user:password@host:port/db (shared by many gateways).
+    url: str = DEFAULT_DATABASE_URL
+    # The older spelling of url: sqlite:///<path>.
+    path: str = ""
+    # PostgreSQL connections per gateway (the API's concurrent transactions).
+    pool_size: int = 10
     # Finished verifications, with their calls, events and webhooks, are deleted this
     # many days after their creation; 0 keeps them for ever.
     retention_days: int = 90
@@ -399,6 +411,7 @@ def _check(config: Config) -> list[str]:
         "database.retention_days",
         f"must be 0 (keep for ever) or {MIN_RETENTION_DAYS}-3650",
     )
+    problems.extend(_check_database(config.database))
     ami = config.asterisk
     need(1 <= ami.port <= 65535, "asterisk.port", "must be 1-65535")
     need(bool(ami.secret), "asterisk.secret", "must not be empty")
@@ -668,13 +681,60 @@ def _odds(chance: float) -> str:
     return f"1 in {round(1 / chance)} ({100 * chance:.3g}%)" if chance > 0 else "none"
 
 
+def database_url(database: DatabaseConfig) -> str:
+    """What the gateway opens: `url`, or the SQLite file at `path` (the older spelling)."""
+    return SQLITE_SCHEME + database.path if database.path else database.url
+
+
+def redacted(url: str) -> str:
+    """`url` without its password, for logs and messages."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc}"))
+
+
+def _check_database(database: DatabaseConfig) -> list[str]:
+    problems: list[str] = []
+    if not 1 <= database.pool_size <= MAX_POOL_SIZE:
+        problems.append(f"database.pool_size: must be 1-{MAX_POOL_SIZE}")
+    url = database.url
+    if database.path and url != DEFAULT_DATABASE_URL:
+        problems.append("database.path: the older spelling of database.url; set only url")
+    if url.startswith(SQLITE_SCHEME):
+        if not url.removeprefix(SQLITE_SCHEME):
+            problems.append("database.url: sqlite:/// needs a file (sqlite:///var/gateway.sqlite3)")
+        return problems
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in ("postgresql", "postgres"):
+        problems.append(
+            "database.url: must be sqlite:///FILE or postgresql://USER:PASSWORD@HOST:PORT/DB"
+        )
+        return problems
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if not parts.hostname:
+        problems.append("database.url: names no host (postgresql://USER:PASSWORD@HOST:PORT/DB)")
+    if port is not None and not 1 <= port <= 65535:
+        problems.append("database.url: the port must be a number 1-65535")
+    if not parts.path.strip("/"):
+        problems.append("database.url: names no database (postgresql://...:PORT/DB)")
+    if not url.isprintable() or any(c.isspace() for c in url):
+        problems.append("database.url: must be one line without spaces")
+    return problems
+
+
 def summary(config: Config) -> list[str]:
     """Human lines describing a valid config, without any secret."""
     lines = [
         f"http: {config.http.host}:{config.http.port}, operator routes (/metrics, "
         f"/dashboard) on {config.http.operator_host}:{config.http.operator_port}, "
         f"at most {config.http.max_connections} connections",
-        f"database: {config.database.path}, "
+        f"database: {redacted(database_url(config.database))}, "
         + (
             f"finished verifications kept {config.database.retention_days} days"
             if config.database.retention_days

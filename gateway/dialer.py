@@ -152,7 +152,11 @@ class Dialer:
         release_cli: Callable[[str, str], None],
         on_ended: EndedCallback | None = None,
         metrics: CallMetrics | None = None,
+        owner: str = "gateway",
     ) -> None:
+        # This gateway's name (instance.name): its calls are stored with it, and only
+        # calls still its own are dialed.
+        self.owner = owner
         self._pbx = pbx
         self._metrics = metrics or _NoMetrics()
         self._store = store
@@ -171,6 +175,7 @@ class Dialer:
         self._claims_settled.set()
         self._live: dict[str, _LiveCall] = {}
         self._waiting: set[str] = set()  # queued, or taken off the queue and not yet placed
+        self._placing: set[str] = set()  # off the queue, its dialing not yet written
         self._canceled: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._work: set[asyncio.Task[None]] = set()  # calls being placed, events handled
@@ -376,8 +381,9 @@ class Dialer:
                 await self._pbx.hangup(call_id)
             except (PbxError, TimeoutError):
                 live.canceled = False
-        elif call_id in self._waiting:
-            # Closed when the dial loop reaches it; it no longer counts as waiting.
+        elif call_id in self._waiting or call_id in self._placing:
+            # Closed when the dial loop (or the placing, before its Originate) reaches
+            # it; it no longer counts as waiting.
             self._waiting.discard(call_id)
             self._canceled.add(call_id)
 
@@ -392,6 +398,7 @@ class Dialer:
                 self._slots.release()
                 continue
             self._waiting.discard(job.call_id)
+            self._placing.add(job.call_id)  # a cancel still keeps it from the PBX
             # Placing waits for a commit and for AMI's answer: calls overlap in that
             # time (placed one by one, that time capped the rate: make bench).
             self._spawn(self._place_or_abandon(job), name="dialer-place")
@@ -400,6 +407,7 @@ class Dialer:
         try:
             await self._place(job, dialed_at)
         except Exception:
+            self._placing.discard(job.call_id)
             # A store failure must not stop the others: this call ends as an error
             # (if it got as far as live).
             log.exception("call %s: could not be placed", job.call_id, extra=_ids(job))
@@ -429,13 +437,28 @@ class Dialer:
                 log.warning(
                     "call %s: no PBX within %ss", job.call_id, self._pbx_wait, extra=_ids(job)
                 )
+                self._placing.discard(job.call_id)
                 self._slots.release()
                 await self._finish(job, Outcome.ERROR, None, None, "pbx_unavailable")
                 return
         now = time.time()
         # Written before the Originate: after a crash a call marked dialing is
-        # reconciled, never dialed again.
-        await self._store.call_progress(job.call_id, "dialing", "dialed_at", now, "dialing")
+        # reconciled, never dialed again. Only a call still this gateway's is dialed.
+        claimed = await self._store.claim_call(job.call_id, self.owner, now)
+        self._placing.discard(job.call_id)
+        if not claimed:
+            log.warning(
+                "call %s: adopted by another gateway; not dialed here", job.call_id, extra=_ids(job)
+            )
+            self._canceled.discard(job.call_id)
+            self._slots.release()
+            self._release_cli(job.pool, job.cli)
+            return
+        if job.call_id in self._canceled:  # canceled while it waited or was claimed
+            self._canceled.discard(job.call_id)
+            self._slots.release()
+            await self._finish(job, Outcome.ERROR, None, None, CANCELED)
+            return
         self._go_live(job, now)
         await self._originate(job)
 

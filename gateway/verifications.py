@@ -296,6 +296,7 @@ class Verifications:
             dial_number=dial_number,
             ring_seconds=ring_seconds,
             queued_at=now,
+            owner=self._dialer.owner,
         )
         if cli is None:  # sandbox: shown as delivered at once, never dialed
             call = replace(

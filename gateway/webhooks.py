@@ -36,6 +36,10 @@ MAX_BACKOFF_S = 3600.0  # retries are at least this frequent, until the give-up 
 # receiver that never answers ties up only the slots of its own rows; 20 also stays
 # far below the file descriptors the API and AMI need.
 MAX_IN_FLIGHT = 20
+# A row taken for delivery is held by this sender (no other gateway sharing the
+# database takes it) for the attempt's timeout and this much more to record it; if the
+# sender dies holding it, the row falls due again after that.
+CLAIM_MARGIN_S = 30.0
 
 # What the client sees in a delivery's last_error: a class, never the detail (the
 # detail of a connection error tells which inside ports are open). The logs have it.
@@ -53,7 +57,7 @@ RenderVerification = Callable[[str], Any]
 class Outbox(Protocol):
     """What the sender needs of the store."""
 
-    async def due_webhooks(self, now: float, limit: int) -> list[WebhookRecord]: ...
+    async def claim_webhooks(self, now: float, limit: int, hold: float) -> list[WebhookRecord]: ...
 
     async def next_webhook_at(self) -> float | None: ...
 
@@ -145,9 +149,8 @@ class WebhookSender:
         if free <= 0:
             return MAX_SLEEP_S  # a delivery that ends wakes the loop sooner
         now = time.time()
-        # Rows in flight are still due; asking for a full cap's worth leaves room for them.
-        due = await self._store.due_webhooks(now, MAX_IN_FLIGHT)
-        for row in [r for r in due if r.id not in self._in_flight][:free]:
+        hold = self._config.timeout_seconds + CLAIM_MARGIN_S
+        for row in await self._store.claim_webhooks(now, free, hold):
             task = asyncio.create_task(self._deliver(row), name=f"webhook {row.id}")
             self._in_flight[row.id] = task
             task.add_done_callback(functools.partial(self._finished, row.id))

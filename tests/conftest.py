@@ -1,24 +1,33 @@
-"""Session fixtures: the dev PBX (a real Asterisk 22) and the SIPp far ends.
+"""Session fixtures: the dev PBX (a real Asterisk 22), the SIPp far ends, and the dev
+PostgreSQL; a new database per test on each backend.
 
-Each starts once per test session and stops at its end, unless it was already
-running (a developer's `make pbx-up` / `make farend-up`), in which case it is
-reused and left running. When one cannot start, the tests that need it fail:
+Each process starts once per test session and stops at its end, unless it was already
+running (a developer's `make pbx-up` / `make farend-up` / `make pg-up`), in which case
+it is reused and left running. When one cannot start, the tests that need it fail:
 they never skip.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import os
 import random
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
 from gateway.pbx import AmiSettings
+from gateway.store import sqlite_path
 from tests.farend import FarEnd, InviteRecord, format_record
+from tests.pg import DevPostgres
 
 REPO = Path(__file__).resolve().parent.parent
 PBX_SCRIPT = REPO / "asterisk-config" / "dev" / "pbx.sh"
@@ -82,6 +91,108 @@ def field_end() -> Iterator[FarEnd]:
     Dial it with the channel `PJSIP/{number}@otp-field`; see tests/sipp/README.md.
     """
     yield from _serve(FarEnd.field(FIELD_WORKDIR), "field far end")
+
+
+@pytest.fixture(scope="session")
+def dev_postgres() -> Iterator[DevPostgres]:
+    """The dev PostgreSQL (make pg-up); started for the session if it was not up."""
+    postgres = DevPostgres()
+    was_running = postgres.running()
+    if not was_running:
+        try:
+            postgres.up()
+        except RuntimeError as exc:
+            pytest.fail(f"dev PostgreSQL did not start: {exc}", pytrace=False)
+    yield postgres
+    if not was_running:
+        postgres.down()
+
+
+BACKENDS = ("sqlite", "postgresql")
+_databases = itertools.count()
+
+NewDatabase = Callable[[], str]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each test that asks for a database runs once on each backend."""
+    return str(request.param)
+
+
+@pytest.fixture
+def new_database(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[NewDatabase]:
+    """Make new, empty databases (URLs) on the test's backend; dropped after it."""
+    if backend == "sqlite":
+        yield lambda: f"sqlite:///{tmp_path / f'gateway-{next(_databases)}.sqlite3'}"
+        return
+    postgres: DevPostgres = request.getfixturevalue("dev_postgres")
+    made: list[str] = []
+
+    def new() -> str:
+        made.append(f"test_{os.getpid()}_{next(_databases)}")
+        return postgres.create_database(made[-1])
+
+    yield new
+    for name in made:
+        postgres.drop_database(name)
+
+
+@pytest.fixture
+def database(new_database: NewDatabase) -> str:
+    """A new, empty database for the test: a sqlite:/// or a postgresql:// URL."""
+    return new_database()
+
+
+async def raw_query(database: str, sql: str) -> list[tuple[Any, ...]]:
+    """Read `database` on a second, plain connection: what is really stored."""
+    if database.startswith("postgresql://"):
+        conn = await asyncpg.connect(database)
+        try:
+            return [tuple(row) for row in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+    with contextlib.closing(sqlite3.connect(sqlite_path(database))) as db:
+        return db.execute(sql).fetchall()
+
+
+async def dump(database: str) -> dict[str, tuple[list[str], list[tuple[Any, ...]]]]:
+    """Every table of `database`: its columns and rows, read as raw_query reads."""
+    postgres = database.startswith("postgresql://")
+    tables = await raw_query(
+        database,
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+        if postgres
+        else "SELECT name FROM sqlite_master WHERE type = 'table'",
+    )
+    dumped = {}
+    for (table,) in tables:
+        columns = await raw_query(
+            database,
+            "SELECT column_name FROM information_schema.columns "
+            f"WHERE table_schema = 'public' AND table_name = '{table}'"
+            if postgres
+            else f"SELECT name FROM pragma_table_info('{table}')",
+        )
+        rows = await raw_query(database, f"SELECT * FROM {table}")
+        dumped[str(table)] = ([str(c[0]) for c in columns], rows)
+    return dumped
+
+
+async def stored_bytes(database: str) -> bytes:
+    """What a copy of the database holds: SQLite's files (with the WAL) as they are on
+    disk; PostgreSQL's rows, as text."""
+    if database.startswith("postgresql://"):
+        dumped = await dump(database)
+        return repr(dumped).encode()
+    path = Path(sqlite_path(database))
+    return b"".join(p.read_bytes() for p in path.parent.glob(f"{path.name}*"))
+
+
+# What a broken constraint raises, on either backend.
+INTEGRITY_ERRORS = (sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError)
 
 
 _used_numbers: set[str] = set()

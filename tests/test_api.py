@@ -10,7 +10,6 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -33,8 +32,9 @@ from gateway.config import (
     SecurityConfig,
     VerificationConfig,
 )
-from gateway.store import Store
+from gateway.store import open_store
 from gateway.verifications import PBX_RETRY_AFTER_S
+from tests.conftest import NewDatabase
 from tests.fakes import WAIT_S, FakePbx, fresh_mobile, rings_until_hung_up, until
 
 PROBLEM = "application/problem+json"
@@ -46,12 +46,12 @@ FOREIGN = "+14155552671"  # a valid US number
 _DIALABLE = re.compile(r"\+?[0-9]+")
 
 
-def make_config(db_path: Path) -> Config:
+def make_config(database: str) -> Config:
     return Config(
         asterisk=AsteriskConfig(secret="unused"),  # noqa: S106 - never used: the PBX is fake
         pools=(PoolConfig(name="default", prefix="+6221500", code_length=4),),
         security=SecurityConfig(code_secret="api-test-code-secret-0123456789"),  # noqa: S106
-        database=DatabaseConfig(path=str(db_path)),
+        database=DatabaseConfig(url=database),
         calls=CallsConfig(ring_seconds=1, max_concurrent=50, max_per_second=1000),
         verification=VerificationConfig(ttl_seconds=300, max_attempts=5),
     )
@@ -120,15 +120,15 @@ ApiFactory = Callable[..., Awaitable[Api]]
 
 
 @pytest.fixture
-async def start_api(tmp_path: Path) -> AsyncIterator[ApiFactory]:
+async def start_api(new_database: NewDatabase) -> AsyncIterator[ApiFactory]:
     """Start gateways on FakePbxs; each gets a live key and a revoked one."""
     servers: list[TestServer] = []
     sessions: list[ClientSession] = []
     pbxs: list[FakePbx] = []
 
     async def start(pbx: FakePbx | None = None) -> Api:
-        db_path = tmp_path / f"gateway-{len(servers)}.sqlite3"
-        store = await Store.open(db_path)
+        database = new_database()
+        store = await open_store(database)
         try:
             _, key = await apikeys.create_key(store, "test")
             _, other_key = await apikeys.create_key(store, "other")
@@ -139,7 +139,7 @@ async def start_api(tmp_path: Path) -> AsyncIterator[ApiFactory]:
             await store.close()
         fake = pbx or FakePbx()
         pbxs.append(fake)
-        server = TestServer(create_app(make_config(db_path), pbx=fake), host="127.0.0.1")
+        server = TestServer(create_app(make_config(database), pbx=fake), host="127.0.0.1")
         await server.start_server()
         servers.append(server)
         session = ClientSession()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,28 @@ def test_numbers_check_reports_a_csv_offline(tmp_path: Path) -> None:
         "hello,,false,,not_a_number,,",
     ]
     assert "Checked 5 numbers: 3 valid" in result.stderr
+
+
+def unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("command", [("run",), ("keys", "list")])
+def test_an_unreachable_database_stops_the_command_naming_the_key(
+    config_file: Path, command: tuple[str, ...]
+) -> None:
+    """Nothing listens on the port: the command exits 1 at once, saying which key and
+    where, and never shows the password."""
+    port = unused_port()
+    url = f"postgresql://otp:pg-password-never-shown@127.0.0.1:{port}/otp"
+    text = config_file.read_text()
+    config_file.write_text(text.replace(f"sqlite:///{config_file.parent}/gw.sqlite3", url))
+    assert url in config_file.read_text()
+    result = gateway(*command, "--config", str(config_file), env=SECRETS)
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert f"database.url: cannot connect to 127.0.0.1:{port}/otp" in output
+    assert "pg-password-never-shown" not in output
+    assert "Traceback" not in output

@@ -76,7 +76,7 @@ def with_pool(**pool: Any) -> dict[str, Any]:
 def test_minimal_config_gets_every_default() -> None:
     cfg = parse(BASE)
     assert cfg.http == config.HttpConfig(host="127.0.0.1", port=8080)
-    assert cfg.database.path == "var/gateway.sqlite3"
+    assert config.database_url(cfg.database) == "sqlite:///var/gateway.sqlite3"
     assert cfg.asterisk == config.AsteriskConfig(
         secret=AMI_SECRET,
         host="127.0.0.1",
@@ -893,3 +893,62 @@ def test_summary_warns_when_webhooks_may_reach_inside() -> None:
     raw = merged(raw, {"webhooks": {"allowed_networks": ["10.20.0.0/16"]}})
     [line] = [line for line in config.summary(parse(raw)) if "allowed_networks" in line]
     assert line.startswith("warning: webhooks.allowed_networks lets callback URLs reach 10.20")
+
+
+# -- database ----------------------------------------------------------------
+
+
+def test_the_database_defaults_to_the_sqlite_file_and_path_still_names_it() -> None:
+    assert config.database_url(parse(BASE).database) == "sqlite:///var/gateway.sqlite3"
+    older = parse(merged(BASE, {"database": {"path": "/srv/otp/gw.sqlite3"}}))
+    assert config.database_url(older.database) == "sqlite:////srv/otp/gw.sqlite3"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///var/gateway.sqlite3",
+        "sqlite:////srv/otp/gateway.sqlite3",
+        "postgresql://otp:secret@db.internal:5432/otp",
+        "postgres://otp@10.0.0.5/otp",
+    ],
+)
+def test_database_urls_of_either_backend_are_accepted(url: str) -> None:
+    assert config.database_url(parse(merged(BASE, {"database": {"url": url}})).database) == url
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("mysql://otp:x@db/otp", "must be sqlite:///FILE or postgresql://"),
+        ("var/gateway.sqlite3", "must be sqlite:///FILE or postgresql://"),
+        ("sqlite:///", "sqlite:/// needs a file"),
+        ("postgresql://otp:x@:5432/otp", "names no host"),
+        ("postgresql://otp:x@db:99999/otp", "the port must be a number 1-65535"),
+        ("postgresql://otp:x@db:port/otp", "the port must be a number 1-65535"),
+        ("postgresql://otp:x@db:5432/", "names no database"),
+        ("postgresql://otp:x@db:5432/otp\nSET", "must be one line without spaces"),
+    ],
+)
+def test_a_wrong_database_url_names_the_key_and_what_is_wrong(url: str, says: str) -> None:
+    found = problems(merged(BASE, {"database": {"url": url}}))
+    assert says in problem_at(found, "database.url")
+
+
+def test_path_and_url_together_are_refused() -> None:
+    raw = merged(BASE, {"database": {"path": "a.sqlite3", "url": "sqlite:///b.sqlite3"}})
+    assert "set only url" in problem_at(problems(raw), "database.path")
+
+
+def test_pool_size_is_bounded() -> None:
+    found = problems(merged(BASE, {"database": {"pool_size": 0}}))
+    assert problem_at(found, "database.pool_size") == "database.pool_size: must be 1-100"
+
+
+def test_the_database_password_comes_from_the_environment_and_is_never_shown() -> None:
+    raw = merged(BASE, {"database": {"url": "postgresql://otp:${PGPASSWORD}@db:5432/otp"}})
+    cfg = parse(raw, {"PGPASSWORD": "s3cret-pg-password"})
+    assert cfg.database.url == "postgresql://otp:s3cret-pg-password@db:5432/otp"
+    summary = "\n".join(config.summary(cfg))
+    assert "database: postgresql://otp:***@db:5432/otp" in summary
+    assert "s3cret-pg-password" not in summary

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -15,7 +14,7 @@ from gateway.app import create_app, create_operator_app
 from gateway.config import AsteriskConfig, Config, DatabaseConfig, PoolConfig, SecurityConfig
 from gateway.dashboard import CHART_MINUTES, WINDOW_S, Live, dashboard_data
 from gateway.numbers import Numbers
-from gateway.store import CallRecord, Store, VerificationRecord
+from gateway.store import CallRecord, Store, VerificationRecord, open_store
 from tests.fakes import FakePbx
 
 AppClient = TestClient[web.Request, web.Application]
@@ -28,18 +27,20 @@ CLI_PREFIX = "+6221500"
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path / "gateway.sqlite3")
+async def store(database: str) -> AsyncIterator[Store]:
+    """A store on each backend."""
+    opened = await open_store(database)
     yield opened
     await opened.close()
 
 
-def config(db_path: Path) -> Config:
+def config(database: str) -> Config:
+    """The gateway's config, its database at the URL `database`."""
     return Config(
         asterisk=AsteriskConfig(secret="unused"),  # noqa: S106 - the PBX is fake
         pools=(PoolConfig(name="default", prefix=CLI_PREFIX, code_length=4),),
         security=SecurityConfig(code_secret="dashboard-test-code-secret"),  # noqa: S106
-        database=DatabaseConfig(path=str(db_path)),
+        database=DatabaseConfig(url=database),
     )
 
 
@@ -181,7 +182,7 @@ async def test_ended_by_cause_counts_only_dialed_calls_ended_in_the_window(
 # -- dashboard_data ------------------------------------------------------------
 
 
-async def test_dashboard_data_figures(store: Store, calls: Calls, tmp_path: Path) -> None:
+async def test_dashboard_data_figures(store: Store, calls: Calls, database: str) -> None:
     now = T0 + 30  # half-way through the current clock minute
     await calls.add(dialed_at=now - 20, ended_at=now - 18)
     await calls.add(dialed_at=now - 50, ended_at=now - 47, carrier="XL")
@@ -190,7 +191,7 @@ async def test_dashboard_data_figures(store: Store, calls: Calls, tmp_path: Path
     await calls.add(dialed_at=now - 5)  # ringing
     await calls.add(dialed_at=now - 1800, ended_at=now - 1797, outcome="invalid_number", cause=1)
     await calls.add(dialed_at=now - 2 * WINDOW_S, ended_at=now - 2 * WINDOW_S + 3)  # too old
-    numbers = Numbers(config(tmp_path / "unused.sqlite3"), store)
+    numbers = Numbers(config(database), store)
 
     data = await dashboard_data(store, numbers, Live(True, 1, 2), now)
 
@@ -238,17 +239,17 @@ async def test_dashboard_data_figures(store: Store, calls: Calls, tmp_path: Path
 
 
 async def test_dashboard_data_holds_no_phone_number_or_caller_id(
-    store: Store, calls: Calls, tmp_path: Path
+    store: Store, calls: Calls, database: str
 ) -> None:
     await calls.add(dialed_at=T0 + 1, ended_at=T0 + 3)
-    numbers = Numbers(config(tmp_path / "unused.sqlite3"), store)
+    numbers = Numbers(config(database), store)
     text = json.dumps(await dashboard_data(store, numbers, Live(False, 0, 0), T0 + 10))
     for secret in (PHONE, PHONE[1:], PHONE[3:], CLI_PREFIX, CLI_PREFIX[1:], "hmac-of-code"):
         assert secret not in text
 
 
-async def test_dashboard_data_without_calls(store: Store, tmp_path: Path) -> None:
-    numbers = Numbers(config(tmp_path / "unused.sqlite3"), store)
+async def test_dashboard_data_without_calls(store: Store, database: str) -> None:
+    numbers = Numbers(config(database), store)
     data = await dashboard_data(store, numbers, Live(False, 0, 0), T0)
     assert data["calls_last_minute"] == 0
     assert [m["calls"] for m in data["calls_per_minute"]] == [0] * CHART_MINUTES
@@ -260,9 +261,9 @@ async def test_dashboard_data_without_calls(store: Store, tmp_path: Path) -> Non
 
 
 @pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[AppClient]:
+async def client(database: str) -> AsyncIterator[AppClient]:
     """A client of the operator's listener, the API's started first (its resources)."""
-    app = create_app(config(tmp_path / "gateway.sqlite3"), pbx=FakePbx())
+    app = create_app(config(database), pbx=FakePbx())
     async with TestServer(app), TestClient(TestServer(create_operator_app(app))) as test_client:
         yield test_client
 

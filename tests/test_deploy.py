@@ -16,6 +16,7 @@ import yaml
 
 from gateway import config, listener
 from gateway.__main__ import main
+from gateway.store import sqlite_path
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILES = ("Dockerfile", "asterisk-config/docker/Dockerfile")
@@ -145,7 +146,7 @@ def test_compose_gateway_config_loads_with_the_compose_environment(
     assert any(port.endswith(f":{cfg.http.port}") for port in gateway["ports"])
     assert f":{cfg.http.port}/healthz" in healthcheck(gateway)
     state_path = dockerfile_setting(r'^VOLUME \["([^"]+)"\]')
-    assert Path(cfg.database.path).parent == Path(state_path)
+    assert Path(sqlite_path(config.database_url(cfg.database))).parent == Path(state_path)
 
 
 def test_systemd_unit_runs_the_gateway_as_its_own_user() -> None:

@@ -8,7 +8,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +15,7 @@ from gateway.config import CallsConfig
 from gateway.dialer import PBX_CAP_MARGIN_S, CallJob, Dialer, Pacer
 from gateway.outcomes import POST_DIAL_TIMEOUT, RING_TIMEOUT, Outcome
 from gateway.pbx import CallEventKind, Dial, OriginateRefused
-from gateway.store import CallRecord, Store, VerificationRecord
+from gateway.store import CallRecord, Store, VerificationRecord, open_store
 from tests.fakes import (
     ANSWERED,
     HANGUP,
@@ -45,8 +44,9 @@ _serial = itertools.count(1)
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path / "gateway.sqlite3")
+async def store(database: str) -> AsyncIterator[Store]:
+    """A store on each backend."""
+    opened = await open_store(database)
     yield opened
     await opened.close()
 
@@ -380,10 +380,42 @@ async def test_a_call_canceled_before_it_alerted_ends_canceled(
 
     call = await call_of(store, job)
     # Not "rejected" or a plain error: the gateway hung up, so it says nothing of the number.
-    assert (call.outcome, call.reason, call.hangup_cause) == ("error", "canceled", cause)
+    assert (call.outcome, call.reason) == ("error", "canceled")
+    placed = [d for d in harness.pbx.placed if d.channel_id == job.call_id]
+    if placed:  # hung up: the PBX's cause
+        assert call.hangup_cause == cause
+    else:  # the cancel came while its dialing was written: it never reached the PBX
+        assert (call.hangup_cause, harness.pbx.hangups) == (None, [])
     found = await store.verification(job.verification_id)
     assert found is not None
     assert await store.number_health(found[0].phone) is None
+    assert harness.dialer.in_flight == 0
+
+
+async def test_a_cancel_while_the_dialing_is_written_keeps_the_call_from_the_pbx(
+    make_dialer: HarnessFactory, store: Store
+) -> None:
+    harness = make_dialer(FakePbx(silent_until_hung_up))
+    harness.dialer.start()
+    job = await add_job(store)
+    claim_call = store.claim_call
+    claiming = asyncio.Event()
+
+    async def slow_claim(call_id: str, owner: str, at: float) -> bool:
+        claimed = await claim_call(call_id, owner, at)
+        claiming.set()
+        await asyncio.sleep(0.2)  # the cancel lands here, the call taken off the queue
+        return claimed
+
+    store.claim_call = slow_claim  # type: ignore[method-assign]
+    harness.submit(job)
+    await claiming.wait()
+    await harness.dialer.cancel(job.call_id)
+    await harness.ended(job)
+
+    assert harness.pbx.placed == []
+    call = await call_of(store, job)
+    assert (call.outcome, call.reason, call.hangup_cause) == ("error", "canceled", None)
     assert harness.dialer.in_flight == 0
 
 

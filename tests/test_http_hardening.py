@@ -9,7 +9,6 @@ import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +26,8 @@ from gateway.config import (
     PoolConfig,
     SecurityConfig,
 )
-from gateway.store import Store
+from gateway.store import open_store
+from tests.conftest import NewDatabase
 from tests.fakes import FakePbx
 
 MOBILE = "+6281234567890"
@@ -40,12 +40,13 @@ OPERATOR_PATHS = (
 )
 
 
-def make_config(db_path: Path, **http: Any) -> Config:
+def make_config(database: str, **http: Any) -> Config:
+    """The gateway's config, its database at the URL `database`."""
     return Config(
         asterisk=AsteriskConfig(secret="unused"),  # noqa: S106 - the PBX is fake
         pools=(PoolConfig(name="default", prefix="+6221500", code_length=4),),
         security=SecurityConfig(code_secret="hardening-test-code-secret-0123"),  # noqa: S106
-        database=DatabaseConfig(path=str(db_path)),
+        database=DatabaseConfig(url=database),
         http=HttpConfig(**http),
     )
 
@@ -63,14 +64,14 @@ ServeFactory = Callable[..., Awaitable[Served]]
 
 
 @pytest.fixture
-async def serve(tmp_path: Path) -> AsyncIterator[ServeFactory]:
+async def serve(new_database: NewDatabase) -> AsyncIterator[ServeFactory]:
     """Start the gateway as `python -m gateway run` does (http settings as keywords)."""
     runners: list[web.AppRunner] = []
     servers: list[asyncio.Server] = []
     pbxs: list[FakePbx] = []
 
     async def start(**http: Any) -> Served:
-        config = make_config(tmp_path / f"gateway-{len(runners)}.sqlite3", **http)
+        config = make_config(new_database(), **http)
         pbxs.append(FakePbx())
         app = create_app(config, pbx=pbxs[-1])
         api = listener.runner(app, config.http)
@@ -271,16 +272,15 @@ async def test_the_server_header_names_no_software_version(serve: ServeFactory) 
 
 
 @pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[tuple[str, dict[str, str]]]:
+async def api(database: str) -> AsyncIterator[tuple[str, dict[str, str]]]:
     """The API's URL and the headers of a request with a valid key."""
-    db_path = tmp_path / "gateway.sqlite3"
-    store = await Store.open(db_path)
+    store = await open_store(database)
     try:
         _, key = await apikeys.create_key(store, "test")
     finally:
         await store.close()
     pbx = FakePbx()
-    async with TestServer(create_app(make_config(db_path), pbx=pbx), host="127.0.0.1") as server:
+    async with TestServer(create_app(make_config(database), pbx=pbx), host="127.0.0.1") as server:
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         yield str(server.make_url("")).rstrip("/"), headers
     await pbx.close()

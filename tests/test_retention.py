@@ -4,13 +4,9 @@ batches that let the API's queries through; the app runs it while it serves."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import sqlite3
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp.test_utils import TestServer
@@ -25,7 +21,8 @@ from gateway.config import (
     SecurityConfig,
 )
 from gateway.retention import DAY_S, Retention, forget_old
-from gateway.store import CallRecord, Store, VerificationRecord
+from gateway.store import CallRecord, Store, VerificationRecord, open_store
+from tests.conftest import raw_query
 from tests.fakes import FakePbx
 
 T0 = 1_700_000_000.0
@@ -35,26 +32,20 @@ TABLES = ("verifications", "calls", "call_events", "webhook_outbox")
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "gateway.sqlite3"
-
-
-@pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(db_path)
+async def store(database: str) -> AsyncIterator[Store]:
+    """A store on each backend."""
+    opened = await open_store(database)
     yield opened
     await opened.close()
 
 
-def counts(path: Path) -> dict[str, int]:
-    """Rows per table, read on a connection of its own: what is on disk."""
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        return {t: db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in TABLES}  # noqa: S608
+async def counts(database: str) -> dict[str, int]:
+    """Rows per table, read on a connection of its own: what is really stored."""
+    return {t: int((await raw_query(database, f"SELECT COUNT(*) FROM {t}"))[0][0]) for t in TABLES}
 
 
-def ids(path: Path) -> set[str]:
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        return {row[0] for row in db.execute("SELECT id FROM verifications")}
+async def ids(database: str) -> set[str]:
+    return {row[0] for row in await raw_query(database, "SELECT id FROM verifications")}
 
 
 async def add(store: Store, vid: str, created_at: float, *, webhook: str | None = None) -> None:
@@ -115,18 +106,18 @@ async def add(store: Store, vid: str, created_at: float, *, webhook: str | None 
 
 
 async def test_old_finished_verifications_go_with_their_calls_events_and_webhooks(
-    store: Store, db_path: Path
+    store: Store, database: str
 ) -> None:
     await add(store, "vrf_delivered", T0, webhook="delivered")
     await add(store, "vrf_given_up", T0 + 1, webhook="given_up")
     await add(store, "vrf_new", BEFORE + 1, webhook="delivered")
-    before = counts(db_path)
+    before = await counts(database)
     assert before["call_events"] >= 3 and before["webhook_outbox"] == 3
 
     assert await forget_old(store, BEFORE) == 2
 
-    assert ids(db_path) == {"vrf_new"}
-    assert counts(db_path) == {
+    assert await ids(database) == {"vrf_new"}
+    assert await counts(database) == {
         "verifications": 1,
         "calls": 1,
         "call_events": before["call_events"] // 3,
@@ -135,7 +126,7 @@ async def test_old_finished_verifications_go_with_their_calls_events_and_webhook
     assert await forget_old(store, BEFORE) == 0  # nothing left to do
 
 
-async def test_what_is_still_in_use_is_kept_however_old(store: Store, db_path: Path) -> None:
+async def test_what_is_still_in_use_is_kept_however_old(store: Store, database: str) -> None:
     await add(store, "vrf_webhook_due", T0, webhook=None)  # a delivery still to try
     await add(store, "vrf_ringing", T0 + 1, webhook="live")  # a call still up
     await add(store, "vrf_done", T0 + 2, webhook="delivered")
@@ -143,10 +134,10 @@ async def test_what_is_still_in_use_is_kept_however_old(store: Store, db_path: P
 
     assert await forget_old(store, BEFORE) == 1
 
-    assert ids(db_path) == {"vrf_webhook_due", "vrf_ringing"}
+    assert await ids(database) == {"vrf_webhook_due", "vrf_ringing"}
 
 
-async def test_a_pending_verification_is_kept_however_old(store: Store, db_path: Path) -> None:
+async def test_a_pending_verification_is_kept_however_old(store: Store, database: str) -> None:
     await add(store, "vrf_pending", T0, webhook="live")
     await store.end_call(
         "call_vrf_pending",
@@ -159,11 +150,11 @@ async def test_a_pending_verification_is_kept_however_old(store: Store, db_path:
         fail_verification=False,
     )
     assert await forget_old(store, BEFORE) == 0
-    assert ids(db_path) == {"vrf_pending"}
+    assert await ids(database) == {"vrf_pending"}
 
 
 async def test_the_sweep_goes_in_batches_and_lets_other_queries_through(
-    store: Store, db_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Store, database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for n in range(12):
         # Every fourth still has a webhook to deliver: kept, and stepped over.
@@ -190,37 +181,37 @@ async def test_the_sweep_goes_in_batches_and_lets_other_queries_through(
         assert await forget_old(store, BEFORE, batch=3) == 9
     finally:
         queries.cancel()
-    assert ids(db_path) == {"vrf_00", "vrf_04", "vrf_08", "vrf_new"}
+    assert await ids(database) == {"vrf_00", "vrf_04", "vrf_08", "vrf_new"}
     batches = [i for i, what in enumerate(seen) if what == "batch"]
     assert len(batches) == 5  # 13 rows, 3 at a time
     # Between two batches the others' queries ran.
     assert all("query" in seen[a:b] for a, b in itertools.pairwise(batches))
 
 
-async def test_the_sweep_repeats_and_stops(store: Store, db_path: Path) -> None:
+async def test_the_sweep_repeats_and_stops(store: Store, database: str) -> None:
     now = [T0 + 100 * DAY_S]
     await add(store, "vrf_a", T0, webhook="delivered")
     sweeps = Retention(store, days=90, clock=lambda: now[0], interval=0.05)
     sweeps.start()
     try:
-        await until(lambda: ids(db_path) == set())
+        await until(lambda: ids_are(database, set()))
         await add(store, "vrf_b", T0 + 1, webhook="delivered")
-        await until(lambda: ids(db_path) == set())  # the next sweep
+        await until(lambda: ids_are(database, set()))  # the next sweep
     finally:
         await sweeps.stop()
 
 
-async def test_no_sweep_with_zero_days(store: Store, db_path: Path) -> None:
+async def test_no_sweep_with_zero_days(store: Store, database: str) -> None:
     await add(store, "vrf_a", T0, webhook="delivered")
     sweeps = Retention(store, days=0, interval=0.01)
     sweeps.start()
     await asyncio.sleep(0.1)
     await sweeps.stop()
-    assert ids(db_path) == {"vrf_a"}
+    assert await ids(database) == {"vrf_a"}
 
 
-async def test_the_app_sweeps_while_it_serves(db_path: Path) -> None:
-    store = await Store.open(db_path)
+async def test_the_app_sweeps_while_it_serves(database: str) -> None:
+    store = await open_store(database)
     try:
         await add(store, "vrf_old", time.time() - 40 * DAY_S, webhook="delivered")
         await add(store, "vrf_recent", time.time() - 20 * DAY_S, webhook="delivered")
@@ -230,15 +221,19 @@ async def test_the_app_sweeps_while_it_serves(db_path: Path) -> None:
         asterisk=AsteriskConfig(secret="unused"),  # noqa: S106 - the PBX is fake
         pools=(PoolConfig(name="default", prefix="+6221500", code_length=4),),
         security=SecurityConfig(code_secret="retention-test-code-secret-01"),  # noqa: S106
-        database=DatabaseConfig(path=str(db_path), retention_days=31),
+        database=DatabaseConfig(url=database, retention_days=31),
     )
     pbx = FakePbx()
     async with TestServer(create_app(config, pbx=pbx), host="127.0.0.1"):
-        await until(lambda: ids(db_path) == {"vrf_recent"})
+        await until(lambda: ids_are(database, {"vrf_recent"}))
     await pbx.close()
 
 
-async def until(done: Any, timeout: float = 5.0) -> None:
+async def ids_are(database: str, expected: set[str]) -> bool:
+    return await ids(database) == expected
+
+
+async def until(done: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
-        while not done():
+        while not await done():
             await asyncio.sleep(0.02)

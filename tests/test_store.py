@@ -15,18 +15,21 @@ from pathlib import Path
 import pytest
 
 from gateway.store import (
-    MIGRATIONS,
     ApiKeyRecord,
     CallEventRecord,
     CallRecord,
     CheckLimit,
     Inserted,
+    KnownInvalid,
     Limited,
     Replayed,
     Store,
     VerificationRecord,
     WindowLimit,
+    open_store,
 )
+from gateway.store.schema import SQLITE as MIGRATIONS
+from tests.conftest import INTEGRITY_ERRORS, NewDatabase, raw_query
 
 T0 = 1_700_000_000.0
 TTL = 300.0
@@ -40,13 +43,22 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(db_path)
+async def store(database: str) -> AsyncIterator[Store]:
+    """A store on each backend."""
+    opened = await open_store(database)
     yield opened
     await opened.close()
 
 
-def raw_query(path: Path, sql: str) -> list[tuple[object, ...]]:
+@pytest.fixture
+async def sqlite_store(db_path: Path) -> AsyncIterator[Store]:
+    """A store on the SQLite file at db_path, for what only SQLite has (WAL, its planner)."""
+    opened = await open_store(db_path)
+    yield opened
+    await opened.close()
+
+
+def raw_file(path: Path, sql: str) -> list[tuple[object, ...]]:
     """Read the file with a second, plain connection: what is really on disk."""
     with contextlib.closing(sqlite3.connect(path)) as db:
         return db.execute(sql).fetchall()
@@ -125,13 +137,13 @@ async def end(store: Store, cid: str, *, fail_verification: bool, outcome: str =
 # -- opening, WAL, migrations ------------------------------------------------
 
 
-async def test_database_is_in_wal_mode(store: Store, db_path: Path) -> None:
-    assert raw_query(db_path, "PRAGMA journal_mode") == [("wal",)]
+async def test_database_is_in_wal_mode(sqlite_store: Store, db_path: Path) -> None:
+    assert raw_file(db_path, "PRAGMA journal_mode") == [("wal",)]
 
 
 async def test_open_creates_missing_parent_directories(tmp_path: Path) -> None:
     path = tmp_path / "var" / "deep" / "gateway.sqlite3"
-    opened = await Store.open(path)
+    opened = await open_store(path)
     try:
         await opened.ping()
     finally:
@@ -147,7 +159,7 @@ async def test_the_database_is_created_for_its_owner_alone(tmp_path: Path) -> No
     umask = os.umask(0o022)  # a usual umask: without care, files come out 0644
     try:
         path = tmp_path / "state" / "gateway.sqlite3"
-        opened = await Store.open(path)
+        opened = await open_store(path)
         try:
             await create(opened, 1)  # something in the -wal
             files = [path, Path(f"{path}-wal"), Path(f"{path}-shm")]
@@ -162,10 +174,10 @@ async def test_the_database_is_created_for_its_owner_alone(tmp_path: Path) -> No
 async def test_an_existing_database_readable_by_others_is_made_private(
     db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    first = await Store.open(db_path)
+    first = await open_store(db_path)
     await first.close()
     os.chmod(db_path, 0o644)
-    reopened = await Store.open(db_path)
+    reopened = await open_store(db_path)
     try:
         assert mode(db_path) == 0o600
     finally:
@@ -174,25 +186,25 @@ async def test_an_existing_database_readable_by_others_is_made_private(
 
 
 async def test_migrations_are_applied_once_and_reopening_keeps_data(db_path: Path) -> None:
-    first = await Store.open(db_path)
+    first = await open_store(db_path)
     try:
         assert await first.schema_version() == len(MIGRATIONS)
         await create(first, 1)
     finally:
         await first.close()
-    second = await Store.open(db_path)
+    second = await open_store(db_path)
     try:
         assert await second.schema_version() == len(MIGRATIONS)
         assert await second.verification("vrf_1") is not None
     finally:
         await second.close()
-    assert raw_query(db_path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
-    tables = {row[0] for row in raw_query(db_path, "SELECT name FROM sqlite_master")}
+    assert raw_file(db_path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+    tables = {row[0] for row in raw_file(db_path, "SELECT name FROM sqlite_master")}
     assert {"api_keys", "verifications", "calls", "call_events"} <= tables
 
 
 async def test_two_stores_on_one_file_see_each_others_writes(db_path: Path) -> None:
-    gateway, cli = await Store.open(db_path), await Store.open(db_path)
+    gateway, cli = await open_store(db_path), await open_store(db_path)
     try:
         await cli.add_api_key(ApiKeyRecord("key_1", "billing", "hash-1", T0, None))
         found = await gateway.api_key_by_hash("hash-1")
@@ -204,7 +216,7 @@ async def test_two_stores_on_one_file_see_each_others_writes(db_path: Path) -> N
 
 
 async def test_foreign_keys_are_enforced(store: Store) -> None:
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(INTEGRITY_ERRORS):
         await store.add_call_event(CallEventRecord("no-such-call", T0, "ringing", None, None))
 
 
@@ -263,7 +275,7 @@ async def test_create_leaves_finished_verifications_alone(store: Store) -> None:
 async def test_a_failed_create_rolls_back_the_cancellation(store: Store) -> None:
     await create(store, 1)
     duplicate_call_id = call("call_1", "vrf_2")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(INTEGRITY_ERRORS):
         await store.create_verification(verification("vrf_2", created_at=T0 + 2), duplicate_call_id)
     assert await status_of(store, "vrf_1") == "pending"
     assert await store.verification("vrf_2") is None
@@ -285,7 +297,7 @@ async def test_in_a_shared_commit_a_failed_write_leaves_the_others(store: Store)
         return_exceptions=True,
     )
     assert results[0] is None
-    assert isinstance(results[1], sqlite3.IntegrityError)
+    assert isinstance(results[1], INTEGRITY_ERRORS)
     assert isinstance(results[2], Inserted)
     found = await store.verification("vrf_1")
     assert found is not None
@@ -391,13 +403,23 @@ async def create_for(store: Store, n: int, key: str, *, attempts: int = 20) -> V
     return record
 
 
-def failures(path: Path) -> int:
+async def call_columns(database: str) -> list[str]:
+    sql = (
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'calls'"
+        if database.startswith("postgresql://")
+        else "SELECT name FROM pragma_table_info('calls')"
+    )
+    return [str(row[0]) for row in await raw_query(database, sql)]
+
+
+async def failures(database: str) -> int:
     """Wrong checks recorded, every phone and key."""
-    return int(raw_query(path, "SELECT COALESCE(SUM(failures), 0) FROM check_failures")[0][0])
+    rows = await raw_query(database, "SELECT COALESCE(SUM(failures), 0) FROM check_failures")
+    return int(rows[0][0])
 
 
 async def test_the_failed_check_limit_holds_against_concurrent_checks(
-    store: Store, db_path: Path
+    store: Store, database: str
 ) -> None:
     """Nine wrong checks recorded, five more at once: one is spent, four are refused."""
     await create_for(store, 1, "key_1")
@@ -415,7 +437,7 @@ async def test_the_failed_check_limit_holds_against_concurrent_checks(
     assert [r for r in results if isinstance(r, Limited)] == [
         Limited(DAY - 10, "failed_checks")
     ] * 4
-    assert failures(db_path) == 10
+    assert await failures(database) == 10
     # Even the right code is refused now, and the verification keeps its attempts.
     assert await store.spend_attempt("vrf_1", True, T0 + 21, limits) == Limited(
         DAY - 11, "failed_checks"
@@ -452,7 +474,7 @@ async def test_wrong_checks_count_per_key_under_a_ceiling_across_keys(store: Sto
 
 
 async def test_wrong_checks_leave_the_window_and_a_reset_forgets_them(
-    store: Store, db_path: Path
+    store: Store, database: str
 ) -> None:
     long_window = (CheckLimit(2, 30 * DAY, per_key=True, name="failed_checks_30_days"),)
     await create_for(store, 1, "key_1")
@@ -482,7 +504,7 @@ async def test_wrong_checks_leave_the_window_and_a_reset_forgets_them(
     assert isinstance(
         await store.spend_attempt("vrf_3", False, later, long_window), VerificationRecord
     )
-    assert raw_query(db_path, "SELECT at FROM check_failures ORDER BY at") == [
+    assert await raw_query(database, "SELECT at FROM check_failures ORDER BY at") == [
         (T0 + 14,), (later,),
     ]  # fmt: skip
 
@@ -510,7 +532,7 @@ async def test_keys_from_before_scopes_become_admin_and_keep_their_wrong_checks(
                 "(?, 'key_old', ?, 'ID', 'failed', 'h', 'p', '+6221500', 4, 'x', 1, ?, ?, ?, ?)",
                 (vid, PHONE, now - age, now - age + TTL, now - age, failed),
             )
-    store = await Store.open(db_path)
+    store = await open_store(db_path)
     try:
         old = await store.api_key_by_hash("hash-old")
         assert old is not None and old.scope == "admin"
@@ -565,7 +587,7 @@ async def test_expire_due_expires_only_pending_verifications_past_their_ttl(stor
 
 
 async def test_end_call_records_the_outcome_and_forgets_the_full_caller_id(
-    store: Store, db_path: Path
+    store: Store, database: str
 ) -> None:
     await create(store, 1)
     await end(store, "call_1", fail_verification=True)
@@ -583,7 +605,7 @@ async def test_end_call_records_the_outcome_and_forgets_the_full_caller_id(
     assert record.status == "failed"
     assert record.updated_at == T0 + 20
     # The full caller ID carries the code: it has no column at all.
-    assert "cli" not in [row[1] for row in raw_query(db_path, "PRAGMA table_info(calls)")]
+    assert "cli" not in await call_columns(database)
     events = await store.call_events("call_1")
     assert [(e.kind, e.cause, e.sip_code) for e in events] == [("ended:busy", 17, 486)]
 
@@ -684,7 +706,7 @@ async def test_api_key_lookup_by_hash(store: Store) -> None:
 
 async def test_api_key_hashes_are_unique(store: Store) -> None:
     await store.add_api_key(ApiKeyRecord("key_1", "billing", "hash-1", T0, None))
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(INTEGRITY_ERRORS):
         await store.add_api_key(ApiKeyRecord("key_2", "login", "hash-1", T0, None))
     assert [k.id for k in await store.api_keys()] == ["key_1"]
 
@@ -801,16 +823,18 @@ async def test_sandbox_verifications_count_in_no_window(store: Store) -> None:
     assert isinstance(await attempt_at(store, 11, T0 + 6, limits), Limited)
 
 
-async def test_the_window_check_does_not_walk_the_window(store: Store, db_path: Path) -> None:
+async def test_the_window_check_does_not_walk_the_window(
+    sqlite_store: Store, db_path: Path
+) -> None:
     """A 100,000-call window: its check is an index lookup (the query plan says so)."""
     ceiling = (
         WindowLimit(None, None, 100_000, 3600),
         WindowLimit("phone_prefix", "+62812345", 100_000, 3600),
     )
     for n in range(5):
-        assert isinstance(await attempt_at(store, n, T0 + n, ceiling), Inserted)
+        assert isinstance(await attempt_at(sqlite_store, n, T0 + n, ceiling), Inserted)
     plans = [
-        raw_query(db_path, f"EXPLAIN QUERY PLAN {sql}")
+        raw_file(db_path, f"EXPLAIN QUERY PLAN {sql}")
         for sql in (
             "SELECT created_at FROM verifications WHERE global_seq = 1",
             "SELECT MAX(global_seq) FROM verifications WHERE global_seq IS NOT NULL",
@@ -841,7 +865,7 @@ async def test_migration_numbers_the_verifications_already_stored(db_path: Path)
                 "(?, 'key_1', ?, 'ID', 'failed', 'h', 'p', '+6221500', 4, 'x', 3, ?, ?, ?, ?, ?)",
                 (f"vrf_{n}", f"{prefix}{n:05d}", T0 + n, T0 + n + TTL, T0 + n, prefix, sandbox),
             )
-    store = await Store.open(db_path)
+    store = await open_store(db_path)
     try:
         refused = await attempt_at(
             store, 9, T0 + 10, (WindowLimit("phone_prefix", "+62812345", 2, 60),)
@@ -851,18 +875,149 @@ async def test_migration_numbers_the_verifications_already_stored(db_path: Path)
         assert refused == Limited(50.0, "global")  # vrf_0, vrf_1, vrf_3
     finally:
         await store.close()
-    assert raw_query(
+    assert raw_file(
         db_path, "SELECT id, global_seq, prefix_seq FROM verifications ORDER BY id"
     ) == [("vrf_0", 1, 1), ("vrf_1", 2, 1), ("vrf_2", None, None), ("vrf_3", 3, 2)]
 
 
 async def test_the_write_ahead_log_is_checkpointed_while_it_runs(
-    store: Store, db_path: Path
+    sqlite_store: Store, db_path: Path
 ) -> None:
     for n in range(200):
-        await create(store, n, phone=f"+6281234{n:06d}")
+        await create(sqlite_store, n, phone=f"+6281234{n:06d}")
     await asyncio.sleep(2.5)  # two checkpoint intervals
     # The database file alone, without its log, already holds every row.
     alone = db_path.with_name("copy.sqlite3")
     shutil.copyfile(db_path, alone)
-    assert raw_query(alone, "SELECT COUNT(*) FROM verifications") == [(200,)]
+    assert raw_file(alone, "SELECT COUNT(*) FROM verifications") == [(200,)]
+
+
+# -- many gateways on one database ---------------------------------------------
+
+
+def owned_call(cid: str, vid: str, owner: str, *, status: str = "queued") -> CallRecord:
+    return dataclasses.replace(
+        call(cid, vid), owner=owner, status=status, dialed_at=None if status == "queued" else T0
+    )
+
+
+async def create_owned(
+    store: Store, n: int, owner: str, *, status: str = "queued"
+) -> VerificationRecord:
+    record = verification(f"vrf_{n}", phone=f"+6281234{n:06d}", created_at=T0 + n)
+    await store.create_verification(
+        record, owned_call(f"call_{n}", record.id, owner, status=status)
+    )
+    return record
+
+
+async def test_a_queued_call_is_claimed_for_dialing_once_and_only_by_its_owner(
+    store: Store,
+) -> None:
+    await create_owned(store, 1, "gw-a")
+    assert not await store.claim_call("call_1", "gw-b", T0 + 2)
+    assert await store.claim_call("call_1", "gw-a", T0 + 2)
+    assert not await store.claim_call("call_1", "gw-a", T0 + 3)  # dialing already
+    found = await store.verification("vrf_1")
+    assert found is not None
+    assert (found[1].status, found[1].dialed_at, found[1].owner) == ("dialing", T0 + 2, "gw-a")
+    assert [e.kind for e in await store.call_events("call_1")] == ["dialing"]
+
+
+async def test_calls_of_a_lapsed_lease_are_adopted_by_one_instance(store: Store) -> None:
+    await store.register_instance("gw-a", "inc-a", T0, lease_until=T0 + 10)
+    await store.register_instance("gw-b", "inc-b", T0, lease_until=T0 + 10)
+    await create_owned(store, 1, "gw-a")
+    await create_owned(store, 2, "gw-a", status="ringing")
+    await create_owned(store, 3, "gw-b")
+    await end(store, "call_2", fail_verification=False)
+    await create_owned(store, 4, "gw-a", status="dialing")
+
+    # gw-a's lease runs: nobody takes its calls.
+    assert await store.adopt_calls("gw-b", T0 + 5) == []
+    # It lapses (gw-a died at T0): gw-b takes the live ones, once.
+    adopted = await store.adopt_calls("gw-b", T0 + 11)
+    assert [(c.id, c.status, c.owner) for c in adopted] == [
+        ("call_1", "queued", "gw-b"),
+        ("call_4", "dialing", "gw-b"),
+    ]
+    assert await store.adopt_calls("gw-b", T0 + 12) == []
+    # What gw-b adopted is gw-b's now: gw-a's old process may no longer dial it.
+    assert not await store.claim_call("call_1", "gw-a", T0 + 12)
+    assert await store.claim_call("call_1", "gw-b", T0 + 12)
+
+
+async def test_at_start_an_instance_takes_back_its_own_calls_and_unowned_ones(
+    store: Store,
+) -> None:
+    previous = await store.register_instance("gw-a", "inc-1", T0, lease_until=T0 + 10)
+    assert previous is None
+    await create_owned(store, 1, "gw-a", status="dialing")
+    await store.create_verification(
+        verification("vrf_2", phone=OTHER_PHONE), call("call_2", "vrf_2")
+    )
+    # The process is killed and started again at once, within its own lease.
+    previous = await store.register_instance("gw-a", "inc-2", T0 + 3, lease_until=T0 + 13)
+    assert previous is not None and previous.incarnation == "inc-1"
+    assert await store.adopt_calls("gw-a", T0 + 3) == [
+        dataclasses.replace(c, owner="gw-a") for c in await store.live_calls() if c.id == "call_2"
+    ]
+    adopted = await store.adopt_calls("gw-a", T0 + 3, own=True)
+    assert [c.id for c in adopted] == ["call_1", "call_2"]
+
+
+async def test_a_lease_is_renewed_only_by_its_incarnation_and_ends_at_stop(store: Store) -> None:
+    await store.register_instance("gw-a", "inc-1", T0, lease_until=T0 + 10)
+    assert await store.renew_lease("gw-a", "inc-1", T0 + 20)
+    await store.register_instance("gw-a", "inc-2", T0 + 5, lease_until=T0 + 15)
+    assert not await store.renew_lease("gw-a", "inc-1", T0 + 25)  # a second process took it
+    await create_owned(store, 1, "gw-a")
+    await create_owned(store, 2, "gw-a", status="ringing")
+
+    assert await store.release_queued("gw-a") == 1  # handed over at once
+    assert [c.id for c in await store.adopt_calls("gw-b", T0 + 6)] == ["call_1"]
+    await store.end_lease("gw-a", "inc-2", T0 + 7)
+    (record,) = await store.instances()
+    assert (record.lease_until, record.stopped_at) == (T0 + 7, T0 + 7)
+    assert [c.id for c in await store.adopt_calls("gw-b", T0 + 7)] == ["call_2"]
+
+
+async def test_a_webhook_is_claimed_by_one_sender_and_falls_due_again_after_the_hold(
+    store: Store,
+) -> None:
+    await create(store, 1)  # callback_url set: the cancellation below is reported
+    await create(store, 2)  # supersedes vrf_1: one verification.canceled row
+    first = await store.claim_webhooks(T0 + 5, limit=10, hold=30)
+    assert [(w.verification_id, w.type, w.next_attempt_at) for w in first] == [
+        ("vrf_1", "verification.canceled", T0 + 35)
+    ]
+    assert await store.claim_webhooks(T0 + 6, limit=10, hold=30) == []
+    # Its sender died without recording the attempt: due again after the hold.
+    again = await store.claim_webhooks(T0 + 36, limit=10, hold=30)
+    assert [w.id for w in again] == [first[0].id]
+
+
+async def test_two_stores_on_one_database_keep_a_limit_exact(new_database: NewDatabase) -> None:
+    """Two gateways' stores, ten concurrent creates for one phone with room for three:
+    exactly three are stored, whichever store takes them."""
+    database = new_database()
+    stores = [await open_store(database), await open_store(database)]
+    try:
+        limit = (WindowLimit("phone", PHONE, 3, 600),)
+
+        async def attempt(n: int) -> Inserted | Limited:
+            record = dataclasses.replace(
+                verification(f"vrf_{n}", created_at=T0 + n / 100), api_key_id=f"key_{n}"
+            )
+            result = await stores[n % 2].create_verification(
+                record, call(f"call_{n}", record.id), limit
+            )
+            assert not isinstance(result, Replayed | KnownInvalid)
+            return result
+
+        results = await asyncio.gather(*(attempt(n) for n in range(10)))
+        assert sum(isinstance(r, Inserted) for r in results) == 3
+        assert sum(isinstance(r, Limited) for r in results) == 7
+    finally:
+        for store in stores:
+            await store.close()

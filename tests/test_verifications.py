@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,8 +35,9 @@ from gateway.errors import (
 )
 from gateway.pbx import CHANNEL_ID_PREFIX, Dial
 from gateway.pool import Pool
-from gateway.store import CallRecord, Store, VerificationRecord
+from gateway.store import CallRecord, Store, VerificationRecord, open_store
 from gateway.verifications import PBX_RETRY_AFTER_S, NewVerification, Verifications
+from tests.conftest import NewDatabase, raw_query
 from tests.fakes import FakePbx, Fate, by_last_digit, fresh_mobile, rings_until_hung_up, until
 
 KEY = "key_a"
@@ -65,7 +63,7 @@ class Clock:
 
 
 def make_config(
-    db_path: Path,
+    database: str,
     code_length: int = 4,
     test_numbers: dict[str, str] | None = None,
     limits: LimitsConfig | None = None,
@@ -74,7 +72,7 @@ def make_config(
         asterisk=AsteriskConfig(secret="unused"),  # noqa: S106 - never used: the PBX is fake
         pools=(PoolConfig(name="default", prefix="+6221500", code_length=code_length),),
         security=SecurityConfig(code_secret=CODE_SECRET),
-        database=DatabaseConfig(path=str(db_path)),
+        database=DatabaseConfig(url=database),
         calls=CallsConfig(ring_seconds=1, max_concurrent=50, max_per_second=1000),
         verification=VerificationConfig(ttl_seconds=TTL_S, max_attempts=MAX_ATTEMPTS),
         test_numbers=test_numbers or {},
@@ -91,7 +89,7 @@ class Domain:
     pbx: FakePbx
     dialer: Dialer
     clock: Clock
-    db_path: Path
+    database: str
 
     async def create(self, phone: str, key: str = KEY, **fields: object) -> VerificationRecord:
         verification, _ = await self.verifications.create(
@@ -135,16 +133,15 @@ class Domain:
         assert call is not None
         return call
 
-    def rows(self, table: str) -> int:
-        with contextlib.closing(sqlite3.connect(self.db_path)) as db:
-            return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])  # noqa: S608
+    async def rows(self, table: str) -> int:
+        return int((await raw_query(self.database, f"SELECT COUNT(*) FROM {table}"))[0][0])
 
 
 DomainFactory = Callable[..., Awaitable[Domain]]
 
 
 @pytest.fixture
-async def make_domain(tmp_path: Path) -> AsyncIterator[DomainFactory]:
+async def make_domain(new_database: NewDatabase) -> AsyncIterator[DomainFactory]:
     """Build a domain (a config override, a PBX script); everything stops after the test."""
     started: list[Domain] = []
 
@@ -154,9 +151,9 @@ async def make_domain(tmp_path: Path) -> AsyncIterator[DomainFactory]:
         test_numbers: dict[str, str] | None = None,
         limits: LimitsConfig | None = None,
     ) -> Domain:
-        db_path = tmp_path / f"gateway-{len(started)}.sqlite3"
-        config = make_config(db_path, code_length, test_numbers, limits)
-        store = await Store.open(db_path)
+        database = new_database()
+        config = make_config(database, code_length, test_numbers, limits)
+        store = await open_store(database)
         pools = [Pool(p) for p in config.pools]
         by_name = {p.name: p for p in pools}
 
@@ -167,7 +164,7 @@ async def make_domain(tmp_path: Path) -> AsyncIterator[DomainFactory]:
         dialer = Dialer(pbx, store, config.calls, release_cli)
         clock = Clock()
         verifications = Verifications(config, store, pools, dialer, clock=clock)
-        domain = Domain(verifications, store, pbx, dialer, clock, db_path)
+        domain = Domain(verifications, store, pbx, dialer, clock, database)
         started.append(domain)
         dialer.start()
         return domain
@@ -255,7 +252,7 @@ async def test_a_create_canceled_after_its_commit_still_places_its_call(
         return len(domain.pbx.placed) == 1
 
     await until(placed)  # stored, so called: not left for the next start to find
-    assert domain.rows("verifications") == 1
+    assert await domain.rows("verifications") == 1
 
 
 async def test_stop_waits_for_a_create_whose_request_gave_up(
@@ -295,7 +292,7 @@ async def test_create_refused_while_the_pbx_has_been_down_past_its_wait(
     with pytest.raises(PbxUnavailable) as refused:
         await domain.create("081234567890")
     assert refused.value.retry_after == PBX_RETRY_AFTER_S
-    assert (domain.rows("verifications"), domain.rows("calls")) == (0, 0)
+    assert (await domain.rows("verifications"), await domain.rows("calls")) == (0, 0)
     # Bad input is still told as such, not as a PBX problem.
     with pytest.raises(InvalidPhone):
         await domain.create("12345")
@@ -340,8 +337,8 @@ async def test_create_validates_before_storing(
     with pytest.raises(error):
         await domain.create(phone)
 
-    assert domain.rows("verifications") == 0
-    assert domain.rows("calls") == 0
+    assert await domain.rows("verifications") == 0
+    assert await domain.rows("calls") == 0
     assert (domain.dialer.queued, domain.dialer.in_flight) == (0, 0)
     assert domain.pbx.dials == []
 
@@ -350,7 +347,7 @@ async def test_create_refuses_ring_seconds_over_the_limit(domain: Domain) -> Non
     with pytest.raises(InvalidRequest):
         await domain.create(fresh_mobile(), ring_seconds=60)
 
-    assert domain.rows("verifications") == 0
+    assert await domain.rows("verifications") == 0
     assert domain.dialer.queued == 0
 
 
@@ -523,11 +520,11 @@ async def spend_all_attempts(domain: Domain, verification: VerificationRecord, k
 
 async def failed_checks(domain: Domain, phone: str) -> int:
     """Wrong checks against `phone`, as its verifications count them."""
-    with contextlib.closing(sqlite3.connect(domain.db_path)) as db:
-        row = db.execute(
-            "SELECT COALESCE(SUM(failed_checks), 0) FROM verifications WHERE phone = ?", (phone,)
-        ).fetchone()
-    return int(row[0])
+    rows = await raw_query(
+        domain.database,
+        f"SELECT COALESCE(SUM(failed_checks), 0) FROM verifications WHERE phone = '{phone}'",
+    )
+    return int(rows[0][0])
 
 
 async def test_concurrent_wrong_checks_never_pass_the_phones_limit(domain: Domain) -> None:

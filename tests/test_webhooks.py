@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import socket
 import time
@@ -59,9 +60,12 @@ class Outbox:
         self.rows[row.id] = row
         return row.id
 
-    async def due_webhooks(self, now: float, limit: int) -> list[WebhookRecord]:
+    async def claim_webhooks(self, now: float, limit: int, hold: float) -> list[WebhookRecord]:
         due = [r for r in self._open() if r.next_attempt_at <= now]
-        return sorted(due, key=lambda r: r.next_attempt_at)[:limit]
+        claimed = sorted(due, key=lambda r: r.next_attempt_at)[:limit]
+        for row in claimed:
+            self.rows[row.id] = dataclasses.replace(row, next_attempt_at=now + hold)
+        return [self.rows[row.id] for row in claimed]
 
     async def next_webhook_at(self) -> float | None:
         return min((r.next_attempt_at for r in self._open()), default=None)

@@ -24,10 +24,10 @@ key=$(cat var/dev.key 2>/dev/null || true)
 if [ -z "$key" ] || ! $py - "$config" "$key" <<'PY'
 import asyncio, sys
 from gateway import apikeys, config
-from gateway.store import Store
+from gateway.store import open_store
 
 async def valid() -> bool:
-    store = await Store.open(config.load(sys.argv[1]).database.path)
+    store = await open_store(config.database_url(config.load(sys.argv[1]).database))
     try:
         return await apikeys.authenticate(store, sys.argv[2]) is not None
     finally:

@@ -13,10 +13,13 @@ from aiohttp.typedefs import Handler
 
 from gateway import errors
 from gateway.api.typedefs import CONFIG, DIALER, METRICS
+from gateway.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 PROBLEM_TYPE = "application/problem+json"
+# A lost database is usually back (reconnected, failed over) within seconds.
+STORE_RETRY_AFTER_S = 2
 
 STATUS = {
     errors.InvalidRequest.code: 400,
@@ -88,6 +91,14 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
             raise
         code = _HTTP_CODES.get(exc.status, "http_error")
         return problem(exc.status, code, exc.reason, headers=_allow(exc))
+    except StoreUnavailable as exc:  # nothing was written; the pool connects again
+        log.warning("database unavailable on %s %s: %s", request.method, _route(request), exc)
+        return problem(
+            503,
+            "overloaded",
+            "the gateway cannot reach its database; retry",
+            headers={"Retry-After": str(STORE_RETRY_AFTER_S)},
+        )
     except Exception:
         log.exception("unhandled error on %s %s", request.method, _route(request))
         return problem(500, "internal_error", "the gateway failed to handle this request")

@@ -32,7 +32,8 @@ from gateway.config import (
     VerificationConfig,
 )
 from gateway.pbx import AmiSettings
-from gateway.store import Store
+from gateway.store import open_store
+from tests.conftest import NewDatabase
 from tests.farend import FarEnd
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,7 +41,7 @@ REPO = Path(__file__).resolve().parents[2]
 POOL_PREFIX = "+6221500"
 
 
-def dev_config(db_path: Path, ami: AmiSettings, **sections: Any) -> Config:
+def dev_config(database: str, ami: AmiSettings, **sections: Any) -> Config:
     """The gateway's config for the dev PBX; keyword arguments replace whole sections."""
     config = Config(
         asterisk=AsteriskConfig(
@@ -53,7 +54,7 @@ def dev_config(db_path: Path, ami: AmiSettings, **sections: Any) -> Config:
         ),
         pools=(PoolConfig(name="dev", prefix=POOL_PREFIX, code_length=4),),
         security=SecurityConfig(code_secret="integration-test-code-secret"),  # noqa: S106
-        database=DatabaseConfig(path=str(db_path)),
+        database=DatabaseConfig(url=database),
         calls=CallsConfig(
             ring_seconds=2, max_ring_seconds=10, max_concurrent=200, max_per_second=200
         ),
@@ -72,7 +73,7 @@ class Gateway:
     url: str
     key: str
     http: ClientSession
-    db_path: Path
+    database: str  # its URL: sqlite:///... or postgresql://...
     server: TestServer
     operator_url: str
     operator: TestServer
@@ -98,20 +99,21 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 @pytest.fixture
 async def start_gateway(
-    dev_pbx: AmiSettings, far_end: FarEnd, tmp_path: Path
+    dev_pbx: AmiSettings, far_end: FarEnd, new_database: NewDatabase
 ) -> AsyncIterator[GatewayFactory]:
-    """Start gateways (config sections as keyword arguments); all stop after the test."""
+    """Start gateways (config sections as keyword arguments), on the test's backend; all
+    stop after the test."""
     servers: list[TestServer] = []
     sessions: list[ClientSession] = []
 
     async def start(
-        db_path: Path | None = None, key: str | None = None, **sections: Any
+        database: str | None = None, key: str | None = None, **sections: Any
     ) -> Gateway:
-        """A gateway on a new database, or on `db_path` (a restart) with its `key`."""
-        db_path = db_path or tmp_path / f"gateway-{len(servers)}.sqlite3"
-        config = dev_config(db_path, dev_pbx, **sections)
+        """A gateway on a new database, or on `database` (a restart) with its `key`."""
+        database = database or new_database()
+        config = dev_config(database, dev_pbx, **sections)
         if key is None:
-            store = await Store.open(db_path)
+            store = await open_store(database)
             try:
                 # admin: the suite also reads number health and stats.
                 _, key = await apikeys.create_key(store, "integration", scope="admin")
@@ -130,7 +132,7 @@ async def start_gateway(
             str(server.make_url("")).rstrip("/"),
             key,
             session,
-            db_path,
+            database,
             server,
             str(operator.make_url("")).rstrip("/"),
             operator,
@@ -209,13 +211,15 @@ class GatewayProcess:
 
 
 @pytest.fixture
-def gateway_process(dev_pbx: AmiSettings, tmp_path: Path) -> Iterator[GatewayProcess]:
+def gateway_process(
+    dev_pbx: AmiSettings, tmp_path: Path, database: str
+) -> Iterator[GatewayProcess]:
     port = free_port()
     config = tmp_path / "config.yaml"
     config.write_text(
         f"""
 http: {{host: 127.0.0.1, port: {port}, operator_port: {free_port()}}}
-database: {{path: '{tmp_path / "gw.sqlite3"}'}}
+database: {{url: '{database}'}}
 asterisk: {{secret: '{dev_pbx.secret}'}}
 security: {{code_secret: fault-test-code-secret}}
 pools: [{{name: dev, prefix: '+6221500', code_length: 4}}]

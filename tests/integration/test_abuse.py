@@ -78,7 +78,7 @@ async def test_limits_hold_after_a_restart(start_gateway: GatewayFactory, far_en
         await call_ended(first, created["id"])
     await stop_gateway(first)
 
-    again = await start_gateway(db_path=first.db_path, key=first.key)
+    again = await start_gateway(database=first.database, key=first.key)
     status, body = await again.post("/v1/verifications", {"phone": phone})
     assert (status, body["code"]) == (429, "rate_limited")
 

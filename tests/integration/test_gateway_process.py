@@ -66,13 +66,15 @@ class Process(GatewayProcess):
 
 
 @pytest.fixture
-def process(dev_pbx: AmiSettings, far_end: FarEnd, tmp_path: Path) -> Iterator[Process]:
+def process(
+    dev_pbx: AmiSettings, far_end: FarEnd, tmp_path: Path, database: str
+) -> Iterator[Process]:
     port, operator_port = free_port(), free_port()
     config = tmp_path / "config.yaml"
     config.write_text(
         (REPO / "config.example.yaml")
         .read_text()
-        .replace("var/gateway.sqlite3", str(tmp_path / "gw.sqlite3"))
+        .replace("sqlite:///var/gateway.sqlite3", database)
         .replace("port: 8080", f"port: {port}")
         .replace("operator_port: 8081", f"operator_port: {operator_port}")
         .replace("keepalive_seconds: 15 ", f"keepalive_seconds: {KEEPALIVE_S} ")

@@ -187,7 +187,7 @@ async def test_export_writes_invalid_numbers_as_csv(
     config = tmp_path / "export.yaml"
     config.write_text(
         "asterisk: {secret: unused}\nsecurity: {code_secret: unused-but-16-chars}\n"
-        f"pools: [{{name: p, prefix: '+6221500'}}]\ndatabase: {{path: '{gateway.db_path}'}}\n"
+        f"pools: [{{name: p, prefix: '+6221500'}}]\ndatabase: {{url: '{gateway.database}'}}\n"
     )
     result = await asyncio.to_thread(
         subprocess.run,

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
-from contextlib import closing
 
 import pytest
 
 from gateway import apikeys
 from gateway.pbx import AmiSettings
-from gateway.store import Store
-from tests.conftest import phone_number, wire_record
+from gateway.store import open_store
+from tests.conftest import dump, phone_number, stored_bytes, wire_record
 from tests.farend import FarEnd
 from tests.integration.conftest import Gateway
 from tests.integration.test_verifications_api import call_ended, code_of
@@ -40,17 +38,14 @@ async def test_database_and_logs_hold_no_code_caller_id_or_secret(
             await gateway.post(f"/v1/verifications/{created['id']}/check", {"code": wrong})
     await asyncio.sleep(0.2)
 
-    stored = b"".join(p.read_bytes() for p in gateway.db_path.parent.glob("*.sqlite3*"))
+    stored = await stored_bytes(gateway.database)
     for cli in clis:
         assert cli.encode() not in stored, "a full caller ID is in the database"
-    with closing(sqlite3.connect(gateway.db_path)) as db:
-        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        for table in tables:
-            columns = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
-            assert not {"code", "cli", "caller_id"} & set(columns), (table, columns)
-            for row in db.execute(f"SELECT * FROM {table}"):  # noqa: S608 - names from the schema
-                for value in row:
-                    assert value not in codes, f"a code is stored in {table}"
+    for table, (columns, rows) in (await dump(gateway.database)).items():
+        assert not {"code", "cli", "caller_id"} & set(columns), (table, columns)
+        for row in rows:
+            for value in row:
+                assert value not in codes, f"a code is stored in {table}"
 
     logged = "\n".join(r.getMessage() for r in caplog.records)
     for secret in (dev_pbx.secret, "integration-test-code-secret", gateway.key):
@@ -62,7 +57,7 @@ async def test_database_and_logs_hold_no_code_caller_id_or_secret(
 
 
 async def test_key_limited_to_networks_refuses_other_addresses(gateway: Gateway) -> None:
-    store = await Store.open(gateway.db_path)
+    store = await open_store(gateway.database)
     try:
         _, elsewhere = await apikeys.create_key(store, "office", ("10.0.0.0/8",))
         _, local = await apikeys.create_key(store, "local", ("127.0.0.0/8", "::1/128"))

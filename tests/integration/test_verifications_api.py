@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.config import VerificationConfig
-from tests.conftest import phone_number, wire_record
+from tests.conftest import phone_number, stored_bytes, wire_record
 from tests.fakes import until
 from tests.farend import FarEnd, InviteRecord
 from tests.integration.conftest import POOL_PREFIX, Gateway, GatewayFactory, scrape
@@ -72,9 +72,8 @@ async def test_ringing_call_delivers_code_in_caller_id(gateway: Gateway, far_end
     assert (call["hangup_cause"], call["sip_code"], call["reason"]) == (16, None, "ring_timeout")
     assert ended["status"] == "pending"
     assert record.from_user not in str(created) + str(ended)
-    # Nor is it in the database (file and WAL), where a copy would reveal the code.
-    stored = b"".join(p.read_bytes() for p in gateway.db_path.parent.glob("*.sqlite3*"))
-    assert record.from_user.encode() not in stored
+    # Nor is it in the database (SQLite: file and WAL), where a copy would reveal the code.
+    assert record.from_user.encode() not in await stored_bytes(gateway.database)
 
     status, checked = await gateway.post(
         f"/v1/verifications/{created['id']}/check", {"code": code_of(record)}

@@ -1,0 +1,195 @@
+"""The gateway's state, behind one interface with two backends.
+
+The domain depends on `Store` (below) and the records of gateway.store.records; it never
+sees SQL. `open_store` picks the backend from `database.url`: SQLite (the embedded
+default, one gateway) or PostgreSQL (shared by many gateways). Every SQL statement is
+in gateway.store.sql, written once for both; the schema is in gateway.store.schema.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Protocol
+
+from gateway.store.postgres import DEFAULT_POOL_SIZE, PostgresStore
+from gateway.store.records import (
+    LIVE_CALL_STATUSES,
+    STATUS_EVENTS,
+    VERIFICATION_STATUSES,
+    ApiKeyRecord,
+    CallEventRecord,
+    CallRecord,
+    CheckLimit,
+    Idempotency,
+    Inserted,
+    InstanceRecord,
+    KnownInvalid,
+    Limited,
+    NumberHealthRecord,
+    Replayed,
+    StoreUnavailable,
+    VerificationRecord,
+    WebhookRecord,
+    WindowLimit,
+)
+from gateway.store.sqlite import SqliteStore
+
+__all__ = [
+    "LIVE_CALL_STATUSES",
+    "STATUS_EVENTS",
+    "VERIFICATION_STATUSES",
+    "ApiKeyRecord",
+    "CallEventRecord",
+    "CallRecord",
+    "CheckLimit",
+    "Idempotency",
+    "Inserted",
+    "InstanceRecord",
+    "KnownInvalid",
+    "Limited",
+    "NumberHealthRecord",
+    "Replayed",
+    "Store",
+    "StoreUnavailable",
+    "VerificationRecord",
+    "WebhookRecord",
+    "WindowLimit",
+    "open_store",
+    "sqlite_path",
+]
+
+SQLITE_SCHEME = "sqlite:///"
+POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
+
+
+class Store(Protocol):
+    """What the domain asks of its state. Each method is one transaction."""
+
+    # Verifications that reached each status through this store (/metrics).
+    status_tally: collections.Counter[str]
+
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...
+    async def schema_version(self) -> int: ...
+
+    # API keys
+    async def add_api_key(self, key: ApiKeyRecord) -> None: ...
+    async def api_key_by_hash(self, key_hash: str) -> ApiKeyRecord | None: ...
+    async def api_keys(self) -> list[ApiKeyRecord]: ...
+    async def revoke_api_key(self, id_or_name: str, at: float) -> int: ...
+
+    # verifications
+    async def create_verification(
+        self,
+        verification: VerificationRecord,
+        call: CallRecord,
+        limits: tuple[WindowLimit, ...] = (),
+        idempotency: Idempotency | None = None,
+        invalid_since: float | None = None,
+    ) -> Inserted | Limited | Replayed | KnownInvalid: ...
+    async def idempotent_response(
+        self, api_key_id: str, key: str, since: float
+    ) -> Replayed | None: ...
+    async def forget_idempotency_keys(self, before: float) -> int: ...
+    async def forget_verifications(
+        self, before: float, after: int, limit: int
+    ) -> tuple[int, int | None]: ...
+    async def verification(
+        self, verification_id: str
+    ) -> tuple[VerificationRecord, CallRecord] | None: ...
+    async def newest_pending(
+        self, phone: str, api_key_id: str
+    ) -> tuple[VerificationRecord, CallRecord] | None: ...
+    async def spend_attempt(
+        self,
+        verification_id: str,
+        approve: bool,
+        at: float,
+        limits: tuple[CheckLimit, ...] = (),
+    ) -> VerificationRecord | Limited | None: ...
+    async def reset_check_failures(self, phone: str) -> int: ...
+    async def calls_by_key(self, since: float) -> dict[str, int]: ...
+    async def replace_code(self, verification_id: str, code_hash: str, at: float) -> bool: ...
+    async def set_status(self, verification_id: str, status: str, at: float) -> bool: ...
+    async def expire_due(self, now: float) -> list[str]: ...
+    async def next_expiry(self) -> float | None: ...
+
+    # calls
+    async def call_progress(
+        self, call_id: str, status: str, column: str, at: float, event: str
+    ) -> None: ...
+    async def add_call_event(self, event: CallEventRecord) -> None: ...
+    async def end_call(
+        self,
+        call_id: str,
+        *,
+        call_status: str,
+        outcome: str,
+        cause: int | None,
+        sip_code: int | None,
+        reason: str | None,
+        at: float,
+        fail_verification: bool,
+        health: str | None = None,
+        delivered: bool = False,
+        uncertain: bool = False,
+    ) -> None: ...
+    async def call_events(self, call_id: str) -> list[CallEventRecord]: ...
+    async def live_calls(self) -> list[CallRecord]: ...
+    async def claim_call(self, call_id: str, owner: str, at: float) -> bool: ...
+
+    # instances sharing the database
+    async def register_instance(
+        self, name: str, incarnation: str, at: float, lease_until: float
+    ) -> InstanceRecord | None: ...
+    async def renew_lease(self, name: str, incarnation: str, lease_until: float) -> bool: ...
+    async def end_lease(self, name: str, incarnation: str, at: float) -> None: ...
+    async def instances(self) -> list[InstanceRecord]: ...
+    async def release_queued(self, owner: str) -> int: ...
+    async def adopt_calls(self, owner: str, at: float, own: bool = False) -> list[CallRecord]: ...
+
+    # webhooks
+    async def claim_webhooks(self, now: float, limit: int, hold: float) -> list[WebhookRecord]: ...
+    async def pending_webhooks(self) -> int: ...
+    async def next_webhook_at(self) -> float | None: ...
+    async def fix_webhook_payload(self, webhook_id: str, payload: str) -> str: ...
+    async def webhook_attempted(
+        self,
+        webhook_id: str,
+        *,
+        at: float,
+        status: int | None,
+        error: str | None,
+        delivered: bool,
+        next_attempt_at: float | None,
+    ) -> None: ...
+    async def webhooks_of(self, verification_id: str) -> list[WebhookRecord]: ...
+
+    # number health and statistics
+    async def number_health(self, phone: str) -> NumberHealthRecord | None: ...
+    async def number_health_many(self, phones: list[str]) -> dict[str, NumberHealthRecord]: ...
+    async def numbers_by_health(
+        self, status: str, after: str, limit: int
+    ) -> list[NumberHealthRecord]: ...
+    async def reset_number_health(self, phone: str) -> bool: ...
+    async def call_stats(self, since: float, until: float) -> list[tuple[str, str, int]]: ...
+    async def calls_dialed(self, since: float, until: float, step: float) -> list[int]: ...
+    async def ended_by_cause(
+        self, since: float, until: float
+    ) -> list[tuple[str, int | None, int]]: ...
+
+
+def sqlite_path(url: str) -> str:
+    """The file of a `sqlite:///` URL: `sqlite:///var/x.db` is var/x.db (relative),
+    `sqlite:////srv/x.db` is /srv/x.db."""
+    return url.removeprefix(SQLITE_SCHEME)
+
+
+async def open_store(database: str | Path, pool_size: int | None = None) -> Store:
+    """Open and migrate the database at `database`: a `postgresql://` URL, a
+    `sqlite:///` URL, or the path of a SQLite file."""
+    location = str(database)
+    if location.startswith(POSTGRESQL_SCHEMES):
+        return await PostgresStore.open(location, pool_size or DEFAULT_POOL_SIZE)
+    return await SqliteStore.open(sqlite_path(location))

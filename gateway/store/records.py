@@ -1,0 +1,207 @@
+"""What the store keeps and answers: its records, statuses and results, owned by the
+domain and shared by every backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+LIVE_CALL_STATUSES = ("queued", "dialing", "ringing")
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRecord:
+    id: str
+    verification_id: str
+    url: str
+    type: str
+    payload: str | None
+    created_at: float
+    next_attempt_at: float
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    delivered_at: float | None
+    given_up_at: float | None
+
+
+VERIFICATION_STATUSES = (
+    "pending",
+    "approved",
+    "canceled",
+    "expired",
+    "failed",
+    "max_attempts_reached",
+)
+
+# The verification status each event reports, for the statements that change it.
+STATUS_EVENTS = {
+    "approved": "verification.approved",
+    "max_attempts_reached": "verification.max_attempts_reached",
+    "canceled": "verification.canceled",
+    "expired": "verification.expired",
+    "failed": "verification.failed",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Idempotency:
+    """An Idempotency-Key with its request, and the response to store with the insert."""
+
+    api_key_id: str
+    key: str
+    body_hash: str
+    status: int
+    response: str
+    since: float  # rows older than this (24 h) no longer count
+
+
+@dataclass(frozen=True, slots=True)
+class Inserted:
+    """The verification was stored; these (verification, live call) were superseded."""
+
+    superseded: list[tuple[str, str | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Limited:
+    """A limit was reached; nothing was stored."""
+
+    retry_after: float
+    limit: str  # which: phone, phone_prefix, api_key_daily or global
+
+
+@dataclass(frozen=True, slots=True)
+class KnownInvalid:
+    """The network called the number invalid (number_health); nothing was stored."""
+
+    last_call_at: float
+    last_outcome: str | None
+    last_cause: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """The Idempotency-Key was used before: its stored response; nothing was stored."""
+
+    body_hash: str
+    status: int
+    response: str
+
+
+@dataclass(frozen=True, slots=True)
+class WindowLimit:
+    """At most `count` verifications in `seconds` where `column` equals `value`.
+
+    `column` None counts every verification (a global ceiling).
+    """
+
+    column: Literal["phone", "phone_prefix", "api_key_id"] | None
+    value: str | None
+    count: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CheckLimit:
+    """At most `count` wrong checks against one phone in `seconds`: those made with the
+    checking verification's API key (`per_key`), or with any key. `name` says which
+    limit refused, for the operator's metrics."""
+
+    count: int
+    seconds: float
+    per_key: bool
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    id: str
+    name: str
+    key_hash: str
+    created_at: float
+    revoked_at: float | None
+    allowed_networks: str | None = None
+    scope: str = "verify"  # verify | admin (apikeys.SCOPES)
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationRecord:
+    id: str
+    api_key_id: str
+    phone: str
+    region: str
+    reference: str | None
+    callback_url: str | None
+    status: str
+    code_hash: str
+    pool: str
+    cli_prefix: str
+    cli_length: int
+    cli_pattern: str
+    attempts_remaining: int
+    created_at: float
+    expires_at: float
+    updated_at: float
+    carrier: str | None = None
+    phone_prefix: str | None = None
+    failed_checks: int = 0
+    sandbox: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NumberHealthRecord:
+    phone: str
+    status: str
+    last_outcome: str | None
+    last_cause: int | None
+    last_sip_code: int | None
+    last_call_at: float | None
+    last_delivered_at: float | None
+    calls: int
+    delivered: int
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    id: str
+    verification_id: str
+    status: str
+    dial_number: str
+    ring_seconds: float
+    outcome: str | None = None
+    hangup_cause: int | None = None
+    sip_code: int | None = None
+    reason: str | None = None
+    queued_at: float = 0.0
+    dialed_at: float | None = None
+    ringing_at: float | None = None
+    ended_at: float | None = None
+    owner: str | None = None  # the instance that places and follows it (instance.name)
+    node: str | None = None  # the Asterisk node it is placed on
+
+
+@dataclass(frozen=True, slots=True)
+class CallEventRecord:
+    call_id: str
+    at: float
+    kind: str
+    cause: int | None
+    sip_code: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """A gateway sharing the database: alive while its lease runs."""
+
+    name: str
+    incarnation: str
+    started_at: float
+    lease_until: float
+    stopped_at: float | None
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached (a lost server, a pool that cannot connect):
+    nothing was written, and the same work may be tried again later."""

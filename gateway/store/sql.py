@@ -1,0 +1,1086 @@
+"""Every SQL statement, written once for both backends.
+
+An operation is a coroutine over a `Tx`: the backend's transaction (one SQLite
+connection in its thread, or one PostgreSQL connection from the pool). Statements use
+`?` placeholders and the SQL both engines read alike; the PostgreSQL Tx numbers the
+placeholders. Where the engines differ (rounding down, an index hint) the Tx's
+`dialect` says which words to use.
+
+Writes that must see every other writer's last commit before deciding (the limits, an
+Idempotency-Key, the numbering of verifications) take `Tx.lock` first: SQLite has one
+writer at a time anyway; PostgreSQL takes a transaction-scoped advisory lock, so two
+gateways on one database decide one after the other, exactly as one would.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import functools
+import math
+import secrets
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import fields
+from typing import Any, Protocol, TypeVar
+
+from gateway.outcomes import CANCELED, about_number
+from gateway.store.records import (
+    LIVE_CALL_STATUSES,
+    STATUS_EVENTS,
+    ApiKeyRecord,
+    CallEventRecord,
+    CallRecord,
+    CheckLimit,
+    Idempotency,
+    Inserted,
+    InstanceRecord,
+    KnownInvalid,
+    Limited,
+    NumberHealthRecord,
+    Replayed,
+    VerificationRecord,
+    WebhookRecord,
+    WindowLimit,
+)
+
+T = TypeVar("T")
+Row = Sequence[Any]
+
+SQLITE = "sqlite"
+POSTGRESQL = "postgresql"
+
+# API keys looked up within this many seconds are not looked up again (one query per
+# request was a tenth of the API's cost); KEY_CACHE_SIZE bounds the answers kept.
+KEY_CACHE_S = 1.0
+KEY_CACHE_SIZE = 10_000
+
+# What Tx.lock serialises: every create (limits, Idempotency-Keys, numbering), and the
+# wrong checks of one phone.
+CREATE_LOCK = "create"
+CHECKS_LOCK = "checks:"
+
+
+class Tx(Protocol):
+    """One backend transaction; for a read, one connection."""
+
+    dialect: str
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """Run a statement; the number of rows it changed."""
+
+    async def fetchone(self, sql: str, args: Sequence[Any] = ()) -> Row | None: ...
+
+    async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
+
+    async def lock(self, name: str) -> None:
+        """Wait until no other transaction holds `name`; hold it until this one ends."""
+
+
+Operation = Callable[[Tx], Coroutine[Any, Any, T]]
+
+_LIMIT_NAMES = {
+    "phone": "phone",
+    "phone_prefix": "phone_prefix",
+    "api_key_id": "api_key_daily",
+    None: "global",
+}
+
+
+@functools.cache
+def _columns(record_type: type[Any]) -> str:
+    return ", ".join(f.name for f in fields(record_type))
+
+
+@functools.cache
+def _placeholders(record_type: type[Any]) -> str:
+    return ", ".join("?" for _ in fields(record_type))
+
+
+def _values(record: Any) -> tuple[Any, ...]:
+    """A record's fields in column order (dataclasses.astuple deep-copies: slow)."""
+    return tuple(getattr(record, f.name) for f in fields(record))
+
+
+_V_COLS = _columns(VerificationRecord)
+_C_COLS = _columns(CallRecord)
+
+
+async def _enqueue(tx: Tx, verification_id: str, kind: str, at: float) -> None:
+    """An outbox row for `kind` if the verification asked for webhooks; in the caller's
+    transaction, so the event exists exactly when the change does."""
+    await tx.execute(
+        "INSERT INTO webhook_outbox (id, verification_id, url, type, created_at, "
+        "next_attempt_at) SELECT CAST(? AS TEXT), id, callback_url, CAST(? AS TEXT), "
+        "CAST(? AS DOUBLE PRECISION), CAST(? AS DOUBLE PRECISION) FROM verifications "
+        "WHERE id = ? AND callback_url IS NOT NULL",
+        ("msg_" + secrets.token_hex(16), kind, at, at, verification_id),
+    )
+
+
+async def _add_event(
+    tx: Tx,
+    call_id: str,
+    at: float | None,
+    kind: str,
+    cause: int | None = None,
+    sip_code: int | None = None,
+) -> None:
+    """One entry of a call's timeline (CallEventRecord), in the caller's transaction."""
+    await tx.execute(
+        f"INSERT INTO call_events ({_columns(CallEventRecord)}) "
+        f"VALUES ({_placeholders(CallEventRecord)})",
+        (call_id, at, kind, cause, sip_code),
+    )
+
+
+async def _next_seqs(tx: Tx, prefix: str | None) -> tuple[int, int | None]:
+    """The numbers a new dialed verification takes: overall, and within `prefix`."""
+    # IS NOT NULL lets the planner read the maximum off the partial index.
+    row = await tx.fetchone(
+        "SELECT MAX(global_seq) FROM verifications WHERE global_seq IS NOT NULL"
+    )
+    latest = row[0] if row else None
+    if prefix is None:
+        return (latest or 0) + 1, None
+    row = await tx.fetchone(
+        "SELECT MAX(prefix_seq) FROM verifications "
+        "WHERE phone_prefix = ? AND prefix_seq IS NOT NULL",
+        (prefix,),
+    )
+    in_prefix = row[0] if row else None
+    return (latest or 0) + 1, (in_prefix or 0) + 1
+
+
+async def _window_full(
+    tx: Tx, limit: WindowLimit, at: float, seqs: tuple[int, int | None] | None
+) -> float | None:
+    """Seconds until `limit` has room for one more verification, or None when it has.
+
+    The window is full when the `count`-th latest verification it counts is inside it;
+    the global and per-prefix windows find that one by its number (`seqs`: what the new
+    one would take), a phone's small windows by walking its few latest rows."""
+    row = None
+    if limit.column == "phone":
+        row = await tx.fetchone(
+            "SELECT created_at FROM verifications WHERE phone = ? AND NOT sandbox "
+            "ORDER BY created_at DESC LIMIT 1 OFFSET ?",
+            (limit.value, limit.count - 1),
+        )
+    elif seqs is not None:
+        overall, in_prefix = seqs
+        if limit.column is None and overall > limit.count:
+            row = await tx.fetchone(
+                "SELECT created_at FROM verifications WHERE global_seq = ?",
+                (overall - limit.count,),
+            )
+        elif limit.column == "phone_prefix" and in_prefix is not None and in_prefix > limit.count:
+            row = await tx.fetchone(
+                "SELECT created_at FROM verifications WHERE phone_prefix = ? AND prefix_seq = ?",
+                (limit.value, in_prefix - limit.count),
+            )
+    if row is None or row[0] <= at - limit.seconds:
+        return None
+    # `count` already in the window: room once the oldest of them leaves it.
+    return max(1.0, float(row[0]) + limit.seconds - at)
+
+
+async def _key_usage_full(tx: Tx, limit: WindowLimit, at: float) -> float | None:
+    """Seconds until the key may call again, or None when its window has room.
+
+    Counted by minute: a call made in the window's first minute counts for the whole
+    minute, so the budget errs by at most a minute's calls towards refusing."""
+    first = int((at - limit.seconds) // 60) + 1
+    rows = await tx.fetchall(
+        "SELECT minute, calls FROM key_usage WHERE api_key_id = ? AND minute >= ? ORDER BY minute",
+        (limit.value, first),
+    )
+    used = sum(calls for _, calls in rows)
+    if used < limit.count:
+        return None
+    for minute, calls in rows:  # the oldest minutes leave the window first
+        used -= calls
+        if used < limit.count:
+            return max(1.0, float((minute + 1) * 60 + limit.seconds - at))
+    return float(limit.seconds)
+
+
+async def _check_limits_full(
+    tx: Tx,
+    limits: tuple[CheckLimit, ...],
+    phone: str,
+    api_key_id: str,
+    at: float,
+) -> Limited | None:
+    """The first of `limits` that the wrong checks against `phone` already fill, with
+    the seconds until it has room; None when each has room. A phone has few rows: the
+    limits refuse its checks long before they could grow."""
+    rows = await tx.fetchall(
+        "SELECT at, failures, api_key_id = ? FROM check_failures "
+        "WHERE phone = ? AND at > ? ORDER BY at",
+        (api_key_id, phone, at - max(limit.seconds for limit in limits)),
+    )
+    for limit in limits:
+        counted = [
+            (when, n)
+            for when, n, mine in rows
+            if when > at - limit.seconds and (mine or not limit.per_key)
+        ]
+        used = sum(n for _, n in counted)
+        if used < limit.count:
+            continue
+        for when, n in counted:  # room once enough of the oldest have left the window
+            used -= n
+            if used < limit.count:
+                return Limited(max(1.0, float(when) + limit.seconds - at), limit.name)
+    return None
+
+
+async def _count_key_usage(tx: Tx, api_key_id: str, at: float) -> None:
+    minute = int(at // 60)
+    row = await tx.fetchone(
+        "INSERT INTO key_usage (api_key_id, minute, calls) VALUES (?, ?, 1) "
+        "ON CONFLICT (api_key_id, minute) DO UPDATE SET calls = key_usage.calls + 1 "
+        "RETURNING calls",
+        (api_key_id, minute),
+    )
+    if row is not None and row[0] == 1:
+        # Once a minute per key: forget the minutes no window looks at (a day).
+        await tx.execute(
+            "DELETE FROM key_usage WHERE api_key_id = ? AND minute < ?",
+            (api_key_id, minute - 2 * 1440),
+        )
+
+
+class SqlStore(abc.ABC):
+    """The gateway's state: every operation, on the backend a subclass connects to."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, tuple[float, ApiKeyRecord | None]] = {}  # by key hash
+        # Verifications that reached each status through this store, counted after the
+        # commit: /metrics reports them.
+        self.status_tally: collections.Counter[str] = collections.Counter()
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close the connections, once the work already queued is done."""
+
+    @abc.abstractmethod
+    async def schema_version(self) -> int:
+        """The number of migrations applied."""
+
+    @abc.abstractmethod
+    async def _run(
+        self, operation: Operation[T], write: bool = False, lazy: bool = False, quick: bool = False
+    ) -> T:
+        """`operation` in a transaction of its own: committed if it returns, rolled back
+        if it raises. `lazy`: nobody waits on it (it may wait a little for company);
+        `quick`: a lookup by key or a few rows written (SQLite may run it on the loop)."""
+
+    async def _write(self, operation: Operation[T], lazy: bool = False, quick: bool = False) -> T:
+        return await self._run(operation, write=True, lazy=lazy, quick=quick)
+
+    async def _fetchone(self, sql: str, args: Sequence[Any] = (), quick: bool = False) -> Any:
+        return await self._run(lambda tx: tx.fetchone(sql, args), quick=quick)
+
+    async def _fetchall(self, sql: str, args: Sequence[Any] = (), quick: bool = False) -> list[Row]:
+        return await self._run(lambda tx: tx.fetchall(sql, args), quick=quick)
+
+    async def _fetchall_write(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        """The rows a write returns (UPDATE ... RETURNING), in a transaction of its own."""
+        return await self._write(lambda tx: tx.fetchall(sql, args))
+
+    async def ping(self) -> None:
+        """Raise when the database cannot answer a query."""
+        await self._fetchone("SELECT 1")
+
+    # -- API keys --------------------------------------------------------------
+
+    async def add_api_key(self, key: ApiKeyRecord) -> None:
+        await self._write(
+            lambda tx: tx.execute(
+                f"INSERT INTO api_keys ({_columns(ApiKeyRecord)}) "
+                f"VALUES ({_placeholders(ApiKeyRecord)})",
+                _values(key),
+            )
+        )
+
+    async def api_key_by_hash(self, key_hash: str) -> ApiKeyRecord | None:
+        """The key with this hash. Answers are kept for KEY_CACHE_S: a key revoked by
+        another process (the CLI) stops working within that time, by this one at once."""
+        now = time.monotonic()
+        cached = self._keys.get(key_hash)
+        if cached is not None and now - cached[0] < KEY_CACHE_S:
+            return cached[1]
+        row = await self._fetchone(
+            f"SELECT {_columns(ApiKeyRecord)} FROM api_keys WHERE key_hash = ?",
+            (key_hash,),
+            quick=True,
+        )
+        record = ApiKeyRecord(*row) if row else None
+        if len(self._keys) >= KEY_CACHE_SIZE:  # unknown keys must not fill memory
+            self._keys.clear()
+        self._keys[key_hash] = (now, record)
+        return record
+
+    async def api_keys(self) -> list[ApiKeyRecord]:
+        rows = await self._fetchall(
+            f"SELECT {_columns(ApiKeyRecord)} FROM api_keys ORDER BY created_at"
+        )
+        return [ApiKeyRecord(*row) for row in rows]
+
+    async def revoke_api_key(self, id_or_name: str, at: float) -> int:
+        """Revoke keys by id or name; return how many were revoked."""
+        self._keys.clear()
+        return await self._write(
+            lambda tx: tx.execute(
+                "UPDATE api_keys SET revoked_at = ? "
+                "WHERE (id = ? OR name = ?) AND revoked_at IS NULL",
+                (at, id_or_name, id_or_name),
+            )
+        )
+
+    # -- verifications ---------------------------------------------------------
+
+    async def create_verification(
+        self,
+        verification: VerificationRecord,
+        call: CallRecord,
+        limits: tuple[WindowLimit, ...] = (),
+        idempotency: Idempotency | None = None,
+        invalid_since: float | None = None,
+    ) -> Inserted | Limited | Replayed | KnownInvalid:
+        """Insert a verification and its queued call, canceling the phone's pending ones.
+
+        Only those of the same API key: another service's verification is not ours to end.
+        The Idempotency-Key and the limits are looked at in the insert's transaction,
+        under CREATE_LOCK: concurrent retries of one key store one verification, and
+        concurrent requests (on any gateway) cannot both slip under a limit. With
+        `invalid_since`, a number the network called invalid after that time is refused
+        (KnownInvalid), in the same transaction.
+        """
+
+        async def create(tx: Tx) -> Inserted | Limited | Replayed | KnownInvalid:
+            await tx.lock(CREATE_LOCK)
+            if idempotency is not None:
+                row = await tx.fetchone(
+                    "SELECT body_hash, status, response FROM idempotency_keys "
+                    "WHERE api_key_id = ? AND key = ? AND created_at > ?",
+                    (idempotency.api_key_id, idempotency.key, idempotency.since),
+                )
+                if row is not None:
+                    return Replayed(str(row[0]), int(row[1]), str(row[2]))
+            if invalid_since is not None:
+                row = await tx.fetchone(
+                    "SELECT last_call_at, last_outcome, last_cause FROM number_health "
+                    "WHERE phone = ? AND status = 'invalid' AND last_call_at > ?",
+                    (verification.phone, invalid_since),
+                )
+                if row is not None:
+                    return KnownInvalid(*row)
+            seqs = None if verification.sandbox else await _next_seqs(tx, verification.phone_prefix)
+            for limit in limits:
+                if limit.column == "api_key_id":
+                    retry_after = await _key_usage_full(tx, limit, verification.created_at)
+                else:
+                    retry_after = await _window_full(tx, limit, verification.created_at, seqs)
+                if retry_after is not None:
+                    return Limited(retry_after, _LIMIT_NAMES[limit.column])
+            superseded = [
+                (vid, cid if status in LIVE_CALL_STATUSES else None)
+                for vid, cid, status in await tx.fetchall(
+                    "SELECT v.id, c.id, c.status FROM verifications v "
+                    "INDEXED BY verifications_pending_by_phone "
+                    "LEFT JOIN calls c ON c.verification_id = v.id "
+                    "WHERE v.phone = ? AND v.api_key_id = ? AND v.status = 'pending'",
+                    (verification.phone, verification.api_key_id),
+                )
+            ]
+            for vid, _ in superseded:
+                await tx.execute(
+                    "UPDATE verifications SET status = 'canceled', updated_at = ? WHERE id = ?",
+                    (verification.created_at, vid),
+                )
+                await _enqueue(tx, vid, STATUS_EVENTS["canceled"], verification.created_at)
+            await tx.execute(
+                f"INSERT INTO verifications ({_V_COLS}, global_seq, prefix_seq) "
+                f"VALUES ({_placeholders(VerificationRecord)}, ?, ?)",
+                (*_values(verification), *(seqs or (None, None))),
+            )
+            await tx.execute(
+                f"INSERT INTO calls ({_C_COLS}) VALUES ({_placeholders(CallRecord)})",
+                _values(call),
+            )
+            if call.status == "dialing":  # placed as soon as stored (Dialer.claim)
+                await _add_event(tx, call.id, call.dialed_at, "dialing")
+            if verification.sandbox:  # its call is delivered as it is stored
+                await _enqueue(tx, verification.id, "verification.delivered", call.queued_at)
+            else:
+                await _count_key_usage(tx, verification.api_key_id, verification.created_at)
+            if idempotency is not None:
+                await tx.execute(
+                    "INSERT INTO idempotency_keys "
+                    "(api_key_id, key, body_hash, status, response, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (api_key_id, key) DO UPDATE SET "
+                    "body_hash = excluded.body_hash, status = excluded.status, "
+                    "response = excluded.response, created_at = excluded.created_at",
+                    (
+                        idempotency.api_key_id,
+                        idempotency.key,
+                        idempotency.body_hash,
+                        idempotency.status,
+                        idempotency.response,
+                        verification.created_at,
+                    ),
+                )
+            return Inserted(superseded)
+
+        result = await self._write(create, quick=True)
+        if isinstance(result, Inserted):
+            self.status_tally["pending"] += 1
+            self.status_tally["canceled"] += len(result.superseded)
+        return result
+
+    async def idempotent_response(self, api_key_id: str, key: str, since: float) -> Replayed | None:
+        """The stored response to an Idempotency-Key used since `since`."""
+        row = await self._fetchone(
+            "SELECT body_hash, status, response FROM idempotency_keys "
+            "WHERE api_key_id = ? AND key = ? AND created_at > ?",
+            (api_key_id, key, since),
+            quick=True,
+        )
+        return Replayed(str(row[0]), int(row[1]), str(row[2])) if row else None
+
+    async def forget_idempotency_keys(self, before: float) -> int:
+        """Drop Idempotency-Keys older than `before`; return how many."""
+        return await self._write(
+            lambda tx: tx.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (before,))
+        )
+
+    async def forget_verifications(
+        self, before: float, after: int, limit: int
+    ) -> tuple[int, int | None]:
+        """Delete, in one transaction, up to `limit` finished verifications created before
+        `before`, with their calls, call events and webhooks; the oldest first, from
+        the row after `after`. Returns how many, and the row to go on from (None: done).
+
+        One still pending, with a call still live or a webhook still to deliver, is
+        passed over. Rows are walked in insertion (creation) order, without an index
+        on created_at that every create would have to write."""
+
+        async def forget(tx: Tx) -> tuple[int, int | None]:
+            rows = await tx.fetchall(
+                "SELECT v.rowid, v.id, v.created_at, v.status = 'pending' "
+                "OR EXISTS (SELECT 1 FROM calls c WHERE c.verification_id = v.id "
+                "AND c.status IN ('queued', 'dialing', 'ringing')) "
+                "OR EXISTS (SELECT 1 FROM webhook_outbox w WHERE w.verification_id = v.id "
+                "AND w.delivered_at IS NULL AND w.given_up_at IS NULL) "
+                "FROM verifications v WHERE v.rowid > ? ORDER BY v.rowid LIMIT ?",
+                (after, limit),
+            )
+            ids: list[str] = []
+            go_on: int | None = rows[-1][0] if len(rows) == limit else None
+            for _, verification_id, created_at, kept in rows:
+                if created_at >= before:
+                    go_on = None  # the rest is younger
+                    break
+                if not kept:
+                    ids.append(verification_id)
+            if ids:
+                marks = ",".join("?" * len(ids))
+                for statement in (
+                    "DELETE FROM call_events WHERE call_id IN "
+                    f"(SELECT id FROM calls WHERE verification_id IN ({marks}))",
+                    f"DELETE FROM webhook_outbox WHERE verification_id IN ({marks})",
+                    f"DELETE FROM calls WHERE verification_id IN ({marks})",
+                    f"DELETE FROM verifications WHERE id IN ({marks})",
+                ):
+                    await tx.execute(statement, ids)
+            return len(ids), go_on
+
+        return await self._write(forget)
+
+    async def verification(
+        self, verification_id: str
+    ) -> tuple[VerificationRecord, CallRecord] | None:
+        return await self._verification_where("v.id = ?", (verification_id,))
+
+    async def newest_pending(
+        self, phone: str, api_key_id: str
+    ) -> tuple[VerificationRecord, CallRecord] | None:
+        """The newest pending verification of `phone` made with `api_key_id`."""
+        return await self._verification_where(
+            "v.phone = ? AND v.api_key_id = ? AND v.status = 'pending' "
+            "ORDER BY v.created_at DESC LIMIT 1",
+            (phone, api_key_id),
+        )
+
+    async def _verification_where(
+        self, where: str, args: tuple[Any, ...]
+    ) -> tuple[VerificationRecord, CallRecord] | None:
+        v_cols = ", ".join(f"v.{f.name}" for f in fields(VerificationRecord))
+        c_cols = ", ".join(f"c.{f.name}" for f in fields(CallRecord))
+        row = await self._fetchone(
+            f"SELECT {v_cols}, {c_cols} FROM verifications v "
+            f"JOIN calls c ON c.verification_id = v.id WHERE {where}",
+            args,
+            quick=True,
+        )
+        if row is None:
+            return None
+        split = len(fields(VerificationRecord))
+        return VerificationRecord(*row[:split]), CallRecord(*row[split:])
+
+    async def spend_attempt(
+        self,
+        verification_id: str,
+        approve: bool,
+        at: float,
+        limits: tuple[CheckLimit, ...] = (),
+    ) -> VerificationRecord | Limited | None:
+        """Record one check of a pending verification; None when it was not pending.
+
+        A right code approves it; a wrong one spends an attempt, and the last wrong
+        attempt moves it to max_attempts_reached. One statement, so two concurrent
+        checks can never both spend the same attempt.
+
+        When the phone's wrong checks already fill one of `limits`, nothing is spent and
+        the check, right or wrong, is refused (Limited). The count is read and the wrong
+        check recorded in one transaction holding the phone's lock: concurrent checks,
+        on any gateway, cannot pass a limit together.
+        """
+
+        async def spend(tx: Tx) -> VerificationRecord | Limited | None:
+            if limits:
+                checked = await tx.fetchone(
+                    "SELECT phone, api_key_id FROM verifications "
+                    "WHERE id = ? AND status = 'pending' AND expires_at > ?",
+                    (verification_id, at),
+                )
+                if checked is None:
+                    return None
+                await tx.lock(CHECKS_LOCK + checked[0])
+                refused = await _check_limits_full(tx, limits, checked[0], checked[1], at)
+                if refused is not None:
+                    return refused
+            row = await tx.fetchone(
+                "UPDATE verifications SET "
+                "attempts_remaining = attempts_remaining - CASE WHEN ? THEN 0 ELSE 1 END, "
+                "failed_checks = failed_checks + CASE WHEN ? THEN 0 ELSE 1 END, "
+                "status = CASE WHEN ? THEN 'approved' "
+                "WHEN attempts_remaining <= 1 THEN 'max_attempts_reached' ELSE status END, "
+                "updated_at = ? "
+                f"WHERE id = ? AND status = 'pending' AND expires_at > ? RETURNING {_V_COLS}",
+                (approve, approve, approve, at, verification_id, at),
+            )
+            record = VerificationRecord(*row) if row else None
+            if record is not None and record.status in STATUS_EVENTS:
+                await _enqueue(tx, verification_id, STATUS_EVENTS[record.status], at)
+            if record is not None and not approve:
+                await tx.execute(
+                    "INSERT INTO check_failures (phone, api_key_id, at, failures) "
+                    "VALUES (?, ?, ?, 1)",
+                    (record.phone, record.api_key_id, at),
+                )
+                if limits:  # what no window looks at any more: every phone's, by index
+                    await tx.execute(
+                        "DELETE FROM check_failures WHERE at <= ?",
+                        (at - max(limit.seconds for limit in limits),),
+                    )
+            return record
+
+        record = await self._write(spend, quick=True)
+        if isinstance(record, VerificationRecord) and record.status != "pending":
+            self.status_tally[record.status] += 1
+        return record
+
+    async def reset_check_failures(self, phone: str) -> int:
+        """Forget the wrong checks against `phone`, every key's; return how many."""
+
+        async def forget(tx: Tx) -> int:
+            forgotten = await tx.fetchall(
+                "DELETE FROM check_failures WHERE phone = ? RETURNING failures", (phone,)
+            )
+            return sum(int(row[0]) for row in forgotten)
+
+        return await self._write(forget)
+
+    async def calls_by_key(self, since: float) -> dict[str, int]:
+        """Calls (verifications not in the sandbox) requested since `since`, per API key,
+        to the minute."""
+        rows = await self._fetchall(
+            "SELECT api_key_id, SUM(calls) FROM key_usage WHERE minute >= ? GROUP BY 1",
+            (int(since // 60),),
+        )
+        return {str(key): int(n) for key, n in rows}
+
+    async def replace_code(self, verification_id: str, code_hash: str, at: float) -> bool:
+        """A queued call resumed after a restart shows a new caller ID: its code's hash."""
+        changed = await self._write(
+            lambda tx: tx.execute(
+                "UPDATE verifications SET code_hash = ?, updated_at = ? "
+                "WHERE id = ? AND status = 'pending'",
+                (code_hash, at, verification_id),
+            )
+        )
+        return changed == 1
+
+    async def set_status(self, verification_id: str, status: str, at: float) -> bool:
+        """Move a pending verification to `status`; False when it was not pending."""
+
+        async def update(tx: Tx) -> bool:
+            changed = (
+                await tx.execute(
+                    "UPDATE verifications SET status = ?, updated_at = ? "
+                    "WHERE id = ? AND status = 'pending'",
+                    (status, at, verification_id),
+                )
+                == 1
+            )
+            if changed and status in STATUS_EVENTS:
+                await _enqueue(tx, verification_id, STATUS_EVENTS[status], at)
+            return changed
+
+        changed = await self._write(update, quick=True)
+        if changed:
+            self.status_tally[status] += 1
+        return changed
+
+    async def expire_due(self, now: float) -> list[str]:
+        """Expire pending verifications past their TTL; return their ids."""
+
+        async def expire(tx: Tx) -> list[str]:
+            expired = [
+                str(row[0])
+                for row in await tx.fetchall(
+                    "UPDATE verifications SET status = 'expired', updated_at = ? "
+                    "WHERE status = 'pending' AND expires_at <= ? RETURNING id",
+                    (now, now),
+                )
+            ]
+            for verification_id in expired:
+                await _enqueue(tx, verification_id, STATUS_EVENTS["expired"], now)
+            return expired
+
+        expired = await self._write(expire)
+        self.status_tally["expired"] += len(expired)
+        return expired
+
+    async def next_expiry(self) -> float | None:
+        row = await self._fetchone(
+            "SELECT MIN(expires_at) FROM verifications WHERE status = 'pending'"
+        )
+        return float(row[0]) if row and row[0] is not None else None
+
+    # -- calls -----------------------------------------------------------------
+
+    async def call_progress(
+        self, call_id: str, status: str, column: str, at: float, event: str
+    ) -> None:
+        """A live call reached `status` (dialing or ringing) at `at`, seen as `event`."""
+        if column not in ("dialed_at", "ringing_at"):
+            raise ValueError(column)
+
+        async def progress(tx: Tx) -> None:
+            await tx.execute(
+                f"UPDATE calls SET status = ?, {column} = COALESCE({column}, ?) "
+                "WHERE id = ? AND status IN ('queued', 'dialing', 'ringing')",
+                (status, at, call_id),
+            )
+            await _add_event(tx, call_id, at, event)
+
+        # Dialing is written before the Originate, which waits for it; ringing is news.
+        await self._write(progress, lazy=status == "ringing", quick=True)
+
+    async def add_call_event(self, event: CallEventRecord) -> None:
+        await self._write(lambda tx: _add_event(tx, *_values(event)))
+
+    async def end_call(
+        self,
+        call_id: str,
+        *,
+        call_status: str,
+        outcome: str,
+        cause: int | None,
+        sip_code: int | None,
+        reason: str | None,
+        at: float,
+        fail_verification: bool,
+        health: str | None = None,
+        delivered: bool = False,
+        uncertain: bool = False,
+    ) -> None:
+        """Close a call with its outcome; fail its verification if asked.
+
+        A call that was dialed also updates its number's health: `health` is what the
+        outcome says of the number (None: nothing), `delivered` whether it alerted,
+        `uncertain` whether it ended with no verdict (the verification stays pending).
+        Not a call that says nothing of its number (outcomes.about_number).
+        """
+
+        async def end(tx: Tx) -> bool:
+            """True when it failed the verification."""
+            row = await tx.fetchone(
+                "UPDATE calls SET status = ?, outcome = ?, hangup_cause = ?, sip_code = ?, "
+                "reason = ?, ended_at = ? "
+                "WHERE id = ? AND ended_at IS NULL RETURNING verification_id",
+                (call_status, outcome, cause, sip_code, reason, at, call_id),
+            )
+            if row is None:
+                return False
+            failed = False
+            await _add_event(tx, call_id, at, f"ended:{outcome}", cause, sip_code)
+            if fail_verification:
+                failed = (
+                    await tx.execute(
+                        "UPDATE verifications SET status = 'failed', updated_at = ? "
+                        "WHERE id = ? AND status = 'pending'",
+                        (at, row[0]),
+                    )
+                    == 1
+                )
+                if failed:
+                    await _enqueue(tx, row[0], STATUS_EVENTS["failed"], at)
+            elif delivered:
+                await _enqueue(tx, row[0], "verification.delivered", at)
+            elif uncertain and await tx.fetchone(
+                "SELECT 1 FROM verifications WHERE id = ? AND status = 'pending'", (row[0],)
+            ):
+                # Only news while the code may still be typed (not after approval).
+                await _enqueue(tx, row[0], "verification.delivery_uncertain", at)
+            dialed = (
+                await tx.fetchone(
+                    "SELECT v.phone FROM calls c JOIN verifications v ON v.id = c.verification_id "
+                    "WHERE c.id = ? AND c.dialed_at IS NOT NULL",
+                    (call_id,),
+                )
+                if about_number(outcome, reason)
+                else None
+            )
+            if dialed is not None:
+                await tx.execute(
+                    "INSERT INTO number_health (phone, status, last_outcome, last_cause, "
+                    "last_sip_code, last_call_at, last_delivered_at, calls, delivered, "
+                    "updated_at) VALUES (?, COALESCE(?, 'unknown'), ?, ?, ?, ?, ?, 1, ?, ?) "
+                    "ON CONFLICT (phone) DO UPDATE SET "
+                    "status = COALESCE(?, number_health.status), "
+                    "last_outcome = excluded.last_outcome, "
+                    "last_cause = excluded.last_cause, last_sip_code = excluded.last_sip_code, "
+                    "last_call_at = excluded.last_call_at, last_delivered_at = "
+                    "COALESCE(excluded.last_delivered_at, number_health.last_delivered_at), "
+                    "calls = number_health.calls + 1, "
+                    "delivered = number_health.delivered + excluded.delivered, "
+                    "updated_at = excluded.updated_at",
+                    (
+                        dialed[0],
+                        health,
+                        outcome,
+                        cause,
+                        sip_code,
+                        at,
+                        at if delivered else None,
+                        int(delivered),
+                        at,
+                        health,
+                    ),
+                )
+            return failed
+
+        if await self._write(end, lazy=True, quick=True):
+            self.status_tally["failed"] += 1
+
+    async def claim_call(self, call_id: str, owner: str, at: float) -> bool:
+        """Mark a queued call of `owner` (or of nobody) dialing, before its Originate;
+        False when it is not queued or not `owner`'s any more (another instance adopted
+        it): then it must not be dialed."""
+
+        async def claim(tx: Tx) -> bool:
+            claimed = (
+                await tx.execute(
+                    "UPDATE calls SET status = 'dialing', dialed_at = ?, owner = ? "
+                    "WHERE id = ? AND status = 'queued' AND (owner = ? OR owner IS NULL)",
+                    (at, owner, call_id, owner),
+                )
+                == 1
+            )
+            if claimed:
+                await _add_event(tx, call_id, at, "dialing")
+            return claimed
+
+        return await self._write(claim, quick=True)
+
+    # -- instances -------------------------------------------------------------
+
+    async def register_instance(
+        self, name: str, incarnation: str, at: float, lease_until: float
+    ) -> InstanceRecord | None:
+        """Start `name`'s lease for this `incarnation`; the record of the one it replaces
+        (the same name's previous process), if any."""
+
+        async def register(tx: Tx) -> InstanceRecord | None:
+            row = await tx.fetchone(
+                f"SELECT {_columns(InstanceRecord)} FROM instances WHERE name = ?", (name,)
+            )
+            await tx.execute(
+                "INSERT INTO instances (name, incarnation, started_at, lease_until) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                "incarnation = excluded.incarnation, started_at = excluded.started_at, "
+                "lease_until = excluded.lease_until, stopped_at = NULL",
+                (name, incarnation, at, lease_until),
+            )
+            return InstanceRecord(*row) if row else None
+
+        return await self._write(register)
+
+    async def renew_lease(self, name: str, incarnation: str, lease_until: float) -> bool:
+        """Extend the lease; False when another process has taken the name since."""
+        renewed = await self._write(
+            lambda tx: tx.execute(
+                "UPDATE instances SET lease_until = ? WHERE name = ? AND incarnation = ?",
+                (lease_until, name, incarnation),
+            ),
+            quick=True,
+        )
+        return renewed == 1
+
+    async def end_lease(self, name: str, incarnation: str, at: float) -> None:
+        """The instance stops: its lease ends now, and what it still owns is anyone's."""
+        await self._write(
+            lambda tx: tx.execute(
+                "UPDATE instances SET lease_until = ?, stopped_at = ? "
+                "WHERE name = ? AND incarnation = ?",
+                (at, at, name, incarnation),
+            )
+        )
+
+    async def instances(self) -> list[InstanceRecord]:
+        rows = await self._fetchall(
+            f"SELECT {_columns(InstanceRecord)} FROM instances ORDER BY name"
+        )
+        return [InstanceRecord(*row) for row in rows]
+
+    async def release_queued(self, owner: str) -> int:
+        """Give up `owner`'s calls not yet dialed (a graceful stop hands them over at
+        once); return how many."""
+        return await self._write(
+            lambda tx: tx.execute(
+                "UPDATE calls SET owner = NULL WHERE owner = ? AND status = 'queued'", (owner,)
+            )
+        )
+
+    async def adopt_calls(self, owner: str, at: float, own: bool = False) -> list[CallRecord]:
+        """Make `owner` the owner of every live call whose owner has no lease running at
+        `at` (it died, or stopped), or none; with `own`, of `owner`'s own too (its
+        previous process's, at start). Each call goes to one adopter."""
+        rows = await self._fetchall_write(
+            f"UPDATE calls SET owner = ? WHERE status IN ('queued', 'dialing', 'ringing') "
+            "AND (owner IS NULL OR owner = ? OR (owner <> ? AND owner NOT IN "
+            "(SELECT name FROM instances WHERE lease_until > ?))) "
+            f"RETURNING {_C_COLS}",
+            (owner, owner if own else None, owner, at),
+        )
+        return sorted((CallRecord(*row) for row in rows), key=lambda call: call.queued_at)
+
+    # -- webhooks --------------------------------------------------------------
+
+    async def claim_webhooks(self, now: float, limit: int, hold: float) -> list[WebhookRecord]:
+        """Undelivered webhooks whose next attempt is due, oldest first, claimed for
+        `hold` seconds: their next attempt moves to `now + hold`, so no other instance
+        (nor this one) takes them meanwhile; one that dies holding them lets them fall
+        due again. The records show the claimed next attempt."""
+
+        async def claim(tx: Tx) -> list[Row]:
+            skip = " FOR UPDATE SKIP LOCKED" if tx.dialect == POSTGRESQL else ""
+            return await tx.fetchall(
+                "UPDATE webhook_outbox SET next_attempt_at = ? WHERE id IN ("
+                "SELECT id FROM webhook_outbox WHERE delivered_at IS NULL "
+                "AND given_up_at IS NULL AND next_attempt_at <= ? "
+                f"ORDER BY next_attempt_at LIMIT ?{skip}) "
+                f"RETURNING {_columns(WebhookRecord)}",
+                (now + hold, now, limit),
+            )
+
+        records = [WebhookRecord(*row) for row in await self._write(claim)]
+        return sorted(records, key=lambda record: (record.created_at, record.id))
+
+    async def pending_webhooks(self) -> int:
+        """Webhooks neither delivered nor given up: the sender's backlog."""
+        row = await self._fetchone(
+            "SELECT COUNT(*) FROM webhook_outbox WHERE delivered_at IS NULL AND given_up_at IS NULL"
+        )
+        return int(row[0]) if row else 0
+
+    async def next_webhook_at(self) -> float | None:
+        row = await self._fetchone(
+            "SELECT MIN(next_attempt_at) FROM webhook_outbox "
+            "WHERE delivered_at IS NULL AND given_up_at IS NULL"
+        )
+        return float(row[0]) if row and row[0] is not None else None
+
+    async def fix_webhook_payload(self, webhook_id: str, payload: str) -> str:
+        """Set the payload once (the first attempt's); return the one stored."""
+
+        async def fix(tx: Tx) -> Row | None:
+            return await tx.fetchone(
+                "UPDATE webhook_outbox SET payload = COALESCE(payload, ?) WHERE id = ? "
+                "RETURNING payload",
+                (payload, webhook_id),
+            )
+
+        row = await self._write(fix, quick=True)
+        assert row is not None
+        return str(row[0])
+
+    async def webhook_attempted(
+        self,
+        webhook_id: str,
+        *,
+        at: float,
+        status: int | None,
+        error: str | None,
+        delivered: bool,
+        next_attempt_at: float | None,
+    ) -> None:
+        """Record one delivery attempt: delivered, retried later, or given up (no next)."""
+        given_up = not delivered and next_attempt_at is None
+        await self._write(
+            lambda tx: tx.execute(
+                "UPDATE webhook_outbox SET attempts = attempts + 1, last_status = ?, "
+                "last_error = ?, delivered_at = ?, "
+                "next_attempt_at = COALESCE(?, next_attempt_at), given_up_at = ? WHERE id = ?",
+                (
+                    status,
+                    error,
+                    at if delivered else None,
+                    next_attempt_at,
+                    at if given_up else None,
+                    webhook_id,
+                ),
+            )
+        )
+
+    async def webhooks_of(self, verification_id: str) -> list[WebhookRecord]:
+        rows = await self._fetchall(
+            f"SELECT {_columns(WebhookRecord)} FROM webhook_outbox "
+            "WHERE verification_id = ? ORDER BY created_at, rowid",
+            (verification_id,),
+        )
+        return [WebhookRecord(*row) for row in rows]
+
+    # -- number health ---------------------------------------------------------
+
+    async def number_health(self, phone: str) -> NumberHealthRecord | None:
+        row = await self._fetchone(
+            f"SELECT {_columns(NumberHealthRecord)} FROM number_health WHERE phone = ?",
+            (phone,),
+            quick=True,
+        )
+        return NumberHealthRecord(*row) if row else None
+
+    async def number_health_many(self, phones: list[str]) -> dict[str, NumberHealthRecord]:
+        """Health of each of `phones` that has any, by phone."""
+
+        async def read(tx: Tx) -> list[Row]:
+            rows: list[Row] = []
+            # SQLite allows 32766 parameters; a lookup batch is at most 1,000.
+            for start in range(0, len(phones), 500):
+                chunk = phones[start : start + 500]
+                rows += await tx.fetchall(
+                    f"SELECT {_columns(NumberHealthRecord)} FROM number_health "
+                    f"WHERE phone IN ({', '.join('?' for _ in chunk)})",
+                    chunk,
+                )
+            return rows
+
+        records = [NumberHealthRecord(*row) for row in await self._run(read)]
+        return {record.phone: record for record in records}
+
+    async def numbers_by_health(
+        self, status: str, after: str, limit: int
+    ) -> list[NumberHealthRecord]:
+        """Numbers with `status`, in phone order after `after` (a cursor), at most `limit`."""
+        rows = await self._fetchall(
+            f"SELECT {_columns(NumberHealthRecord)} FROM number_health "
+            "WHERE status = ? AND phone > ? ORDER BY phone LIMIT ?",
+            (status, after, limit),
+        )
+        return [NumberHealthRecord(*row) for row in rows]
+
+    async def reset_number_health(self, phone: str) -> bool:
+        """Forget what calls taught about `phone`; False if nothing was known."""
+        deleted = await self._write(
+            lambda tx: tx.execute("DELETE FROM number_health WHERE phone = ?", (phone,))
+        )
+        return deleted == 1
+
+    async def call_stats(self, since: float, until: float) -> list[tuple[str, str, int]]:
+        """(carrier, outcome, calls) for dialed calls that ended in [since, until); not
+        those the gateway itself canceled before they alerted (CANCELED)."""
+        rows = await self._fetchall(
+            "SELECT COALESCE(v.carrier, 'unknown'), c.outcome, COUNT(*) "
+            "FROM calls c JOIN verifications v ON v.id = c.verification_id "
+            "WHERE c.ended_at >= ? AND c.ended_at < ? AND c.dialed_at IS NOT NULL "
+            "AND (c.reason IS NULL OR c.reason <> ?) GROUP BY 1, 2 ORDER BY 1, 2",
+            (since, until, CANCELED),
+        )
+        return [(str(carrier), str(outcome), int(n)) for carrier, outcome, n in rows]
+
+    async def call_events(self, call_id: str) -> list[CallEventRecord]:
+        rows = await self._fetchall(
+            f"SELECT {_columns(CallEventRecord)} FROM call_events "
+            "WHERE call_id = ? ORDER BY at, rowid",
+            (call_id,),
+            quick=True,
+        )
+        return [CallEventRecord(*row) for row in rows]
+
+    async def live_calls(self) -> list[CallRecord]:
+        """Calls not yet ended (queued, dialing or ringing), oldest first."""
+        rows = await self._fetchall(
+            f"SELECT {_C_COLS} FROM calls WHERE status IN "
+            f"({', '.join('?' for _ in LIVE_CALL_STATUSES)}) ORDER BY queued_at",
+            LIVE_CALL_STATUSES,
+        )
+        return [CallRecord(*row) for row in rows]
+
+    # -- dashboard -------------------------------------------------------------
+
+    async def calls_dialed(self, since: float, until: float, step: float) -> list[int]:
+        """Calls dialed in each `step` seconds from `since` to `until`, oldest first."""
+        buckets = [0] * max(0, math.ceil((until - since) / step))
+
+        async def count(tx: Tx) -> list[Row]:
+            # Rounded down: SQLite's CAST truncates (the values are not negative);
+            # PostgreSQL's rounds to nearest.
+            bucket = (
+                "FLOOR((dialed_at - ?) / ?)"
+                if tx.dialect == POSTGRESQL
+                else "CAST((dialed_at - ?) / ? AS INTEGER)"
+            )
+            # A call ends after it is dialed, so one dialed since `since` has not ended
+            # or ended since then: that condition lets calls_by_end do the search.
+            return await tx.fetchall(
+                f"SELECT {bucket}, COUNT(*) FROM calls "
+                "WHERE (ended_at >= ? OR ended_at IS NULL) AND dialed_at >= ? "
+                "AND dialed_at < ? GROUP BY 1",
+                (since, step, since, since, until),
+            )
+
+        for bucket, n in await self._run(count):
+            if 0 <= bucket < len(buckets):
+                buckets[int(bucket)] = int(n)
+        return buckets
+
+    async def ended_by_cause(self, since: float, until: float) -> list[tuple[str, int | None, int]]:
+        """(outcome, hangup cause, calls) for dialed calls that ended in [since, until),
+        the most frequent first; not those the gateway canceled before they alerted."""
+        rows = await self._fetchall(
+            "SELECT outcome, hangup_cause, COUNT(*) FROM calls "
+            "WHERE ended_at >= ? AND ended_at < ? AND dialed_at IS NOT NULL "
+            "AND (reason IS NULL OR reason <> ?) GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2",
+            (since, until, CANCELED),
+        )
+        return [
+            (str(outcome), None if cause is None else int(cause), int(n))
+            for outcome, cause, n in rows
+        ]
