@@ -84,7 +84,7 @@ run: deps venv pbx-up farend-up
 	bash asterisk-config/dev/run-gateway.sh
 
 # About 10 minutes; see bench/__main__.py. BENCH_ARGS=--quick for a smoke run.
-bench: deps venv pbx-up farend-up
+bench: deps venv pbx-up farend-up pg-up
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean: pbx-down farend-down pg-down

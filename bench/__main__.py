@@ -1,6 +1,6 @@
 """Run every bench phase against the dev PBX and the far end; print, write JSON and a PNG.
 
-    python -m bench [--quick] [--api-only] [--out var/bench]
+    python -m bench [--quick] [--api-only | --backends-only] [--out var/bench]
 
 Needs the dev PBX and the far end up (`make bench` starts them). Baseline and gateway
 steps alternate at each rate, so both see the same machine at nearly the same time:
@@ -8,7 +8,9 @@ the figures that matter are the ratios between them. The API phase alternates th
 way between the gateway and its floor (bench/floor.py: aiohttp with no work behind it).
 The verdict adds what the machine leaves the gateway: at 200 calls/s, the cores left
 once Asterisk and the far end have what they used under the baseline; for the API, the
-CPU per request that 2,000/s allows beside the load generator.
+CPU per request that 2,000/s allows beside the load generator. Last, the store backends
+side by side (bench/backends.py): the gateway's CPU per call and its API accept rate on
+SQLite and on PostgreSQL (the dev cluster, make pg-up), PostgreSQL's own CPU apart.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.api import API_P99_TARGET_MS, ApiStep, api_step, sandbox_numbers
+from bench.backends import backends_phase
+from bench.backends import table as backends_table
 from bench.baseline import Baseline
 from bench.floor import FloorProcess
 from bench.gateway import GatewayProcess, Poster
@@ -52,6 +56,9 @@ TARGETS = {
     "api_p99_ms": API_P99_TARGET_MS,
 }
 RING_S = 3.0  # every call step's ring time
+# The backends phase's numbers start this far into the run's range: never one the
+# calls phase used (a destination called twice would count as a duplicate).
+BACKENDS_NUMBERS = 5_000_000
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,20 +78,26 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     steps: list[StepResult] = []
     search: list[StepResult] = []
     ringing: StepResult | None = None
-    if not args.api_only:
+    api_steps: list[ApiStep] = []
+    if not args.api_only and not args.backends_only:
         steps, search, ringing = await calls_phase(args, out, far_end)
-    api_steps = await api_phase(args, out)
+    if not args.backends_only:
+        api_steps = await api_phase(args, out)
+    backends = await backends_phase(args, out, far_end, Numbers(offset=BACKENDS_NUMBERS))
 
     results["steps"] = [asdict(s) | {"sustained": s.sustained} for s in steps]
     results["search"] = [asdict(s) | {"sustained": s.sustained} for s in search]
     results["ringing"] = asdict(ringing) if ringing else None
     results["api"] = [asdict(s) | {"met": s.met} for s in api_steps]
     results["verdict"] = verdict(steps + search, ringing, api_steps, _cpus())
+    results["backends"] = [asdict(b) for b in backends]
     (out / "results.json").write_text(json.dumps(results, indent=2))
     if steps:
         draw(steps, search, out / "latency.png")
     print()
     print(table(steps, search, ringing, api_steps, results["verdict"]))
+    print("\nThe store backends (one gateway process each; PostgreSQL's CPU apart):")
+    print(backends_table(backends))
     print(f"\nwritten: {out / 'results.json'}" + (f", {out / 'latency.png'}" if steps else ""))
     return results
 
@@ -361,6 +374,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--api-only",
         action="store_true",
         help="only the API phase (the gateway still logs in to the dev PBX)",
+    )
+    parser.add_argument(
+        "--backends-only",
+        action="store_true",
+        help="only the store backends phase (SQLite and PostgreSQL side by side)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "var" / "bench")
     parser.add_argument("--rates", type=float, nargs="+", default=[50, 100, 200, 300])

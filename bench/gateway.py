@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import psutil
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,13 +27,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def bench_config(
-    workdir: Path, port: int, operator_port: int, test_numbers: dict[str, str] | None = None
+    workdir: Path,
+    port: int,
+    operator_port: int,
+    test_numbers: dict[str, str] | None = None,
+    database: str | None = None,
 ) -> Path:
     """A config whose limits and pacing stay out of the way: the bench measures the
-    gateway's own cost, not its policy."""
+    gateway's own cost, not its policy. `database`: a URL; None, a new SQLite file."""
     config: dict[str, Any] = {
         "http": {"host": "127.0.0.1", "port": port, "operator_port": operator_port},
-        "database": {"path": str(workdir / "gateway.sqlite3")},
+        "database": {"url": database or f"sqlite:///{workdir / 'gateway.sqlite3'}"},
         "asterisk": {"secret": AMI["secret"], "settle_seconds": 0.5},
         "pools": [{"name": "bench", "prefix": "+6221500", "code_length": 4}],
         "security": {"code_secret": "bench-code-secret-not-for-production"},
@@ -136,15 +141,22 @@ class GatewayProcess(ServerProcess):
 
     log_name = "gateway.log"
 
-    def __init__(self, workdir: Path, port: int, test_numbers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        port: int,
+        test_numbers: dict[str, str] | None = None,
+        database: str | None = None,
+    ):
         super().__init__(workdir, port)
+        self.database = database
         for old in workdir.glob("gateway.sqlite3*"):
             old.unlink()
         with socket.socket() as s:  # the operator's listener: a free port of its own
             s.bind(("127.0.0.1", 0))
             operator_port = int(s.getsockname()[1])
         self.metrics_url = f"http://127.0.0.1:{operator_port}/metrics"
-        self.config = bench_config(workdir, port, operator_port, test_numbers)
+        self.config = bench_config(workdir, port, operator_port, test_numbers, database)
 
     def _gateway(self, *args: str) -> str:
         return subprocess.run(
@@ -162,15 +174,23 @@ class GatewayProcess(ServerProcess):
         self.key = self._gateway("keys", "create", "bench").strip().splitlines()[-1]
         await super().start()
 
-    def ringing_at(self, numbers: list[str]) -> dict[str, float | None]:
+    async def ringing_at(self, numbers: list[str]) -> dict[str, float | None]:
         """phone (no +) -> when its call rang, from the gateway's database (read-only)."""
         wanted = {"+" + n for n in numbers}
-        uri = f"file:{self.workdir / 'gateway.sqlite3'}?mode=ro"
-        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
-            rows = db.execute(
-                "SELECT v.phone, c.ringing_at FROM calls c "
-                "JOIN verifications v ON v.id = c.verification_id"
-            ).fetchall()
+        sql = (
+            "SELECT v.phone, c.ringing_at FROM calls c "
+            "JOIN verifications v ON v.id = c.verification_id"
+        )
+        if self.database is not None:
+            conn = await asyncpg.connect(self.database)
+            try:
+                rows = [tuple(row) for row in await conn.fetch(sql)]
+            finally:
+                await conn.close()
+        else:
+            uri = f"file:{self.workdir / 'gateway.sqlite3'}?mode=ro"
+            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
+                rows = db.execute(sql).fetchall()
         return {p[1:]: r for p, r in rows if p in wanted}
 
 
@@ -270,7 +290,7 @@ class Poster:
         result.refused = refused
         fill_invites(result, {n: sent[n] for n in numbers if n in sent}, found)
         result.to_accept_ms = summary_ms(accepted)
-        rang = gateway.ringing_at(numbers)
+        rang = await gateway.ringing_at(numbers)
         result.to_ringing_ms = summary_ms(
             [at - sent[n] for n, at in rang.items() if n in sent and at is not None]
         )

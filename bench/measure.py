@@ -24,8 +24,8 @@ _run_base = random.randrange(10**6)  # numbers differ between runs: the far end'
 class Numbers:
     """Fresh Indonesian mobile numbers ending in 0 (the far end rings, never answers)."""
 
-    def __init__(self) -> None:
-        self._next = _run_base * 10
+    def __init__(self, offset: int = 0) -> None:
+        self._next = _run_base * 10 + offset
 
     def take(self, count: int) -> list[str]:
         start, self._next = self._next, self._next + count

@@ -135,7 +135,7 @@ async def serve(cfg: config.Config) -> None:
     finish (bounded by the longest ring), then stop."""
     # Only `run` needs the app.
     from gateway import listener
-    from gateway.api.typedefs import DIALER
+    from gateway.api.typedefs import DIALER, MEMBERSHIP
     from gateway.app import create_app, create_operator_app
 
     http = cfg.http
@@ -171,6 +171,8 @@ async def serve(cfg: config.Config) -> None:
         await stop.wait()
         logging.info("stopping: new requests get 503 while ringing calls finish")
         dialer = app[DIALER]
+        # Calls not yet dialed go to the other gateways sharing the database at once.
+        await app[MEMBERSHIP].hand_over()
         await dialer.drain(dialer.cap_seconds(cfg.calls.max_ring_seconds) + config.SHUTDOWN_GRACE_S)
     finally:
         for server in servers:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,6 +23,7 @@ from gateway.api.typedefs import (
     CONFIG,
     DIALER,
     GATEWAY,
+    MEMBERSHIP,
     METRICS,
     NUMBERS,
     PBX,
@@ -31,15 +31,15 @@ from gateway.api.typedefs import (
     STORE,
     VERIFICATIONS,
 )
-from gateway.config import SHUTDOWN_GRACE_S, Config, database_url
-from gateway.dialer import CallJob, Dialer
-from gateway.logs import call_ids
+from gateway.config import SHUTDOWN_GRACE_S, Config, database_url, instance_name
+from gateway.dialer import Dialer
+from gateway.instances import Membership
 from gateway.metrics import Metrics
 from gateway.numbers import Numbers
 from gateway.pbx import AmiPbx, AmiSettings, Pbx
 from gateway.pool import Pool
 from gateway.retention import Retention
-from gateway.store import Store, open_store
+from gateway.store import open_store
 from gateway.verifications import Verifications
 from gateway.webhooks import WebhookSender
 
@@ -117,22 +117,28 @@ async def _calls_ctx(app: web.Application) -> AsyncIterator[None]:
             by_name[pool].release(cli)
 
     metrics = app[METRICS]
-    dialer = Dialer(app[PBX], store, config.calls, release_cli, metrics=metrics)
+    name = instance_name(config)
+    dialer = Dialer(app[PBX], store, config.calls, release_cli, metrics=metrics, owner=name)
     metrics.watch(store, lambda: dialer.queued, lambda: dialer.in_flight, lambda: pbx.connected)
     verifications = Verifications(config, store, pools, dialer)
     app[DIALER] = dialer
     app[VERIFICATIONS] = verifications
     app[NUMBERS] = Numbers(config, store)
     app[REQUEST_RATE] = RequestRate(config.limits.key_requests_per_minute)
+    membership = Membership(store, dialer, verifications, name, config.instance.lease_seconds)
+    app[MEMBERSHIP] = membership
     dialer.start()
-    await _restore_calls_of_previous_run(store, dialer, verifications)
+    await membership.join()
     verifications.start()
     yield
-    # Shutdown: the listener is already closed. Calls ringing now are let finish
-    # (bounded by the longest ring); calls still queued stay queued for the next start.
+    # Shutdown: the listener is already closed. Calls still queued go to the other
+    # gateways sharing the database (or to the next start); calls ringing now are let
+    # finish (bounded by the longest ring), then the lease ends.
+    await membership.hand_over()
     await dialer.drain(dialer.cap_seconds(config.calls.max_ring_seconds) + SHUTDOWN_GRACE_S)
     await verifications.stop()
     await dialer.stop()
+    await membership.leave()
 
 
 async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -154,50 +160,3 @@ async def _retention_ctx(app: web.Application) -> AsyncIterator[None]:
     retention.start()
     yield
     await retention.stop()
-
-
-async def _restore_calls_of_previous_run(
-    store: Store, dialer: Dialer, verifications: Verifications
-) -> None:
-    """Calls a previous process left live: queued ones are resumed, placed ones are
-    followed to their end (or closed as lost); none is dialed a second time."""
-    for call in await store.live_calls():
-        found = await store.verification(call.verification_id)
-        assert found is not None, "a call always has its verification"
-        verification = found[0]
-        if call.status != "queued":
-            log.warning(
-                "call %s was %s when the gateway stopped; following it",
-                call.id,
-                call.status,
-                extra=call_ids(verification.id, call.id),
-            )
-            job = CallJob(
-                call.id,
-                verification.id,
-                call.dial_number,
-                cli="",
-                cli_dial="",
-                pool=verification.pool,
-                ring_seconds=call.ring_seconds,
-                queued_at=call.queued_at,
-                early_media_is_alerting=verifications.early_media_is_alerting(verification),
-            )
-            # A 183 sets ringing_at too: only a "ringing" event on its timeline was a 180.
-            rang = any(e.kind == "ringing" for e in await store.call_events(call.id))
-            await dialer.adopt(job, call.dialed_at or call.queued_at, call.ringing_at, rang)
-        elif await verifications.resume(verification, call):
-            log.info(
-                "call %s resumed after a restart", call.id, extra=call_ids(verification.id, call.id)
-            )
-        else:
-            await store.end_call(
-                call.id,
-                call_status="failed",
-                outcome="error",
-                cause=None,
-                sip_code=None,
-                reason="gateway_restart",
-                at=time.time(),
-                fail_verification=True,
-            )

@@ -11,6 +11,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 import types
 import typing
 import urllib.parse
@@ -41,6 +42,11 @@ MAX_CONNECTIONS = 60_000
 # max_connections (100 by default) is shared by every gateway.
 MAX_POOL_SIZE = 100
 SQLITE_SCHEME = "sqlite:///"
+# A lease shorter than a few database round trips under load lapses by accident; a
+# longer one leaves a dead gateway's calls waiting that long for another to adopt them.
+MIN_LEASE_SECONDS = 3.0
+MAX_LEASE_SECONDS = 120.0
+MAX_INSTANCE_NAME = 64
 DEFAULT_DATABASE_URL = SQLITE_SCHEME + "var/gateway.sqlite3"
 CODE_LENGTHS = range(4, 9)  # 4 to 8 trailing digits
 # A webhook secret keys HMAC-SHA256 over bodies any receiver sees: 24 bytes (192 bits,
@@ -264,6 +270,16 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class InstanceConfig:
+    # This gateway's name among those sharing a database: the owner of the calls it
+    # places, in logs, metrics and the dashboard. Empty: its host name and http.port.
+    name: str = ""
+    # It renews a lease in the database every third of this; when it stops renewing
+    # (killed, or cut off), the others adopt its calls this long after its last renewal.
+    lease_seconds: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     asterisk: AsteriskConfig
     pools: tuple[PoolConfig, ...]
@@ -276,6 +292,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
     logging: LoggingConfig = LoggingConfig()
+    instance: InstanceConfig = InstanceConfig()
     # Sandbox: E.164 phone -> fixed code. Verifications to these phones are never
     # dialed and accept that code (client-app QA, store reviews). Empty: off.
     test_numbers: dict[str, str] = field(default_factory=dict)
@@ -412,6 +429,17 @@ def _check(config: Config) -> list[str]:
         f"must be 0 (keep for ever) or {MIN_RETENTION_DAYS}-3650",
     )
     problems.extend(_check_database(config.database))
+    need(
+        MIN_LEASE_SECONDS <= config.instance.lease_seconds <= MAX_LEASE_SECONDS,
+        "instance.lease_seconds",
+        f"must be {MIN_LEASE_SECONDS:g}-{MAX_LEASE_SECONDS:g}",
+    )
+    need(
+        len(config.instance.name) <= MAX_INSTANCE_NAME
+        and all(c.isalnum() or c in "-_.:" for c in config.instance.name),
+        "instance.name",
+        f"at most {MAX_INSTANCE_NAME} letters, digits and - _ . :",
+    )
     ami = config.asterisk
     need(1 <= ami.port <= 65535, "asterisk.port", "must be 1-65535")
     need(bool(ami.secret), "asterisk.secret", "must not be empty")
@@ -679,6 +707,11 @@ def guessing_odds(codes: int, attempts: int, guesses: int) -> float:
 
 def _odds(chance: float) -> str:
     return f"1 in {round(1 / chance)} ({100 * chance:.3g}%)" if chance > 0 else "none"
+
+
+def instance_name(config: Config) -> str:
+    """This gateway's name: instance.name, or its host name and API port."""
+    return config.instance.name or f"{socket.gethostname()}:{config.http.port}"
 
 
 def database_url(database: DatabaseConfig) -> str:

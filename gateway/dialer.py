@@ -22,7 +22,7 @@ from gateway.outcomes import (
     health_of,
 )
 from gateway.pbx import NORMAL_CLEARING, CallEvent, CallEventKind, Dial, Pbx, PbxError
-from gateway.store import CallEventRecord, Store
+from gateway.store import NOT_PENDING, TAKEN, CallEventRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ PBX_CAP_MARGIN_S = 2.0
 # A timer's hangup that Asterisk could not do (no channel yet, AMI away) is tried again
 # this often, until the call ends or Asterisk's own Timeout ends it.
 HANGUP_RETRY_S = 1.0
+# AMI sends events and responses in order: a Hangup that came before the answer to
+# "does the PBX still have this call" is in the event queue; this lets it be handled.
+HANGUP_SETTLE_S = 0.2
 
 RINGING = CallEventKind.RINGING
 
@@ -190,6 +193,15 @@ class Dialer:
         """Seconds the PBX has been unreachable; 0 while AMI is logged in."""
         return self._pbx.down_for
 
+    def follows(self, call_id: str) -> bool:
+        """Whether this dialer has the call in hand: queued, being placed, or live."""
+        return (
+            call_id in self._live
+            or call_id in self._waiting
+            or call_id in self._placing
+            or call_id in self._canceled
+        )
+
     @property
     def in_flight(self) -> int:
         """Calls placed and not yet ended."""
@@ -243,6 +255,10 @@ class Dialer:
         self._live[job.call_id] = live
         self._pbx.adopt(job.call_id)
         self._arm(live, ringing_at)
+        if self._pbx.connected:
+            # Adopted from a gateway that died: its Hangup may have come before this
+            # one followed the call. (At start, the first login reconciles instead.)
+            self._spawn(self._reconcile_one(job.call_id, live), name="dialer-event")
 
     def cap_seconds(self, ring_seconds: float) -> float:
         """The longest a call may last: post-dial delay, then the ring time."""
@@ -386,6 +402,14 @@ class Dialer:
             # it; it no longer counts as waiting.
             self._waiting.discard(call_id)
             self._canceled.add(call_id)
+        else:
+            # Another gateway sharing the database owns it: if it is on the PBX, hang
+            # it up there (its owner records the end); if still queued, its owner's
+            # claim finds the verification canceled and never dials it.
+            try:
+                await self._pbx.hangup(call_id, placed_elsewhere=True)
+            except (PbxError, TimeoutError) as exc:
+                log.warning("call %s: hangup for its owner failed: %s", call_id, exc)
 
     async def _dial_loop(self) -> None:
         while True:
@@ -444,9 +468,9 @@ class Dialer:
         now = time.time()
         # Written before the Originate: after a crash a call marked dialing is
         # reconciled, never dialed again. Only a call still this gateway's is dialed.
-        claimed = await self._store.claim_call(job.call_id, self.owner, now)
+        claim = await self._store.claim_call(job.call_id, self.owner, now)
         self._placing.discard(job.call_id)
-        if not claimed:
+        if claim == TAKEN:
             log.warning(
                 "call %s: adopted by another gateway; not dialed here", job.call_id, extra=_ids(job)
             )
@@ -454,7 +478,8 @@ class Dialer:
             self._slots.release()
             self._release_cli(job.pool, job.cli)
             return
-        if job.call_id in self._canceled:  # canceled while it waited or was claimed
+        if claim == NOT_PENDING or job.call_id in self._canceled:
+            # Canceled while it waited or was claimed, here or through another gateway.
             self._canceled.discard(job.call_id)
             self._slots.release()
             await self._finish(job, Outcome.ERROR, None, None, CANCELED)
@@ -565,18 +590,26 @@ class Dialer:
         """After an AMI (re)connection, close the calls Asterisk no longer has: their
         Hangup came while the gateway could not hear it."""
         for call_id, live in list(self._live.items()):
-            if live.dialed_at >= connected_at:
-                continue  # placed on this connection: its events are not lost
-            try:
-                exists = await self._pbx.call_exists(call_id)
-            except PbxError as exc:
-                log.warning("call %s: cannot reconcile: %s", call_id, exc, extra=_ids(live.job))
-                continue  # the sweep closes it after its ring time
-            if not exists:
-                log.warning(
-                    "call %s: gone from the PBX while AMI was away", call_id, extra=_ids(live.job)
-                )
-                await self._end(call_id, None, None, "pbx_lost")
+            if live.dialed_at < connected_at:  # placed on this connection: events not lost
+                await self._reconcile_one(call_id, live)
+
+    async def _reconcile_one(self, call_id: str, live: _LiveCall) -> None:
+        """Close `live` if the PBX no longer has it: its Hangup came unheard."""
+        try:
+            exists = await self._pbx.call_exists(call_id)
+        except PbxError as exc:
+            log.warning("call %s: cannot reconcile: %s", call_id, exc, extra=_ids(live.job))
+            return  # the sweep closes it after its ring time
+        if not exists:
+            # A Hangup that came before the answer is handled first: it knows more.
+            await asyncio.sleep(HANGUP_SETTLE_S)
+        if not exists and self._live.get(call_id) is live:
+            log.warning(
+                "call %s: gone from the PBX while this gateway did not follow it",
+                call_id,
+                extra=_ids(live.job),
+            )
+            await self._end(call_id, None, None, "pbx_lost")
 
     async def _end(
         self,
@@ -592,6 +625,11 @@ class Dialer:
         if live.timer is not None:
             live.timer.cancel()
         self._slots.release()
+        if _hung_up_elsewhere(live, cause, sip_code, reason):
+            # Not this gateway's hangup: another's, that a cancel reached (any gateway
+            # answers any request), or an operator's.
+            found = await self._store.verification(live.job.verification_id)
+            live.canceled = found is not None and found[0].status == "canceled"
         heard = Heard(
             rang=live.rang,
             progress=live.progress,
@@ -688,6 +726,20 @@ def _ended_by_timer(
     (a reason of its own) may have rung meanwhile."""
     return (
         live.timed_out and reason is None and sip_code is None and cause in (NORMAL_CLEARING, None)
+    )
+
+
+def _hung_up_elsewhere(
+    live: _LiveCall, cause: int | None, sip_code: int | None, reason: str | None
+) -> bool:
+    """Whether a Hangup action ended the call, and not this gateway's: normal clearing
+    of an unanswered call with no SIP response, that this gateway neither canceled nor
+    timed out. A far end that refuses sends a response; one that answers, answered."""
+    return (
+        not (live.canceled or live.timed_out or live.answered)
+        and cause == NORMAL_CLEARING
+        and sip_code is None
+        and reason is None
     )
 
 

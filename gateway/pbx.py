@@ -163,7 +163,7 @@ class Pbx(Protocol):
 
     async def originate(self, dial: Dial) -> None: ...
 
-    async def hangup(self, channel_id: str) -> bool: ...
+    async def hangup(self, channel_id: str, placed_elsewhere: bool = False) -> bool: ...
 
     async def next_event(self) -> CallEvent: ...
 
@@ -400,12 +400,13 @@ class AmiPbx:
             self._calls.pop(dial.channel_id, None)
             raise OriginateRefused(reply.get("Message", "refused"))
 
-    async def hangup(self, channel_id: str) -> bool:
-        """Hang up a call placed by `originate` (cancels it while ringing).
+    async def hangup(self, channel_id: str, placed_elsewhere: bool = False) -> bool:
+        """Hang up a call placed by `originate` (cancels it while ringing), or with
+        `placed_elsewhere`, one another gateway placed on this Asterisk.
 
         False when Asterisk has no such channel (yet: an Originate it still queues) or
         the call has ended here already."""
-        if channel_id not in self._calls:
+        if channel_id not in self._calls and not placed_elsewhere:
             return False
         if not _CHANNEL_ID.fullmatch(channel_id):
             raise UnsafeAmiValue("bad channel_id")

@@ -158,6 +158,7 @@ class FakePbx:
         # INVITE has left (seen on the dev PBX).
         self.hangup_cause = NORMAL_CLEARING
         self.adopted: list[str] = []
+        self._adopted_live: set[str] = set()
         self.max_live = 0
         self.trunk = "fake-trunk"
         self._live: dict[str, asyncio.Task[None]] = {}
@@ -216,7 +217,7 @@ class FakePbx:
         )
         self.max_live = max(self.max_live, len(self._live))
 
-    async def hangup(self, channel_id: str) -> bool:
+    async def hangup(self, channel_id: str, placed_elsewhere: bool = False) -> bool:
         """End a live call with `hangup_cause`, as Asterisk does for a Hangup action."""
         self.hangups.append(channel_id)
         if channel_id not in self._live:
@@ -242,15 +243,18 @@ class FakePbx:
     async def call_exists(self, channel_id: str) -> bool:
         if not self.connected:
             raise PbxUnavailable("not connected to AMI")
-        return channel_id in self._live
+        return channel_id in self._live or channel_id in self._adopted_live
 
     def adopt(self, channel_id: str) -> None:
-        """Follow a call placed before a restart: the fake knows nothing of it."""
+        """Follow a call placed before a restart (or by another gateway): on the PBX
+        until end_adopted, which plays its Hangup."""
         self.adopted.append(channel_id)
+        self._adopted_live.add(channel_id)
 
     def end_adopted(self, channel_id: str, cause: int, sip_code: int | None) -> None:
         """The Hangup of a call adopted after a restart (no script ever played it)."""
         assert channel_id in self.adopted
+        self._adopted_live.discard(channel_id)
         self._events.put_nowait(
             CallEvent(channel_id, HANGUP, time.time(), cause=cause, sip_code=sip_code)
         )

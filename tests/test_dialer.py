@@ -401,7 +401,7 @@ async def test_a_cancel_while_the_dialing_is_written_keeps_the_call_from_the_pbx
     claim_call = store.claim_call
     claiming = asyncio.Event()
 
-    async def slow_claim(call_id: str, owner: str, at: float) -> bool:
+    async def slow_claim(call_id: str, owner: str, at: float) -> str:
         claimed = await claim_call(call_id, owner, at)
         claiming.set()
         await asyncio.sleep(0.2)  # the cancel lands here, the call taken off the queue
@@ -784,7 +784,7 @@ class SlowHangupPbx(FakePbx):
         super().__init__(script)
         self.refusals = refusals  # the first hangups find no channel yet
 
-    async def hangup(self, channel_id: str) -> bool:
+    async def hangup(self, channel_id: str, placed_elsewhere: bool = False) -> bool:
         self.hangups.append(channel_id)
         if self.refusals:
             self.refusals -= 1

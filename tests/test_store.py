@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 from gateway.store import (
+    CLAIMED,
+    NOT_PENDING,
+    TAKEN,
     ApiKeyRecord,
     CallEventRecord,
     CallRecord,
@@ -915,13 +918,21 @@ async def test_a_queued_call_is_claimed_for_dialing_once_and_only_by_its_owner(
     store: Store,
 ) -> None:
     await create_owned(store, 1, "gw-a")
-    assert not await store.claim_call("call_1", "gw-b", T0 + 2)
-    assert await store.claim_call("call_1", "gw-a", T0 + 2)
-    assert not await store.claim_call("call_1", "gw-a", T0 + 3)  # dialing already
+    assert await store.claim_call("call_1", "gw-b", T0 + 2) == TAKEN
+    assert await store.claim_call("call_1", "gw-a", T0 + 2) == CLAIMED
+    assert await store.claim_call("call_1", "gw-a", T0 + 3) == TAKEN  # dialing already
     found = await store.verification("vrf_1")
     assert found is not None
     assert (found[1].status, found[1].dialed_at, found[1].owner) == ("dialing", T0 + 2, "gw-a")
     assert [e.kind for e in await store.call_events("call_1")] == ["dialing"]
+
+
+async def test_a_call_whose_verification_was_canceled_is_not_claimed(store: Store) -> None:
+    await create_owned(store, 1, "gw-a")
+    assert await store.set_status("vrf_1", "canceled", T0 + 1)  # through another gateway
+    assert await store.claim_call("call_1", "gw-a", T0 + 2) == NOT_PENDING
+    found = await store.verification("vrf_1")
+    assert found is not None and found[1].status == "queued"
 
 
 async def test_calls_of_a_lapsed_lease_are_adopted_by_one_instance(store: Store) -> None:
@@ -943,8 +954,8 @@ async def test_calls_of_a_lapsed_lease_are_adopted_by_one_instance(store: Store)
     ]
     assert await store.adopt_calls("gw-b", T0 + 12) == []
     # What gw-b adopted is gw-b's now: gw-a's old process may no longer dial it.
-    assert not await store.claim_call("call_1", "gw-a", T0 + 12)
-    assert await store.claim_call("call_1", "gw-b", T0 + 12)
+    assert await store.claim_call("call_1", "gw-a", T0 + 12) == TAKEN
+    assert await store.claim_call("call_1", "gw-b", T0 + 12) == CLAIMED
 
 
 async def test_at_start_an_instance_takes_back_its_own_calls_and_unowned_ones(

@@ -7,6 +7,7 @@ from aiohttp import web
 from gateway.api.ratelimit import RequestRate
 from gateway.config import Config
 from gateway.dialer import Dialer
+from gateway.instances import Membership
 from gateway.metrics import Metrics
 from gateway.numbers import Numbers
 from gateway.pbx import Pbx
@@ -17,6 +18,7 @@ CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 PBX = web.AppKey("pbx", Pbx)
 DIALER = web.AppKey("dialer", Dialer)
+MEMBERSHIP = web.AppKey("membership", Membership)
 VERIFICATIONS = web.AppKey("verifications", Verifications)
 NUMBERS = web.AppKey("numbers", Numbers)
 REQUEST_RATE = web.AppKey("request_rate", RequestRate)

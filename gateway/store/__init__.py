@@ -33,11 +33,15 @@ from gateway.store.records import (
     WebhookRecord,
     WindowLimit,
 )
+from gateway.store.sql import CLAIMED, NOT_PENDING, TAKEN
 from gateway.store.sqlite import SqliteStore
 
 __all__ = [
+    "CLAIMED",
     "LIVE_CALL_STATUSES",
+    "NOT_PENDING",
     "STATUS_EVENTS",
+    "TAKEN",
     "VERIFICATION_STATUSES",
     "ApiKeyRecord",
     "CallEventRecord",
@@ -136,8 +140,8 @@ class Store(Protocol):
         uncertain: bool = False,
     ) -> None: ...
     async def call_events(self, call_id: str) -> list[CallEventRecord]: ...
-    async def live_calls(self) -> list[CallRecord]: ...
-    async def claim_call(self, call_id: str, owner: str, at: float) -> bool: ...
+    async def live_calls(self, owner: str | None = None) -> list[CallRecord]: ...
+    async def claim_call(self, call_id: str, owner: str, at: float) -> str: ...
 
     # instances sharing the database
     async def register_instance(

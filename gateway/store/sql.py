@@ -58,6 +58,10 @@ KEY_CACHE_SIZE = 10_000
 # What Tx.lock serialises: every create (limits, Idempotency-Keys, numbering), and the
 # wrong checks of one phone.
 CREATE_LOCK = "create"
+# What claim_call says of a queued call.
+CLAIMED = "claimed"
+NOT_PENDING = "not_pending"
+TAKEN = "taken"
 CHECKS_LOCK = "checks:"
 
 
@@ -789,23 +793,30 @@ class SqlStore(abc.ABC):
         if await self._write(end, lazy=True, quick=True):
             self.status_tally["failed"] += 1
 
-    async def claim_call(self, call_id: str, owner: str, at: float) -> bool:
-        """Mark a queued call of `owner` (or of nobody) dialing, before its Originate;
-        False when it is not queued or not `owner`'s any more (another instance adopted
-        it): then it must not be dialed."""
+    async def claim_call(self, call_id: str, owner: str, at: float) -> str:
+        """Mark a queued call of `owner` (or of nobody) dialing, before its Originate,
+        if its verification is still pending: CLAIMED. NOT_PENDING: the verification
+        was canceled meanwhile (perhaps through another gateway); TAKEN: the call is not
+        queued or not `owner`'s any more (another gateway adopted it). Only a claimed
+        call may be dialed."""
 
-        async def claim(tx: Tx) -> bool:
-            claimed = (
-                await tx.execute(
-                    "UPDATE calls SET status = 'dialing', dialed_at = ?, owner = ? "
-                    "WHERE id = ? AND status = 'queued' AND (owner = ? OR owner IS NULL)",
-                    (at, owner, call_id, owner),
-                )
-                == 1
+        async def claim(tx: Tx) -> str:
+            claimed = await tx.execute(
+                "UPDATE calls SET status = 'dialing', dialed_at = ?, owner = ? "
+                "WHERE id = ? AND status = 'queued' AND (owner = ? OR owner IS NULL) "
+                "AND EXISTS (SELECT 1 FROM verifications v "
+                "WHERE v.id = calls.verification_id AND v.status = 'pending')",
+                (at, owner, call_id, owner),
             )
-            if claimed:
+            if claimed == 1:
                 await _add_event(tx, call_id, at, "dialing")
-            return claimed
+                return CLAIMED
+            row = await tx.fetchone(
+                "SELECT 1 FROM calls WHERE id = ? AND status = 'queued' "
+                "AND (owner = ? OR owner IS NULL)",
+                (call_id, owner),
+            )
+            return NOT_PENDING if row else TAKEN
 
         return await self._write(claim, quick=True)
 
@@ -1034,12 +1045,14 @@ class SqlStore(abc.ABC):
         )
         return [CallEventRecord(*row) for row in rows]
 
-    async def live_calls(self) -> list[CallRecord]:
-        """Calls not yet ended (queued, dialing or ringing), oldest first."""
+    async def live_calls(self, owner: str | None = None) -> list[CallRecord]:
+        """Calls not yet ended (queued, dialing or ringing), oldest first; with `owner`,
+        that gateway's only."""
+        mine = " AND owner = ?" if owner is not None else ""
         rows = await self._fetchall(
             f"SELECT {_C_COLS} FROM calls WHERE status IN "
-            f"({', '.join('?' for _ in LIVE_CALL_STATUSES)}) ORDER BY queued_at",
-            LIVE_CALL_STATUSES,
+            f"({', '.join('?' for _ in LIVE_CALL_STATUSES)}){mine} ORDER BY queued_at",
+            (*LIVE_CALL_STATUSES, *((owner,) if owner is not None else ())),
         )
         return [CallRecord(*row) for row in rows]
 

@@ -1,0 +1,216 @@
+"""The gateway on each store backend, in one run: its CPU per call and its API accept
+rate on SQLite and on PostgreSQL, with PostgreSQL's own CPU shown apart.
+
+PostgreSQL is the dev cluster (make pg-up), a new database per backend step. Its CPU is
+its server processes' (the postmaster and every backend and worker), read before and
+after each step; the gateway's is its own process's, as everywhere in the bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.api import ApiStep, api_step, sandbox_numbers
+from bench.gateway import GatewayProcess, Poster
+from bench.measure import FarEndRecords, Numbers, StepResult, pbx_idle
+from tests.pg import DevPostgres
+
+BACKENDS = ("sqlite", "postgresql")
+# The call step on each backend: a rate both sustain on this machine (make bench: the
+# gateway on SQLite sustains 300/s), for long enough that start-up costs vanish.
+CALL_RATE = 100.0
+CALL_SECONDS = 20.0
+RING_S = 3.0
+API_RATES = (500.0, 1000.0, 1500.0, 2000.0, 2500.0, 3000.0)
+
+
+@dataclass
+class BackendResult:
+    backend: str
+    call_step: dict[str, Any] = field(default_factory=dict)
+    gateway_cpu_ms_per_call: float | None = None
+    postgres_cpu_ms_per_call: float | None = None
+    api_accepted_per_s: float = 0.0
+    api_p99_ms: float | None = None
+    gateway_cpu_ms_per_request: float | None = None
+    postgres_cpu_ms_per_request: float | None = None
+    api_steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+class PostgresCpu:
+    """CPU seconds used by the dev PostgreSQL's server processes."""
+
+    def __init__(self, postgres: DevPostgres) -> None:
+        self._postgres = postgres
+
+    def seconds(self) -> float:
+        pid = self._postgres.pid()
+        if pid is None:
+            raise RuntimeError("the dev PostgreSQL is not running (make pg-up)")
+        total = 0.0
+        postmaster = psutil.Process(pid)
+        for process in (postmaster, *postmaster.children(recursive=True)):
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:  # a backend that ended meanwhile
+                continue
+            total += times.user + times.system
+        return total
+
+
+async def backends_phase(
+    args: argparse.Namespace, out: Path, far_end: FarEndRecords, numbers: Numbers
+) -> list[BackendResult]:
+    """Each backend in turn: a call step at CALL_RATE, then the API climb."""
+    postgres = DevPostgres()
+    if not postgres.running():
+        raise RuntimeError("the dev PostgreSQL is not running (make pg-up)")
+    pg_cpu = PostgresCpu(postgres)
+    results = []
+    for backend in BACKENDS:
+        result = BackendResult(backend)
+        await _calls(args, out, far_end, numbers, postgres, pg_cpu, result)
+        await _api(args, out, postgres, pg_cpu, result)
+        results.append(result)
+    return results
+
+
+def _database(postgres: DevPostgres, backend: str, name: str) -> str | None:
+    """A new database for one step: None (a new SQLite file), or a PostgreSQL URL."""
+    if backend == "sqlite":
+        return None
+    return postgres.create_database(name, replace=True)
+
+
+async def _calls(
+    args: argparse.Namespace,
+    out: Path,
+    far_end: FarEndRecords,
+    numbers: Numbers,
+    postgres: DevPostgres,
+    pg_cpu: PostgresCpu,
+    result: BackendResult,
+) -> None:
+    seconds = 5.0 if args.quick else CALL_SECONDS
+    database = _database(postgres, result.backend, "bench_calls")
+    gateway = GatewayProcess(out / f"calls-{result.backend}", _free_port(), database=database)
+    await gateway.start()
+    poster = Poster(gateway)
+    try:
+        await pbx_idle()
+        print(f"  {result.backend}: gateway at {CALL_RATE:g} calls/s ...", flush=True)
+        before = pg_cpu.seconds()
+        step: StepResult = await poster.step(
+            far_end,
+            numbers.take(int(CALL_RATE * seconds)),
+            CALL_RATE,
+            RING_S,
+            system=f"gateway-{result.backend}",
+        )
+        pg_seconds = pg_cpu.seconds() - before
+    finally:
+        await poster.close()
+        gateway.stop()
+    result.call_step = {
+        "sustained": step.sustained,
+        "lost": step.lost,
+        "duplicates": step.duplicates,
+        "refused": step.refused,
+        "to_invite_ms": step.to_invite_ms,
+        "to_accept_ms": step.to_accept_ms,
+    }
+    result.gateway_cpu_ms_per_call = step.cpu_seconds_per_1000
+    if result.backend == "postgresql":
+        result.postgres_cpu_ms_per_call = round(pg_seconds / step.calls * 1000, 3)
+    print(
+        f"    sustained {step.sustained}, gateway {result.gateway_cpu_ms_per_call} CPU-ms "
+        f"per call, PostgreSQL {result.postgres_cpu_ms_per_call}",
+        flush=True,
+    )
+
+
+async def _api(
+    args: argparse.Namespace,
+    out: Path,
+    postgres: DevPostgres,
+    pg_cpu: PostgresCpu,
+    result: BackendResult,
+) -> None:
+    database = _database(postgres, result.backend, "bench_api")
+    server = GatewayProcess(
+        out / f"api-{result.backend}",
+        _free_port(),
+        test_numbers=sandbox_numbers(),
+        database=database,
+    )
+    await server.start()
+    poster = Poster(server, connections=64)
+    try:
+        await api_step(server, poster, 500, 2)  # warm up
+        for rate in API_RATES:
+            print(f"  {result.backend}: API at {rate:g} verifications/s ...", flush=True)
+            before = pg_cpu.seconds()
+            step: ApiStep = await api_step(server, poster, rate, 3.0 if args.quick else 8.0)
+            pg_seconds = pg_cpu.seconds() - before
+            entry = {
+                "offered_per_s": rate,
+                "accepted_per_s": step.accepted_per_s,
+                "p99_ms": step.accept_ms["p99"],
+                "met": step.met,
+                "gateway_cpu_ms_per_request": step.cpu_seconds_per_1000,
+                "postgres_cpu_ms_per_request": (
+                    round(pg_seconds / max(step.requests, 1) * 1000, 3)
+                    if result.backend == "postgresql"
+                    else None
+                ),
+            }
+            result.api_steps.append(entry)
+            print(
+                f"    accepted {step.accepted_per_s:g}/s, p99 {step.accept_ms['p99']} ms, "
+                f"gateway {step.cpu_seconds_per_1000} CPU-ms each, PostgreSQL "
+                f"{entry['postgres_cpu_ms_per_request']}",
+                flush=True,
+            )
+            if not step.met:
+                break
+            result.api_accepted_per_s = step.accepted_per_s
+            result.api_p99_ms = step.accept_ms["p99"]
+            result.gateway_cpu_ms_per_request = step.cpu_seconds_per_1000
+            result.postgres_cpu_ms_per_request = entry["postgres_cpu_ms_per_request"]
+    finally:
+        await poster.close()
+        server.stop()
+
+
+def table(results: list[BackendResult]) -> str:
+    """The backends side by side."""
+    rows = [
+        ("", *(r.backend for r in results)),
+        ("call step sustained", *(str(r.call_step.get("sustained")) for r in results)),
+        ("gateway CPU-ms per call", *(str(r.gateway_cpu_ms_per_call) for r in results)),
+        ("PostgreSQL CPU-ms per call", *(str(r.postgres_cpu_ms_per_call) for r in results)),
+        ("API accepted /s (p99 target met)", *(f"{r.api_accepted_per_s:g}" for r in results)),
+        ("API p99 ms at that rate", *(str(r.api_p99_ms) for r in results)),
+        ("gateway CPU-ms per request", *(str(r.gateway_cpu_ms_per_request) for r in results)),
+        (
+            "PostgreSQL CPU-ms per request",
+            *(str(r.postgres_cpu_ms_per_request) for r in results),
+        ),
+    ]
+    width = max(len(row[0]) for row in rows)
+    return "\n".join(
+        f"{row[0]:<{width}}  " + "  ".join(f"{cell:>12}" for cell in row[1:]) for row in rows
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
