@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-from bench.api import ApiStep, api_step, sandbox_numbers
+from bench.api import API_P99_TARGET_MS, ApiStep, api_step, sandbox_numbers
 from bench.gateway import GatewayProcess, Poster
 from bench.measure import FarEndRecords, Numbers, StepResult, pbx_idle
 from tests.pg import DevPostgres
@@ -26,7 +26,8 @@ BACKENDS = ("sqlite", "postgresql")
 CALL_RATE = 100.0
 CALL_SECONDS = 20.0
 RING_S = 3.0
-API_RATES = (500.0, 1000.0, 1500.0, 2000.0, 2500.0, 3000.0)
+API_RATES = (250.0, 500.0, 1000.0, 1500.0, 2000.0, 2500.0, 3000.0)
+KEPT_UP = 0.97  # of the offered rate accepted: below it, the server is saturated
 
 
 @dataclass
@@ -35,8 +36,11 @@ class BackendResult:
     call_step: dict[str, Any] = field(default_factory=dict)
     gateway_cpu_ms_per_call: float | None = None
     postgres_cpu_ms_per_call: float | None = None
+    # The highest rate taken in full (KEPT_UP of the offered), and its p99; the highest
+    # offered rate that also met the API's p99 target.
     api_accepted_per_s: float = 0.0
     api_p99_ms: float | None = None
+    api_target_met_up_to: float = 0.0
     gateway_cpu_ms_per_request: float | None = None
     postgres_cpu_ms_per_request: float | None = None
     api_steps: list[dict[str, Any]] = field(default_factory=list)
@@ -176,12 +180,14 @@ async def _api(
                 f"{entry['postgres_cpu_ms_per_request']}",
                 flush=True,
             )
-            if not step.met:
-                break
+            if step.refused or step.accepted_per_s < KEPT_UP * rate:
+                break  # saturated: it no longer takes what is offered
             result.api_accepted_per_s = step.accepted_per_s
             result.api_p99_ms = step.accept_ms["p99"]
             result.gateway_cpu_ms_per_request = step.cpu_seconds_per_1000
             result.postgres_cpu_ms_per_request = entry["postgres_cpu_ms_per_request"]
+            if step.met:
+                result.api_target_met_up_to = rate
     finally:
         await poster.close()
         server.stop()
@@ -194,8 +200,12 @@ def table(results: list[BackendResult]) -> str:
         ("call step sustained", *(str(r.call_step.get("sustained")) for r in results)),
         ("gateway CPU-ms per call", *(str(r.gateway_cpu_ms_per_call) for r in results)),
         ("PostgreSQL CPU-ms per call", *(str(r.postgres_cpu_ms_per_call) for r in results)),
-        ("API accepted /s (p99 target met)", *(f"{r.api_accepted_per_s:g}" for r in results)),
-        ("API p99 ms at that rate", *(str(r.api_p99_ms) for r in results)),
+        ("API: highest rate taken in full /s", *(f"{r.api_accepted_per_s:g}" for r in results)),
+        ("API: p99 ms at that rate", *(str(r.api_p99_ms) for r in results)),
+        (
+            f"API: p99 <= {API_P99_TARGET_MS:g} ms up to /s",
+            *(f"{r.api_target_met_up_to:g}" for r in results),
+        ),
         ("gateway CPU-ms per request", *(str(r.gateway_cpu_ms_per_request) for r in results)),
         (
             "PostgreSQL CPU-ms per request",

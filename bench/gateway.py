@@ -221,14 +221,25 @@ class Poster:
         if ring_seconds is not None:
             body["ring_seconds"] = round(ring_seconds)
         payload = json.dumps(body).encode()
+        request = self._head + b"Content-Length: %d\r\n\r\n" % len(payload) + payload
         async with self._slots:
-            if self._idle:
+            reused = bool(self._idle)
+            if reused:
                 reader, writer = self._idle.pop()
             else:
                 reader, writer = await asyncio.open_connection("127.0.0.1", self._port)
             sent = time.time()
-            writer.write(self._head + b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
-            status = int((await reader.readline()).split()[1])
+            writer.write(request)
+            first = await reader.readline()
+            if not first and reused:
+                # The server closed it while it sat idle (http.keepalive_seconds): a
+                # client retries such a request once, on a new connection.
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", self._port)
+                sent = time.time()
+                writer.write(request)
+                first = await reader.readline()
+            status = int(first.split()[1])
             length = 0
             while (line := await reader.readline()) not in (b"\r\n", b""):
                 name, _, value = line.partition(b":")
