@@ -9,7 +9,7 @@ PBX := asterisk-config/dev/pbx.sh
 FAREND := $(PYTHON) tests/farend.py
 PG := $(PYTHON) tests/pg.py
 
-.PHONY: help deps venv pbx-up pbx-down farend-up farend-down pg-up pg-down test unit lint run bench clean
+.PHONY: help deps venv pbx-up pbx-down farend-up farend-down pg-up pg-down cluster-up cluster-down test unit lint run bench clean
 
 help:
 	@echo "make run      the gateway with the dev PBX and the far-end simulators"
@@ -17,6 +17,7 @@ help:
 	@echo "make lint     ruff, mypy and hadolint"
 	@echo "make bench    speed and memory against a raw panoramisk baseline (var/bench/)"
 	@echo "make pbx-up | pbx-down | farend-up | farend-down | pg-up | pg-down"
+	@echo "make cluster-up | cluster-down   PostgreSQL, Asterisk nodes a and b, the far ends"
 
 # System packages: debootstrap builds the dev PBX root, sip-tester is SIPp,
 # chromium and its driver run the dashboard test headless, postgresql is the
@@ -46,6 +47,7 @@ pbx-up: deps
 	bash $(PBX) up
 
 pbx-down:
+	bash $(PBX) down b
 	bash $(PBX) down
 
 # Both far ends: the lab one (5070, otp-trunk) and the field one (5071, otp-field).
@@ -63,6 +65,14 @@ pg-up: deps
 
 pg-down:
 	$(PG) down
+
+# Many gateways, many nodes: PostgreSQL, Asterisk node a (AMI 5038, SIP 5060) and
+# node b (AMI 5039, SIP 5061) from the one provisioned root, the far ends. `make run`
+# stays the single-node SQLite path.
+cluster-up: pg-up pbx-up farend-up
+	bash $(PBX) up b
+
+cluster-down: pbx-down farend-down pg-down
 
 # The fixtures start the dev PBX and the far end (and stop what they started);
 # provisioning first keeps the one-minute debootstrap out of the first test.
@@ -87,5 +97,5 @@ run: deps venv pbx-up farend-up
 bench: deps venv pbx-up farend-up pg-up
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
-clean: pbx-down farend-down pg-down
+clean: cluster-down
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

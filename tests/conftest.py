@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import os
 import random
@@ -46,23 +47,39 @@ DEV_AMI = AmiSettings(
 DEV_CLI_PREFIX = "6221500"
 
 
-def _pbx(command: str) -> subprocess.CompletedProcess[str]:
+def _pbx(command: str, node: str = "a") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["bash", str(PBX_SCRIPT), command], capture_output=True, text=True, timeout=600
+        ["bash", str(PBX_SCRIPT), command, node], capture_output=True, text=True, timeout=600
     )
+
+
+def _node(node: str, ami: AmiSettings) -> Iterator[AmiSettings]:
+    """Asterisk node `node` of the dev bed, up for the session (started if it was not)."""
+    was_running = _pbx("status", node).returncode == 0
+    started = _pbx("up", node)
+    if started.returncode != 0:
+        pytest.fail(
+            f"dev PBX node {node} did not start:\n{started.stdout}\n{started.stderr}",
+            pytrace=False,
+        )
+    yield ami
+    if not was_running:
+        stopped = _pbx("down", node)
+        assert stopped.returncode == 0, stopped.stderr
 
 
 @pytest.fixture(scope="session")
 def dev_pbx() -> Iterator[AmiSettings]:
-    """The dev Asterisk, logged in over AMI; started for the session if it was not up."""
-    was_running = _pbx("status").returncode == 0
-    started = _pbx("up")
-    if started.returncode != 0:
-        pytest.fail(f"dev PBX did not start:\n{started.stdout}\n{started.stderr}", pytrace=False)
-    yield DEV_AMI
-    if not was_running:
-        stopped = _pbx("down")
-        assert stopped.returncode == 0, stopped.stderr
+    """The dev Asterisk (node a), logged in over AMI; started for the session if it was
+    not up."""
+    yield from _node("a", DEV_AMI)
+
+
+@pytest.fixture(scope="session")
+def dev_pbx_b() -> Iterator[AmiSettings]:
+    """Node b of the dev bed: a second Asterisk from the same root, AMI 127.0.0.1:5039,
+    SIP 5061, trunking to the same far end (make cluster-up)."""
+    yield from _node("b", dataclasses.replace(DEV_AMI, port=5039))
 
 
 def _serve(far: FarEnd, name: str) -> Iterator[FarEnd]:

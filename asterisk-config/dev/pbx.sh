@@ -9,6 +9,11 @@
 #   pbx.sh status      exit 0 when running and logged in to AMI
 #   pbx.sh kill        SIGKILL the running Asterisk (fault tests); `up` restarts it
 #
+# Each command but provision takes a node: a (the default: AMI 127.0.0.1:5038, SIP
+# 5060) or b (AMI 5039, SIP 5061), a second Asterisk from the same root with its own
+# config, run, spool, log and database directories (make cluster-up). Both trunk to
+# the far end on 127.0.0.1:5070 with the same AMI user and secret.
+#
 # Every command is idempotent. Needs root (debootstrap, chroot, mount).
 set -euo pipefail
 
@@ -16,11 +21,21 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=${OTP_PBX_CACHE:-$repo/.cache}
 root=$cache/asterisk-root
-pidfile=$cache/asterisk.pid
-logfile=$cache/asterisk.log
+
+node=${2:-a}
+case "$node" in
+    a) suffix=""; ami_port=5038; sip_port=5060 ;;
+    b) suffix="-b"; ami_port=5039; sip_port=5061 ;;
+    *) echo "pbx: unknown node '$node' (a or b)" >&2; exit 2 ;;
+esac
+pidfile=$cache/asterisk$suffix.pid
+logfile=$cache/asterisk$suffix.log
+etc_dir=/etc/asterisk$suffix  # inside the root
+# Node a uses Asterisk's own defaults; node b names its asterisk.conf.
+asterisk=(/usr/sbin/asterisk)
+if [ -n "$suffix" ]; then asterisk+=(-C "$etc_dir/asterisk.conf"); fi
 
 ami_host=127.0.0.1
-ami_port=5038
 ami_user=otp-gateway
 ami_secret=otp-dev-secret
 # Asterisk is ready ~1.3 s after start on this kind of machine; a cold disk
@@ -101,6 +116,32 @@ install_configs() {
         printf '\n#tryinclude "otp-test/%s.conf"\n' "$name" >>"$etc/$name.conf"
     done
     mkdir -p "$etc/otp-test" "$root"/var/{lib,log,spool,run}/asterisk
+    if [ -n "$suffix" ]; then install_node_configs; fi
+}
+
+# Node b: node a's configs with its own ports and directories.
+install_node_configs() {
+    local etc=$root/etc/asterisk node_etc=$root$etc_dir dir
+    rm -rf "$node_etc"
+    cp -a "$etc" "$node_etc"
+    sed -i "s/^port = 5038$/port = $ami_port/" "$node_etc/manager.conf"
+    sed -i "s/^bind = 127.0.0.1:5060$/bind = 127.0.0.1:$sip_port/" "$node_etc/pjsip.conf"
+    grep -q "^port = $ami_port$" "$node_etc/manager.conf" || die "node $node: no AMI port to set in manager.conf"
+    grep -q "^bind = 127.0.0.1:$sip_port$" "$node_etc/pjsip.conf" || die "node $node: no SIP bind to set in pjsip.conf"
+    sed -i -e 's/^\[directories\](!)/[directories]/' \
+        -e "s#^astetcdir => /etc/asterisk\$#astetcdir => $etc_dir#" \
+        "$node_etc/asterisk.conf"
+    for dir in cache lib spool run log; do
+        mkdir -p "$root/var/$dir/asterisk$suffix"
+    done
+    sed -i -e "s#^astcachedir => /var/cache/asterisk\$#astcachedir => /var/cache/asterisk$suffix#" \
+        -e "s#^astdbdir => /var/lib/asterisk\$#astdbdir => /var/lib/asterisk$suffix#" \
+        -e "s#^astspooldir => /var/spool/asterisk\$#astspooldir => /var/spool/asterisk$suffix#" \
+        -e "s#^astrundir => /var/run/asterisk\$#astrundir => /var/run/asterisk$suffix#" \
+        -e "s#^astlogdir => /var/log/asterisk\$#astlogdir => /var/log/asterisk$suffix#" \
+        "$node_etc/asterisk.conf"
+    grep -q "^astrundir => /var/run/asterisk$suffix$" "$node_etc/asterisk.conf" \
+        || die "node $node: asterisk.conf has no astrundir to set"
 }
 
 up() {
@@ -110,18 +151,18 @@ up() {
     local pid
     pid=$(running_pid)
     if [ -n "$pid" ]; then
-        chroot "$root" /usr/sbin/asterisk -rx "core reload" >/dev/null 2>&1 || true
+        chroot "$root" "${asterisk[@]}" -rx "core reload" >/dev/null 2>&1 || true
     else
         if ! mountpoint -q "$root/proc"; then mount -t proc proc "$root/proc"; fi
         # setsid: the PBX outlives this shell and gets no terminal signals.
-        setsid chroot "$root" /usr/sbin/asterisk -f -n >"$logfile" 2>&1 </dev/null &
+        setsid chroot "$root" "${asterisk[@]}" -f -n >"$logfile" 2>&1 </dev/null &
         pid=$!
         echo "$pid" >"$pidfile"
     fi
     local deadline=$((SECONDS + start_timeout_s))
     until ami_login; do
         if [ ! -d "/proc/$pid" ]; then
-            tail -n 20 "$logfile" "$root/var/log/asterisk/messages.log" >&2 2>/dev/null || true
+            tail -n 20 "$logfile" "$root/var/log/asterisk$suffix/messages.log" >&2 2>/dev/null || true
             rm -f "$pidfile"
             down_mounts
             die "Asterisk exited during start; see $logfile"
@@ -133,13 +174,19 @@ up() {
     done
     # AMI answers before every module has loaded; until Asterisk is fully booted,
     # PJSIP drops SIP responses, so a first call would lose its 180 and never CANCEL.
-    if ! timeout "$start_timeout_s" chroot "$root" /usr/sbin/asterisk -rx "core waitfullybooted" >/dev/null; then
+    if ! timeout "$start_timeout_s" chroot "$root" "${asterisk[@]}" -rx "core waitfullybooted" >/dev/null; then
         die "Asterisk $pid did not finish booting in ${start_timeout_s}s; see $logfile"
     fi
-    say "up: Asterisk PID $pid, AMI $ami_host:$ami_port (user $ami_user), SIP 127.0.0.1:5060, trunk far end 127.0.0.1:5070"
+    say "up: node $node, Asterisk PID $pid, AMI $ami_host:$ami_port (user $ami_user), SIP 127.0.0.1:$sip_port, trunk far end 127.0.0.1:5070"
 }
 
+# /proc is shared by both nodes: unmounted once neither runs.
 down_mounts() {
+    local other
+    for other in "$cache"/asterisk.pid "$cache"/asterisk-b.pid; do
+        [ "$other" = "$pidfile" ] && continue
+        if [ -f "$other" ] && [ -d "/proc/$(cat "$other")" ]; then return 0; fi
+    done
     if mountpoint -q "$root/proc" 2>/dev/null; then umount "$root/proc"; fi
 }
 
@@ -156,7 +203,7 @@ down() {
             kill -KILL "$pid"
             while [ -d "/proc/$pid" ]; do sleep 0.1; done
         fi
-        say "stopped Asterisk $pid"
+        say "stopped node $node, Asterisk $pid"
     fi
     rm -f "$pidfile"
     down_mounts
@@ -187,5 +234,5 @@ case "${1:-}" in
     down) down ;;
     status) status ;;
     kill) kill_pbx ;;
-    *) echo "usage: $0 provision|up|down|status|kill" >&2; exit 2 ;;
+    *) echo "usage: $0 provision|up|down|status|kill [a|b]" >&2; exit 2 ;;
 esac
