@@ -18,7 +18,7 @@ from gateway.api import views
 from gateway.api.typedefs import DIALER, GATEWAY, NUMBERS, PBX, STORE
 from gateway.numbers import Numbers
 from gateway.outcomes import CAUSE_NAMES
-from gateway.store import Store
+from gateway.store import InstanceRecord, Store
 
 STATIC_DIR = Path(__file__).parent / "static" / "dashboard"
 
@@ -50,6 +50,7 @@ class Live:
     pbx_connected: bool
     in_flight: int
     queued: int
+    instance: str = ""  # this gateway's name (instance.name)
 
 
 async def dashboard_data(store: Store, numbers: Numbers, live: Live, now: float) -> dict[str, Any]:
@@ -62,12 +63,25 @@ async def dashboard_data(store: Store, numbers: Numbers, live: Live, now: float)
     since = now - WINDOW_S
     stats = await numbers.stats(since, now)
     causes = await store.ended_by_cause(since, now)
+    owned = await store.live_calls_by_owner()
     return {
         "generated_at": views.timestamp(now),
         "pbx_connected": live.pbx_connected,
         "in_flight": live.in_flight,
         "queued": live.queued,
         "calls_last_minute": last_minute,
+        # The gateways sharing the database, this one among them.
+        "instances": [
+            {
+                "name": record.name,
+                "this": record.name == live.instance,
+                "state": _state(record, now),
+                "started_at": views.timestamp(record.started_at),
+                "lease_until": views.timestamp(record.lease_until),
+                "live_calls": owned.get(record.name, 0),
+            }
+            for record in await store.instances()
+        ],
         "calls_per_minute": [
             {"minute": views.timestamp(chart_since + i * MINUTE_S), "calls": calls}
             for i, calls in enumerate(per_minute)
@@ -90,6 +104,14 @@ async def dashboard_data(store: Store, numbers: Numbers, live: Live, now: float)
     }
 
 
+def _state(record: InstanceRecord, now: float) -> str:
+    """running (its lease runs), stopped (it ended its lease) or lost (its lease lapsed:
+    its calls go to the others)."""
+    if record.lease_until > now:
+        return "running"
+    return "stopped" if record.stopped_at is not None else "lost"
+
+
 @routes.get("/dashboard")
 async def dashboard_page(request: web.Request) -> web.FileResponse:
     """The page; its script polls /dashboard/data."""
@@ -101,7 +123,7 @@ async def dashboard_figures(request: web.Request) -> web.Response:
     """The dashboard's figures: counts only, so it may go without an API key."""
     app = request.app[GATEWAY]  # the API app, whose resources these are
     dialer, pbx = app[DIALER], app[PBX]
-    live = Live(pbx.connected, dialer.in_flight, dialer.queued)
+    live = Live(pbx.connected, dialer.in_flight, dialer.queued, dialer.owner)
     body = await dashboard_data(app[STORE], app[NUMBERS], live, time.time())
     return web.json_response(body, headers={"Cache-Control": "no-store"})
 

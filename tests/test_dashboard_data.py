@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.api import views
 from gateway.app import create_app, create_operator_app
 from gateway.config import AsteriskConfig, Config, DatabaseConfig, PoolConfig, SecurityConfig
 from gateway.dashboard import CHART_MINUTES, WINDOW_S, Live, dashboard_data
@@ -61,6 +62,7 @@ class Calls:
         carrier: str | None = "Telkomsel",
         phone: str = PHONE,
         reason: str | None = None,
+        owner: str | None = None,
     ) -> str:
         """A call dialed at `dialed_at` (None: never) that ended at `ended_at` (None: live)."""
         self.n += 1
@@ -86,7 +88,7 @@ class Calls:
                 updated_at=queued_at,
                 carrier=carrier,
             ),
-            CallRecord(cid, vid, "queued", phone[1:], 8, queued_at=queued_at),
+            CallRecord(cid, vid, "queued", phone[1:], 8, queued_at=queued_at, owner=owner),
         )
         if dialed_at is not None:
             await self.store.call_progress(cid, "dialing", "dialed_at", dialed_at, "dialing")
@@ -236,6 +238,31 @@ async def test_dashboard_data_figures(store: Store, calls: Calls, database: str)
             "calls": 1,
         },
     ]
+
+
+async def test_dashboard_data_lists_the_gateways_sharing_the_database(
+    store: Store, calls: Calls, database: str
+) -> None:
+    now = T0 + 30
+    await store.register_instance("gw-1", "i1", T0 - 600, lease_until=now + 8)
+    await store.register_instance("gw-2", "i2", T0 - 500, lease_until=now + 9)
+    await store.register_instance("gw-3", "i3", T0 - 400, lease_until=now - 5)  # killed
+    await store.register_instance("gw-4", "i4", T0 - 300, lease_until=now + 9)
+    await store.end_lease("gw-4", "i4", now - 60)  # stopped
+    await calls.add(dialed_at=now - 5, owner="gw-1")  # live
+    await calls.add(dialed_at=now - 4, owner="gw-1")
+    await calls.add(dialed_at=now - 9, ended_at=now - 2, owner="gw-2")  # ended
+    numbers = Numbers(config(database), store)
+
+    data = await dashboard_data(store, numbers, Live(True, 0, 0, instance="gw-2"), now)
+
+    assert [(i["name"], i["this"], i["state"], i["live_calls"]) for i in data["instances"]] == [
+        ("gw-1", False, "running", 2),
+        ("gw-2", True, "running", 0),
+        ("gw-3", False, "lost", 0),
+        ("gw-4", False, "stopped", 0),
+    ]
+    assert data["instances"][0]["started_at"] == views.timestamp(T0 - 600)
 
 
 async def test_dashboard_data_holds_no_phone_number_or_caller_id(

@@ -188,13 +188,18 @@ async def serve() -> AsyncIterator[ReceiverFactory]:
 
 
 def free_port() -> int:
-    """A TCP port free on both loopback addresses, at least for now."""
-    with socket.socket(socket.AF_INET6) as probe:
-        probe.bind(("::1", 0))
-        port: int = probe.getsockname()[1]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", port))
-    return port
+    """A TCP port free on both loopback addresses, at least for now: one free on ::1 may
+    be taken on 127.0.0.1 (other processes' connections); then another is tried."""
+    while True:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            port: int = probe.getsockname()[1]
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 # -- 1. what a delivery may reach --------------------------------------------

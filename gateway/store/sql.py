@@ -870,6 +870,14 @@ class SqlStore(abc.ABC):
         )
         return [InstanceRecord(*row) for row in rows]
 
+    async def live_calls_by_owner(self) -> dict[str | None, int]:
+        """Live calls (queued, dialing or ringing) per owning gateway (None: nobody's)."""
+        rows = await self._fetchall(
+            "SELECT owner, COUNT(*) FROM calls "
+            "WHERE status IN ('queued', 'dialing', 'ringing') GROUP BY owner"
+        )
+        return {owner: int(n) for owner, n in rows}
+
     async def release_queued(self, owner: str) -> int:
         """Give up `owner`'s calls not yet dialed (a graceful stop hands them over at
         once); return how many."""

@@ -21,6 +21,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
+from gateway.api.typedefs import DIALER
 from gateway.outcomes import DELIVERED_OUTCOMES
 from tests.conftest import phone_number
 from tests.farend import FarEnd
@@ -83,6 +84,8 @@ shown.carriers = [...document.querySelectorAll("#carriers tbody tr[data-carrier]
   (row) => [row.dataset.carrier, ...cells(row, ["calls", "delivered", "delivery-rate"])]);
 shown.causes = [...document.querySelectorAll("#causes tbody tr[data-outcome]")].map(
   (row) => [row.dataset.outcome, row.dataset.cause, ...cells(row, ["calls"])]);
+shown.instances = [...document.querySelectorAll("#instances tbody tr[data-instance]")].map(
+  (row) => [...cells(row, ["name", "state", "live-calls"])]);
 return shown;
 """
 
@@ -197,6 +200,9 @@ async def test_dashboard_shows_the_calls_placed_and_updates_live(
     assert len(shown["bars"]) == 60
     assert shown["calls-this-minute"] == str(shown["bars"][-1]), shown
     assert (shown["in-flight"], shown["queued"]) == ("0", "0"), shown
+    # The gateways sharing the database: this one alone, running, its calls all ended.
+    name = gateway.server.app[DIALER].owner
+    assert shown["instances"] == [[f"{name} (this one)", "running", "0"]], shown
     assert shown["delivery-rate"] == rate(delivered, placed) == "60.0%", shown
     assert (shown["delivered"], shown["calls-window"]) == (str(delivered), str(placed)), shown
     assert shown["carriers"] == expected_carriers, shown

@@ -156,6 +156,25 @@
     byId("causes").tBodies[0].replaceChildren(...(rows.length ? rows : [emptyRow(4, "No calls ended in the last hour")]));
   }
 
+  function renderInstances(instances) {
+    const rows = instances.map((instance) => {
+      const row = element("tr", { "data-instance": instance.name, "data-state": instance.state });
+      const name = element("td", { "data-field": "name" }, instance.name);
+      if (instance.this) name.append(element("span", { class: "muted" }, " (this one)"));
+      const tag = { running: "tag good", stopped: "tag unsure", lost: "tag bad" }[instance.state];
+      const state = element("td", { "data-field": "state" });
+      state.append(element("span", { class: tag }, instance.state));
+      row.append(
+        name,
+        state,
+        element("td", { "data-field": "started" }, clock.format(new Date(instance.started_at))),
+        element("td", { class: "num", "data-field": "live-calls" }, count.format(instance.live_calls)),
+      );
+      return row;
+    });
+    byId("instances").tBodies[0].replaceChildren(...(rows.length ? rows : [emptyRow(4, "No gateway has started")]));
+  }
+
   function setAmi(state) {
     const pill = byId("ami-status");
     pill.dataset.state = state;
@@ -178,6 +197,7 @@
     renderChart(minutes);
     renderCarriers(data.window.by_carrier);
     renderCauses(data.window.by_cause, data.window.calls);
+    renderInstances(data.instances);
     document.body.classList.remove("stale");
     lastUpdated = new Date(data.generated_at);
     setText("updated", `Updated ${clock.format(lastUpdated)}`);
