@@ -25,16 +25,17 @@ from gateway.api.typedefs import (
     GATEWAY,
     MEMBERSHIP,
     METRICS,
+    NODES,
     NUMBERS,
-    PBX,
     REQUEST_RATE,
     STORE,
     VERIFICATIONS,
 )
-from gateway.config import SHUTDOWN_GRACE_S, Config, database_url, instance_name
+from gateway.config import SHUTDOWN_GRACE_S, Config, database_url, instance_name, nodes
 from gateway.dialer import Dialer
 from gateway.instances import Membership
 from gateway.metrics import Metrics
+from gateway.nodes import Node, Nodes
 from gateway.numbers import Numbers
 from gateway.pbx import AmiPbx, AmiSettings, Pbx
 from gateway.pool import Pool
@@ -53,9 +54,12 @@ SERVER_HEADER = "otp-gateway"
 web_response.SERVER_SOFTWARE = SERVER_HEADER  # type: ignore[attr-defined]
 
 
-def create_app(config: Config, pbx: Pbx | None = None) -> web.Application:
+def create_app(
+    config: Config, pbx: Pbx | None = None, pbxs: dict[str, Pbx] | None = None
+) -> web.Application:
     """The gateway's API as an aiohttp app; `pbx` replaces the AMI connection in unit
-    tests. Its operator routes are another app: create_operator_app."""
+    tests (`pbxs`: each node's, by name). Its operator routes are another app:
+    create_operator_app."""
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
         middlewares=[
@@ -69,7 +73,10 @@ def create_app(config: Config, pbx: Pbx | None = None) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = Metrics(config.limits.key_daily_calls)
     if pbx is not None:
-        app[PBX] = pbx
+        (only,) = nodes(config)  # one fake cannot stand for several nodes
+        pbxs = {only.name: pbx}
+    if pbxs is not None:
+        app[NODES] = _nodes(config, pbxs)
     app.cleanup_ctx.extend([_store_ctx, _pbx_ctx, _calls_ctx, _webhooks_ctx, _retention_ctx])
     app.add_routes(routes)
     return app
@@ -93,22 +100,45 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     await store.close()
 
 
+def _nodes(config: Config, pbxs: dict[str, Pbx]) -> Nodes:
+    return Nodes(
+        [
+            Node(node.name, pbxs[node.name], node.max_concurrent, node.max_per_second)
+            for node in nodes(config)
+        ]
+    )
+
+
 async def _pbx_ctx(app: web.Application) -> AsyncIterator[None]:
-    if PBX in app:  # supplied by the caller, who owns its lifetime
+    """An AMI connection to every node, each supervised on its own."""
+    if NODES in app:  # supplied by the caller, who owns their lifetime
         yield
         return
-    ami = app[CONFIG].asterisk
-    pbx = AmiPbx(
-        AmiSettings(ami.host, ami.port, ami.username, ami.secret, ami.channel, ami.settle_seconds)
-    )
-    await pbx.start()
-    app[PBX] = pbx
+    config = app[CONFIG]
+    amis = {
+        node.name: AmiPbx(
+            AmiSettings(
+                node.host,
+                node.port,
+                node.username,
+                node.secret,
+                node.channel,
+                node.settle_seconds,
+                name=node.name,
+            )
+        )
+        for node in nodes(config)
+    }
+    for ami in amis.values():
+        await ami.start()
+    app[NODES] = _nodes(config, dict(amis))
     yield
-    await pbx.close()
+    for ami in amis.values():
+        await ami.close()
 
 
 async def _calls_ctx(app: web.Application) -> AsyncIterator[None]:
-    config, store, pbx = app[CONFIG], app[STORE], app[PBX]
+    config, store, pbx_nodes = app[CONFIG], app[STORE], app[NODES]
     pools = [Pool(p) for p in config.pools]
     by_name = {p.name: p for p in pools}
 
@@ -118,8 +148,16 @@ async def _calls_ctx(app: web.Application) -> AsyncIterator[None]:
 
     metrics = app[METRICS]
     name = instance_name(config)
-    dialer = Dialer(app[PBX], store, config.calls, release_cli, metrics=metrics, owner=name)
-    metrics.watch(store, lambda: dialer.queued, lambda: dialer.in_flight, lambda: pbx.connected)
+    dialer = Dialer(pbx_nodes, store, config.calls, release_cli, metrics=metrics, owner=name)
+    metrics.watch(
+        store, lambda: dialer.queued, lambda: dialer.in_flight, lambda: pbx_nodes.connected
+    )
+    for node in pbx_nodes.all:
+        metrics.watch_node(
+            node.name,
+            lambda node=node: node.pbx.connected,  # type: ignore[misc]
+            lambda node=node: dialer.on_node(node)[1],  # type: ignore[misc]
+        )
     verifications = Verifications(config, store, pools, dialer)
     app[DIALER] = dialer
     app[VERIFICATIONS] = verifications

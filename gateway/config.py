@@ -47,6 +47,11 @@ SQLITE_SCHEME = "sqlite:///"
 MIN_LEASE_SECONDS = 3.0
 MAX_LEASE_SECONDS = 120.0
 MAX_INSTANCE_NAME = 64
+MAX_NODE_NAME = 32
+_NODE_NAME = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_NODE_NAME}}}")
+# Far above any one trunk's contract; a typo (a rate of 1e6) is caught instead.
+MAX_CALLS_PER_SECOND = 10_000
+MAX_CONCURRENT_CALLS = 100_000
 DEFAULT_DATABASE_URL = SQLITE_SCHEME + "var/gateway.sqlite3"
 CODE_LENGTHS = range(4, 9)  # 4 to 8 trailing digits
 # A webhook secret keys HMAC-SHA256 over bodies any receiver sees: 24 bytes (192 bits,
@@ -129,6 +134,41 @@ class AsteriskConfig:
     dial_format: str = "e164_no_plus"
     # Wait after each AMI login before placing calls: Asterisk may still be booting.
     settle_seconds: float = 2.0
+    # The node's name (in call.node, logs and metrics) when `nodes` is empty.
+    name: str = "asterisk"
+    # Several Asterisk nodes: each call goes to a logged-in node with room. Empty: this
+    # mapping is the one node.
+    nodes: tuple[NodeConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """One of asterisk.nodes. A key it leaves out is the asterisk mapping's;
+    max_per_second and max_concurrent are calls' (the node's own trunk contract)."""
+
+    name: str
+    host: str | None = None
+    port: int | None = None
+    username: str | None = None
+    secret: str | None = field(default=None, repr=False)
+    channel: str | None = None
+    max_per_second: float | None = None
+    max_concurrent: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AsteriskNode:
+    """An Asterisk node as the gateway uses it: every key resolved."""
+
+    name: str
+    host: str
+    port: int
+    username: str
+    secret: str = field(repr=False)
+    channel: str
+    settle_seconds: float
+    max_per_second: float
+    max_concurrent: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,25 +480,7 @@ def _check(config: Config) -> list[str]:
         "instance.name",
         f"at most {MAX_INSTANCE_NAME} letters, digits and - _ . :",
     )
-    ami = config.asterisk
-    need(1 <= ami.port <= 65535, "asterisk.port", "must be 1-65535")
-    need(bool(ami.secret), "asterisk.secret", "must not be empty")
-    need("{number}" in ami.channel, "asterisk.channel", "must contain {number}")
-    # The AMI filter passes the events of channels whose Uniqueid starts with otp-; a
-    # Local/ channel's far leg has a Uniqueid of its own, and its events never come.
-    need(
-        ami.channel.startswith("PJSIP/"),
-        "asterisk.channel",
-        "must be a PJSIP channel, PJSIP/{number}@<endpoint>",
-    )
-    for key, value in (
-        ("username", ami.username),
-        ("secret", ami.secret),
-        ("channel", ami.channel),
-    ):
-        need(value.isprintable(), f"asterisk.{key}", "must be one line of printable text")
-    need(0 <= ami.settle_seconds <= 30, "asterisk.settle_seconds", "must be 0-30")
-    need(ami.dial_format in DIAL_FORMATS, "asterisk.dial_format", f"must be one of {DIAL_FORMATS}")
+    problems.extend(_check_asterisk(config.asterisk))
     need(
         len(config.security.code_secret) >= 16,
         "security.code_secret",
@@ -481,13 +503,17 @@ def _check(config: Config) -> list[str]:
         "calls.max_post_dial_seconds",
         f"must be 0-{MAX_POST_DIAL_SECONDS}",
     )
-    need(calls.max_concurrent >= 1, "calls.max_concurrent", "must be at least 1")
+    need(
+        1 <= calls.max_concurrent <= MAX_CONCURRENT_CALLS,
+        "calls.max_concurrent",
+        f"must be 1-{MAX_CONCURRENT_CALLS}",
+    )
     need(calls.max_queue >= 1, "calls.max_queue", "must be at least 1")
     need(0 <= calls.pbx_wait_seconds <= 300, "calls.pbx_wait_seconds", "must be 0 to 300")
     need(
-        0 < calls.max_per_second <= 10_000,
+        0 < calls.max_per_second <= MAX_CALLS_PER_SECOND,
         "calls.max_per_second",
-        "must be above 0 and at most 10000",
+        f"must be above 0 and at most {MAX_CALLS_PER_SECOND}",
     )
     need(config.verification.ttl_seconds >= 30, "verification.ttl_seconds", "must be at least 30")
     need(1 <= config.verification.max_attempts <= 20, "verification.max_attempts", "must be 1-20")
@@ -709,6 +735,103 @@ def _odds(chance: float) -> str:
     return f"1 in {round(1 / chance)} ({100 * chance:.3g}%)" if chance > 0 else "none"
 
 
+def _check_asterisk(ami: AsteriskConfig) -> list[str]:
+    """The asterisk mapping, and each node's own keys (a key it inherits is checked
+    where it is written); names and addresses unique."""
+    problems: list[str] = []
+
+    def need(ok: bool, path: str, message: str) -> None:
+        if not ok:
+            problems.append(f"{path}: {message}")
+
+    def check_ami(path: str, port: int | None, values: dict[str, str | None]) -> None:
+        need(port is None or 1 <= port <= 65535, f"{path}.port", "must be 1-65535")
+        for key, value in values.items():
+            if value is None:
+                continue
+            need(bool(value), f"{path}.{key}", "must not be empty")
+            need(value.isprintable(), f"{path}.{key}", "must be one line of printable text")
+        channel = values.get("channel")
+        if channel is not None:
+            need("{number}" in channel, f"{path}.channel", "must contain {number}")
+            # The AMI filter passes the events of channels whose Uniqueid starts with
+            # otp-; a Local/ channel's far leg has a Uniqueid of its own, and its events
+            # never come.
+            need(
+                channel.startswith("PJSIP/"),
+                f"{path}.channel",
+                "must be a PJSIP channel, PJSIP/{number}@<endpoint>",
+            )
+
+    check_ami(
+        "asterisk",
+        ami.port,
+        {"username": ami.username, "secret": ami.secret, "channel": ami.channel},
+    )
+    need(0 <= ami.settle_seconds <= 30, "asterisk.settle_seconds", "must be 0-30")
+    need(ami.dial_format in DIAL_FORMATS, "asterisk.dial_format", f"must be one of {DIAL_FORMATS}")
+    names: dict[str, str] = {}
+    addresses: dict[tuple[str, int], str] = {}
+    for i, node in enumerate(ami.nodes or (NodeConfig(ami.name),)):
+        path = f"asterisk.nodes[{i}]" if ami.nodes else "asterisk"
+        need(
+            bool(_NODE_NAME.fullmatch(node.name)),
+            f"{path}.name",
+            f"1-{MAX_NODE_NAME} letters, digits and - _ .",
+        )
+        if not ami.nodes:
+            break
+        check_ami(
+            path,
+            node.port,
+            {
+                "host": node.host,
+                "username": node.username,
+                "secret": node.secret,
+                "channel": node.channel,
+            },
+        )
+        need(
+            node.max_per_second is None or 0 < node.max_per_second <= MAX_CALLS_PER_SECOND,
+            f"{path}.max_per_second",
+            f"must be above 0 and at most {MAX_CALLS_PER_SECOND}",
+        )
+        need(
+            node.max_concurrent is None or 1 <= node.max_concurrent <= MAX_CONCURRENT_CALLS,
+            f"{path}.max_concurrent",
+            f"must be 1-{MAX_CONCURRENT_CALLS}",
+        )
+        if node.name in names:
+            problems.append(f"{path}.name: {node.name!r} is also {names[node.name]}'s name")
+        names.setdefault(node.name, path)
+        address = (node.host or ami.host, node.port or ami.port)
+        if address in addresses:
+            problems.append(
+                f"{path}: {address[0]}:{address[1]} is also {addresses[address]}'s AMI address"
+            )
+        addresses.setdefault(address, path)
+    return problems
+
+
+def nodes(config: Config) -> tuple[AsteriskNode, ...]:
+    """The Asterisk nodes, each key resolved: asterisk.nodes, or the asterisk mapping."""
+    ami, calls = config.asterisk, config.calls
+    return tuple(
+        AsteriskNode(
+            name=node.name,
+            host=node.host or ami.host,
+            port=node.port or ami.port,
+            username=node.username or ami.username,
+            secret=node.secret or ami.secret,
+            channel=node.channel or ami.channel,
+            settle_seconds=ami.settle_seconds,
+            max_per_second=node.max_per_second or calls.max_per_second,
+            max_concurrent=node.max_concurrent or calls.max_concurrent,
+        )
+        for node in ami.nodes or (NodeConfig(ami.name),)
+    )
+
+
 def instance_name(config: Config) -> str:
     """This gateway's name: instance.name, or its host name and API port."""
     return config.instance.name or f"{socket.gethostname()}:{config.http.port}"
@@ -775,8 +898,13 @@ def summary(config: Config) -> list[str]:
         ),
         f"shutdown: up to {shutdown_seconds(config):g}s after SIGTERM (systemd "
         "TimeoutStopSec and Compose stop_grace_period must be longer)",
-        f"asterisk: {config.asterisk.username}@{config.asterisk.host}:{config.asterisk.port}, "
-        f"channel {config.asterisk.channel}, dial format {config.asterisk.dial_format}",
+        *(
+            f"asterisk node {node.name}: {node.username}@{node.host}:{node.port}, "
+            f"channel {node.channel}, {node.max_per_second:g} calls/s, "
+            f"{node.max_concurrent} at once"
+            for node in nodes(config)
+        ),
+        f"asterisk: dial format {config.asterisk.dial_format}",
         f"calls: ring {config.calls.ring_seconds}s (max {config.calls.max_ring_seconds}s) "
         f"after up to {config.calls.max_post_dial_seconds}s of post-dial delay, "
         f"{config.calls.max_per_second:g}/s, {config.calls.max_concurrent} at once",

@@ -8,14 +8,14 @@ caller ID.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from gateway.api import views
-from gateway.api.typedefs import DIALER, GATEWAY, NUMBERS, PBX, STORE
+from gateway.api.typedefs import DIALER, GATEWAY, NODES, NUMBERS, STORE
 from gateway.numbers import Numbers
 from gateway.outcomes import CAUSE_NAMES
 from gateway.store import InstanceRecord, Store
@@ -51,6 +51,7 @@ class Live:
     in_flight: int
     queued: int
     instance: str = ""  # this gateway's name (instance.name)
+    nodes: list[dict[str, Any]] = field(default_factory=list)  # views.node, each node
 
 
 async def dashboard_data(store: Store, numbers: Numbers, live: Live, now: float) -> dict[str, Any]:
@@ -70,6 +71,8 @@ async def dashboard_data(store: Store, numbers: Numbers, live: Live, now: float)
         "in_flight": live.in_flight,
         "queued": live.queued,
         "calls_last_minute": last_minute,
+        # The Asterisk nodes as this gateway sees them.
+        "nodes": live.nodes,
         # The gateways sharing the database, this one among them.
         "instances": [
             {
@@ -122,8 +125,14 @@ async def dashboard_page(request: web.Request) -> web.FileResponse:
 async def dashboard_figures(request: web.Request) -> web.Response:
     """The dashboard's figures: counts only, so it may go without an API key."""
     app = request.app[GATEWAY]  # the API app, whose resources these are
-    dialer, pbx = app[DIALER], app[PBX]
-    live = Live(pbx.connected, dialer.in_flight, dialer.queued, dialer.owner)
+    dialer, pbx_nodes = app[DIALER], app[NODES]
+    live = Live(
+        pbx_nodes.connected,
+        dialer.in_flight,
+        dialer.queued,
+        dialer.owner,
+        [views.node(node, *dialer.on_node(node)) for node in pbx_nodes.all],
+    )
     body = await dashboard_data(app[STORE], app[NUMBERS], live, time.time())
     return web.json_response(body, headers={"Cache-Control": "no-store"})
 

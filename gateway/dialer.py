@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from gateway.config import CallsConfig
 from gateway.logs import call_ids
+from gateway.nodes import Node, Nodes
 from gateway.outcomes import (
     CANCELED,
     DELIVERED_OUTCOMES,
@@ -21,7 +22,7 @@ from gateway.outcomes import (
     followed,
     health_of,
 )
-from gateway.pbx import NORMAL_CLEARING, CallEvent, CallEventKind, Dial, Pbx, PbxError
+from gateway.pbx import NORMAL_CLEARING, CallEvent, CallEventKind, Dial, PbxError, PbxNotLoggedIn
 from gateway.store import NOT_PENDING, TAKEN, CallEventRecord, Store
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ HANGUP_RETRY_S = 1.0
 # AMI sends events and responses in order: a Hangup that came before the answer to
 # "does the PBX still have this call" is in the event queue; this lets it be handled.
 HANGUP_SETTLE_S = 0.2
+# A call its node could not take (AMI lost between the choice and the Originate) waits
+# this long for another node; the call's own wait for a PBX has been spent already.
+MOVE_WAIT_S = 1.0
 
 RINGING = CallEventKind.RINGING
 
@@ -62,6 +66,7 @@ class CallJob:
 @dataclass(slots=True)
 class _LiveCall:
     job: CallJob
+    node: Node  # the Asterisk node it is placed on, and followed on
     dialed_at: float
     # When Asterisk sent the INVITE (DialBegin); until known, the Originate's time.
     invited_at: float | None = None
@@ -92,7 +97,8 @@ class CallMetrics(Protocol):
     def call_ringing(self, since_request: float) -> None: ...
     def call_ended(self, outcome: str, cause: int | None) -> None: ...
     def trunk_rejected(self, trunk: str, sip_code: int | None) -> None: ...
-    def pbx_connected(self) -> None: ...
+    def pbx_connected(self, node: str) -> None: ...
+    def call_placed(self, node: str) -> None: ...
 
 
 class _NoMetrics:
@@ -105,43 +111,11 @@ class _NoMetrics:
     def trunk_rejected(self, trunk: str, sip_code: int | None) -> None:
         pass
 
-    def pbx_connected(self) -> None:
+    def pbx_connected(self, node: str) -> None:
         pass
 
-
-class Pacer:
-    """Spaces calls at most `rate` per second, allowing a burst of up to one second."""
-
-    def __init__(self, rate: float) -> None:
-        self._interval = 1.0 / rate
-        self._burst = max(1.0, rate)
-        self._tokens = self._burst
-        self._last = time.monotonic()
-
-    async def wait(self) -> None:
-        """Return when the next call may start."""
-        self._refill()
-        if self._tokens < 1:
-            await asyncio.sleep((1 - self._tokens) * self._interval)
-            self._tokens = 1
-            self._last = time.monotonic()
-        self._tokens -= 1
-
-    def take(self) -> bool:
-        """Take the next call's turn if it is due now, without waiting."""
-        self._refill()
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) / self._interval)
-        self._last = now
-
-    def give_back(self) -> None:
-        self._tokens = min(self._burst, self._tokens + 1)
+    def call_placed(self, node: str) -> None:
+        pass
 
 
 class Dialer:
@@ -149,7 +123,7 @@ class Dialer:
 
     def __init__(
         self,
-        pbx: Pbx,
+        nodes: Nodes,
         store: Store,
         config: CallsConfig,
         release_cli: Callable[[str, str], None],
@@ -160,14 +134,12 @@ class Dialer:
         # This gateway's name (instance.name): its calls are stored with it, and only
         # calls still its own are dialed.
         self.owner = owner
-        self._pbx = pbx
+        self.nodes = nodes
         self._metrics = metrics or _NoMetrics()
         self._store = store
         self._on_ended = on_ended
         self._release_cli = release_cli
         self._queue: asyncio.Queue[CallJob] = asyncio.Queue()
-        self._slots = asyncio.Semaphore(config.max_concurrent)
-        self._pacer = Pacer(config.max_per_second)
         self._pbx_wait = config.pbx_wait_seconds
         self._max_post_dial = config.max_post_dial_seconds
         self._draining = False
@@ -190,8 +162,8 @@ class Dialer:
 
     @property
     def pbx_down_for(self) -> float:
-        """Seconds the PBX has been unreachable; 0 while AMI is logged in."""
-        return self._pbx.down_for
+        """Seconds every node has been unreachable; 0 while AMI to any is logged in."""
+        return self.nodes.down_for
 
     def follows(self, call_id: str) -> bool:
         """Whether this dialer has the call in hand: queued, being placed, or live."""
@@ -207,14 +179,19 @@ class Dialer:
         """Calls placed and not yet ended."""
         return len(self._live)
 
+    def on_node(self, node: Node) -> tuple[int, int]:
+        """Calls placed on `node` and not yet ended, and how many of them ring now."""
+        live = [c for c in self._live.values() if c.node is node]
+        return len(live), sum(1 for c in live if c.ring_started and not c.answered)
+
     def start(self) -> None:
         """Start placing calls and following their events."""
-        for name, loop in (
-            ("dial", self._dial_loop),
-            ("events", self._event_loop),
-            ("sweep", self._sweep_loop),
-        ):
+        for name, loop in (("dial", self._dial_loop), ("sweep", self._sweep_loop)):
             self._tasks.append(asyncio.create_task(loop(), name=f"dialer-{name}"))
+        for node in self.nodes.all:
+            self._tasks.append(
+                asyncio.create_task(self._event_loop(node), name=f"dialer-events-{node.name}")
+            )
 
     async def stop(self) -> None:
         """Stop every task this dialer started."""
@@ -238,24 +215,43 @@ class Dialer:
         task.add_done_callback(self._work.discard)
 
     async def adopt(
-        self, job: CallJob, dialed_at: float, ringing_at: float | None, rang: bool
+        self,
+        job: CallJob,
+        dialed_at: float,
+        ringing_at: float | None,
+        rang: bool,
+        node_name: str | None = None,
     ) -> None:
-        """Follow a call an earlier process placed: never dialed again, closed by its
-        Hangup if the PBX still has it, else as lost once its cap has passed. Its ring
-        time runs on from `ringing_at` (its first 180 or 183, if it had one); `rang`:
-        that was a 180."""
-        await self._slots.acquire()
+        """Follow a call an earlier process placed on node `node_name`: never dialed
+        again, closed by its Hangup if the node still has it, else as lost once its cap
+        has passed. Its ring time runs on from `ringing_at` (its first 180 or 183, if it
+        had one); `rang`: that was a 180."""
+        node = self.nodes.get(node_name)
+        if node is None:
+            # Stored before nodes had names, or on a node no longer configured: the
+            # first node is asked; if it has no such call, the call is closed as lost.
+            node = self.nodes.all[0]
+            if node_name is not None:
+                log.warning(
+                    "call %s: placed on node %s, which is not configured here; following it on %s",
+                    job.call_id,
+                    node_name,
+                    node.name,
+                    extra=_ids(job),
+                )
+        self.nodes.occupy(node)
         live = _LiveCall(
             job,
+            node=node,
             dialed_at=dialed_at,
             rang=rang,
             progress=ringing_at is not None and not rang,
             alert_unknown=ringing_at is None,
         )
         self._live[job.call_id] = live
-        self._pbx.adopt(job.call_id)
+        node.pbx.adopt(job.call_id)
         self._arm(live, ringing_at)
-        if self._pbx.connected:
+        if node.pbx.connected:
             # Adopted from a gateway that died: its Hangup may have come before this
             # one followed the call. (At start, the first login reconciles instead.)
             self._spawn(self._reconcile_one(job.call_id, live), name="dialer-event")
@@ -294,7 +290,7 @@ class Dialer:
     async def _hang_up(self, live: _LiveCall) -> None:
         job = live.job
         try:
-            done = await self._pbx.hangup(job.call_id)
+            done = await live.node.pbx.hangup(job.call_id)
         except (PbxError, TimeoutError) as exc:
             log.warning("call %s: hangup failed: %s", job.call_id, exc, extra=_ids(job))
             done = False
@@ -344,31 +340,28 @@ class Dialer:
         """True once shutdown has begun."""
         return self._draining
 
-    async def claim(self) -> bool:
-        """Reserve a call's place now if nothing is waiting and a slot and pacing allow.
+    def claim(self) -> str | None:
+        """Reserve a call's place on a node now if nothing is waiting and a node's
+        channels and pacing allow; the node's name.
 
-        A claimed call is stored already dialing (its dialing written in the same
-        commit as its creation: one commit less on the way to the phone), then handed
-        to `place_claimed`; `unclaim` gives the place back if it is not stored. False:
-        `submit` it to the queue.
+        A claimed call is stored already dialing on that node (its dialing written in
+        the same commit as its creation: one commit less on the way to the phone),
+        then handed to `place_claimed`; `unclaim` gives the place back if it is not
+        stored. None: `submit` it to the queue.
         """
-        if (
-            not self._tasks
-            or self._draining
-            or self._waiting
-            or not self._pbx.connected
-            or self._slots.locked()
-            or not self._pacer.take()
-        ):
-            return False
-        await self._slots.acquire()  # free (not locked): returns without waiting
+        if not self._tasks or self._draining or self._waiting:
+            return None
+        node = self.nodes.take_now()
+        if node is None:
+            return None
         self._claims += 1
         self._claims_settled.clear()
-        return True
+        return node.name
 
-    def unclaim(self) -> None:
-        self._slots.release()
-        self._pacer.give_back()
+    def unclaim(self, node_name: str) -> None:
+        node = self.nodes.get(node_name)
+        assert node is not None, "a claim names a node of this dialer"
+        self.nodes.give_back(node)
         self._claim_settled()
 
     def _claim_settled(self) -> None:
@@ -376,9 +369,11 @@ class Dialer:
         if not self._claims:
             self._claims_settled.set()
 
-    def place_claimed(self, job: CallJob, dialed_at: float) -> None:
-        """Place a claimed call, stored as dialing at `dialed_at`."""
-        self._spawn(self._place_or_abandon(job, dialed_at), name="dialer-place")
+    def place_claimed(self, job: CallJob, dialed_at: float, node_name: str) -> None:
+        """Place a claimed call, stored as dialing on `node_name` at `dialed_at`."""
+        node = self.nodes.get(node_name)
+        assert node is not None, "a claim names a node of this dialer"
+        self._spawn(self._place_or_abandon(job, node, dialed_at), name="dialer-place")
         self._claim_settled()
 
     def submit(self, job: CallJob) -> None:
@@ -386,15 +381,16 @@ class Dialer:
         self._waiting.add(job.call_id)
         self._queue.put_nowait(job)
 
-    async def cancel(self, call_id: str) -> None:
-        """Hang up a live call, or keep a queued one from being placed."""
+    async def cancel(self, call_id: str, node_name: str | None = None) -> None:
+        """Hang up a live call, or keep a queued one from being placed. `node_name`:
+        the node the store says it is on (None: not known, or not placed yet)."""
         live = self._live.get(call_id)
         if live is not None:
             # Marked first: the Hangup event can come before hangup() returns. A hangup
             # that failed (AMI gone) leaves the call to ring out or be found lost.
             live.canceled = True
             try:
-                await self._pbx.hangup(call_id)
+                await live.node.pbx.hangup(call_id)
             except (PbxError, TimeoutError):
                 live.canceled = False
         elif call_id in self._waiting or call_id in self._placing:
@@ -403,39 +399,61 @@ class Dialer:
             self._waiting.discard(call_id)
             self._canceled.add(call_id)
         else:
-            # Another gateway sharing the database owns it: if it is on the PBX, hang
+            # Another gateway sharing the database owns it: if it is on a node, hang
             # it up there (its owner records the end); if still queued, its owner's
-            # claim finds the verification canceled and never dials it.
-            try:
-                await self._pbx.hangup(call_id, placed_elsewhere=True)
-            except (PbxError, TimeoutError) as exc:
-                log.warning("call %s: hangup for its owner failed: %s", call_id, exc)
+            # claim finds the verification canceled and never dials it. A node not
+            # known: every node is asked (a Hangup of a channel it lacks does nothing).
+            node = self.nodes.get(node_name)
+            for target in (node,) if node is not None else self.nodes.all:
+                if not target.pbx.connected:
+                    continue
+                try:
+                    await target.pbx.hangup(call_id, placed_elsewhere=True)
+                except (PbxError, TimeoutError) as exc:
+                    log.warning(
+                        "call %s: hangup on node %s for its owner failed: %s",
+                        call_id,
+                        target.name,
+                        exc,
+                    )
 
     async def _dial_loop(self) -> None:
         while True:
             job = await self._queue.get()
             if await self._skip_canceled(job):
                 continue
-            await self._slots.acquire()
-            await self._pacer.wait()
-            if await self._skip_canceled(job):  # canceled while it waited for a slot
-                self._slots.release()
+            # Nothing is dropped while every node is away: the call waits for one,
+            # within a bound.
+            deadline = (job.queued_at or time.time()) + self._pbx_wait
+            node = await self.nodes.take(deadline)
+            if node is None:
+                log.warning(
+                    "call %s: no PBX within %ss", job.call_id, self._pbx_wait, extra=_ids(job)
+                )
+                self._waiting.discard(job.call_id)
+                self._canceled.discard(job.call_id)
+                await self._finish(job, Outcome.ERROR, None, None, "pbx_unavailable")
+                continue
+            if await self._skip_canceled(job):  # canceled while it waited for a node
+                self.nodes.release(node)
                 continue
             self._waiting.discard(job.call_id)
             self._placing.add(job.call_id)  # a cancel still keeps it from the PBX
             # Placing waits for a commit and for AMI's answer: calls overlap in that
             # time (placed one by one, that time capped the rate: make bench).
-            self._spawn(self._place_or_abandon(job), name="dialer-place")
+            self._spawn(self._place_or_abandon(job, node), name="dialer-place")
 
-    async def _place_or_abandon(self, job: CallJob, dialed_at: float | None = None) -> None:
+    async def _place_or_abandon(
+        self, job: CallJob, node: Node, dialed_at: float | None = None
+    ) -> None:
         try:
-            await self._place(job, dialed_at)
+            await self._place(job, node, dialed_at)
         except Exception:
             self._placing.discard(job.call_id)
             # A store failure must not stop the others: this call ends as an error
             # (if it got as far as live).
             log.exception("call %s: could not be placed", job.call_id, extra=_ids(job))
-            await self._abandon(job)
+            await self._abandon(job, node)
 
     async def _skip_canceled(self, job: CallJob) -> bool:
         """Close `job` without placing it if it was canceled; True if so."""
@@ -446,84 +464,126 @@ class Dialer:
         await self._finish(job, Outcome.ERROR, None, None, CANCELED)
         return True
 
-    async def _place(self, job: CallJob, dialed_at: float | None = None) -> None:
-        """Place `job`; `dialed_at`: it was claimed, and is stored as dialing already."""
+    async def _place(self, job: CallJob, node: Node, dialed_at: float | None = None) -> None:
+        """Place `job` on `node`, whose channel it holds; `dialed_at`: it was claimed,
+        and is stored as dialing there already."""
         if dialed_at is not None:
-            self._go_live(job, dialed_at)
-            await self._originate(job)
+            live = self._go_live(job, node, dialed_at)
+            await self._originate(live)
             return
-        if not self._pbx.connected:
-            # Nothing is dropped while the PBX is away: wait for it, within a bound.
-            wait = (job.queued_at or time.time()) + self._pbx_wait - time.time()
-            try:
-                await self._pbx.wait_connected(max(wait, 0.0))
-            except PbxError:
-                log.warning(
-                    "call %s: no PBX within %ss", job.call_id, self._pbx_wait, extra=_ids(job)
-                )
-                self._placing.discard(job.call_id)
-                self._slots.release()
-                await self._finish(job, Outcome.ERROR, None, None, "pbx_unavailable")
-                return
         now = time.time()
         # Written before the Originate: after a crash a call marked dialing is
         # reconciled, never dialed again. Only a call still this gateway's is dialed.
-        claim = await self._store.claim_call(job.call_id, self.owner, now)
+        claim = await self._store.claim_call(job.call_id, self.owner, now, node.name)
         self._placing.discard(job.call_id)
         if claim == TAKEN:
             log.warning(
                 "call %s: adopted by another gateway; not dialed here", job.call_id, extra=_ids(job)
             )
             self._canceled.discard(job.call_id)
-            self._slots.release()
+            self.nodes.release(node)
             self._release_cli(job.pool, job.cli)
             return
         if claim == NOT_PENDING or job.call_id in self._canceled:
             # Canceled while it waited or was claimed, here or through another gateway.
             self._canceled.discard(job.call_id)
-            self._slots.release()
+            self.nodes.release(node)
             await self._finish(job, Outcome.ERROR, None, None, CANCELED)
             return
-        self._go_live(job, now)
-        await self._originate(job)
+        live = self._go_live(job, node, now)
+        await self._originate(live)
 
-    def _go_live(self, job: CallJob, dialed_at: float) -> None:
-        live = _LiveCall(job, dialed_at=dialed_at)
+    def _go_live(self, job: CallJob, node: Node, dialed_at: float) -> _LiveCall:
+        live = _LiveCall(job, node=node, dialed_at=dialed_at)
         self._live[job.call_id] = live
         self._arm(live)
+        return live
 
-    async def _originate(self, job: CallJob) -> None:
-        timeout = self._pbx_timeout(job.ring_seconds)
-        try:
-            await self._pbx.originate(Dial(job.call_id, job.dial_number, job.cli_dial, timeout))
-        except PbxError as exc:
-            log.warning("call %s: originate failed: %s", job.call_id, exc, extra=_ids(job))
-            reason = "pbx_unavailable" if not self._pbx.connected else "originate_refused"
-            await self._end(job.call_id, None, None, reason)
-        except ValueError as exc:  # UnsafeAmiValue: a bug upstream, never sent
-            log.error("call %s: refused unsafe AMI value: %s", job.call_id, exc, extra=_ids(job))
-            await self._end(job.call_id, None, None, "invalid_dial")
+    async def _originate(self, live: _LiveCall) -> None:
+        job = live.job
+        dial = Dial(job.call_id, job.dial_number, job.cli_dial, self._pbx_timeout(job.ring_seconds))
+        while True:
+            node = live.node
+            try:
+                await node.pbx.originate(dial)
+            except PbxNotLoggedIn as exc:
+                # Nothing reached the node: the call moves to another one that is up.
+                if await self._move(live, str(exc)):
+                    continue
+                await self._end(job.call_id, None, None, "pbx_unavailable")
+            except PbxError as exc:
+                log.warning(
+                    "call %s: originate on node %s failed: %s",
+                    job.call_id,
+                    node.name,
+                    exc,
+                    extra=_ids(job),
+                )
+                reason = "pbx_unavailable" if not node.pbx.connected else "originate_refused"
+                await self._end(job.call_id, None, None, reason)
+            except ValueError as exc:  # UnsafeAmiValue: a bug upstream, never sent
+                log.error(
+                    "call %s: refused unsafe AMI value: %s", job.call_id, exc, extra=_ids(job)
+                )
+                await self._end(job.call_id, None, None, "invalid_dial")
+            else:
+                node.placed += 1
+                self._metrics.call_placed(node.name)
+                log.info("call %s: placed on node %s", job.call_id, node.name, extra=_ids(job))
+            return
 
-    async def _abandon(self, job: CallJob) -> None:
+    async def _move(self, live: _LiveCall, why: str) -> bool:
+        """Move a call its node could not take (not logged in, nothing sent) to another
+        node; False when none is up within a moment."""
+        job, lost = live.job, live.node
+        other = await self.nodes.take(time.time() + MOVE_WAIT_S, exclude=lost)
+        if other is None or self._live.get(job.call_id) is not live or live.canceled:
+            if other is not None:
+                self.nodes.release(other)
+            log.warning(
+                "call %s: node %s cannot take it (%s), and no other node can",
+                job.call_id,
+                lost.name,
+                why,
+                extra=_ids(job),
+            )
+            return False
+        # Stored on its new node before it is placed there: whoever follows it after
+        # a crash asks the right node.
+        await self._store.move_call(job.call_id, other.name)
+        live.node = other
+        self.nodes.release(lost)
+        log.warning(
+            "call %s: node %s cannot take it (%s); placing it on node %s",
+            job.call_id,
+            lost.name,
+            why,
+            other.name,
+            extra=_ids(job),
+        )
+        return True
+
+    async def _abandon(self, job: CallJob, node: Node) -> None:
         """Close a call that failed inside the gateway, as best the store allows."""
         try:
             if job.call_id in self._live:
                 await self._end(job.call_id, None, None, "gateway_error")
             else:
-                self._slots.release()
+                self.nodes.release(node)
                 await self._finish(job, Outcome.ERROR, None, None, "gateway_error")
         except Exception:
             log.exception("call %s: could not be closed", job.call_id, extra=_ids(job))
 
-    async def _event_loop(self) -> None:
+    async def _event_loop(self, node: Node) -> None:
         while True:
             # Each event without waiting for the one before it to be written (one at
             # a time, the writes capped the rate); see _spawn for the order kept.
-            self._spawn(self._handle_logged(await self._pbx.next_event()))
+            self._spawn(self._handle_logged(node, await node.pbx.next_event()))
 
-    async def _handle_logged(self, event: CallEvent) -> None:
+    async def _handle_logged(self, node: Node, event: CallEvent) -> None:
         try:
             await self._handle_event(
+                node,
                 event.channel_id,
                 event.kind,
                 event.at,
@@ -542,6 +602,7 @@ class Dialer:
 
     async def _handle_event(
         self,
+        node: Node,
         call_id: str,
         kind: CallEventKind,
         at: float,
@@ -550,11 +611,11 @@ class Dialer:
         reason: str | None,
     ) -> None:
         if kind is CallEventKind.CONNECTED:
-            self._metrics.pbx_connected()
-            await self._reconcile(at)
+            self._metrics.pbx_connected(node.name)
+            await self._reconcile(node, at)
             return
         live = self._live.get(call_id)
-        if live is None:
+        if live is None or live.node is not node:
             return
         alerting = kind in (RINGING, CallEventKind.PROGRESS)
         if kind is CallEventKind.INVITED:
@@ -586,17 +647,18 @@ class Dialer:
             live.answered = live.answered or kind is CallEventKind.ANSWERED
             await self._store.add_call_event(CallEventRecord(call_id, at, kind, None, None))
 
-    async def _reconcile(self, connected_at: float) -> None:
-        """After an AMI (re)connection, close the calls Asterisk no longer has: their
-        Hangup came while the gateway could not hear it."""
+    async def _reconcile(self, node: Node, connected_at: float) -> None:
+        """After an AMI (re)connection to `node`, close its calls Asterisk no longer has:
+        their Hangup came while the gateway could not hear it."""
         for call_id, live in list(self._live.items()):
-            if live.dialed_at < connected_at:  # placed on this connection: events not lost
+            # Placed on this connection: its events are not lost.
+            if live.node is node and live.dialed_at < connected_at:
                 await self._reconcile_one(call_id, live)
 
     async def _reconcile_one(self, call_id: str, live: _LiveCall) -> None:
-        """Close `live` if the PBX no longer has it: its Hangup came unheard."""
+        """Close `live` if its node no longer has it: its Hangup came unheard."""
         try:
-            exists = await self._pbx.call_exists(call_id)
+            exists = await live.node.pbx.call_exists(call_id)
         except PbxError as exc:
             log.warning("call %s: cannot reconcile: %s", call_id, exc, extra=_ids(live.job))
             return  # the sweep closes it after its ring time
@@ -624,7 +686,7 @@ class Dialer:
             return
         if live.timer is not None:
             live.timer.cancel()
-        self._slots.release()
+        self.nodes.release(live.node)
         if _hung_up_elsewhere(live, cause, sip_code, reason):
             # Not this gateway's hangup: another's, that a cancel reached (any gateway
             # answers any request), or an operator's.
@@ -646,17 +708,18 @@ class Dialer:
             canceled=live.canceled,
         )
         if outcome is Outcome.TRUNK_REJECTED:
-            self._metrics.trunk_rejected(self._pbx.trunk, sip_code)
+            self._metrics.trunk_rejected(live.node.pbx.trunk, sip_code)
             log.error(
-                "call %s: trunk %s refused the call with SIP %s: check the trunk's account, "
-                "its caller-ID rules and its call rate",
+                "call %s: trunk %s of node %s refused the call with SIP %s: check the "
+                "trunk's account, its caller-ID rules and its call rate",
                 call_id,
-                self._pbx.trunk,
+                live.node.pbx.trunk,
+                live.node.name,
                 sip_code,
                 extra=_ids(live.job),
             )
         try:
-            await self._finish(live.job, outcome, cause, sip_code, reason, at=at)
+            await self._finish(live.job, outcome, cause, sip_code, reason, at=at, node=live.node)
         finally:
             # Only once the outcome is written: shutdown stops the dialer when idle.
             if not self._live:
@@ -670,6 +733,7 @@ class Dialer:
         sip_code: int | None,
         reason: str | None,
         at: float | None = None,
+        node: Node | None = None,
     ) -> None:
         self._release_cli(job.pool, job.cli)
         delivered = outcome in DELIVERED_OUTCOMES
@@ -689,12 +753,13 @@ class Dialer:
         )
         self._metrics.call_ended(CANCELED if reason == CANCELED else outcome, cause)
         log.info(
-            "call %s (verification %s): %s, cause %s, sip %s",
+            "call %s (verification %s): %s, cause %s, sip %s, node %s",
             job.call_id,
             job.verification_id,
             outcome,
             cause,
             sip_code,
+            node.name if node is not None else "none",
             extra=_ids(job),
         )
         if self._on_ended is not None:

@@ -174,4 +174,6 @@ class Membership:
         )
         # A 183 sets ringing_at too: only a "ringing" event on its timeline was a 180.
         rang = any(e.kind == "ringing" for e in await self._store.call_events(call.id))
-        await self._dialer.adopt(job, call.dialed_at or call.queued_at, call.ringing_at, rang)
+        await self._dialer.adopt(
+            job, call.dialed_at or call.queued_at, call.ringing_at, rang, call.node
+        )

@@ -120,7 +120,22 @@ class Metrics:
         self.queued = Gauge("otp_calls_queued", "Calls waiting to be placed", registry=r)
         self.in_flight = Gauge("otp_calls_in_flight", "Calls placed and not yet ended", registry=r)
         self.ami_connected = Gauge(
-            "otp_ami_connected", "1 while logged in to AMI, else 0", registry=r
+            "otp_ami_connected", "1 while logged in to AMI of any node, else 0", registry=r
+        )
+        self.node_up = Gauge(
+            "otp_node_up",
+            "1 while logged in to the Asterisk node's AMI, else 0",
+            ["node"],
+            registry=r,
+        )
+        self.node_placed = Counter(
+            "otp_node_calls_placed", "Calls originated on each Asterisk node", ["node"], registry=r
+        )
+        self.node_ringing = Gauge(
+            "otp_node_calls_ringing",
+            "Calls ringing on each Asterisk node now",
+            ["node"],
+            registry=r,
         )
         self.webhook_backlog = Gauge(
             "otp_webhooks_pending", "Webhooks not yet delivered nor given up", registry=r
@@ -141,7 +156,7 @@ class Metrics:
             self.calls.labels(outcome=outcome)
         for limit in RATE_LIMITS:
             self.rate_limited.labels(limit=limit)
-        self._logins = 0
+        self._logins: dict[str, int] = {}
 
     def watch(
         self,
@@ -156,6 +171,12 @@ class Metrics:
         self.ami_connected.set_function(lambda: float(connected()))
         self.registry.register(_VerificationStatuses(lambda: dict(store.status_tally)))
 
+    def watch_node(self, name: str, up: Callable[[], bool], ringing: Callable[[], int]) -> None:
+        """Read an Asterisk node's levels at each scrape."""
+        self.node_up.labels(node=name).set_function(lambda: float(up()))
+        self.node_ringing.labels(node=name).set_function(ringing)
+        self.node_placed.labels(node=name)  # shows at 0 until a call is placed
+
     # -- the dialer's events (gateway.dialer.CallMetrics) ----------------------
 
     def call_ringing(self, since_request: float) -> None:
@@ -168,10 +189,13 @@ class Metrics:
     def trunk_rejected(self, trunk: str, sip_code: int | None) -> None:
         self.trunk_rejections.labels(trunk=trunk, sip_code=str(sip_code)).inc()
 
-    def pbx_connected(self) -> None:
-        self._logins += 1
-        if self._logins > 1:
+    def pbx_connected(self, node: str) -> None:
+        self._logins[node] = self._logins.get(node, 0) + 1
+        if self._logins[node] > 1:
             self.ami_reconnects.inc()
+
+    def call_placed(self, node: str) -> None:
+        self.node_placed.labels(node=node).inc()
 
     # -- the API's ---------------------------------------------------------------
 

@@ -103,6 +103,11 @@ class PbxUnavailable(PbxError):
     """No logged-in AMI connection."""
 
 
+class PbxNotLoggedIn(PbxUnavailable):
+    """Not logged in when the action was to be sent: nothing reached Asterisk (a call may
+    go to another node)."""
+
+
 class OriginateRefused(PbxError):
     """Asterisk answered the Originate action with an error."""
 
@@ -188,6 +193,7 @@ class AmiSettings:
     # (FullyBooted, at login to a user with the `system` read class); without that class
     # nothing says it, and the gateway waits this long after each login instead.
     settle_seconds: float = 2.0
+    name: str = "asterisk"  # the node's name, in logs
 
 
 def check_number(value: str, what: str) -> str:
@@ -452,11 +458,17 @@ class AmiPbx:
             try:
                 await self._connect()
                 attempt = 0
-                log.info("AMI logged in at %s:%s", self.settings.host, self.settings.port)
+                log.info(
+                    "AMI of node %s logged in at %s:%s",
+                    self.settings.name,
+                    self.settings.host,
+                    self.settings.port,
+                )
                 await self._keepalive()
             except (OSError, TimeoutError, PbxError) as exc:
                 log.warning(
-                    "AMI connection to %s:%s failed: %s",
+                    "AMI connection to node %s at %s:%s failed: %s",
+                    self.settings.name,
                     self.settings.host,
                     self.settings.port,
                     exc,
@@ -466,7 +478,7 @@ class AmiPbx:
             delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
             attempt += 1
             self.reconnects += 1
-            log.info("AMI reconnecting in %.1fs", delay)
+            log.info("AMI of node %s reconnecting in %.1fs", self.settings.name, delay)
             await asyncio.sleep(delay)
 
     async def _connect(self) -> None:
@@ -600,7 +612,7 @@ class AmiPbx:
     ) -> Message:
         protocol = self._protocol
         if protocol is None or (require_login and not self._logged_in.is_set()):
-            raise PbxUnavailable("not connected to AMI")
+            raise PbxNotLoggedIn("not connected to AMI")
         for key, value in fields.items():
             check_text(value, key)
         action = Action(fields, as_list=False)

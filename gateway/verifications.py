@@ -303,9 +303,9 @@ class Verifications:
                 call, status="completed", outcome="delivered", reason="sandbox", ended_at=now
             )
         # Nothing waiting and room to dial now: stored as dialing, placed once stored.
-        claimed = cli is not None and await self._dialer.claim()
-        if claimed:
-            call = replace(call, status="dialing", dialed_at=now)
+        node = self._dialer.claim() if cli is not None else None
+        if node is not None:
+            call = replace(call, status="dialing", dialed_at=now, node=node)
         idempotency = None
         if idempotency_key is not None:
             assert render is not None, "an idempotent create needs its response rendered"
@@ -328,8 +328,8 @@ class Verifications:
             """Give back what the create took: its caller ID, its place in the dialer."""
             if cli is not None:
                 pool.release(cli.e164)
-            if claimed:
-                self._dialer.unclaim()
+            if node is not None:
+                self._dialer.unclaim(node)
 
         async def store_and_place() -> tuple[VerificationRecord, CallRecord] | Replay:
             try:
@@ -375,8 +375,8 @@ class Verifications:
                 queued_at=now,
                 early_media_is_alerting=self.early_media_is_alerting(verification),
             )
-            if claimed:
-                self._dialer.place_claimed(job, now)
+            if node is not None:
+                self._dialer.place_claimed(job, now, node)
             else:
                 self._dialer.submit(job)
             return verification, call
@@ -479,7 +479,7 @@ class Verifications:
                 f"verification is {current.status}", verification_status=current.status
             )
         if call.ended_at is None:
-            await self._dialer.cancel(call.id)
+            await self._dialer.cancel(call.id, call.node)
         return await self.get(api_key_id, verification_id)
 
     async def _check(self, verification: VerificationRecord, presented: _Presented) -> CheckResult:

@@ -254,7 +254,7 @@ async def wire_record(
         await asyncio.sleep(0.02)
 
 
-def pbx_command(command: str) -> None:
-    """Run `pbx.sh command` (up, kill, ...) for a fault test; fail the test if it fails."""
-    result = _pbx(command)
-    assert result.returncode == 0, f"pbx.sh {command}: {result.stdout}{result.stderr}"
+def pbx_command(command: str, node: str = "a") -> None:
+    """Run `pbx.sh command node` (up, kill, ...) for a fault test; fail the test if it fails."""
+    result = _pbx(command, node)
+    assert result.returncode == 0, f"pbx.sh {command} {node}: {result.stdout}{result.stderr}"

@@ -20,6 +20,7 @@ from gateway.pbx import (
     CallEvent,
     CallEventKind,
     Dial,
+    PbxNotLoggedIn,
     PbxUnavailable,
     originate_action,
 )
@@ -204,7 +205,7 @@ class FakePbx:
         try:
             originate_action(FAKE_AMI, dial)
             if not self.connected:
-                raise PbxUnavailable("not connected to AMI")
+                raise PbxNotLoggedIn("not connected to AMI")
             fate = self.script(dial)
             if isinstance(fate, BaseException):
                 raise fate

@@ -52,6 +52,8 @@ class InviteRecord:
     request_user: str
     from_user: str
     invited_at: float  # INVITE received
+    # The SIP port of the Asterisk that sent it (its Via): which node placed the call.
+    via_port: int | None = None
     answered_at: float | None = None  # 200 OK to the INVITE sent
     canceled_at: float | None = None  # first CANCEL received
     bye_at: float | None = None  # first BYE received
@@ -102,6 +104,7 @@ class EventLog:
                 request_user=extra[0] if extra else "",
                 from_user=extra[1] if len(extra) > 1 else "",
                 invited_at=at,
+                via_port=int(extra[2]) if len(extra) > 2 and extra[2].isdigit() else None,
             )
             self._by_call_id[call_id] = len(self._live)
             self._stale.add(len(self._live))

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, replace
 import pytest
 
 from gateway.config import CallsConfig
-from gateway.dialer import PBX_CAP_MARGIN_S, CallJob, Dialer, Pacer
+from gateway.dialer import PBX_CAP_MARGIN_S, CallJob, Dialer
+from gateway.nodes import DEFAULT_NODE, Nodes, Pacer
 from gateway.outcomes import POST_DIAL_TIMEOUT, RING_TIMEOUT, Outcome
 from gateway.pbx import CallEventKind, Dial, OriginateRefused
 from gateway.store import CallRecord, Store, VerificationRecord, open_store
@@ -41,6 +42,7 @@ CLI_PREFIX = "+6221500"
 RING_S = 0.2
 
 _serial = itertools.count(1)
+NODE = DEFAULT_NODE  # the one node of Nodes.one
 
 
 @pytest.fixture
@@ -120,7 +122,9 @@ class Harness:
     _ended: dict[str, asyncio.Event] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.dialer = Dialer(self.pbx, self.store, self.calls, self.release_cli, self.on_ended)
+        self.dialer = Dialer(
+            Nodes.one(self.pbx, self.calls), self.store, self.calls, self.release_cli, self.on_ended
+        )
 
     def release_cli(self, pool: str, cli: str) -> None:
         self.released.append((pool, cli))
@@ -401,8 +405,8 @@ async def test_a_cancel_while_the_dialing_is_written_keeps_the_call_from_the_pbx
     claim_call = store.claim_call
     claiming = asyncio.Event()
 
-    async def slow_claim(call_id: str, owner: str, at: float) -> str:
-        claimed = await claim_call(call_id, owner, at)
+    async def slow_claim(call_id: str, owner: str, at: float, node: str | None = None) -> str:
+        claimed = await claim_call(call_id, owner, at, node)
         claiming.set()
         await asyncio.sleep(0.2)  # the cancel lands here, the call taken off the queue
         return claimed
@@ -516,22 +520,22 @@ async def test_a_claim_takes_a_slot_and_a_turn_only_when_nothing_waits(
     make_dialer: HarnessFactory, store: Store
 ) -> None:
     harness = make_dialer(max_concurrent=2, max_per_second=1000)
-    assert not await harness.dialer.claim()  # not started
+    assert harness.dialer.claim() is None  # not started
     harness.dialer.start()
-    assert await harness.dialer.claim()
-    harness.dialer.unclaim()  # the create was refused: the place is given back
-    assert await harness.dialer.claim() and await harness.dialer.claim()
-    assert not await harness.dialer.claim()  # both slots taken
-    harness.dialer.unclaim()
-    harness.dialer.unclaim()
+    assert harness.dialer.claim()
+    harness.dialer.unclaim(NODE)  # the create was refused: the place is given back
+    assert harness.dialer.claim() and harness.dialer.claim()
+    assert harness.dialer.claim() is None  # both slots taken
+    harness.dialer.unclaim(NODE)
+    harness.dialer.unclaim(NODE)
     queued = await add_job(store, "0")
     harness.pbx.connected = False  # a queued call waits for the PBX
     harness.submit(queued)
-    assert not await harness.dialer.claim()  # a call waiting goes first
-    assert not await harness.dialer.claim()  # nor is there a PBX to dial on
+    assert harness.dialer.claim() is None  # a call waiting goes first
+    assert harness.dialer.claim() is None  # nor is there a PBX to dial on
     harness.pbx.connected = True
     await harness.ended(queued)
-    assert await harness.dialer.claim()
+    assert harness.dialer.claim()
 
 
 async def test_a_claimed_call_is_placed_without_another_write(
@@ -539,9 +543,9 @@ async def test_a_claimed_call_is_placed_without_another_write(
 ) -> None:
     harness = make_dialer()
     harness.dialer.start()
-    assert await harness.dialer.claim()
+    assert harness.dialer.claim()
     job = await add_job(store, "0")  # stored as queued here; Verifications stores it dialing
-    harness.dialer.place_claimed(job, dialed_at=time.time())
+    harness.dialer.place_claimed(job, time.time(), NODE)
     await harness.ended(job)
     assert [d.channel_id for d in harness.pbx.placed] == [job.call_id]
     assert harness.outcomes[job.call_id] == Outcome.DELIVERED
@@ -554,13 +558,13 @@ async def test_drain_waits_for_a_claimed_call_still_being_stored(
 ) -> None:
     harness = make_dialer()
     harness.dialer.start()
-    assert await harness.dialer.claim()  # a create claimed a place; its commit is under way
+    assert harness.dialer.claim()  # a create claimed a place; its commit is under way
     draining = asyncio.create_task(harness.dialer.drain(timeout=WAIT_S))
     await asyncio.sleep(0.05)
     assert not draining.done()
-    assert not await harness.dialer.claim()  # draining: no new claim
+    assert harness.dialer.claim() is None  # draining: no new claim
     job = await add_job(store, "0")
-    harness.dialer.place_claimed(job, dialed_at=time.time())
+    harness.dialer.place_claimed(job, time.time(), NODE)
     await draining
     # Placed and followed to its end, not cut off when the dialer stops.
     assert harness.outcomes[job.call_id] == Outcome.DELIVERED
@@ -732,7 +736,10 @@ class RecordingMetrics:
     def trunk_rejected(self, trunk: str, sip_code: int | None) -> None:
         self.trunk_rejections.append((trunk, sip_code))
 
-    def pbx_connected(self) -> None:
+    def pbx_connected(self, node: str) -> None:
+        pass
+
+    def call_placed(self, node: str) -> None:
         pass
 
 
@@ -743,7 +750,12 @@ async def test_a_trunk_refusal_is_the_operators_problem_not_the_numbers(
     harness = make_dialer(FakePbx(lambda dial: rejected(21, sip_code)))
     metrics = RecordingMetrics()
     harness.dialer = Dialer(
-        harness.pbx, store, harness.calls, harness.release_cli, harness.on_ended, metrics
+        Nodes.one(harness.pbx, harness.calls),
+        store,
+        harness.calls,
+        harness.release_cli,
+        harness.on_ended,
+        metrics,
     )
     harness.dialer.start()
     job = await add_job(store, "0")
@@ -828,7 +840,11 @@ async def test_a_timer_hangup_that_finds_no_channel_is_tried_again(
     harness = make_dialer(FakePbx())
     harness.pbx = SlowHangupPbx(lambda dial: (), refusals=1)
     harness.dialer = Dialer(
-        harness.pbx, store, harness.calls, harness.release_cli, harness.on_ended
+        Nodes.one(harness.pbx, harness.calls),
+        store,
+        harness.calls,
+        harness.release_cli,
+        harness.on_ended,
     )
     harness.dialer.start()
     job = await add_job(store, "9")

@@ -33,6 +33,7 @@ from gateway.errors import (
     RegionNotAllowed,
     VerificationNotPending,
 )
+from gateway.nodes import Nodes
 from gateway.pbx import CHANNEL_ID_PREFIX, Dial
 from gateway.pool import Pool
 from gateway.store import CallRecord, Store, VerificationRecord, open_store
@@ -161,7 +162,7 @@ async def make_domain(new_database: NewDatabase) -> AsyncIterator[DomainFactory]
             by_name[pool].release(cli)
 
         pbx = FakePbx(script)
-        dialer = Dialer(pbx, store, config.calls, release_cli)
+        dialer = Dialer(Nodes.one(pbx, config.calls), store, config.calls, release_cli)
         clock = Clock()
         verifications = Verifications(config, store, pools, dialer, clock=clock)
         domain = Domain(verifications, store, pbx, dialer, clock, database)

@@ -19,8 +19,8 @@ from gateway.api.typedefs import (
     CONFIG,
     DIALER,
     METRICS,
+    NODES,
     NUMBERS,
-    PBX,
     REQUEST_RATE,
     STORE,
     VERIFICATIONS,
@@ -312,11 +312,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    """The database answers and AMI is logged in."""
+    """The database answers and AMI to at least one node is logged in; each node listed."""
+    dialer = request.app[DIALER]
+    pbx_nodes = request.app[NODES]
     checks = {
         "database": True,
-        "pbx": request.app[PBX].connected,
-        "accepting": not request.app[DIALER].draining,
+        "pbx": pbx_nodes.connected,
+        "accepting": not dialer.draining,
     }
     try:
         await request.app[STORE].ping()
@@ -324,6 +326,10 @@ async def readyz(request: web.Request) -> web.Response:
         checks["database"] = False
     ready = all(checks.values())
     return web.json_response(
-        {"status": "ready" if ready else "not_ready", "checks": checks},
+        {
+            "status": "ready" if ready else "not_ready",
+            "checks": checks,
+            "nodes": [views.node(node, *dialer.on_node(node)) for node in pbx_nodes.all],
+        },
         status=200 if ready else 503,
     )

@@ -160,6 +160,11 @@ SCHEMAS: dict[str, Schema] = {
                         "null when the network ended it: see hangup_cause and sip_code",
                     ),
                     "ring_seconds": {"type": "integer"},
+                    "node": _nullable(
+                        "string",
+                        description="the Asterisk node the call was placed on (asterisk.nodes, "
+                        "or asterisk.name); null until it is placed",
+                    ),
                     "dialed_at": TIME,
                     "ringing_at": TIME,
                     "ended_at": TIME,
@@ -541,7 +546,7 @@ def document() -> dict[str, Any]:
             "/readyz": {
                 "get": _op(
                     "readyz",
-                    "Database usable and AMI logged in",
+                    "Database usable and AMI of at least one node logged in; each node listed",
                     {
                         "200": _json({"type": "object"}, "ready"),
                         "503": _json({"type": "object"}, "not ready"),

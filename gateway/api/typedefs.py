@@ -9,14 +9,14 @@ from gateway.config import Config
 from gateway.dialer import Dialer
 from gateway.instances import Membership
 from gateway.metrics import Metrics
+from gateway.nodes import Nodes
 from gateway.numbers import Numbers
-from gateway.pbx import Pbx
 from gateway.store import ApiKeyRecord, Store
 from gateway.verifications import Verifications
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
-PBX = web.AppKey("pbx", Pbx)
+NODES = web.AppKey("nodes", Nodes)
 DIALER = web.AppKey("dialer", Dialer)
 MEMBERSHIP = web.AppKey("membership", Membership)
 VERIFICATIONS = web.AppKey("verifications", Verifications)

@@ -7,6 +7,7 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.nodes import Node
 from gateway.store import (
     CallEventRecord,
     CallRecord,
@@ -59,6 +60,7 @@ def verification(
             "sip_code": call.sip_code,
             "reason": call.reason,
             "ring_seconds": int(call.ring_seconds),
+            "node": call.node,
             "dialed_at": timestamp(call.dialed_at),
             "ringing_at": timestamp(call.ringing_at),
             "ended_at": timestamp(call.ended_at),
@@ -72,6 +74,20 @@ def verification(
         "expires_at": timestamp(v.expires_at),
         "created_at": timestamp(v.created_at),
         "updated_at": timestamp(v.updated_at),
+    }
+
+
+def node(node: Node, live: int, ringing: int) -> dict[str, Any]:
+    """An Asterisk node as /readyz and the dashboard show it."""
+    return {
+        "name": node.name,
+        "connected": node.pbx.connected,
+        "down_seconds": round(node.pbx.down_for, 1),
+        "calls_live": live,
+        "calls_ringing": ringing,
+        "max_concurrent": node.max_concurrent,
+        "max_per_second": node.max_per_second,
+        "calls_placed": node.placed,
     }
 
 

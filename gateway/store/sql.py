@@ -793,8 +793,8 @@ class SqlStore(abc.ABC):
         if await self._write(end, lazy=True, quick=True):
             self.status_tally["failed"] += 1
 
-    async def claim_call(self, call_id: str, owner: str, at: float) -> str:
-        """Mark a queued call of `owner` (or of nobody) dialing, before its Originate,
+    async def claim_call(self, call_id: str, owner: str, at: float, node: str | None = None) -> str:
+        """Mark a queued call of `owner` (or of nobody) dialing on `node`, before its Originate,
         if its verification is still pending: CLAIMED. NOT_PENDING: the verification
         was canceled meanwhile (perhaps through another gateway); TAKEN: the call is not
         queued or not `owner`'s any more (another gateway adopted it). Only a claimed
@@ -802,11 +802,11 @@ class SqlStore(abc.ABC):
 
         async def claim(tx: Tx) -> str:
             claimed = await tx.execute(
-                "UPDATE calls SET status = 'dialing', dialed_at = ?, owner = ? "
+                "UPDATE calls SET status = 'dialing', dialed_at = ?, owner = ?, node = ? "
                 "WHERE id = ? AND status = 'queued' AND (owner = ? OR owner IS NULL) "
                 "AND EXISTS (SELECT 1 FROM verifications v "
                 "WHERE v.id = calls.verification_id AND v.status = 'pending')",
-                (at, owner, call_id, owner),
+                (at, owner, node, call_id, owner),
             )
             if claimed == 1:
                 await _add_event(tx, call_id, at, "dialing")
@@ -819,6 +819,17 @@ class SqlStore(abc.ABC):
             return NOT_PENDING if row else TAKEN
 
         return await self._write(claim, quick=True)
+
+    async def move_call(self, call_id: str, node: str) -> None:
+        """Record that a dialing call is placed on `node` after all (its first node could
+        not take it)."""
+
+        async def move(tx: Tx) -> None:
+            await tx.execute(
+                "UPDATE calls SET node = ? WHERE id = ? AND status = 'dialing'", (node, call_id)
+            )
+
+        await self._write(move, quick=True)
 
     # -- instances -------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.api.typedefs import PBX
+from gateway.api.typedefs import NODES
 from gateway.config import AsteriskConfig, CallsConfig
 from gateway.pbx import AmiSettings
 from tests.conftest import pbx_command, phone_number
@@ -57,7 +57,7 @@ async def test_asterisk_killed_while_fifty_calls_ring(
         assert (await gateway.request("GET", "/healthz")).status == 200  # the gateway lives
         # The adapter knows how long AMI has been gone: past calls.pbx_wait_seconds a
         # create answers 503 pbx_unavailable (tests/test_api.py); before, it is queued.
-        assert 0 < gateway.server.app[PBX].down_for < CallsConfig().pbx_wait_seconds
+        assert 0 < gateway.server.app[NODES].down_for < CallsConfig().pbx_wait_seconds
         # Accepted while the PBX is down: it waits in the queue for the PBX.
         waiting_number = phone_number(3)
         status, waiting = await gateway.post("/v1/verifications", {"phone": f"+{waiting_number}"})
@@ -65,7 +65,7 @@ async def test_asterisk_killed_while_fifty_calls_ring(
     finally:
         await asyncio.to_thread(pbx_command, "up")  # returns once AMI logs in
     back = await wait_for(lambda: ready_is(200), 5, "/readyz 200 after AMI is back")
-    assert gateway.server.app[PBX].down_for == 0
+    assert gateway.server.app[NODES].down_for == 0
 
     async def all_definite() -> bool:
         return all(s["call"]["status"] in DEFINITE for s in await call_states(gateway, ids))

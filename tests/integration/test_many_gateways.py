@@ -48,9 +48,10 @@ pytestmark = pytest.mark.integration
 DEFINITE = ("completed", "failed")
 LEASE_S = 3.0
 RING_S = 4
-# Calls per second per gateway: low enough that each has calls still queued in hand
-# a second after a burst of creates, as at the default pacing with more traffic.
-PACE = 5
+# Calls per second per gateway and node: low enough that each gateway has calls still
+# queued in hand a second after a burst of creates, as at the default pacing with more
+# traffic.
+PACE = 3
 
 
 async def two_gateways(start_gateway: GatewayFactory, **sections: Any) -> tuple[Gateway, Gateway]:
@@ -205,9 +206,14 @@ async def test_a_failed_check_limit_is_exact_across_two_gateways(
 
 @pytest.fixture
 def two_processes(
-    dev_pbx: AmiSettings, far_end: FarEnd, tmp_path: Path, database: str
+    dev_pbx: AmiSettings,
+    dev_pbx_b: AmiSettings,
+    far_end: FarEnd,
+    tmp_path: Path,
+    database: str,
 ) -> Iterator[tuple[GatewayProcess, GatewayProcess]]:
-    """Gateway processes gw-a and gw-b on one database, each its own port; one key."""
+    """Gateway processes gw-a and gw-b on one database, each its own port, both on
+    Asterisk nodes a and b; one key."""
     processes = []
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     for name in ("gw-a", "gw-b"):
@@ -218,7 +224,9 @@ def two_processes(
 http: {{host: 127.0.0.1, port: {port}, operator_port: {free_port()}}}
 database: {{url: '{database}'}}
 instance: {{name: {name}, lease_seconds: {LEASE_S}}}
-asterisk: {{secret: '{dev_pbx.secret}'}}
+asterisk:
+  secret: '{dev_pbx.secret}'
+  nodes: [{{name: a, port: {dev_pbx.port}}}, {{name: b, port: {dev_pbx_b.port}}}]
 security: {{code_secret: many-gateways-code-secret}}
 pools: [{{name: dev, prefix: '+6221500', code_length: 4}}]
 calls: {{ring_seconds: {RING_S}, max_ring_seconds: 10, max_concurrent: 200, max_per_second: {PACE}}}
@@ -248,9 +256,9 @@ limits: {{key_requests_per_minute: 1000000}}
 async def test_a_gateway_killed_with_calls_in_hand_has_them_adopted_once(
     two_processes: tuple[GatewayProcess, GatewayProcess], far_end: FarEnd
 ) -> None:
-    """40 creates over both gateways, gw-a killed -9 a second later: every verification
-    reaches a final call state, read through gw-b, within ring time + lease + 10 s; no
-    destination gets two INVITEs; gw-b places new calls."""
+    """Two gateways, two nodes: 40 creates over both gateways, gw-a killed -9 a second
+    later: every verification reaches a final call state, read through gw-b, within ring
+    time + lease + 10 s; no destination gets two INVITEs; gw-b places new calls."""
     a, b = two_processes
     a.start()
     b.start()
@@ -307,6 +315,12 @@ async def test_a_gateway_killed_with_calls_in_hand_has_them_adopted_once(
     assert sum(counts.values()) == len(numbers) - sum(
         1 for s in final if s["call"]["dialed_at"] is None
     )
+    # Both nodes carried calls, and each call is recorded on the node that sent its INVITE.
+    ports = {r.request_user: r.via_port for r in far_end.records() if r.request_user in numbers}
+    assert set(ports.values()) == {5060, 5061}, ports
+    for number, state in zip(numbers, final, strict=True):
+        if number in ports:
+            assert state["call"]["node"] == {5060: "a", 5061: "b"}[ports[number]], state["call"]
 
 
 async def _ready(http: aiohttp.ClientSession) -> bool:
