@@ -165,3 +165,16 @@ def test_an_unreachable_database_stops_the_command_naming_the_key(
     assert f"database.url: cannot connect to 127.0.0.1:{port}/otp" in output
     assert "pg-password-never-shown" not in output
     assert "Traceback" not in output
+
+
+def test_check_config_and_run_refuse_two_nodes_of_one_name(tmp_path: Path) -> None:
+    path = tmp_path / "nodes.yaml"
+    path.write_text(
+        "asterisk:\n  secret: s\n  nodes: [{name: a, port: 5038}, {name: a, port: 5039}]\n"
+        "security: {code_secret: 0123456789abcdef}\n"
+        "pools: [{name: p, prefix: '+6221500'}]\n"
+    )
+    for command in ("check-config", "run"):
+        result = gateway(command, "--config", str(path))
+        assert result.returncode == 1, command
+        assert "asterisk.nodes[1].name: 'a' is also asterisk.nodes[0]'s name" in result.stderr

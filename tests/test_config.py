@@ -952,3 +952,95 @@ def test_the_database_password_comes_from_the_environment_and_is_never_shown() -
     summary = "\n".join(config.summary(cfg))
     assert "database: postgresql://otp:***@db:5432/otp" in summary
     assert "s3cret-pg-password" not in summary
+
+
+def test_without_nodes_the_asterisk_mapping_is_the_one_node() -> None:
+    cfg = parse(merged(BASE, {"asterisk": {"host": "10.0.0.5", "name": "pbx1"}}))
+    (node,) = config.nodes(cfg)
+    assert (node.name, node.host, node.port, node.secret) == ("pbx1", "10.0.0.5", 5038, AMI_SECRET)
+    assert (node.max_per_second, node.max_concurrent) == (
+        cfg.calls.max_per_second,
+        cfg.calls.max_concurrent,
+    )
+
+
+def test_a_node_inherits_every_key_it_leaves_out() -> None:
+    raw = merged(
+        BASE,
+        {
+            "asterisk": {
+                "username": "otp",
+                "channel": "PJSIP/{number}@carrier",
+                "nodes": [
+                    {"name": "a", "host": "10.0.0.1"},
+                    {
+                        "name": "b",
+                        "host": "10.0.0.2",
+                        "port": 5039,
+                        "secret": "b-secret",
+                        "channel": "PJSIP/{number}@carrier-b",
+                        "max_per_second": 4,
+                        "max_concurrent": 40,
+                    },
+                ],
+            },
+            "calls": {"max_per_second": 7, "max_concurrent": 70},
+        },
+    )
+    a, b = config.nodes(parse(raw))
+    assert (a.name, a.host, a.port, a.username, a.secret, a.channel) == (
+        "a",
+        "10.0.0.1",
+        5038,
+        "otp",
+        AMI_SECRET,
+        "PJSIP/{number}@carrier",
+    )
+    assert (a.max_per_second, a.max_concurrent) == (7, 70)
+    assert (b.port, b.secret, b.channel, b.max_per_second, b.max_concurrent) == (
+        5039,
+        "b-secret",
+        "PJSIP/{number}@carrier-b",
+        4,
+        40,
+    )
+    assert "b-secret" not in repr(b)
+
+
+def test_nodes_with_one_name_or_one_ami_address_are_refused_by_key() -> None:
+    raw = merged(
+        BASE,
+        {
+            "asterisk": {
+                "nodes": [
+                    {"name": "a", "host": "10.0.0.1"},
+                    {"name": "a", "host": "10.0.0.2"},
+                    {"name": "c", "host": "10.0.0.1", "port": 5038},
+                    {"name": "bad name", "host": "10.0.0.4"},
+                ]
+            }
+        },
+    )
+    found = problems(raw)
+    assert "'a' is also asterisk.nodes[0]'s name" in problem_at(found, "asterisk.nodes[1].name")
+    assert "10.0.0.1:5038 is also asterisk.nodes[0]'s" in problem_at(found, "asterisk.nodes[2]")
+    assert "letters, digits" in problem_at(found, "asterisk.nodes[3].name")
+
+
+@pytest.mark.parametrize(
+    ("node", "path"),
+    [
+        ({"port": 0}, "asterisk.nodes[0].port"),
+        ({"secret": "s\nAction: Logoff"}, "asterisk.nodes[0].secret"),
+        ({"channel": "Local/{number}@x"}, "asterisk.nodes[0].channel"),
+        ({"channel": "PJSIP/x\nAction: Originate"}, "asterisk.nodes[0].channel"),
+        ({"max_per_second": 0}, "asterisk.nodes[0].max_per_second"),
+        ({"max_concurrent": 0}, "asterisk.nodes[0].max_concurrent"),
+        ({"colour": "blue"}, "asterisk.nodes[0].colour"),
+        ({}, "asterisk.nodes[0].name"),
+    ],
+)
+def test_a_bad_node_key_is_named(node: dict[str, Any], path: str) -> None:
+    entry = {"name": "a", **node} if "name" not in node and node else node
+    found = problems(merged(BASE, {"asterisk": {"nodes": [entry]}}))
+    assert path in paths(found), found
