@@ -116,6 +116,11 @@ class Nodes:
         return min(node.pbx.down_for for node in self.all)
 
     @property
+    def max_per_second(self) -> float:
+        """Calls per second the nodes take together."""
+        return sum(node.max_per_second for node in self.all)
+
+    @property
     def taken(self) -> int:
         return sum(node.taken for node in self.all)
 

@@ -231,7 +231,7 @@ class Verifications:
         if self._dialer.queued >= calls.max_queue:
             raise Overloaded(
                 "too many calls are waiting; retry later",
-                retry_after=max(1, round(self._dialer.queued / calls.max_per_second)),
+                retry_after=max(1, round(self._dialer.queued / self._dialer.nodes.max_per_second)),
             )
         if request.callback_url is not None and self._config.webhooks.secret is None:
             raise InvalidRequest(

@@ -265,6 +265,37 @@ async def test_dashboard_data_lists_the_gateways_sharing_the_database(
     assert data["instances"][0]["started_at"] == views.timestamp(T0 - 600)
 
 
+async def test_dashboard_data_passes_the_nodes_through(store: Store, database: str) -> None:
+    nodes = [
+        {
+            "name": "ast-1",
+            "connected": True,
+            "down_seconds": 0.0,
+            "calls_live": 3,
+            "calls_ringing": 1,
+            "max_concurrent": 30,
+            "max_per_second": 5.0,
+            "calls_placed": 41,
+        },
+        {
+            "name": "ast-2",
+            "connected": False,
+            "down_seconds": 12.5,
+            "calls_live": 0,
+            "calls_ringing": 0,
+            "max_concurrent": 20,
+            "max_per_second": 2.0,
+            "calls_placed": 7,
+        },
+    ]
+    numbers = Numbers(config(database), store)
+
+    data = await dashboard_data(store, numbers, Live(True, 3, 0, nodes=nodes), T0)
+
+    assert data["nodes"] == nodes
+    assert (await dashboard_data(store, numbers, Live(True, 0, 0), T0))["nodes"] == []
+
+
 async def test_dashboard_data_holds_no_phone_number_or_caller_id(
     store: Store, calls: Calls, database: str
 ) -> None:
@@ -317,6 +348,10 @@ async def test_data_is_served_without_an_api_key(client: AppClient) -> None:
     data = await response.json()
     assert (data["pbx_connected"], data["in_flight"], data["queued"]) == (True, 0, 0)
     assert len(data["calls_per_minute"]) == CHART_MINUTES
+    # The config's single node, the fake PBX logged in, nothing placed yet.
+    assert [(n["name"], n["connected"]) for n in data["nodes"]] == [("asterisk", True)]
+    assert data["nodes"][0]["down_seconds"] == 0
+    assert (data["nodes"][0]["calls_live"], data["nodes"][0]["calls_placed"]) == (0, 0)
 
 
 async def test_asset_directory_is_not_listed(client: AppClient) -> None:

@@ -21,7 +21,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from gateway.api.typedefs import DIALER
+from gateway.api.typedefs import DIALER, NODES
 from gateway.outcomes import DELIVERED_OUTCOMES
 from tests.conftest import phone_number
 from tests.farend import FarEnd
@@ -84,6 +84,8 @@ shown.carriers = [...document.querySelectorAll("#carriers tbody tr[data-carrier]
   (row) => [row.dataset.carrier, ...cells(row, ["calls", "delivered", "delivery-rate"])]);
 shown.causes = [...document.querySelectorAll("#causes tbody tr[data-outcome]")].map(
   (row) => [row.dataset.outcome, row.dataset.cause, ...cells(row, ["calls"])]);
+shown.nodes = [...document.querySelectorAll("#nodes tbody tr[data-node]")].map(
+  (row) => [...cells(row, ["name", "state", "calls-live", "ringing", "channels", "calls-placed"])]);
 shown.instances = [...document.querySelectorAll("#instances tbody tr[data-instance]")].map(
   (row) => [...cells(row, ["name", "state", "live-calls"])]);
 return shown;
@@ -203,6 +205,11 @@ async def test_dashboard_shows_the_calls_placed_and_updates_live(
     # The gateways sharing the database: this one alone, running, its calls all ended.
     name = gateway.server.app[DIALER].owner
     assert shown["instances"] == [[f"{name} (this one)", "running", "0"]], shown
+    # The Asterisk nodes: the dev PBX alone, logged in, every call placed on it.
+    (node,) = gateway.server.app[NODES].all
+    assert node.name == "asterisk"
+    channels = f"0 / {node.max_concurrent:,}"
+    assert shown["nodes"] == [["asterisk", "logged in", "0", "0", channels, str(placed)]], shown
     assert shown["delivery-rate"] == rate(delivered, placed) == "60.0%", shown
     assert (shown["delivered"], shown["calls-window"]) == (str(delivered), str(placed)), shown
     assert shown["carriers"] == expected_carriers, shown
@@ -227,7 +234,11 @@ async def test_dashboard_shows_the_calls_placed_and_updates_live(
     await in_browser(
         page.wait,
         "the new call in flight",
-        lambda shown: shown["in-flight"] == "1" and shown["calls-last-minute"] == str(placed + 1),
+        lambda shown: (
+            shown["in-flight"] == "1"
+            and shown["calls-last-minute"] == str(placed + 1)
+            and shown["nodes"][0][2] == "1"  # live on the node
+        ),
     )
     assert (await ended(gateway, long_ring))["outcome"] == "delivered"
     shown = await in_browser(
@@ -238,6 +249,7 @@ async def test_dashboard_shows_the_calls_placed_and_updates_live(
     assert shown["delivery-rate"] == rate(delivered + 1, placed + 1) == "66.7%", shown
     assert shown["carriers"]["Telkomsel"][0] == str(by_carrier["Telkomsel"][0] + 1), shown
     assert sum(shown["bars"]) == placed + 1, shown
+    assert shown["nodes"][0][2:] == ["0", "0", channels, str(placed + 1)], shown
     assert await in_browser(page.run, "return window.notReloaded === true;") is True
     assert await in_browser(page.errors) == []
 

@@ -175,6 +175,30 @@
     byId("instances").tBodies[0].replaceChildren(...(rows.length ? rows : [emptyRow(4, "No gateway has started")]));
   }
 
+  function renderNodes(nodes) {
+    const rows = nodes.map((node) => {
+      const up = node.connected;
+      const row = element("tr", { "data-node": node.name, "data-state": up ? "connected" : "down" });
+      const state = element("td", { "data-field": "state" });
+      const label = up ? "logged in" : `down for ${count.format(Math.round(node.down_seconds))} s`;
+      state.append(element("span", { class: up ? "tag good" : "tag bad" }, label));
+      row.append(
+        element("td", { "data-field": "name" }, node.name),
+        state,
+        element("td", { class: "num", "data-field": "calls-live" }, count.format(node.calls_live)),
+        element("td", { class: "num", "data-field": "ringing" }, count.format(node.calls_ringing)),
+        element(
+          "td",
+          { class: "num", "data-field": "channels" },
+          `${count.format(node.calls_live)} / ${count.format(node.max_concurrent)}`,
+        ),
+        element("td", { class: "num", "data-field": "calls-placed" }, count.format(node.calls_placed)),
+      );
+      return row;
+    });
+    byId("nodes").tBodies[0].replaceChildren(...(rows.length ? rows : [emptyRow(6, "No Asterisk node configured")]));
+  }
+
   function setAmi(state) {
     const pill = byId("ami-status");
     pill.dataset.state = state;
@@ -197,6 +221,7 @@
     renderChart(minutes);
     renderCarriers(data.window.by_carrier);
     renderCauses(data.window.by_cause, data.window.calls);
+    renderNodes(data.nodes);
     renderInstances(data.instances);
     document.body.classList.remove("stale");
     lastUpdated = new Date(data.generated_at);
