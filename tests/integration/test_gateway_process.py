@@ -117,9 +117,13 @@ async def test_run_serves_the_api_and_rings(process: Process, far_end: FarEnd) -
     lines = [json.loads(line) for line in process.log.read_text().splitlines()]
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     about_call = [line for line in lines if line.get("verification_id") == created["id"]]
-    assert len(about_call) == 1, about_call  # the call's end, with both ids
-    assert about_call[0]["message"].startswith(
-        f"call {about_call[0]['call_id']} (verification {created['id']}): delivered"
+    # Two lines carry both ids: the node it was placed on, and its end.
+    assert len(about_call) == 2, about_call
+    placed, ended = about_call
+    assert placed["message"] == f"call {placed['call_id']}: placed on node asterisk"
+    assert ended["call_id"] == placed["call_id"]
+    assert ended["message"].startswith(
+        f"call {ended['call_id']} (verification {created['id']}): delivered"
     )
     text = process.log.read_text()
     assert record.from_user not in text and process.key not in text
