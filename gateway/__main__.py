@@ -15,13 +15,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import uvloop
 
 from gateway import apikeys, config, logs
 from gateway.store import StoreUnavailable, open_store
+from gateway.store.records import CallStatus
+from gateway.times import timestamp
 
 DEFAULT_CONFIG = "config.yaml"
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -205,7 +206,7 @@ async def manage_keys(cfg: config.Config, args: argparse.Namespace) -> int:
                 state = "revoked" if record.revoked_at else "active"
                 networks = record.allowed_networks or "any address"
                 print(
-                    f"{record.id}\t{record.name}\t{_when(record.created_at)}\t{state}\t"
+                    f"{record.id}\t{record.name}\t{timestamp(record.created_at)}\t{state}\t"
                     f"{record.scope}\t{networks}"
                 )
             return 0
@@ -261,8 +262,8 @@ async def export_numbers(cfg: config.Config, health: str) -> int:
                         r.last_outcome,
                         r.last_cause,
                         r.last_sip_code,
-                        _iso(r.last_call_at),
-                        _iso(r.last_delivered_at),
+                        timestamp(r.last_call_at) or "",
+                        timestamp(r.last_delivered_at) or "",
                         r.calls,
                         r.delivered,
                     ]
@@ -308,9 +309,9 @@ def follow_call(args: argparse.Namespace) -> int:
                         facts.append(call["reason"])
                     detail = f": {call['outcome']} ({', '.join(facts)})"
                 print(f"{time.monotonic() - started:6.2f}s  {call['status']}{detail}")
-            if call["status"] in ("completed", "failed"):
+            if call["status"] in (CallStatus.COMPLETED, CallStatus.FAILED):
                 print(f"verification is {current['status']}")
-                return 0 if call["status"] == "completed" else 1
+                return 0 if call["status"] == CallStatus.COMPLETED else 1
             time.sleep(CALL_POLL_INTERVAL_S)
     except (urllib.error.URLError, OSError) as exc:
         print(f"cannot reach the gateway at {base}: {exc}", file=sys.stderr)
@@ -332,16 +333,6 @@ def _http(
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
-
-
-def _iso(at: float | None) -> str:
-    if at is None:
-        return ""
-    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _when(at: float) -> str:
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 if __name__ == "__main__":

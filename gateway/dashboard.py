@@ -19,6 +19,7 @@ from gateway.api.typedefs import DIALER, GATEWAY, NODES, NUMBERS, STORE
 from gateway.numbers import Numbers
 from gateway.outcomes import CAUSE_NAMES
 from gateway.store import InstanceRecord, Store
+from gateway.times import timestamp
 
 STATIC_DIR = Path(__file__).parent / "static" / "dashboard"
 
@@ -66,7 +67,7 @@ async def dashboard_data(store: Store, numbers: Numbers, live: Live, now: float)
     causes = await store.ended_by_cause(since, now)
     owned = await store.live_calls_by_owner()
     return {
-        "generated_at": views.timestamp(now),
+        "generated_at": timestamp(now),
         "pbx_connected": live.pbx_connected,
         "in_flight": live.in_flight,
         "queued": live.queued,
@@ -79,20 +80,20 @@ async def dashboard_data(store: Store, numbers: Numbers, live: Live, now: float)
                 "name": record.name,
                 "this": record.name == live.instance,
                 "state": _state(record, now),
-                "started_at": views.timestamp(record.started_at),
-                "lease_until": views.timestamp(record.lease_until),
+                "started_at": timestamp(record.started_at),
+                "lease_until": timestamp(record.lease_until),
                 "live_calls": owned.get(record.name, 0),
             }
             for record in await store.instances()
         ],
         "calls_per_minute": [
-            {"minute": views.timestamp(chart_since + i * MINUTE_S), "calls": calls}
+            {"minute": timestamp(chart_since + i * MINUTE_S), "calls": calls}
             for i, calls in enumerate(per_minute)
         ],
         "window": {
             "seconds": WINDOW_S,
-            "since": views.timestamp(since),
-            "until": views.timestamp(now),
+            "since": timestamp(since),
+            "until": timestamp(now),
             **stats,
             "by_cause": [
                 {

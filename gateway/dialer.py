@@ -23,7 +23,15 @@ from gateway.outcomes import (
     health_of,
 )
 from gateway.pbx import NORMAL_CLEARING, CallEvent, CallEventKind, Dial, PbxError, PbxNotLoggedIn
-from gateway.store import NOT_PENDING, TAKEN, CallEventRecord, Store
+from gateway.store import (
+    NOT_PENDING,
+    TAKEN,
+    CallEventRecord,
+    CallStatus,
+    Store,
+    VerificationStatus,
+)
+from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -198,12 +206,7 @@ class Dialer:
         for live in self._live.values():
             if live.timer is not None:
                 live.timer.cancel()
-        tasks = [*self._tasks, *self._work]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks, *self._work)
         self._tasks.clear()
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str = "dialer-event") -> None:
@@ -636,7 +639,7 @@ class Dialer:
                 live.progress = live.progress or kind is not RINGING
                 self._arm(live, at)
             if news and first:
-                await self._store.call_progress(call_id, "ringing", "ringing_at", at, kind)
+                await self._store.call_progress(call_id, CallStatus.RINGING, "ringing_at", at, kind)
                 if live.job.queued_at:
                     self._metrics.call_ringing(at - live.job.queued_at)
             else:
@@ -691,7 +694,7 @@ class Dialer:
             # Not this gateway's hangup: another's, that a cancel reached (any gateway
             # answers any request), or an operator's.
             found = await self._store.verification(live.job.verification_id)
-            live.canceled = found is not None and found[0].status == "canceled"
+            live.canceled = found is not None and found[0].status is VerificationStatus.CANCELED
         heard = Heard(
             rang=live.rang,
             progress=live.progress,
@@ -740,7 +743,7 @@ class Dialer:
         uncertain = outcome in UNCERTAIN_OUTCOMES
         await self._store.end_call(
             job.call_id,
-            call_status="completed" if delivered or uncertain else "failed",
+            call_status=CallStatus.COMPLETED if delivered or uncertain else CallStatus.FAILED,
             outcome=outcome,
             cause=cause,
             sip_code=sip_code,

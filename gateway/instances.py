@@ -13,7 +13,6 @@ dialed twice, even when a gateway that was cut off comes back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -21,7 +20,8 @@ from collections.abc import Callable
 
 from gateway.dialer import CallJob, Dialer
 from gateway.logs import call_ids
-from gateway.store import CallRecord, Store, VerificationRecord
+from gateway.store import CallRecord, CallStatus, Store, VerificationRecord
+from gateway.tasks import cancel_and_wait
 from gateway.verifications import Verifications
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,8 @@ class Membership:
 
     async def leave(self) -> None:
         """Stop renewing and end the lease: what this gateway still owns is anyone's."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self._store.end_lease(self.name, self.incarnation, self._clock())
 
     async def _keep(self) -> None:
@@ -142,7 +139,7 @@ class Membership:
             assert found is not None, "a call always has its verification"
             verification = found[0]
             ids = call_ids(verification.id, call.id)
-            if call.status != "queued":
+            if call.status is not CallStatus.QUEUED:
                 log.warning("call %s was %s; following it", call.id, call.status, extra=ids)
                 await self._follow(call, verification)
             elif await self._verifications.resume(verification, call):
@@ -150,7 +147,7 @@ class Membership:
             else:
                 await self._store.end_call(
                     call.id,
-                    call_status="failed",
+                    call_status=CallStatus.FAILED,
                     outcome="error",
                     cause=None,
                     sip_code=None,

@@ -8,14 +8,14 @@ the per-key budget are read when /metrics is scraped.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.outcomes import CANCELED, MAX_Q850_CAUSE, Outcome
-from gateway.store import VERIFICATION_STATUSES, Store
+from gateway.store import VERIFICATION_STATUSES, Store, VerificationStatus
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DAY = 86400.0
@@ -48,7 +48,7 @@ class _VerificationStatuses(Collector):
     """otp_verifications_total by status, from the store's own tally of the changes it
     committed (every status change happens in one store method or another)."""
 
-    def __init__(self, tally: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, tally: Callable[[], Mapping[VerificationStatus, int]]) -> None:
         self._tally = tally
 
     def collect(self) -> Iterable[Metric]:
@@ -169,7 +169,7 @@ class Metrics:
         self.queued.set_function(queued)
         self.in_flight.set_function(in_flight)
         self.ami_connected.set_function(lambda: float(connected()))
-        self.registry.register(_VerificationStatuses(lambda: dict(store.status_tally)))
+        self.registry.register(_VerificationStatuses(lambda: store.status_tally))
 
     def watch_node(self, name: str, up: Callable[[], bool], ringing: Callable[[], int]) -> None:
         """Read an Asterisk node's levels at each scrape."""

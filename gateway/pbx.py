@@ -9,7 +9,6 @@ re-sends unanswered actions after a reconnect (a second call for an Originate).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import random
@@ -25,6 +24,7 @@ from panoramisk.ami_protocol import AMIProtocol
 from panoramisk.message import Message
 
 from gateway.outcomes import MAX_Q850_CAUSE
+from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 # panoramisk logs every AMI message at debug level. Those carry caller IDs, and a
@@ -386,11 +386,8 @@ class AmiPbx:
 
     async def close(self) -> None:
         """Stop reconnecting and close the connection."""
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-            self._supervisor = None
+        await cancel_and_wait(self._supervisor)
+        self._supervisor = None
         self._drop_connection()
 
     async def originate(self, dial: Dial) -> None:

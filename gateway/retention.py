@@ -4,12 +4,12 @@ deleted database.retention_days after they were created, a few hundred at a time
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 
 from gateway.store import Store
+from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,8 @@ class Retention:
             self._task = asyncio.create_task(self._sweeps(), name="retention")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _sweeps(self) -> None:
         while True:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -14,7 +13,6 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -36,10 +34,12 @@ from gateway.errors import (
 )
 from gateway.logs import call_ids
 from gateway.numbers import DAY, invalid_refused_since
+from gateway.outcomes import Outcome
 from gateway.pbx import new_channel_id
 from gateway.pool import Cli, Pool, pool_for
 from gateway.store import (
     CallRecord,
+    CallStatus,
     CheckLimit,
     Idempotency,
     Inserted,
@@ -48,8 +48,11 @@ from gateway.store import (
     Replayed,
     Store,
     VerificationRecord,
+    VerificationStatus,
     WindowLimit,
 )
+from gateway.tasks import cancel_and_wait
+from gateway.times import timestamp
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +277,7 @@ class Verifications:
             region=phone.region,
             reference=request.reference,
             callback_url=request.callback_url,
-            status="pending",
+            status=VerificationStatus.PENDING,
             code_hash=self._code_hash(verification_id, code),
             pool=pool.name,
             cli_prefix=pool.shape.prefix,
@@ -292,7 +295,7 @@ class Verifications:
         call = CallRecord(
             id=call_id,
             verification_id=verification_id,
-            status="queued",
+            status=CallStatus.QUEUED,
             dial_number=dial_number,
             ring_seconds=ring_seconds,
             queued_at=now,
@@ -300,12 +303,16 @@ class Verifications:
         )
         if cli is None:  # sandbox: shown as delivered at once, never dialed
             call = replace(
-                call, status="completed", outcome="delivered", reason="sandbox", ended_at=now
+                call,
+                status=CallStatus.COMPLETED,
+                outcome=Outcome.DELIVERED,
+                reason="sandbox",
+                ended_at=now,
             )
         # Nothing waiting and room to dial now: stored as dialing, placed once stored.
         node = self._dialer.claim() if cli is not None else None
         if node is not None:
-            call = replace(call, status="dialing", dialed_at=now, node=node)
+            call = replace(call, status=CallStatus.DIALING, dialed_at=now, node=node)
         idempotency = None
         if idempotency_key is not None:
             assert render is not None, "an idempotent create needs its response rendered"
@@ -346,7 +353,7 @@ class Verifications:
                 if isinstance(result, KnownInvalid):
                     raise NumberKnownInvalid(
                         "the network reported this number as invalid; it is refused until "
-                        f"{_iso(result.last_call_at + refuse_days * DAY)} or until its health "
+                        f"{timestamp(result.last_call_at + refuse_days * DAY)} or until its health "
                         "is reset",
                         last_outcome=result.last_outcome,
                         last_cause=result.last_cause,
@@ -398,7 +405,11 @@ class Verifications:
         """
         pool = self._pools_by_name.get(verification.pool)
         now = self._clock()
-        if pool is None or verification.status != "pending" or verification.expires_at <= now:
+        if (
+            pool is None
+            or verification.status is not VerificationStatus.PENDING
+            or verification.expires_at <= now
+        ):
             return False
         cli = pool.draw()
         if not await self._store.replace_code(
@@ -473,7 +484,9 @@ class Verifications:
     ) -> tuple[VerificationRecord, CallRecord]:
         """Cancel a pending verification and hang up its call if it still rings."""
         verification, call = await self.get(api_key_id, verification_id)
-        if not await self._store.set_status(verification.id, "canceled", self._clock()):
+        if not await self._store.set_status(
+            verification.id, VerificationStatus.CANCELED, self._clock()
+        ):
             current, _ = await self.get(api_key_id, verification_id)
             raise VerificationNotPending(
                 f"verification is {current.status}", verification_status=current.status
@@ -483,7 +496,7 @@ class Verifications:
         return await self.get(api_key_id, verification_id)
 
     async def _check(self, verification: VerificationRecord, presented: _Presented) -> CheckResult:
-        if verification.status != "pending":
+        if verification.status is not VerificationStatus.PENDING:
             raise VerificationNotPending(
                 f"verification is {verification.status}", verification_status=verification.status
             )
@@ -558,7 +571,10 @@ class Verifications:
         self, found: tuple[VerificationRecord, CallRecord]
     ) -> tuple[VerificationRecord, CallRecord]:
         verification, _ = found
-        if verification.status == "pending" and verification.expires_at <= self._clock():
+        if (
+            verification.status is VerificationStatus.PENDING
+            and verification.expires_at <= self._clock()
+        ):
             await self._store.expire_due(self._clock())
             refreshed = await self._store.verification(verification.id)
             assert refreshed is not None
@@ -570,11 +586,8 @@ class Verifications:
         self._expiry_task = asyncio.create_task(self._expiry_loop(), name="expiry")
 
     async def stop(self) -> None:
-        if self._expiry_task is not None:
-            self._expiry_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry_task
-            self._expiry_task = None
+        await cancel_and_wait(self._expiry_task)
+        self._expiry_task = None
         # Creates whose requests gave up: stored and handed over before the dialer stops.
         if self._finishing:
             _, late = await asyncio.wait(list(self._finishing), timeout=STOP_WAIT_S)
@@ -600,10 +613,6 @@ class Verifications:
                 due = None
             wait = MAX_EXPIRY_SLEEP_S if due is None else due - self._clock()
             await asyncio.sleep(min(max(wait, 0.05), MAX_EXPIRY_SLEEP_S))
-
-
-def _iso(at: float) -> str:
-    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _log_unexpected(task: asyncio.Task[Any]) -> None:

@@ -27,6 +27,8 @@ from standardwebhooks import Webhook
 from gateway.config import WebhooksConfig
 from gateway.logs import call_ids
 from gateway.store import WebhookRecord
+from gateway.tasks import cancel_and_wait
+from gateway.times import timestamp
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +108,8 @@ class WebhookSender:
 
     async def stop(self) -> None:
         """Stop sending; deliveries in flight are dropped and go out again at the next start."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         deliveries = list(self._in_flight.values())
         for task in deliveries:
             task.cancel()
@@ -240,9 +239,7 @@ class WebhookSender:
         return {
             "id": row.id,
             "type": row.type,
-            "created_at": datetime.fromtimestamp(row.created_at, UTC)
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
+            "created_at": timestamp(row.created_at),
             "data": await self._render(row.verification_id),
         }
 

@@ -30,6 +30,7 @@ from gateway.config import MAX_RING_SECONDS
 from gateway.errors import InsufficientScope, InvalidRequest, Unauthorized
 from gateway.numbers import DEFAULT_PAGE, MAX_LOOKUP
 from gateway.store import CallRecord, VerificationRecord
+from gateway.times import timestamp
 from gateway.verifications import (
     MAX_CALLBACK_URL_LENGTH,
     MAX_REFERENCE_LENGTH,
@@ -234,9 +235,7 @@ async def stats(request: web.Request) -> web.Response:
     require_admin(request)
     since, until = _window(request)
     body = await request.app[NUMBERS].stats(since, until)
-    return web.json_response(
-        {"since": views.timestamp(since), "until": views.timestamp(until), **body}
-    )
+    return web.json_response({"since": timestamp(since), "until": timestamp(until), **body})
 
 
 def _region(request: web.Request, region: str | None) -> str:

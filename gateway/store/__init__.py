@@ -20,6 +20,7 @@ from gateway.store.records import (
     ApiKeyRecord,
     CallEventRecord,
     CallRecord,
+    CallStatus,
     CheckLimit,
     Idempotency,
     Inserted,
@@ -30,7 +31,9 @@ from gateway.store.records import (
     Replayed,
     StoreUnavailable,
     VerificationRecord,
+    VerificationStatus,
     WebhookRecord,
+    WebhookStatus,
     WindowLimit,
 )
 from gateway.store.sql import CLAIMED, NOT_PENDING, TAKEN
@@ -46,6 +49,7 @@ __all__ = [
     "ApiKeyRecord",
     "CallEventRecord",
     "CallRecord",
+    "CallStatus",
     "CheckLimit",
     "Idempotency",
     "Inserted",
@@ -57,7 +61,9 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "VerificationRecord",
+    "VerificationStatus",
     "WebhookRecord",
+    "WebhookStatus",
     "WindowLimit",
     "open_store",
     "sqlite_path",
@@ -71,7 +77,7 @@ class Store(Protocol):
     """What the domain asks of its state. Each method is one transaction."""
 
     # Verifications that reached each status through this store (/metrics).
-    status_tally: collections.Counter[str]
+    status_tally: collections.Counter[VerificationStatus]
 
     async def close(self) -> None: ...
     async def ping(self) -> None: ...
@@ -115,20 +121,22 @@ class Store(Protocol):
     async def reset_check_failures(self, phone: str) -> int: ...
     async def calls_by_key(self, since: float) -> dict[str, int]: ...
     async def replace_code(self, verification_id: str, code_hash: str, at: float) -> bool: ...
-    async def set_status(self, verification_id: str, status: str, at: float) -> bool: ...
+    async def set_status(
+        self, verification_id: str, status: VerificationStatus, at: float
+    ) -> bool: ...
     async def expire_due(self, now: float) -> list[str]: ...
     async def next_expiry(self) -> float | None: ...
 
     # calls
     async def call_progress(
-        self, call_id: str, status: str, column: str, at: float, event: str
+        self, call_id: str, status: CallStatus, column: str, at: float, event: str
     ) -> None: ...
     async def add_call_event(self, event: CallEventRecord) -> None: ...
     async def end_call(
         self,
         call_id: str,
         *,
-        call_status: str,
+        call_status: CallStatus,
         outcome: str,
         cause: int | None,
         sip_code: int | None,

@@ -3,10 +3,41 @@ domain and shared by every backend."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Literal
 
-LIVE_CALL_STATUSES = ("queued", "dialing", "ringing")
+
+class VerificationStatus(enum.StrEnum):
+    """Where a verification stands: pending until one of the five ends."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+    FAILED = "failed"
+    MAX_ATTEMPTS_REACHED = "max_attempts_reached"
+
+
+class CallStatus(enum.StrEnum):
+    """Where a call stands: live while queued, dialing or ringing."""
+
+    QUEUED = "queued"
+    DIALING = "dialing"
+    RINGING = "ringing"
+    COMPLETED = "completed"  # it ended delivered, answered or uncertain
+    FAILED = "failed"
+
+
+class WebhookStatus(enum.StrEnum):
+    """Where a webhook's delivery stands."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # given up after its last attempt
+
+
+LIVE_CALL_STATUSES = (CallStatus.QUEUED, CallStatus.DIALING, CallStatus.RINGING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,22 +56,13 @@ class WebhookRecord:
     given_up_at: float | None
 
 
-VERIFICATION_STATUSES = (
-    "pending",
-    "approved",
-    "canceled",
-    "expired",
-    "failed",
-    "max_attempts_reached",
-)
+VERIFICATION_STATUSES = tuple(VerificationStatus)
 
 # The verification status each event reports, for the statements that change it.
 STATUS_EVENTS = {
-    "approved": "verification.approved",
-    "max_attempts_reached": "verification.max_attempts_reached",
-    "canceled": "verification.canceled",
-    "expired": "verification.expired",
-    "failed": "verification.failed",
+    status: f"verification.{status}"
+    for status in VerificationStatus
+    if status is not VerificationStatus.PENDING
 }
 
 
@@ -133,7 +155,7 @@ class VerificationRecord:
     region: str
     reference: str | None
     callback_url: str | None
-    status: str
+    status: VerificationStatus
     code_hash: str
     pool: str
     cli_prefix: str
@@ -147,6 +169,10 @@ class VerificationRecord:
     phone_prefix: str | None = None
     failed_checks: int = 0
     sandbox: bool = False
+
+    def __post_init__(self) -> None:
+        # A row's status is text; the record's is the enum.
+        object.__setattr__(self, "status", VerificationStatus(self.status))
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +193,7 @@ class NumberHealthRecord:
 class CallRecord:
     id: str
     verification_id: str
-    status: str
+    status: CallStatus
     dial_number: str
     ring_seconds: float
     outcome: str | None = None
@@ -180,6 +206,9 @@ class CallRecord:
     ended_at: float | None = None
     owner: str | None = None  # the instance that places and follows it (instance.name)
     node: str | None = None  # the Asterisk node it is placed on
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", CallStatus(self.status))
 
 
 @dataclass(frozen=True, slots=True)

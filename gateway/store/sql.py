@@ -10,6 +10,10 @@ Writes that must see every other writer's last commit before deciding (the limit
 Idempotency-Key, the numbering of verifications) take `Tx.lock` first: SQLite has one
 writer at a time anyway; PostgreSQL takes a transaction-scoped advisory lock, so two
 gateways on one database decide one after the other, exactly as one would.
+
+Statuses are SQL literals here ('pending'), the same words as the enums of
+gateway.store.records: a partial index (`WHERE status = 'pending'`) serves only a
+statement that names its literal, never a placeholder.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from gateway.store.records import (
     ApiKeyRecord,
     CallEventRecord,
     CallRecord,
+    CallStatus,
     CheckLimit,
     Idempotency,
     Inserted,
@@ -40,6 +45,7 @@ from gateway.store.records import (
     NumberHealthRecord,
     Replayed,
     VerificationRecord,
+    VerificationStatus,
     WebhookRecord,
     WindowLimit,
 )
@@ -263,7 +269,7 @@ class SqlStore(abc.ABC):
         self._keys: dict[str, tuple[float, ApiKeyRecord | None]] = {}  # by key hash
         # Verifications that reached each status through this store, counted after the
         # commit: /metrics reports them.
-        self.status_tally: collections.Counter[str] = collections.Counter()
+        self.status_tally: collections.Counter[VerificationStatus] = collections.Counter()
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -405,7 +411,9 @@ class SqlStore(abc.ABC):
                     "UPDATE verifications SET status = 'canceled', updated_at = ? WHERE id = ?",
                     (verification.created_at, vid),
                 )
-                await _enqueue(tx, vid, STATUS_EVENTS["canceled"], verification.created_at)
+                await _enqueue(
+                    tx, vid, STATUS_EVENTS[VerificationStatus.CANCELED], verification.created_at
+                )
             await tx.execute(
                 f"INSERT INTO verifications ({_V_COLS}, global_seq, prefix_seq) "
                 f"VALUES ({_placeholders(VerificationRecord)}, ?, ?)",
@@ -415,7 +423,7 @@ class SqlStore(abc.ABC):
                 f"INSERT INTO calls ({_C_COLS}) VALUES ({_placeholders(CallRecord)})",
                 _values(call),
             )
-            if call.status == "dialing":  # placed as soon as stored (Dialer.claim)
+            if call.status is CallStatus.DIALING:  # placed as soon as stored (Dialer.claim)
                 await _add_event(tx, call.id, call.dialed_at, "dialing")
             if verification.sandbox:  # its call is delivered as it is stored
                 await _enqueue(tx, verification.id, "verification.delivered", call.queued_at)
@@ -441,8 +449,8 @@ class SqlStore(abc.ABC):
 
         result = await self._write(create, quick=True)
         if isinstance(result, Inserted):
-            self.status_tally["pending"] += 1
-            self.status_tally["canceled"] += len(result.superseded)
+            self.status_tally[VerificationStatus.PENDING] += 1
+            self.status_tally[VerificationStatus.CANCELED] += len(result.superseded)
         return result
 
     async def idempotent_response(self, api_key_id: str, key: str, since: float) -> Replayed | None:
@@ -594,7 +602,10 @@ class SqlStore(abc.ABC):
             return record
 
         record = await self._write(spend, quick=True)
-        if isinstance(record, VerificationRecord) and record.status != "pending":
+        if (
+            isinstance(record, VerificationRecord)
+            and record.status is not VerificationStatus.PENDING
+        ):
             self.status_tally[record.status] += 1
         return record
 
@@ -629,7 +640,7 @@ class SqlStore(abc.ABC):
         )
         return changed == 1
 
-    async def set_status(self, verification_id: str, status: str, at: float) -> bool:
+    async def set_status(self, verification_id: str, status: VerificationStatus, at: float) -> bool:
         """Move a pending verification to `status`; False when it was not pending."""
 
         async def update(tx: Tx) -> bool:
@@ -663,11 +674,11 @@ class SqlStore(abc.ABC):
                 )
             ]
             for verification_id in expired:
-                await _enqueue(tx, verification_id, STATUS_EVENTS["expired"], now)
+                await _enqueue(tx, verification_id, STATUS_EVENTS[VerificationStatus.EXPIRED], now)
             return expired
 
         expired = await self._write(expire)
-        self.status_tally["expired"] += len(expired)
+        self.status_tally[VerificationStatus.EXPIRED] += len(expired)
         return expired
 
     async def next_expiry(self) -> float | None:
@@ -679,7 +690,7 @@ class SqlStore(abc.ABC):
     # -- calls -----------------------------------------------------------------
 
     async def call_progress(
-        self, call_id: str, status: str, column: str, at: float, event: str
+        self, call_id: str, status: CallStatus, column: str, at: float, event: str
     ) -> None:
         """A live call reached `status` (dialing or ringing) at `at`, seen as `event`."""
         if column not in ("dialed_at", "ringing_at"):
@@ -694,7 +705,7 @@ class SqlStore(abc.ABC):
             await _add_event(tx, call_id, at, event)
 
         # Dialing is written before the Originate, which waits for it; ringing is news.
-        await self._write(progress, lazy=status == "ringing", quick=True)
+        await self._write(progress, lazy=status is CallStatus.RINGING, quick=True)
 
     async def add_call_event(self, event: CallEventRecord) -> None:
         await self._write(lambda tx: _add_event(tx, *_values(event)))
@@ -703,7 +714,7 @@ class SqlStore(abc.ABC):
         self,
         call_id: str,
         *,
-        call_status: str,
+        call_status: CallStatus,
         outcome: str,
         cause: int | None,
         sip_code: int | None,
@@ -744,7 +755,7 @@ class SqlStore(abc.ABC):
                     == 1
                 )
                 if failed:
-                    await _enqueue(tx, row[0], STATUS_EVENTS["failed"], at)
+                    await _enqueue(tx, row[0], STATUS_EVENTS[VerificationStatus.FAILED], at)
             elif delivered:
                 await _enqueue(tx, row[0], "verification.delivered", at)
             elif uncertain and await tx.fetchone(
@@ -791,7 +802,7 @@ class SqlStore(abc.ABC):
             return failed
 
         if await self._write(end, lazy=True, quick=True):
-            self.status_tally["failed"] += 1
+            self.status_tally[VerificationStatus.FAILED] += 1
 
     async def claim_call(self, call_id: str, owner: str, at: float, node: str | None = None) -> str:
         """Mark a queued call of `owner` (or of nobody) dialing on `node`, before its Originate,

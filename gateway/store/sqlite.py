@@ -28,6 +28,7 @@ import aiosqlite
 
 from gateway.store import schema
 from gateway.store.sql import SQLITE, Operation, Row, SqlStore, Tx
+from gateway.tasks import cancel_and_wait
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -280,10 +281,7 @@ class SqliteStore(SqlStore):
 
     async def close(self) -> None:
         """Close the connection, once the work already queued is done."""
-        if self._checkpointer is not None:
-            self._checkpointer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checkpointer
+        await cancel_and_wait(self._checkpointer)
         if self._drainer is not None:
             await asyncio.shield(self._drainer)
         await asyncio.get_running_loop().run_in_executor(self._thread, self._db.close)
