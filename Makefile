@@ -9,12 +9,13 @@ PBX := asterisk-config/dev/pbx.sh
 FAREND := $(PYTHON) tests/farend.py
 PG := $(PYTHON) tests/pg.py
 
-.PHONY: help deps venv pbx-up pbx-down farend-up farend-down pg-up pg-down cluster-up cluster-down test unit lint run bench clean
+.PHONY: help deps venv pbx-up pbx-down farend-up farend-down pg-up pg-down cluster-up cluster-down test unit lint docs run bench clean
 
 help:
 	@echo "make run      the gateway with the dev PBX and the far-end simulators"
 	@echo "make test     set everything up and run the whole suite"
-	@echo "make lint     ruff, mypy and hadolint"
+	@echo "make lint     ruff, mypy, hadolint and the docs' link check"
+	@echo "make docs     the documentation (docs/, mkdocs.yml) into .cache/site/"
 	@echo "make bench    speed and memory against a raw panoramisk baseline (var/bench/)"
 	@echo "make pbx-up | pbx-down | farend-up | farend-down | pg-up | pg-down"
 	@echo "make cluster-up | cluster-down   PostgreSQL, Asterisk nodes a and b, the far ends"
@@ -23,10 +24,12 @@ help:
 # chromium and its driver run the dashboard test headless, postgresql is the
 # server tests/pg.py runs. The createcluster.d drop-in (read by postgresql-common)
 # keeps the package from creating and starting its own cluster on 5432.
-SYSTEM_PACKAGES := debootstrap sip-tester chromium chromium-driver postgresql
+# nodejs and npm install the OpenAPI linters (openapi-tools).
+SYSTEM_PACKAGES := debootstrap sip-tester chromium chromium-driver postgresql nodejs npm
 deps:
 	@if ! command -v debootstrap >/dev/null || ! command -v sipp >/dev/null \
 		|| ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null \
+		|| ! command -v npm >/dev/null \
 		|| ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		[ "$$(id -u)" -eq 0 ] || { echo "deps: run as root to apt-get install $(SYSTEM_PACKAGES)"; exit 1; }; \
 		mkdir -p /etc/postgresql-common/createcluster.d \
@@ -34,10 +37,27 @@ deps:
 		&& apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); \
 	fi
 
+# The pinned OpenAPI linters tests/test_openapi_clients.py runs on /openapi.json;
+# installed once into .cache/openapi-tools, again only when a pin changes.
+OPENAPI_TOOLS := .cache/openapi-tools/node_modules
+REDOCLY_CLI := 2.77.0
+SPECTRAL_CLI := 6.16.3
+.PHONY: openapi-tools
+openapi-tools: deps
+	@if [ -x $(OPENAPI_TOOLS)/.bin/redocly ] && [ -x $(OPENAPI_TOOLS)/.bin/spectral ] \
+		&& [ "$$(node -p 'require("./$(OPENAPI_TOOLS)/@redocly/cli/package.json").version' 2>/dev/null)" = $(REDOCLY_CLI) ] \
+		&& [ "$$(node -p 'require("./$(OPENAPI_TOOLS)/@stoplight/spectral-cli/package.json").version' 2>/dev/null)" = $(SPECTRAL_CLI) ]; \
+	then :; else \
+		npm install --no-audit --no-fund --prefix .cache/openapi-tools \
+			@redocly/cli@$(REDOCLY_CLI) @stoplight/spectral-cli@$(SPECTRAL_CLI); \
+	fi
+# `make test` runs those tests (this adds to the test target's prerequisites below).
+test: openapi-tools
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,lint,bench]'
+	$(BIN)/pip install -q -e '.[test,lint,bench,docs]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -88,6 +108,11 @@ lint: venv
 	$(BIN)/ruff format --check gateway tests bench
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile asterisk-config/docker/Dockerfile
+	$(BIN)/mkdocs build --strict
+
+# mkdocs.yml makes a broken link between pages, or to an anchor, a warning; --strict fails.
+docs: venv
+	$(BIN)/mkdocs build --strict
 
 # The gateway on the dev PBX and the far end, with a dev config and API key (var/).
 run: deps venv pbx-up farend-up

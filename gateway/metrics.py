@@ -82,7 +82,10 @@ class Metrics:
             registry=r,
         )
         self.calls = Counter(
-            "otp_calls", "Calls ended, by outcome (README: call outcomes)", ["outcome"], registry=r
+            "otp_calls",
+            "Calls ended, by outcome (docs/api/concepts.md#call-outcomes-and-number-health)",
+            ["outcome"],
+            registry=r,
         )
         self.trunk_rejections = Counter(
             "otp_trunk_rejections",

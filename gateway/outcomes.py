@@ -1,6 +1,6 @@
 """A call's outcome from what the PBX reported: alerted or not, answered or not, the cause.
 
-The table is README.md "Call outcomes and number health". Classify by the Hangup cause
+The table is docs/api/concepts.md#call-outcomes-and-number-health. Classify by the Hangup cause
 and the SIP code, never by the OriginateResponse Reason (0 for every rejection, measured
 on Asterisk 22). Real networks do not say what they mean in one place:
 - only a 180 says the handset alerted; a 183 is early media, which may be a ringback

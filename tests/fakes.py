@@ -79,7 +79,7 @@ def rejected(cause: int, sip_code: int | None) -> tuple[Step, ...]:
     return (Step(REPLY_S, HANGUP, cause, sip_code),)
 
 
-# Last digit -> (Q.850 cause, SIP code), as measured on the dev PBX (DESIGN.md section 5).
+# Last digit -> (Q.850 cause, SIP code), as measured on the dev PBX (tests/sipp/README.md).
 REJECTIONS = {
     "3": (17, 486),
     "4": (1, 404),

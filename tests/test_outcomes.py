@@ -1,4 +1,5 @@
-"""Call outcomes: DESIGN.md section 4, what the PBX saw to an outcome and a number health."""
+"""Call outcomes (docs/api/concepts.md#call-outcomes-and-number-health): what the PBX
+saw, to an outcome and a number health."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def test_classify_follows_the_outcome_table(
     assert classify(Heard(rang=rang, answered=answered, cause=cause)) is expected
 
 
-# A 183 (early media) and what followed it -> outcome (README: honest outcomes).
+# A 183 (early media) and what followed it -> outcome (the same table).
 EARLY_MEDIA: list[tuple[Heard, Outcome]] = [
     # The gateway's ring timer ended a call that only ever sent 183: not certain.
     (Heard(progress=True, cause=NORMAL_CLEARING, timed_out=True), Outcome.PROGRESS_ONLY),

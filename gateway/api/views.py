@@ -22,8 +22,8 @@ def verification(
     events: list[CallEventRecord] | None = None,
     webhooks: list[WebhookRecord] | None = None,
 ) -> dict[str, Any]:
-    """The verification object of DESIGN.md section 2, with the call's event timeline
-    and the delivery state of its webhooks."""
+    """The verification object (docs/api/concepts.md#the-verification-object), with
+    the call's event timeline and the delivery state of its webhooks."""
     return {
         "id": v.id,
         "status": v.status,
