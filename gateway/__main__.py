@@ -137,7 +137,7 @@ async def serve(cfg: config.Config) -> None:
     # Only `run` needs the app.
     from gateway import listener
     from gateway.api.typedefs import DIALER, MEMBERSHIP
-    from gateway.app import create_app, create_operator_app
+    from gateway.app import create_app, create_operator_app, drain_seconds
 
     http = cfg.http
     listener.ensure_open_files(
@@ -171,10 +171,9 @@ async def serve(cfg: config.Config) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         logging.info("stopping: new requests get 503 while ringing calls finish")
-        dialer = app[DIALER]
-        # Calls not yet dialed go to the other gateways sharing the database at once.
-        await app[MEMBERSHIP].hand_over()
-        await dialer.drain(dialer.cap_seconds(cfg.calls.max_ring_seconds) + config.SHUTDOWN_GRACE_S)
+        # Calls not yet dialed go to the other gateways sharing the database at once;
+        # the app's cleanup below finds the drain done and stops the rest.
+        await app[MEMBERSHIP].drain(drain_seconds(cfg, app[DIALER]))
     finally:
         for server in servers:
             server.close()  # stop accepting; the runners close the connections

@@ -8,11 +8,11 @@ from typing import Any
 
 from aiohttp import web, web_response
 
-from gateway import dashboard
 from gateway.api import operator, views
 from gateway.api.bodies import MAX_BODY_BYTES
-from gateway.api.handlers import auth_middleware, routes
-from gateway.api.problems import (
+from gateway.api.handlers import routes
+from gateway.api.middlewares import (
+    auth_middleware,
     draining_middleware,
     metrics_middleware,
     problems_middleware,
@@ -40,7 +40,7 @@ from gateway.numbers import Numbers
 from gateway.pbx import AmiPbx, AmiSettings, Pbx
 from gateway.pool import Pool
 from gateway.retention import Retention
-from gateway.store import open_store
+from gateway.store import Snapshot, WebhookRecord, open_store
 from gateway.verifications import Verifications
 from gateway.webhooks import WebhookSender
 
@@ -88,7 +88,6 @@ def create_operator_app(gateway: web.Application) -> web.Application:
     app = web.Application(middlewares=[problems_middleware])
     app[GATEWAY] = gateway
     app.add_routes(operator.routes)
-    app.add_routes(dashboard.routes)
     return app
 
 
@@ -172,18 +171,24 @@ async def _calls_ctx(app: web.Application) -> AsyncIterator[None]:
     # Shutdown: the listener is already closed. Calls still queued go to the other
     # gateways sharing the database (or to the next start); calls ringing now are let
     # finish (bounded by the longest ring), then the lease ends.
-    await membership.hand_over()
-    await dialer.drain(dialer.cap_seconds(config.calls.max_ring_seconds) + SHUTDOWN_GRACE_S)
-    await verifications.stop()
-    await dialer.stop()
-    await membership.leave()
+    await membership.close(drain_seconds(config, dialer))
+
+
+def drain_seconds(config: Config, dialer: Dialer) -> float:
+    """How long shutdown lets the calls ringing end: the longest a call can last."""
+    return dialer.cap_seconds(config.calls.max_ring_seconds) + SHUTDOWN_GRACE_S
 
 
 async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
 
-    async def render(verification_id: str) -> dict[str, Any]:
-        found = await store.verification(verification_id)
+    async def render(event: WebhookRecord) -> dict[str, Any]:
+        """The verification as it was when the event happened."""
+        if event.snapshot is not None:
+            then = Snapshot.decode(event.snapshot)
+            return views.verification(then.verification, then.call, then.events)
+        # A row from before snapshots were kept: as it is now, the best left to say.
+        found = await store.verification(event.verification_id)
         assert found is not None, "an outbox row always has its verification"
         return views.verification(*found, await store.call_events(found[1].id))
 

@@ -1,27 +1,15 @@
-"""The live dashboard: a static page at /dashboard that polls /dashboard/data.
-
-Like /metrics it needs no API key and is served on the operator's listener only
-(http.operator_port); its JSON holds counts alone: never a phone number, a code or a
-caller ID.
-"""
+"""The live dashboard's figures (served by gateway.api.operator at /dashboard/data):
+counts alone, never a phone number, a code or a caller ID."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
-from gateway.api import views
-from gateway.api.typedefs import DIALER, GATEWAY, NODES, NUMBERS, STORE
 from gateway.numbers import Numbers
 from gateway.outcomes import CAUSE_NAMES
 from gateway.store import InstanceRecord, Store
 from gateway.times import timestamp
-
-STATIC_DIR = Path(__file__).parent / "static" / "dashboard"
 
 MINUTE_S = 60
 # One bar per clock minute, the current (partial) minute last.
@@ -29,19 +17,6 @@ CHART_MINUTES = 60
 # Delivery and outcomes: an hour is enough calls to mean something at low volume,
 # and short enough that a trunk going bad shows within minutes.
 WINDOW_S = 3600
-
-# The page loads only its own files and talks only to its own origin.
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
-    "frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",
-}
-
-
-routes = web.RouteTableDef()
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,28 +89,3 @@ def _state(record: InstanceRecord, now: float) -> str:
     if record.lease_until > now:
         return "running"
     return "stopped" if record.stopped_at is not None else "lost"
-
-
-@routes.get("/dashboard")
-async def dashboard_page(request: web.Request) -> web.FileResponse:
-    """The page; its script polls /dashboard/data."""
-    return web.FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
-
-
-@routes.get("/dashboard/data")
-async def dashboard_figures(request: web.Request) -> web.Response:
-    """The dashboard's figures: counts only, so it may go without an API key."""
-    app = request.app[GATEWAY]  # the API app, whose resources these are
-    dialer, pbx_nodes = app[DIALER], app[NODES]
-    live = Live(
-        pbx_nodes.connected,
-        dialer.in_flight,
-        dialer.queued,
-        dialer.owner,
-        [views.node(node, *dialer.on_node(node)) for node in pbx_nodes.all],
-    )
-    body = await dashboard_data(app[STORE], app[NUMBERS], live, time.time())
-    return web.json_response(body, headers={"Cache-Control": "no-store"})
-
-
-routes.static("/dashboard/assets", STATIC_DIR / "assets")

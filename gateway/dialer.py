@@ -126,6 +126,47 @@ class _NoMetrics:
         pass
 
 
+class Reservation:
+    """A call's place in the dialer, held while its create is stored.
+
+    Used as a context manager: `place` hands the stored call over (on the node held, or
+    to the queue when none was free); leaving the block without placing, on an error
+    or a refusal, gives the place back."""
+
+    def __init__(self, dialer: Dialer, node: Node | None, at: float) -> None:
+        self._dialer = dialer
+        self._node = node
+        self._at = at
+        self._settled = False
+
+    @property
+    def node(self) -> str | None:
+        """The node the call is stored dialing on; None: it is stored queued."""
+        return self._node.name if self._node is not None else None
+
+    def place(self, job: CallJob) -> None:
+        """Hand the stored call over: placed now on the node held, or queued."""
+        assert not self._settled, "a reservation is placed or given back once"
+        self._settled = True
+        if self._node is None:
+            self._dialer.submit(job)
+        else:
+            self._dialer._settle(self._node, job, self._at)
+
+    def give_back(self) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        if self._node is not None:
+            self._dialer._settle(self._node, None, self._at)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.give_back()
+
+
 class Dialer:
     """Places queued calls through the PBX and writes each call's fate to the store."""
 
@@ -160,8 +201,10 @@ class Dialer:
         self._waiting: set[str] = set()  # queued, or taken off the queue and not yet placed
         self._placing: set[str] = set()  # off the queue, its dialing not yet written
         self._canceled: set[str] = set()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._work: set[asyncio.Task[None]] = set()  # calls being placed, events handled
+        self._tasks: list[asyncio.Task[None]] = []  # the loops
+        self._dial_task: asyncio.Task[None] | None = None  # the loop that takes the queue
+        self._placing_tasks: set[asyncio.Task[None]] = set()  # calls being placed
+        self._event_tasks: set[asyncio.Task[None]] = set()  # events, timers, hangups
 
     @property
     def queued(self) -> int:
@@ -194,8 +237,9 @@ class Dialer:
 
     def start(self) -> None:
         """Start placing calls and following their events."""
-        for name, loop in (("dial", self._dial_loop), ("sweep", self._sweep_loop)):
-            self._tasks.append(asyncio.create_task(loop(), name=f"dialer-{name}"))
+        self._dial_task = asyncio.create_task(self._dial_loop(), name="dialer-dial")
+        self._tasks.append(self._dial_task)
+        self._tasks.append(asyncio.create_task(self._sweep_loop(), name="dialer-sweep"))
         for node in self.nodes.all:
             self._tasks.append(
                 asyncio.create_task(self._event_loop(node), name=f"dialer-events-{node.name}")
@@ -206,16 +250,20 @@ class Dialer:
         for live in self._live.values():
             if live.timer is not None:
                 live.timer.cancel()
-        await cancel_and_wait(*self._tasks, *self._work)
+        await cancel_and_wait(*self._tasks, *self._placing_tasks, *self._event_tasks)
         self._tasks.clear()
 
-    def _spawn(self, work: Coroutine[Any, Any, None], name: str = "dialer-event") -> None:
-        """Run `work` beside the loops. Tasks start in the order they are made, and each
-        asks the store for its writes before it first waits: the store runs them in
-        that order, so the events of one call are written in the order they came."""
-        task = asyncio.create_task(work, name=name)
-        self._work.add(task)
-        task.add_done_callback(self._work.discard)
+    def _spawn(
+        self, work: Coroutine[Any, Any, None], into: set[asyncio.Task[None]] | None = None
+    ) -> None:
+        """Run `work` beside the loops, kept in `into` (default: the event tasks) until
+        it ends. Tasks start in the order they are made, and each asks the store for its
+        writes before it first waits: the store runs them in that order, so the events
+        of one call are written in the order they came."""
+        tasks = self._event_tasks if into is None else into
+        task = asyncio.create_task(work)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def adopt(
         self,
@@ -257,7 +305,7 @@ class Dialer:
         if node.pbx.connected:
             # Adopted from a gateway that died: its Hangup may have come before this
             # one followed the call. (At start, the first login reconciles instead.)
-            self._spawn(self._reconcile_one(job.call_id, live), name="dialer-event")
+            self._spawn(self._reconcile_one(job.call_id, live))
 
     def cap_seconds(self, ring_seconds: float) -> float:
         """The longest a call may last: post-dial delay, then the ring time."""
@@ -288,7 +336,7 @@ class Dialer:
         if self._live.get(live.job.call_id) is not live or live.canceled:
             return
         live.timed_out = True
-        self._spawn(self._hang_up(live), name="dialer-timer")
+        self._spawn(self._hang_up(live))
 
     async def _hang_up(self, live: _LiveCall) -> None:
         job = live.job
@@ -311,27 +359,24 @@ class Dialer:
         Calls still queued stay queued in the store: the next start resumes them.
         """
         self._draining = True
-        for task in self._tasks:
-            if task.get_name() == "dialer-dial":
-                task.cancel()
+        if self._dial_task is not None:
+            self._dial_task.cancel()
         # A create that claimed a place before draining began is still being stored;
         # once stored it is placed, and followed below like the others.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._claims_settled.wait(), timeout)
         # Calls already being placed finish placing (their dialing commit is written):
         # stopped halfway, they would be closed as lost at the next start.
-        placing = [t for t in self._work if t.get_name() == "dialer-place"]
-        if placing:
-            await asyncio.wait(placing, timeout=timeout)
+        if self._placing_tasks:
+            await asyncio.wait(self._placing_tasks, timeout=timeout)
         if self._live:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout)
         # A call that has just ended may still be writing its outcome (a lazy write),
         # logging it and telling its webhook: that finishes too.
-        ending = [t for t in self._work if t.get_name() == "dialer-event"]
-        if ending:
-            await asyncio.wait(ending, timeout=timeout)
+        if self._event_tasks:
+            await asyncio.wait(self._event_tasks, timeout=timeout)
         if self._live:
             log.warning(
                 "shutdown: %d calls still live; their outcomes are left to the next start",
@@ -343,41 +388,32 @@ class Dialer:
         """True once shutdown has begun."""
         return self._draining
 
-    def claim(self) -> str | None:
-        """Reserve a call's place on a node now if nothing is waiting and a node's
-        channels and pacing allow; the node's name.
+    def reserve(self, at: float) -> Reservation:
+        """A place for one call, held while its create is stored (see Reservation).
 
-        A claimed call is stored already dialing on that node (its dialing written in
-        the same commit as its creation: one commit less on the way to the phone),
-        then handed to `place_claimed`; `unclaim` gives the place back if it is not
-        stored. None: `submit` it to the queue.
+        When nothing is waiting and a node's channels and pacing allow, the place is on
+        that node now: the call is stored already dialing there (its dialing written in
+        the same commit as its creation: one commit less on the way to the phone).
+        Otherwise the reservation holds no node and the call goes to the queue.
         """
-        if not self._tasks or self._draining or self._waiting:
-            return None
-        node = self.nodes.take_now()
-        if node is None:
-            return None
-        self._claims += 1
-        self._claims_settled.clear()
-        return node.name
+        node = None
+        if self._tasks and not self._draining and not self._waiting:
+            node = self.nodes.take_now()
+        if node is not None:
+            self._claims += 1
+            self._claims_settled.clear()
+        return Reservation(self, node, at)
 
-    def unclaim(self, node_name: str) -> None:
-        node = self.nodes.get(node_name)
-        assert node is not None, "a claim names a node of this dialer"
-        self.nodes.give_back(node)
-        self._claim_settled()
-
-    def _claim_settled(self) -> None:
+    def _settle(self, node: Node, job: CallJob | None, at: float) -> None:
+        """A reservation on `node` ends: its call placed there (stored dialing at `at`),
+        or (no job) its place given back."""
+        if job is None:
+            self.nodes.give_back(node)
+        else:
+            self._spawn(self._place_or_abandon(job, node, at), self._placing_tasks)
         self._claims -= 1
         if not self._claims:
             self._claims_settled.set()
-
-    def place_claimed(self, job: CallJob, dialed_at: float, node_name: str) -> None:
-        """Place a claimed call, stored as dialing on `node_name` at `dialed_at`."""
-        node = self.nodes.get(node_name)
-        assert node is not None, "a claim names a node of this dialer"
-        self._spawn(self._place_or_abandon(job, node, dialed_at), name="dialer-place")
-        self._claim_settled()
 
     def submit(self, job: CallJob) -> None:
         """Queue a call; it is placed as pacing allows."""
@@ -444,7 +480,7 @@ class Dialer:
             self._placing.add(job.call_id)  # a cancel still keeps it from the PBX
             # Placing waits for a commit and for AMI's answer: calls overlap in that
             # time (placed one by one, that time capped the rate: make bench).
-            self._spawn(self._place_or_abandon(job, node), name="dialer-place")
+            self._spawn(self._place_or_abandon(job, node), self._placing_tasks)
 
     async def _place_or_abandon(
         self, job: CallJob, node: Node, dialed_at: float | None = None

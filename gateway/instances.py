@@ -59,6 +59,7 @@ class Membership:
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._adopting = True  # until shutdown begins: then it only gives calls away
+        self._draining: asyncio.Future[None] | None = None
 
     async def join(self) -> None:
         """Take the name's lease, adopt what its previous process and dead gateways
@@ -76,16 +77,27 @@ class Membership:
         await self._adopt(await self._store.adopt_calls(self.name, now, own=True))
         self._task = asyncio.create_task(self._keep(), name="instance-lease")
 
-    async def hand_over(self) -> None:
-        """Shutdown has begun: the calls not yet dialed go to the other gateways now
-        (and this one adopts nothing more: they would come back)."""
+    async def drain(self, timeout: float) -> None:
+        """Shutdown's first half, run once however often asked: the calls not yet
+        dialed go to the other gateways now (this one adopts nothing more: they would
+        come back), and the calls ringing are let end, within `timeout`."""
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain(timeout))
+        await asyncio.shield(self._draining)
+
+    async def _drain(self, timeout: float) -> None:
         self._adopting = False
         released = await self._store.release_queued(self.name)
         if released:
             log.info("instance %s: handed %d queued calls over", self.name, released)
+        await self._dialer.drain(timeout)
 
-    async def leave(self) -> None:
-        """Stop renewing and end the lease: what this gateway still owns is anyone's."""
+    async def close(self, timeout: float) -> None:
+        """Shutdown: drain (if not done yet), stop the verifications and the dialer,
+        then end the lease: what this gateway still owns is anyone's."""
+        await self.drain(timeout)
+        await self._verifications.stop()
+        await self._dialer.stop()
         await cancel_and_wait(self._task)
         self._task = None
         await self._store.end_lease(self.name, self.incarnation, self._clock())

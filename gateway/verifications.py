@@ -46,6 +46,7 @@ from gateway.store import (
     KnownInvalid,
     Limited,
     Replayed,
+    Snapshot,
     Store,
     VerificationRecord,
     VerificationStatus,
@@ -67,8 +68,7 @@ _CODE = re.compile(r"[0-9]{1,16}")
 
 Clock = Callable[[], float]
 T = TypeVar("T")
-Render = Callable[[VerificationRecord, CallRecord], str]
-# An Idempotency-Key answers its retries this long (DESIGN: 24 h).
+# An Idempotency-Key answers its retries this long (docs/api/concepts.md#idempotency).
 IDEMPOTENCY_TTL_S = 86400.0
 IDEMPOTENCY_SWEEP_S = 3600.0  # how often Idempotency-Keys past their 24 h are dropped
 # Retry-After of a create refused while the PBX is unreachable: about one reconnect try.
@@ -82,10 +82,11 @@ CHECK_30_DAYS_S = 30 * CHECK_DAY_S
 
 @dataclass(frozen=True, slots=True)
 class Replay:
-    """The response first given to an Idempotency-Key, to give again."""
+    """A retry under an Idempotency-Key: the verification as it was created (`created`),
+    or, for a key stored by a gateway older than schema 11, the body first answered."""
 
-    status: int
-    response: str
+    created: Snapshot | None
+    response: str | None = None
 
 
 def request_hash(request: NewVerification) -> str:
@@ -115,7 +116,7 @@ def _check_callback_host(url: str, webhooks: WebhooksConfig) -> None:
 def _replay(stored: Replayed, body_hash: str) -> Replay:
     if stored.body_hash != body_hash:
         raise IdempotencyConflict("this Idempotency-Key was used with another request")
-    return Replay(stored.status, stored.response)
+    return Replay(stored.created, stored.response)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +129,51 @@ class NewVerification:
     reference: str | None = None
     callback_url: str | None = None
     ring_seconds: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    """A create request the policy and the load admit: its phone, parsed, the pool that
+    serves it, its ring time, and its fixed code if it is a test number."""
+
+    phone: phones.Phone
+    pool: Pool
+    ring_seconds: int
+    sandbox_code: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Draft:
+    """A verification and its call, built and not yet stored, with the caller ID drawn
+    for it (None: a sandbox verification, never dialed)."""
+
+    verification: VerificationRecord
+    call: CallRecord
+    pool: Pool
+    cli: Cli | None
+
+    def release_cli(self) -> None:
+        """Give the caller ID back to its pool: the draft was not stored."""
+        if self.cli is not None:
+            self.pool.release(self.cli.e164)
+
+
+class _NoReservation:
+    """A sandbox verification's stand-in for a Reservation: it is never dialed."""
+
+    node = None
+
+    def __enter__(self) -> _NoReservation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+    def place(self, job: CallJob) -> None:
+        raise AssertionError("a sandbox verification is never dialed")
+
+
+_no_reservation = _NoReservation()
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,15 +257,12 @@ class Verifications:
         return phone
 
     async def create(
-        self,
-        request: NewVerification,
-        idempotency_key: str | None = None,
-        render: Render | None = None,
+        self, request: NewVerification, idempotency_key: str | None = None
     ) -> tuple[VerificationRecord, CallRecord] | Replay:
-        """Validate, store and queue a verification call.
+        """Admit, build, commit and dispatch a verification and its call.
 
         With an `idempotency_key`, a retry of the same request within 24 h returns the
-        first response (`render` made it) and places no call; another request under the
+        verification as it was created and places no call; another request under the
         same key raises IdempotencyConflict.
         """
         now = self._clock()
@@ -230,6 +273,19 @@ class Verifications:
             )
             if stored is not None:
                 return _replay(stored, body_hash)
+        admitted = self._admit(request)
+        draft = self._build(request, admitted, now)
+        idempotency = None
+        if idempotency_key is not None:
+            idempotency = Idempotency(
+                request.api_key_id, idempotency_key, body_hash, now - IDEMPOTENCY_TTL_S
+            )
+        # The request's own cancellation (its timeout) must not cut this in two: a
+        # verification stored but its call never handed to the dialer.
+        return await self._to_the_end(self._commit_and_dispatch(draft, idempotency, body_hash))
+
+    def _admit(self, request: NewVerification) -> _Admitted:
+        """What the request asks, checked against the gateway's policy and its load."""
         calls = self._config.calls
         if self._dialer.queued >= calls.max_queue:
             raise Overloaded(
@@ -261,15 +317,19 @@ class Verifications:
                 f"the PBX has been unreachable for {down_for:.0f}s; retry later",
                 retry_after=PBX_RETRY_AFTER_S,
             )
+        return _Admitted(phone, pool, ring_seconds, sandbox_code)
 
+    def _build(self, request: NewVerification, admitted: _Admitted, now: float) -> _Draft:
+        """The records to store: a code (a caller ID drawn from the pool, or the test
+        number's fixed code), the verification and its call, queued."""
+        phone, pool = admitted.phone, admitted.pool
         verification_id = "vrf_" + secrets.token_hex(ID_BYTES)
-        call_id = new_channel_id()
         cli: Cli | None
-        if sandbox_code is None:
+        if admitted.sandbox_code is None:
             cli = pool.draw()
             code = cli.code
         else:
-            cli, code = None, sandbox_code
+            cli, code = None, admitted.sandbox_code
         verification = VerificationRecord(
             id=verification_id,
             api_key_id=request.api_key_id,
@@ -291,13 +351,12 @@ class Verifications:
             phone_prefix=phone.e164[: -self._config.limits.prefix_hidden_digits],
             sandbox=cli is None,
         )
-        dial_number = phones.format_for_trunk(phone.e164, self._config.asterisk.dial_format)
         call = CallRecord(
-            id=call_id,
+            id=new_channel_id(),
             verification_id=verification_id,
             status=CallStatus.QUEUED,
-            dial_number=dial_number,
-            ring_seconds=ring_seconds,
+            dial_number=phones.format_for_trunk(phone.e164, self._config.asterisk.dial_format),
+            ring_seconds=admitted.ring_seconds,
             queued_at=now,
             owner=self._dialer.owner,
         )
@@ -309,88 +368,86 @@ class Verifications:
                 reason="sandbox",
                 ended_at=now,
             )
-        # Nothing waiting and room to dial now: stored as dialing, placed once stored.
-        node = self._dialer.claim() if cli is not None else None
-        if node is not None:
-            call = replace(call, status=CallStatus.DIALING, dialed_at=now, node=node)
-        idempotency = None
-        if idempotency_key is not None:
-            assert render is not None, "an idempotent create needs its response rendered"
-            idempotency = Idempotency(
-                request.api_key_id,
-                idempotency_key,
-                body_hash,
-                201,
-                render(verification, call),
-                now - IDEMPOTENCY_TTL_S,
-            )
-        # Limits protect phones and the bill; a sandbox verification calls nobody.
-        limits = self._limits(request.api_key_id, verification) if cli is not None else ()
-        refuse_days = self._config.numbers.refuse_invalid_days
-        invalid_since = (
-            invalid_refused_since(self._config.numbers, now) if cli is not None else None
-        )
+        return _Draft(verification, call, pool, cli)
 
-        def not_stored() -> None:
-            """Give back what the create took: its caller ID, its place in the dialer."""
-            if cli is not None:
-                pool.release(cli.e164)
-            if node is not None:
-                self._dialer.unclaim(node)
-
-        async def store_and_place() -> tuple[VerificationRecord, CallRecord] | Replay:
+    async def _commit_and_dispatch(
+        self, draft: _Draft, idempotency: Idempotency | None, body_hash: str
+    ) -> tuple[VerificationRecord, CallRecord] | Replay:
+        """Store the draft within the limits, then hand its call to the dialer; what it
+        took (its caller ID, its place in the dialer) is given back if it is not stored."""
+        verification, call, cli = draft.verification, draft.call, draft.cli
+        now = verification.created_at
+        reservation = self._dialer.reserve(now) if cli is not None else _no_reservation
+        with reservation:
+            node = reservation.node
+            if node is not None:  # room now: stored dialing, placed once stored
+                call = replace(call, status=CallStatus.DIALING, dialed_at=now, node=node)
             try:
                 result = await self._store.create_verification(
-                    verification, call, limits, idempotency, invalid_since=invalid_since
+                    verification,
+                    call,
+                    self._limits(verification) if cli is not None else (),
+                    idempotency,
+                    invalid_since=(
+                        invalid_refused_since(self._config.numbers, now) if cli else None
+                    ),
                 )
             except BaseException:
-                not_stored()
+                draft.release_cli()
                 raise
             if not isinstance(result, Inserted):
-                not_stored()
-                if isinstance(result, Replayed):  # a concurrent retry of the same key won
-                    return _replay(result, body_hash)
-                if isinstance(result, KnownInvalid):
-                    raise NumberKnownInvalid(
-                        "the network reported this number as invalid; it is refused until "
-                        f"{timestamp(result.last_call_at + refuse_days * DAY)} or until its health "
-                        "is reset",
-                        last_outcome=result.last_outcome,
-                        last_cause=result.last_cause,
-                    )
-                log.info("verification refused: rate limited (phone %s)", phones.masked(phone.e164))
-                raise RateLimited(result.retry_after, result.limit)
-            for old_id, live_call_id in result.superseded:
-                log.debug(
-                    "verification %s canceled: superseded by %s",
-                    old_id,
-                    verification_id,
-                    extra=call_ids(old_id, live_call_id),
-                )
-                if live_call_id is not None:
-                    await self._dialer.cancel(live_call_id)
-            if cli is None:
-                return verification, call
-            job = CallJob(
-                call_id=call_id,
-                verification_id=verification_id,
-                dial_number=dial_number,
-                cli=cli.e164,
-                cli_dial=phones.format_for_trunk(cli.e164, pool.cli_format),
-                pool=pool.name,
-                ring_seconds=ring_seconds,
-                queued_at=now,
-                early_media_is_alerting=self.early_media_is_alerting(verification),
-            )
-            if node is not None:
-                self._dialer.place_claimed(job, now, node)
-            else:
-                self._dialer.submit(job)
-            return verification, call
+                draft.release_cli()
+                return self._refused(result, verification, body_hash)
+            await self._cancel_superseded(verification.id, result)
+            if cli is not None:
+                reservation.place(self._job(draft, call))
+        return verification, call
 
-        # The request's own cancellation (its timeout) must not cut this in two: a
-        # verification stored but its call never handed to the dialer.
-        return await self._to_the_end(store_and_place())
+    def _refused(
+        self,
+        result: Limited | Replayed | KnownInvalid,
+        verification: VerificationRecord,
+        body_hash: str,
+    ) -> Replay:
+        """What the store refused, as the client is to hear it."""
+        if isinstance(result, Replayed):  # a concurrent retry of the same key won
+            return _replay(result, body_hash)
+        if isinstance(result, KnownInvalid):
+            until = result.last_call_at + self._config.numbers.refuse_invalid_days * DAY
+            raise NumberKnownInvalid(
+                f"the network reported this number as invalid; it is refused until "
+                f"{timestamp(until)} or until its health is reset",
+                last_outcome=result.last_outcome,
+                last_cause=result.last_cause,
+            )
+        log.info("verification refused: rate limited (phone %s)", phones.masked(verification.phone))
+        raise RateLimited(result.retry_after, result.limit)
+
+    async def _cancel_superseded(self, verification_id: str, inserted: Inserted) -> None:
+        """Hang up the calls of the verifications the new one superseded."""
+        for old_id, live_call_id in inserted.superseded:
+            log.debug(
+                "verification %s canceled: superseded by %s",
+                old_id,
+                verification_id,
+                extra=call_ids(old_id, live_call_id),
+            )
+            if live_call_id is not None:
+                await self._dialer.cancel(live_call_id)
+
+    def _job(self, draft: _Draft, call: CallRecord) -> CallJob:
+        assert draft.cli is not None, "a sandbox verification is never dialed"
+        return CallJob(
+            call_id=call.id,
+            verification_id=call.verification_id,
+            dial_number=call.dial_number,
+            cli=draft.cli.e164,
+            cli_dial=phones.format_for_trunk(draft.cli.e164, draft.pool.cli_format),
+            pool=draft.pool.name,
+            ring_seconds=call.ring_seconds,
+            queued_at=call.queued_at,
+            early_media_is_alerting=self.early_media_is_alerting(draft.verification),
+        )
 
     def early_media_is_alerting(self, verification: VerificationRecord) -> bool:
         """Whether a lone 183 counts as alerting for this destination."""
@@ -432,8 +489,8 @@ class Verifications:
         )
         return True
 
-    def _limits(self, api_key_id: str, v: VerificationRecord) -> tuple[WindowLimit, ...]:
-        """Every window limit a new verification must fit under (DESIGN: abuse limits)."""
+    def _limits(self, v: VerificationRecord) -> tuple[WindowLimit, ...]:
+        """Every window limit a new verification must fit under (docs/api/concepts.md#limits)."""
         limits = self._config.limits
         return (
             *(WindowLimit("phone", v.phone, w.count, w.seconds) for w in limits.per_phone),
@@ -441,7 +498,7 @@ class Verifications:
                 WindowLimit("phone_prefix", v.phone_prefix, w.count, w.seconds)
                 for w in limits.per_prefix
             ),
-            WindowLimit("api_key_id", api_key_id, limits.key_daily_calls, 86400),
+            WindowLimit("api_key_id", v.api_key_id, limits.key_daily_calls, 86400),
             *(WindowLimit(None, None, w.count, w.seconds) for w in limits.global_calls),
         )
 

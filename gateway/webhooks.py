@@ -16,7 +16,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -52,8 +52,8 @@ REFUSED_ADDRESS = "refused_address"
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
-# Renders a verification as the API shows it (the payload's `data`).
-RenderVerification = Callable[[str], Any]
+# Renders an event's verification as the API shows it (the payload's `data`).
+RenderVerification = Callable[[WebhookRecord], Awaitable[dict[str, Any]]]
 
 
 class Outbox(Protocol):
@@ -240,7 +240,7 @@ class WebhookSender:
             "id": row.id,
             "type": row.type,
             "created_at": timestamp(row.created_at),
-            "data": await self._render(row.verification_id),
+            "data": await self._render(row),
         }
 
 

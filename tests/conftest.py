@@ -25,6 +25,8 @@ from typing import Any
 import asyncpg
 import pytest
 
+from gateway import config as gateway_config
+from gateway.config import AsteriskConfig, Config, DatabaseConfig, PoolConfig, SecurityConfig
 from gateway.pbx import AmiSettings
 from gateway.store import sqlite_path
 from tests.farend import FarEnd, InviteRecord, format_record
@@ -206,6 +208,35 @@ async def stored_bytes(database: str) -> bytes:
         return repr(dumped).encode()
     path = Path(sqlite_path(database))
     return b"".join(p.read_bytes() for p in path.parent.glob(f"{path.name}*"))
+
+
+# The code secret of make_config's configs: HMAC key of the codes the tests store.
+TEST_CODE_SECRET = "unit-test-code-secret-0123456789"  # noqa: S105 - a test's HMAC key
+# The pool of make_config's configs: 4-digit codes behind +62 21 500 (Jakarta).
+TEST_POOL = PoolConfig(name="default", prefix="+6221500", code_length=4)
+
+
+def make_config(database: str | DatabaseConfig, **overrides: Any) -> Config:
+    """A valid gateway Config for a unit test, on `database` (a URL, or a whole
+    DatabaseConfig for its other settings).
+
+    The PBX is a fake, so the AMI secret is never used; one pool (TEST_POOL); the code
+    secret TEST_CODE_SECRET; everything else the gateway's defaults. Each keyword
+    replaces the Config field of its name: make_config(url, calls=CallsConfig(...)).
+    The result passes the checks a YAML file goes through, or the test fails here:
+    no test runs on a configuration the gateway would refuse to start with."""
+    if isinstance(database, str):
+        database = DatabaseConfig(url=database)
+    defaults: dict[str, Any] = {
+        "asterisk": AsteriskConfig(secret="unused"),  # noqa: S106 - the PBX is fake
+        "pools": (TEST_POOL,),
+        "security": SecurityConfig(code_secret=TEST_CODE_SECRET),
+        "database": database,
+    }
+    config = Config(**(defaults | overrides))
+    problems = gateway_config._check(config)
+    assert not problems, f"make_config made an invalid config: {problems}"
+    return config
 
 
 # What a broken constraint raises, on either backend.

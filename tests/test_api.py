@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from gateway import apikeys
 from gateway.api import views
-from gateway.api.problems import problems_middleware
+from gateway.api.middlewares import problems_middleware
 from gateway.app import create_app
 from gateway.config import (
     AsteriskConfig,

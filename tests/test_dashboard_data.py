@@ -12,10 +12,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.api import views
 from gateway.app import create_app, create_operator_app
-from gateway.config import AsteriskConfig, Config, DatabaseConfig, PoolConfig, SecurityConfig
 from gateway.dashboard import CHART_MINUTES, WINDOW_S, Live, dashboard_data
 from gateway.numbers import Numbers
 from gateway.store import CallRecord, Store, VerificationRecord, open_store
+from tests.conftest import make_config
 from tests.fakes import FakePbx
 
 AppClient = TestClient[web.Request, web.Application]
@@ -24,7 +24,7 @@ AppClient = TestClient[web.Request, web.Application]
 T0 = 1_700_000_040.0
 assert T0 % 60 == 0
 PHONE = "+6281234567890"
-CLI_PREFIX = "+6221500"
+CLI_PREFIX = "+6221500"  # the prefix of make_config's pool
 
 
 @pytest.fixture
@@ -33,16 +33,6 @@ async def store(database: str) -> AsyncIterator[Store]:
     opened = await open_store(database)
     yield opened
     await opened.close()
-
-
-def config(database: str) -> Config:
-    """The gateway's config, its database at the URL `database`."""
-    return Config(
-        asterisk=AsteriskConfig(secret="unused"),  # noqa: S106 - the PBX is fake
-        pools=(PoolConfig(name="default", prefix=CLI_PREFIX, code_length=4),),
-        security=SecurityConfig(code_secret="dashboard-test-code-secret"),  # noqa: S106
-        database=DatabaseConfig(url=database),
-    )
 
 
 class Calls:
@@ -193,7 +183,7 @@ async def test_dashboard_data_figures(store: Store, calls: Calls, database: str)
     await calls.add(dialed_at=now - 5)  # ringing
     await calls.add(dialed_at=now - 1800, ended_at=now - 1797, outcome="invalid_number", cause=1)
     await calls.add(dialed_at=now - 2 * WINDOW_S, ended_at=now - 2 * WINDOW_S + 3)  # too old
-    numbers = Numbers(config(database), store)
+    numbers = Numbers(make_config(database), store)
 
     data = await dashboard_data(store, numbers, Live(True, 1, 2), now)
 
@@ -252,7 +242,7 @@ async def test_dashboard_data_lists_the_gateways_sharing_the_database(
     await calls.add(dialed_at=now - 5, owner="gw-1")  # live
     await calls.add(dialed_at=now - 4, owner="gw-1")
     await calls.add(dialed_at=now - 9, ended_at=now - 2, owner="gw-2")  # ended
-    numbers = Numbers(config(database), store)
+    numbers = Numbers(make_config(database), store)
 
     data = await dashboard_data(store, numbers, Live(True, 0, 0, instance="gw-2"), now)
 
@@ -288,7 +278,7 @@ async def test_dashboard_data_passes_the_nodes_through(store: Store, database: s
             "calls_placed": 7,
         },
     ]
-    numbers = Numbers(config(database), store)
+    numbers = Numbers(make_config(database), store)
 
     data = await dashboard_data(store, numbers, Live(True, 3, 0, nodes=nodes), T0)
 
@@ -300,14 +290,14 @@ async def test_dashboard_data_holds_no_phone_number_or_caller_id(
     store: Store, calls: Calls, database: str
 ) -> None:
     await calls.add(dialed_at=T0 + 1, ended_at=T0 + 3)
-    numbers = Numbers(config(database), store)
+    numbers = Numbers(make_config(database), store)
     text = json.dumps(await dashboard_data(store, numbers, Live(False, 0, 0), T0 + 10))
     for secret in (PHONE, PHONE[1:], PHONE[3:], CLI_PREFIX, CLI_PREFIX[1:], "hmac-of-code"):
         assert secret not in text
 
 
 async def test_dashboard_data_without_calls(store: Store, database: str) -> None:
-    numbers = Numbers(config(database), store)
+    numbers = Numbers(make_config(database), store)
     data = await dashboard_data(store, numbers, Live(False, 0, 0), T0)
     assert data["calls_last_minute"] == 0
     assert [m["calls"] for m in data["calls_per_minute"]] == [0] * CHART_MINUTES
@@ -321,7 +311,7 @@ async def test_dashboard_data_without_calls(store: Store, database: str) -> None
 @pytest.fixture
 async def client(database: str) -> AsyncIterator[AppClient]:
     """A client of the operator's listener, the API's started first (its resources)."""
-    app = create_app(config(database), pbx=FakePbx())
+    app = create_app(make_config(database), pbx=FakePbx())
     async with TestServer(app), TestClient(TestServer(create_operator_app(app))) as test_client:
         yield test_client
 

@@ -516,26 +516,41 @@ async def test_pacer_allows_a_burst_then_its_rate() -> None:
     assert time.monotonic() - start >= 0.18
 
 
-async def test_a_claim_takes_a_slot_and_a_turn_only_when_nothing_waits(
+async def test_a_reservation_takes_a_slot_and_a_turn_only_when_nothing_waits(
     make_dialer: HarnessFactory, store: Store
 ) -> None:
     harness = make_dialer(max_concurrent=2, max_per_second=1000)
-    assert harness.dialer.claim() is None  # not started
-    harness.dialer.start()
-    assert harness.dialer.claim()
-    harness.dialer.unclaim(NODE)  # the create was refused: the place is given back
-    assert harness.dialer.claim() and harness.dialer.claim()
-    assert harness.dialer.claim() is None  # both slots taken
-    harness.dialer.unclaim(NODE)
-    harness.dialer.unclaim(NODE)
+    dialer, now = harness.dialer, time.time()
+    assert dialer.reserve(now).node is None  # not started
+    dialer.start()
+    with dialer.reserve(now) as refused:
+        assert refused.node == NODE
+    # Left without placing (the create was refused): the place was given back.
+    first, second = dialer.reserve(now), dialer.reserve(now)
+    assert first.node == second.node == NODE
+    assert dialer.reserve(now).node is None  # both slots taken
+    first.give_back()
+    second.give_back()
+    second.give_back()  # once only
     queued = await add_job(store, "0")
     harness.pbx.connected = False  # a queued call waits for the PBX
     harness.submit(queued)
-    assert harness.dialer.claim() is None  # a call waiting goes first
-    assert harness.dialer.claim() is None  # nor is there a PBX to dial on
+    assert dialer.reserve(now).node is None  # a call waiting goes first
     harness.pbx.connected = True
     await harness.ended(queued)
-    assert harness.dialer.claim()
+    with dialer.reserve(now) as again:
+        assert again.node == NODE
+
+
+async def test_a_reservation_gives_its_place_back_on_an_error(
+    make_dialer: HarnessFactory,
+) -> None:
+    harness = make_dialer(max_concurrent=1, max_per_second=1000)
+    harness.dialer.start()
+    with pytest.raises(RuntimeError), harness.dialer.reserve(time.time()) as held:
+        assert held.node == NODE
+        raise RuntimeError("the store failed")
+    assert harness.dialer.reserve(time.time()).node == NODE
 
 
 async def test_a_claimed_call_is_placed_without_another_write(
@@ -543,9 +558,10 @@ async def test_a_claimed_call_is_placed_without_another_write(
 ) -> None:
     harness = make_dialer()
     harness.dialer.start()
-    assert harness.dialer.claim()
+    reservation = harness.dialer.reserve(time.time())
+    assert reservation.node == NODE
     job = await add_job(store, "0")  # stored as queued here; Verifications stores it dialing
-    harness.dialer.place_claimed(job, time.time(), NODE)
+    reservation.place(job)
     await harness.ended(job)
     assert [d.channel_id for d in harness.pbx.placed] == [job.call_id]
     assert harness.outcomes[job.call_id] == Outcome.DELIVERED
@@ -558,13 +574,15 @@ async def test_drain_waits_for_a_claimed_call_still_being_stored(
 ) -> None:
     harness = make_dialer()
     harness.dialer.start()
-    assert harness.dialer.claim()  # a create claimed a place; its commit is under way
+    # A create reserved a place; its commit is under way.
+    reservation = harness.dialer.reserve(time.time())
+    assert reservation.node == NODE
     draining = asyncio.create_task(harness.dialer.drain(timeout=WAIT_S))
     await asyncio.sleep(0.05)
     assert not draining.done()
-    assert harness.dialer.claim() is None  # draining: no new claim
+    assert harness.dialer.reserve(time.time()).node is None  # draining: none held
     job = await add_job(store, "0")
-    harness.dialer.place_claimed(job, time.time(), NODE)
+    reservation.place(job)
     await draining
     # Placed and followed to its end, not cut off when the dialer stops.
     assert harness.outcomes[job.call_id] == Outcome.DELIVERED

@@ -18,16 +18,9 @@ from aiohttp.test_utils import TestServer
 from gateway import apikeys, listener
 from gateway.api.handlers import SWAGGER_UI_DIR
 from gateway.app import create_app, create_operator_app
-from gateway.config import (
-    AsteriskConfig,
-    Config,
-    DatabaseConfig,
-    HttpConfig,
-    PoolConfig,
-    SecurityConfig,
-)
+from gateway.config import HttpConfig
 from gateway.store import open_store
-from tests.conftest import NewDatabase
+from tests.conftest import NewDatabase, make_config
 from tests.fakes import FakePbx
 
 MOBILE = "+6281234567890"
@@ -38,17 +31,6 @@ OPERATOR_PATHS = (
     "/dashboard/assets/dashboard.js",
     "/dashboard/assets/dashboard.css",
 )
-
-
-def make_config(database: str, **http: Any) -> Config:
-    """The gateway's config, its database at the URL `database`."""
-    return Config(
-        asterisk=AsteriskConfig(secret="unused"),  # noqa: S106 - the PBX is fake
-        pools=(PoolConfig(name="default", prefix="+6221500", code_length=4),),
-        security=SecurityConfig(code_secret="hardening-test-code-secret-0123"),  # noqa: S106
-        database=DatabaseConfig(url=database),
-        http=HttpConfig(**http),
-    )
 
 
 @dataclasses.dataclass
@@ -71,7 +53,7 @@ async def serve(new_database: NewDatabase) -> AsyncIterator[ServeFactory]:
     pbxs: list[FakePbx] = []
 
     async def start(**http: Any) -> Served:
-        config = make_config(new_database(), **http)
+        config = make_config(new_database(), http=HttpConfig(**http))
         pbxs.append(FakePbx())
         app = create_app(config, pbx=pbxs[-1])
         api = listener.runner(app, config.http)

@@ -62,7 +62,7 @@ async def membership(
         domain.store, domain.dialer, domain.verifications, domain.dialer.owner, lease_seconds=10
     )
     yield domain, joined
-    await joined.leave()
+    await joined.close(timeout=1)
 
 
 async def test_a_dead_gateways_queued_call_is_placed_once_with_a_fresh_code(

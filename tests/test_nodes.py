@@ -131,13 +131,14 @@ async def test_a_call_its_node_could_not_take_moves_to_the_other(
     """Claimed on a, which is lost before the Originate (nothing sent): placed on b, and
     stored there first."""
     bed = make_bed()
-    node = bed.dialer.claim()
+    reservation = bed.dialer.reserve(time.time())
+    node = reservation.node
     assert node is not None
     bed.pbx[node].connected = False
     other = "b" if node == "a" else "a"
     job = await add_job(store, ring_seconds=LONG_RING_S)
     await store.claim_call(job.call_id, bed.dialer.owner, time.time(), node)
-    bed.dialer.place_claimed(job, time.time(), node)
+    reservation.place(job)
     await until(lambda: _placed(bed, 1))
     assert [d.channel_id for d in bed.pbx[other].placed] == [job.call_id]
     assert [o.dial.channel_id for o in bed.pbx[node].originated] == [job.call_id]  # refused

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
+
 from openapi_spec_validator import validate
 
-from gateway import dashboard
-from gateway.api import operator
+from gateway.api import handlers, operator
 from gateway.api.handlers import routes
 from gateway.api.openapi import document
+from gateway.config import MAX_RING_SECONDS
+from gateway.numbers import DEFAULT_PAGE, LISTED_HEALTH, MAX_LOOKUP, MAX_PAGE
+from gateway.outcomes import Health, Outcome
+from gateway.store import CallStatus, VerificationStatus, WebhookStatus
+from gateway.verifications import MAX_CALLBACK_URL_LENGTH, MAX_REFERENCE_LENGTH
 
 
 def app_operations() -> set[tuple[str, str]]:
     found = set()
-    for table in (routes, operator.routes, dashboard.routes):
+    for table in (routes, operator.routes):
         for route in table:
             method = getattr(route, "method", "")
             # The docs page's own two files are not part of the API.
@@ -51,3 +57,71 @@ def test_admin_routes_and_only_they_answer_403() -> None:
         ("get", "/v1/stats"),
     }
     assert all("scope admin" in paths[path][method]["description"] for method, path in with_403)
+
+
+def test_request_bodies_are_the_handlers_field_tables() -> None:
+    schemas = document()["components"]["schemas"]
+    for name, fields in (
+        ("VerificationCreate", handlers.CREATE),
+        ("Check", handlers.CHECK),
+        ("CheckByPhone", handlers.CHECK_BY_PHONE),
+        ("Lookup", handlers.LOOKUP),
+    ):
+        schema = schemas[name]
+        assert list(schema["properties"]) == list(fields), name
+        assert schema.get("required", []) == [n for n, f in fields.items() if f.required]
+        assert schema["additionalProperties"] is False
+
+    create = schemas["VerificationCreate"]["properties"]
+    assert create["reference"]["maxLength"] == MAX_REFERENCE_LENGTH
+    assert create["callback_url"]["maxLength"] == MAX_CALLBACK_URL_LENGTH
+    assert (create["ring_seconds"]["minimum"], create["ring_seconds"]["maximum"]) == (
+        1,
+        MAX_RING_SECONDS,
+    )
+    assert create["region"]["type"] == ["string", "null"]  # null reads as absent
+    phones = schemas["Lookup"]["properties"]["phones"]
+    assert (phones["items"], phones["minItems"], phones["maxItems"]) == (
+        {"type": "string"},
+        1,
+        MAX_LOOKUP,
+    )
+
+
+def test_limits_are_the_codes() -> None:
+    paths = document()["paths"]
+    (key,) = paths["/v1/verifications"]["post"]["parameters"]
+    assert key["schema"]["maxLength"] == handlers.MAX_IDEMPOTENCY_KEY
+    limit = next(p for p in paths["/v1/numbers"]["get"]["parameters"] if p["name"] == "limit")
+    assert (limit["schema"]["maximum"], limit["schema"]["default"]) == (MAX_PAGE, DEFAULT_PAGE)
+
+
+def test_enums_are_the_codes() -> None:
+    schemas = document()["components"]["schemas"]
+    for name, values in (
+        ("VerificationStatus", VerificationStatus),
+        ("CallStatus", CallStatus),
+        ("WebhookStatus", WebhookStatus),
+        ("Outcome", Outcome),
+        ("HealthStatus", Health),
+        ("ListedHealth", LISTED_HEALTH),
+    ):
+        assert schemas[name]["enum"] == [str(v) for v in values], name
+
+
+def test_open_routes_say_so_and_v1_routes_need_a_key() -> None:
+    doc = document()
+    assert [server["url"] for server in doc["servers"]] == ["/"]  # where it was read from
+    for path, operations in doc["paths"].items():
+        for operation in operations.values():
+            expected = [{"bearer": []}] if path.startswith("/v1/") else []
+            assert operation["security"] == expected, path
+
+
+def test_every_component_is_used() -> None:
+    doc = document()
+    text = json.dumps(doc)
+    for kind, components in doc["components"].items():
+        if kind != "securitySchemes":
+            for name in components:
+                assert f'"#/components/{kind}/{name}"' in text, (kind, name)

@@ -13,16 +13,10 @@ from aiohttp.test_utils import TestServer
 
 from gateway import retention
 from gateway.app import create_app
-from gateway.config import (
-    AsteriskConfig,
-    Config,
-    DatabaseConfig,
-    PoolConfig,
-    SecurityConfig,
-)
+from gateway.config import DatabaseConfig
 from gateway.retention import DAY_S, Retention, forget_old
 from gateway.store import CallRecord, Store, VerificationRecord, open_store
-from tests.conftest import raw_query
+from tests.conftest import make_config, raw_query
 from tests.fakes import FakePbx
 
 T0 = 1_700_000_000.0
@@ -217,12 +211,7 @@ async def test_the_app_sweeps_while_it_serves(database: str) -> None:
         await add(store, "vrf_recent", time.time() - 20 * DAY_S, webhook="delivered")
     finally:
         await store.close()
-    config = Config(
-        asterisk=AsteriskConfig(secret="unused"),  # noqa: S106 - the PBX is fake
-        pools=(PoolConfig(name="default", prefix="+6221500", code_length=4),),
-        security=SecurityConfig(code_secret="retention-test-code-secret-01"),  # noqa: S106
-        database=DatabaseConfig(url=database, retention_days=31),
-    )
+    config = make_config(DatabaseConfig(url=database, retention_days=31))
     pbx = FakePbx()
     async with TestServer(create_app(config, pbx=pbx), host="127.0.0.1"):
         await until(lambda: ids_are(database, {"vrf_recent"}))

@@ -11,16 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import (
-    AsteriskConfig,
-    CallsConfig,
-    Config,
-    DatabaseConfig,
-    LimitsConfig,
-    PoolConfig,
-    SecurityConfig,
-    VerificationConfig,
-)
+from gateway.config import CallsConfig, LimitsConfig, VerificationConfig
 from gateway.dialer import PBX_CAP_MARGIN_S, Dialer
 from gateway.errors import (
     InvalidPhone,
@@ -38,7 +29,7 @@ from gateway.pbx import CHANNEL_ID_PREFIX, Dial
 from gateway.pool import Pool
 from gateway.store import CallRecord, Store, VerificationRecord, open_store
 from gateway.verifications import PBX_RETRY_AFTER_S, NewVerification, Verifications
-from tests.conftest import NewDatabase, raw_query
+from tests.conftest import TEST_POOL, NewDatabase, make_config, raw_query
 from tests.fakes import FakePbx, Fate, by_last_digit, fresh_mobile, rings_until_hung_up, until
 
 KEY = "key_a"
@@ -47,7 +38,6 @@ THIRD_KEY = "key_c"
 DAY = 86400.0
 TTL_S = 300
 MAX_ATTEMPTS = 5
-CODE_SECRET = "unit-test-code-secret-0123456789"  # noqa: S105 - a test's HMAC key
 
 
 class Clock:
@@ -61,24 +51,6 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-def make_config(
-    database: str,
-    code_length: int = 4,
-    test_numbers: dict[str, str] | None = None,
-    limits: LimitsConfig | None = None,
-) -> Config:
-    return Config(
-        asterisk=AsteriskConfig(secret="unused"),  # noqa: S106 - never used: the PBX is fake
-        pools=(PoolConfig(name="default", prefix="+6221500", code_length=code_length),),
-        security=SecurityConfig(code_secret=CODE_SECRET),
-        database=DatabaseConfig(url=database),
-        calls=CallsConfig(ring_seconds=1, max_concurrent=50, max_per_second=1000),
-        verification=VerificationConfig(ttl_seconds=TTL_S, max_attempts=MAX_ATTEMPTS),
-        test_numbers=test_numbers or {},
-        limits=limits or LimitsConfig(),
-    )
 
 
 @dataclasses.dataclass
@@ -153,7 +125,14 @@ async def make_domain(new_database: NewDatabase) -> AsyncIterator[DomainFactory]
         limits: LimitsConfig | None = None,
     ) -> Domain:
         database = new_database()
-        config = make_config(database, code_length, test_numbers, limits)
+        config = make_config(
+            database,
+            pools=(dataclasses.replace(TEST_POOL, code_length=code_length),),
+            calls=CallsConfig(ring_seconds=1, max_concurrent=50, max_per_second=1000),
+            verification=VerificationConfig(ttl_seconds=TTL_S, max_attempts=MAX_ATTEMPTS),
+            test_numbers=test_numbers or {},
+            limits=limits or LimitsConfig(),
+        )
         store = await open_store(database)
         pools = [Pool(p) for p in config.pools]
         by_name = {p.name: p for p in pools}

@@ -109,8 +109,8 @@ class Outbox:
         return self.rows[webhook_id]
 
 
-async def render(verification_id: str) -> dict[str, Any]:
-    return {"id": verification_id, "status": "pending"}
+async def render(event: WebhookRecord) -> dict[str, Any]:
+    return {"id": event.verification_id, "status": "pending"}
 
 
 SenderFactory = Callable[..., Outbox]
@@ -391,7 +391,7 @@ async def test_a_row_that_cannot_be_attempted_waits_for_the_next_regular_look(
 ) -> None:
     renders = 0
 
-    async def broken(verification_id: str) -> dict[str, Any]:
+    async def broken(event: WebhookRecord) -> dict[str, Any]:
         nonlocal renders
         renders += 1
         raise RuntimeError("the verification cannot be rendered")

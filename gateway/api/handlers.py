@@ -9,25 +9,22 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from gateway import apikeys
 from gateway.api import openapi, views
 from gateway.api.bodies import Field, check_callback_url, read_object
 from gateway.api.typedefs import (
-    API_KEY,
     CONFIG,
     DIALER,
     METRICS,
     NODES,
     NUMBERS,
-    REQUEST_RATE,
     STORE,
     VERIFICATIONS,
     api_key,
 )
 from gateway.config import MAX_RING_SECONDS
-from gateway.errors import InsufficientScope, InvalidRequest, Unauthorized
+from gateway.errors import InsufficientScope, InvalidRequest
 from gateway.numbers import DEFAULT_PAGE, MAX_LOOKUP
 from gateway.store import CallRecord, VerificationRecord
 from gateway.times import timestamp
@@ -65,23 +62,6 @@ CHECK_BY_PHONE = {"phone": _PHONE, "region": _REGION, "code": _CODE, "cli": _CLI
 LOOKUP = {"phones": Field(list, required=True), "region": _REGION}
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every /v1 route needs `Authorization: Bearer <api key>`."""
-    if request.path.startswith("/v1/"):
-        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-        record = None
-        if scheme.lower() == "bearer" and key:
-            record = await apikeys.authenticate(request.app[STORE], key.strip())
-        if record is None:
-            raise Unauthorized("a valid API key is needed: Authorization: Bearer <key>")
-        if not apikeys.allowed_from(record, request.remote):
-            raise Unauthorized("this API key may not be used from this address")
-        request.app[REQUEST_RATE].hit(record.id)
-        request[API_KEY] = record
-    return await handler(request)
-
-
 def require_admin(request: web.Request) -> None:
     """Refuse (403) a verify key: the route concerns every key's calls."""
     if api_key(request).scope != apikeys.ADMIN:
@@ -103,16 +83,20 @@ async def create_verification(request: web.Request) -> web.Response:
             ring_seconds=body["ring_seconds"],
         ),
         idempotency_key=_idempotency_key(request),
-        render=lambda v, c: json.dumps(views.verification(v, c)),
     )
-    if isinstance(created, Replay):  # a retry: the first response, and no new call
-        replayed = json.loads(created.response)
+    if isinstance(created, Replay):  # a retry: the first answer again, and no new call
+        if created.created is not None:
+            then = created.created
+            text = json.dumps(views.verification(then.verification, then.call))
+        else:
+            assert created.response is not None, "a replay holds one or the other"
+            text = created.response
         return web.Response(
-            text=created.response,
-            status=created.status,
+            text=text,
+            status=201,
             content_type="application/json",
             headers={
-                "Location": f"/v1/verifications/{replayed['id']}",
+                "Location": f"/v1/verifications/{json.loads(text)['id']}",
                 "Idempotent-Replayed": "true",
             },
         )

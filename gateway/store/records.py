@@ -4,8 +4,9 @@ domain and shared by every backend."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Literal
+import json
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 
 class VerificationStatus(enum.StrEnum):
@@ -54,6 +55,9 @@ class WebhookRecord:
     last_error: str | None
     delivered_at: float | None
     given_up_at: float | None
+    # The verification as it was when the event happened (Snapshot.encode); None in
+    # rows written before the column was.
+    snapshot: str | None = None
 
 
 VERIFICATION_STATUSES = tuple(VerificationStatus)
@@ -68,13 +72,12 @@ STATUS_EVENTS = {
 
 @dataclass(frozen=True, slots=True)
 class Idempotency:
-    """An Idempotency-Key with its request, and the response to store with the insert."""
+    """An Idempotency-Key with its request, stored with the insert: a retry is answered
+    with the verification as it was created."""
 
     api_key_id: str
     key: str
     body_hash: str
-    status: int
-    response: str
     since: float  # rows older than this (24 h) no longer count
 
 
@@ -104,11 +107,13 @@ class KnownInvalid:
 
 @dataclass(frozen=True, slots=True)
 class Replayed:
-    """The Idempotency-Key was used before: its stored response; nothing was stored."""
+    """The Idempotency-Key was used before; nothing was stored. `created`: the
+    verification as it was created. A key stored by a gateway older than schema 11
+    has instead the JSON body first answered (`response`)."""
 
     body_hash: str
-    status: int
-    response: str
+    created: Snapshot | None
+    response: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +223,38 @@ class CallEventRecord:
     kind: str
     cause: int | None
     sip_code: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A verification, its call and the call's timeline at one instant: a webhook
+    event's data, kept with the event so that it says what was true when it happened."""
+
+    verification: VerificationRecord
+    call: CallRecord
+    events: list[CallEventRecord]
+
+    def encode(self) -> str:
+        return json.dumps(
+            [
+                _values(self.verification),
+                _values(self.call),
+                [_values(event) for event in self.events],
+            ]
+        )
+
+    @classmethod
+    def decode(cls, text: str) -> Snapshot:
+        verification, call, events = json.loads(text)
+        return cls(
+            VerificationRecord(*verification),
+            CallRecord(*call),
+            [CallEventRecord(*event) for event in events],
+        )
+
+
+def _values(record: Any) -> list[Any]:
+    return [getattr(record, f.name) for f in fields(record)]
 
 
 @dataclass(frozen=True, slots=True)

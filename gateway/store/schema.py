@@ -202,6 +202,11 @@ SQLITE: tuple[str, ...] = (
         stopped_at REAL
     );
     """,
+    # 11: a webhook event keeps the verification as it was when the event happened
+    # (records.Snapshot, JSON); the payload is still rendered at the first attempt.
+    """
+    ALTER TABLE webhook_outbox ADD COLUMN snapshot TEXT;
+    """,
 )
 
 
@@ -389,5 +394,9 @@ POSTGRESQL: tuple[str, ...] = (
         lease_until DOUBLE PRECISION NOT NULL,
         stopped_at DOUBLE PRECISION
     );
+    """,
+    # 11: a webhook event's snapshot (see SQLITE[10]).
+    """
+    ALTER TABLE webhook_outbox ADD COLUMN snapshot TEXT;
     """,
 )

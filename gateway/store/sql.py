@@ -44,6 +44,7 @@ from gateway.store.records import (
     Limited,
     NumberHealthRecord,
     Replayed,
+    Snapshot,
     VerificationRecord,
     VerificationStatus,
     WebhookRecord,
@@ -114,17 +115,56 @@ def _values(record: Any) -> tuple[Any, ...]:
 
 _V_COLS = _columns(VerificationRecord)
 _C_COLS = _columns(CallRecord)
+_V_COLS_OF_V = ", ".join(f"v.{f.name}" for f in fields(VerificationRecord))
+_C_COLS_OF_C = ", ".join(f"c.{f.name}" for f in fields(CallRecord))
+
+
+# idempotency_keys.status of a row whose response is a Snapshot; a row written by a
+# gateway older than schema 11 holds the HTTP status (201) of the JSON body it holds.
+_SNAPSHOT_STATUS = 0
+
+
+def _replayed(row: Row) -> Replayed:
+    body_hash, status, response = str(row[0]), int(row[1]), str(row[2])
+    if status == _SNAPSHOT_STATUS:
+        return Replayed(body_hash, Snapshot.decode(response))
+    return Replayed(body_hash, None, response)
 
 
 async def _enqueue(tx: Tx, verification_id: str, kind: str, at: float) -> None:
     """An outbox row for `kind` if the verification asked for webhooks; in the caller's
-    transaction, so the event exists exactly when the change does."""
+    transaction, so the event exists exactly when the change does, and carries the
+    verification, its call and the call's timeline as they are now (a Snapshot)."""
+    row = await tx.fetchone(
+        f"SELECT {_V_COLS_OF_V}, {_C_COLS_OF_C} FROM verifications v "
+        "JOIN calls c ON c.verification_id = v.id "
+        "WHERE v.id = ? AND v.callback_url IS NOT NULL",
+        (verification_id,),
+    )
+    if row is None:
+        return
+    split = len(fields(VerificationRecord))
+    verification, call = VerificationRecord(*row[:split]), CallRecord(*row[split:])
+    events = [
+        CallEventRecord(*event)
+        for event in await tx.fetchall(
+            f"SELECT {_columns(CallEventRecord)} FROM call_events "
+            "WHERE call_id = ? ORDER BY at, rowid",
+            (call.id,),
+        )
+    ]
     await tx.execute(
         "INSERT INTO webhook_outbox (id, verification_id, url, type, created_at, "
-        "next_attempt_at) SELECT CAST(? AS TEXT), id, callback_url, CAST(? AS TEXT), "
-        "CAST(? AS DOUBLE PRECISION), CAST(? AS DOUBLE PRECISION) FROM verifications "
-        "WHERE id = ? AND callback_url IS NOT NULL",
-        ("msg_" + secrets.token_hex(16), kind, at, at, verification_id),
+        "next_attempt_at, snapshot) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            "msg_" + secrets.token_hex(16),
+            verification_id,
+            verification.callback_url,
+            kind,
+            at,
+            at,
+            Snapshot(verification, call, events).encode(),
+        ),
     )
 
 
@@ -379,7 +419,7 @@ class SqlStore(abc.ABC):
                     (idempotency.api_key_id, idempotency.key, idempotency.since),
                 )
                 if row is not None:
-                    return Replayed(str(row[0]), int(row[1]), str(row[2]))
+                    return _replayed(row)
             if invalid_since is not None:
                 row = await tx.fetchone(
                     "SELECT last_call_at, last_outcome, last_cause FROM number_health "
@@ -423,7 +463,7 @@ class SqlStore(abc.ABC):
                 f"INSERT INTO calls ({_C_COLS}) VALUES ({_placeholders(CallRecord)})",
                 _values(call),
             )
-            if call.status is CallStatus.DIALING:  # placed as soon as stored (Dialer.claim)
+            if call.status is CallStatus.DIALING:  # placed as soon as stored (Dialer.reserve)
                 await _add_event(tx, call.id, call.dialed_at, "dialing")
             if verification.sandbox:  # its call is delivered as it is stored
                 await _enqueue(tx, verification.id, "verification.delivered", call.queued_at)
@@ -440,8 +480,8 @@ class SqlStore(abc.ABC):
                         idempotency.api_key_id,
                         idempotency.key,
                         idempotency.body_hash,
-                        idempotency.status,
-                        idempotency.response,
+                        _SNAPSHOT_STATUS,
+                        Snapshot(verification, call, []).encode(),
                         verification.created_at,
                     ),
                 )
@@ -461,7 +501,7 @@ class SqlStore(abc.ABC):
             (api_key_id, key, since),
             quick=True,
         )
-        return Replayed(str(row[0]), int(row[1]), str(row[2])) if row else None
+        return _replayed(row) if row else None
 
     async def forget_idempotency_keys(self, before: float) -> int:
         """Drop Idempotency-Keys older than `before`; return how many."""
@@ -530,10 +570,8 @@ class SqlStore(abc.ABC):
     async def _verification_where(
         self, where: str, args: tuple[Any, ...]
     ) -> tuple[VerificationRecord, CallRecord] | None:
-        v_cols = ", ".join(f"v.{f.name}" for f in fields(VerificationRecord))
-        c_cols = ", ".join(f"c.{f.name}" for f in fields(CallRecord))
         row = await self._fetchone(
-            f"SELECT {v_cols}, {c_cols} FROM verifications v "
+            f"SELECT {_V_COLS_OF_V}, {_C_COLS_OF_C} FROM verifications v "
             f"JOIN calls c ON c.verification_id = v.id WHERE {where}",
             args,
             quick=True,

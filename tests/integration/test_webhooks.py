@@ -132,6 +132,50 @@ async def test_every_event_arrives_signed_after_failed_attempts(
     ]
 
 
+async def test_an_event_carries_the_verification_as_it_was_then(
+    start_gateway: GatewayFactory, far_end: FarEnd, receiver: Receiver
+) -> None:
+    """A code checked right after the call: the delivered event still says pending.
+
+    The sender looks for new rows about once a second, so the check lands before the
+    delivered event's first attempt; three verifications make that all but certain."""
+    gateway = await start_gateway(
+        webhooks=WebhooksConfig(
+            secret=SECRET, retry_base_seconds=0.2, timeout_seconds=2, allowed_networks=LOOPBACK
+        ),
+    )
+    approved = []
+    for behaviour in (0, 0, 0):
+        number = phone_number(behaviour)
+        status, body = await gateway.post(
+            "/v1/verifications", {"phone": f"+{number}", "callback_url": receiver.url}
+        )
+        assert status == 201, body
+        await call_ended(gateway, body["id"])
+        right = code_of(await wire_record(far_end, number))
+        status, checked = await gateway.post(
+            f"/v1/verifications/{body['id']}/check", {"code": right}
+        )
+        assert (status, checked["status"]) == (200, "approved"), checked
+        approved.append(body["id"])
+
+    async def all_arrived() -> bool:
+        got = receiver.types_by_verification()
+        return all(len(got.get(v, [])) == 2 for v in approved)
+
+    await wait_for(all_arrived, 30, "two events for each verification")
+    for event in receiver.accepted:
+        data = event["data"]
+        if event["type"] == "verification.delivered":
+            assert data["status"] == "pending", event
+        else:
+            assert event["type"] == "verification.approved"
+            assert data["status"] == "approved", event
+        assert (data["call"]["status"], data["call"]["outcome"]) == ("completed", "delivered")
+        # The event's time is when it happened; the data was last changed then too.
+        assert data["updated_at"] <= event["created_at"], event
+
+
 async def test_callback_url_needs_webhooks_configured(
     start_gateway: GatewayFactory, receiver: Receiver
 ) -> None:
