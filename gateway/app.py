@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 from aiohttp import web, web_response
 
 from gateway.api import operator, views
@@ -186,11 +187,17 @@ async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
         """The verification as it was when the event happened."""
         if event.snapshot is not None:
             then = Snapshot.decode(event.snapshot)
-            return views.verification(then.verification, then.call, then.events)
+            data: dict[str, Any] = msgspec.to_builtins(
+                views.verification(then.verification, then.call, then.events)
+            )
+            return data
         # A row from before snapshots were kept: as it is now, the best left to say.
         found = await store.verification(event.verification_id)
         assert found is not None, "an outbox row always has its verification"
-        return views.verification(*found, await store.call_events(found[1].id))
+        now: dict[str, Any] = msgspec.to_builtins(
+            views.verification(*found, await store.call_events(found[1].id))
+        )
+        return now
 
     sender = WebhookSender(app[CONFIG].webhooks, store, render)
     sender.start()

@@ -27,7 +27,7 @@ class Live:
     in_flight: int
     queued: int
     instance: str = ""  # this gateway's name (instance.name)
-    nodes: list[dict[str, Any]] = field(default_factory=list)  # views.node, each node
+    nodes: list[Any] = field(default_factory=list)  # each node, as views.node shows it
 
 
 async def dashboard_data(store: Store, numbers: Numbers, live: Live, now: float) -> dict[str, Any]:

@@ -8,11 +8,12 @@ from datetime import datetime
 from importlib.util import find_spec
 from pathlib import Path
 
+import msgspec
 from aiohttp import web
 
 from gateway import apikeys
-from gateway.api import openapi, views
-from gateway.api.bodies import Field, check_callback_url, read_object
+from gateway.api import openapi, shapes, views
+from gateway.api.bodies import check_callback_url, read_body
 from gateway.api.typedefs import (
     CONFIG,
     DIALER,
@@ -23,14 +24,11 @@ from gateway.api.typedefs import (
     VERIFICATIONS,
     api_key,
 )
-from gateway.config import MAX_RING_SECONDS
 from gateway.errors import InsufficientScope, InvalidRequest
-from gateway.numbers import DEFAULT_PAGE, MAX_LOOKUP
+from gateway.numbers import DEFAULT_PAGE
 from gateway.store import CallRecord, VerificationRecord
 from gateway.times import timestamp
 from gateway.verifications import (
-    MAX_CALLBACK_URL_LENGTH,
-    MAX_REFERENCE_LENGTH,
     NewVerification,
     Replay,
 )
@@ -45,22 +43,6 @@ SWAGGER_UI_DIR = Path(_swagger_ui.submodule_search_locations[0]) / "static"
 
 MAX_IDEMPOTENCY_KEY = 255
 
-_PHONE = Field(str, required=True, max_length=64)
-_REGION = Field(str, max_length=2)
-_CODE = Field(str, max_length=16)
-_CLI = Field(str, max_length=64)
-
-CREATE = {
-    "phone": _PHONE,
-    "region": _REGION,
-    "reference": Field(str, max_length=MAX_REFERENCE_LENGTH),
-    "callback_url": Field(str, max_length=MAX_CALLBACK_URL_LENGTH),
-    "ring_seconds": Field(int, minimum=1, maximum=MAX_RING_SECONDS),
-}
-CHECK = {"code": _CODE, "cli": _CLI}
-CHECK_BY_PHONE = {"phone": _PHONE, "region": _REGION, "code": _CODE, "cli": _CLI}
-LOOKUP = {"phones": Field(list, required=True), "region": _REGION}
-
 
 def require_admin(request: web.Request) -> None:
     """Refuse (403) a verify key: the route concerns every key's calls."""
@@ -72,43 +54,43 @@ def require_admin(request: web.Request) -> None:
 
 @routes.post("/v1/verifications")
 async def create_verification(request: web.Request) -> web.Response:
-    body = await read_object(request, CREATE)
+    body = await read_body(request, shapes.VerificationCreate)
     created = await request.app[VERIFICATIONS].create(
         NewVerification(
             api_key_id=api_key(request).id,
-            phone=body["phone"],
-            region=body["region"],
-            reference=body["reference"],
-            callback_url=check_callback_url(body["callback_url"]),
-            ring_seconds=body["ring_seconds"],
+            phone=body.phone,
+            region=body.region,
+            reference=body.reference,
+            callback_url=check_callback_url(body.callback_url),
+            ring_seconds=body.ring_seconds,
         ),
         idempotency_key=_idempotency_key(request),
     )
     if isinstance(created, Replay):  # a retry: the first answer again, and no new call
         if created.created is not None:
             then = created.created
-            text = json.dumps(views.verification(then.verification, then.call))
-        else:
+            body_id = then.verification.id
+            replayed = _json(views.verification(then.verification, then.call), status=201)
+        else:  # stored by a gateway older than schema 11: the body as it was sent
             assert created.response is not None, "a replay holds one or the other"
-            text = created.response
-        return web.Response(
-            text=text,
-            status=201,
-            content_type="application/json",
-            headers={
-                "Location": f"/v1/verifications/{json.loads(text)['id']}",
-                "Idempotent-Replayed": "true",
-            },
-        )
+            body_id = json.loads(created.response)["id"]
+            replayed = web.Response(
+                text=created.response, status=201, content_type="application/json"
+            )
+        replayed.headers["Location"] = f"/v1/verifications/{body_id}"
+        replayed.headers["Idempotent-Replayed"] = "true"
+        return replayed
     verification, call = created
     if verification.sandbox:
         request.app[METRICS].sandbox.inc()
-    return web.Response(
-        text=json.dumps(views.verification(verification, call)),
-        status=201,
-        content_type="application/json",
-        headers={"Location": f"/v1/verifications/{verification.id}"},
-    )
+    response = _json(views.verification(verification, call), status=201)
+    response.headers["Location"] = f"/v1/verifications/{verification.id}"
+    return response
+
+
+def _json(body: shapes.Response, status: int = 200) -> web.Response:
+    """A response body (gateway.api.shapes) as JSON."""
+    return web.Response(body=views.encode(body), status=status, content_type="application/json")
 
 
 def _idempotency_key(request: web.Request) -> str | None:
@@ -130,20 +112,20 @@ async def read_verification(request: web.Request) -> web.Response:
 
 @routes.post("/v1/verifications/check")
 async def check_by_phone(request: web.Request) -> web.Response:
-    body = await read_object(request, CHECK_BY_PHONE)
+    body = await read_body(request, shapes.CheckByPhone)
     result = await request.app[VERIFICATIONS].check_by_phone(
-        api_key(request).id, body["phone"], body["region"], body["code"], body["cli"]
+        api_key(request).id, body.phone, body.region, body.code, body.cli
     )
-    return web.json_response(views.check_result(result.verification, result.valid))
+    return _json(views.check_result(result.verification, result.valid))
 
 
 @routes.post("/v1/verifications/{id}/check")
 async def check_verification(request: web.Request) -> web.Response:
-    body = await read_object(request, CHECK)
+    body = await read_body(request, shapes.Check)
     result = await request.app[VERIFICATIONS].check(
-        api_key(request).id, request.match_info["id"], body["code"], body["cli"]
+        api_key(request).id, request.match_info["id"], body.code, body.cli
     )
-    return web.json_response(views.check_result(result.verification, result.valid))
+    return _json(views.check_result(result.verification, result.valid))
 
 
 @routes.post("/v1/verifications/{id}/cancel")
@@ -158,7 +140,7 @@ async def _verification_response(
     """The verification with its call's timeline and its webhooks' delivery state."""
     store = request.app[STORE]
     events, hooks = await store.call_events(call.id), await store.webhooks_of(verification.id)
-    return web.json_response(views.verification(verification, call, events, hooks))
+    return _json(views.verification(verification, call, events, hooks))
 
 
 @routes.get("/v1/numbers")
@@ -172,19 +154,16 @@ async def list_numbers(request: web.Request) -> web.Response:
     records, cursor = await request.app[NUMBERS].by_health(
         health, request.query.get("cursor"), limit
     )
-    return web.json_response(
-        {"numbers": [views.listed_number(r) for r in records], "next_cursor": cursor}
+    return _json(
+        shapes.NumberPage(numbers=[views.listed_number(r) for r in records], next_cursor=cursor)
     )
 
 
 @routes.post("/v1/numbers/lookup")
 async def lookup_numbers(request: web.Request) -> web.Response:
-    body = await read_object(request, LOOKUP)
-    raws = body["phones"]
-    if not isinstance(raws, list) or not 1 <= len(raws) <= MAX_LOOKUP:
-        raise InvalidRequest(f"phones must be a list of 1-{MAX_LOOKUP} numbers", field="phones")
-    described = await request.app[NUMBERS].lookup(raws, _region(request, body["region"]))
-    return web.json_response({"results": [views.number(*d) for d in described]})
+    body = await read_body(request, shapes.Lookup)
+    described = await request.app[NUMBERS].lookup(body.phones, _region(request, body.region))
+    return _json(shapes.LookupResults(results=[views.number(*d) for d in described]))
 
 
 @routes.get("/v1/numbers/{phone}")
@@ -192,7 +171,7 @@ async def read_number(request: web.Request) -> web.Response:
     described = await request.app[NUMBERS].describe(
         request.match_info["phone"], _region(request, request.query.get("region"))
     )
-    return web.json_response(views.number(*described))
+    return _json(views.number(*described))
 
 
 @routes.delete("/v1/numbers/{phone}/health")
@@ -218,8 +197,9 @@ async def stats(request: web.Request) -> web.Response:
     """Delivery statistics over a window: overall, by carrier and by outcome."""
     require_admin(request)
     since, until = _window(request)
-    body = await request.app[NUMBERS].stats(since, until)
-    return web.json_response({"since": timestamp(since), "until": timestamp(until), **body})
+    figures = await request.app[NUMBERS].stats(since, until)
+    body = {"since": timestamp(since), "until": timestamp(until), **figures}
+    return _json(msgspec.convert(body, shapes.Stats))
 
 
 def _region(request: web.Request, region: str | None) -> str:
@@ -290,7 +270,7 @@ async def docs_asset(request: web.Request) -> web.FileResponse:
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     """The process is alive."""
-    return web.json_response({"status": "ok"})
+    return _json(shapes.Liveness(status="ok"))
 
 
 @routes.get("/readyz")
@@ -298,21 +278,18 @@ async def readyz(request: web.Request) -> web.Response:
     """The database answers and AMI to at least one node is logged in; each node listed."""
     dialer = request.app[DIALER]
     pbx_nodes = request.app[NODES]
-    checks = {
-        "database": True,
-        "pbx": pbx_nodes.connected,
-        "accepting": not dialer.draining,
-    }
     try:
         await request.app[STORE].ping()
+        database = True
     except Exception:
-        checks["database"] = False
-    ready = all(checks.values())
-    return web.json_response(
-        {
-            "status": "ready" if ready else "not_ready",
-            "checks": checks,
-            "nodes": [views.node(node, *dialer.on_node(node)) for node in pbx_nodes.all],
-        },
-        status=200 if ready else 503,
+        database = False
+    checks = shapes.ReadinessChecks(
+        database=database, pbx=pbx_nodes.connected, accepting=not dialer.draining
     )
+    ready = checks.database and checks.pbx and checks.accepting
+    readiness = shapes.Readiness(
+        status="ready" if ready else "not_ready",
+        checks=checks,
+        nodes=[views.node(node, *dialer.on_node(node)) for node in pbx_nodes.all],
+    )
+    return _json(readiness, status=200 if ready else 503)

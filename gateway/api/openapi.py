@@ -4,427 +4,58 @@ Kept beside the routes; tests/test_openapi.py fails when a route is not document
 tests/test_openapi_clients.py lints the document (Redocly CLI, Spectral) and drives a
 client generated from it (openapi-python-client) against the app.
 
-For generated clients: every enum is a named component, and a nullable one is
-`anyOf: [{$ref}, {type: null}]`, so a generator makes one class of it; request bodies
-are read from the handlers' own Field tables, so their limits are the ones enforced.
+The schemas are generated from the declarations of gateway.api.shapes, the ones the
+API decodes its requests with and encodes its responses from; the paths are written
+here. For generated clients every enum is a named component, and a nullable one is
+`anyOf: [{$ref}, {type: null}]`, so a generator makes one class of it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import ModuleType
 from typing import Any
 
-from gateway import __version__, apikeys
-from gateway.api.bodies import MAX_BODY_BYTES, Field
-from gateway.config import CallsConfig
+import msgspec
+
+from gateway import __version__
+from gateway.api import shapes
+from gateway.api.bodies import MAX_BODY_BYTES
 from gateway.numbers import DEFAULT_PAGE, LISTED_HEALTH, MAX_LOOKUP, MAX_PAGE
-from gateway.outcomes import Health, Outcome
-from gateway.store import CallStatus, VerificationStatus, WebhookStatus
 
 Schema = dict[str, Any]
-
-
-def _nullable(kind: str, **extra: Any) -> Schema:
-    return {"type": [kind, "null"], **extra}
 
 
 def _ref(name: str) -> Schema:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _nullable_ref(name: str) -> Schema:
-    """A named schema or null: one class in a generated client (an enum written as
-    `type: [string, null]` with null among its values makes three)."""
-    return {"anyOf": [_ref(name), {"type": "null"}]}
-
-
-def _enum(values: Any, description: str) -> Schema:
-    return {"type": "string", "enum": [str(value) for value in values], "description": description}
-
-
-def _obj(properties: dict[str, Schema], required: list[str] | None = None) -> Schema:
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": list(properties) if required is None else required,
-        "additionalProperties": False,
+def _components() -> dict[str, Schema]:
+    """The schemas of every body, generated from gateway.api.shapes, and the enum of
+    the healths GET /v1/numbers lists (a query parameter)."""
+    _, components = msgspec.json.schema_components(
+        (*shapes.REQUESTS, *shapes.RESPONSES), ref_template="#/components/schemas/{name}"
+    )
+    components["ListedHealth"] = {
+        "type": "string",
+        "enum": list(LISTED_HEALTH),
+        "description": "a health that GET /v1/numbers lists",
     }
+    folded: dict[str, Schema] = _one_line_descriptions(components)
+    return folded
 
 
-def _array(items: Schema, **extra: Any) -> Schema:
-    return {"type": "array", "items": items, **extra}
-
-
-TIME = _nullable("string", format="date-time")
-
-_TOTALS: dict[str, Schema] = {
-    "calls": {"type": "integer"},
-    "delivered": {"type": "integer"},
-    "uncertain": {
-        "type": "integer",
-        "description": "calls that only ever showed early media (progress_only)",
-    },
-    "failed": {"type": "integer"},
-    "delivery_rate": _nullable("number"),
-}
-_STATS: dict[str, Schema] = {
-    "since": TIME,
-    "until": TIME,
-    **_TOTALS,
-    "by_outcome": _ref("ByOutcome"),
-    "by_carrier": _array(_ref("CarrierStats")),
-}
-
-SCHEMAS: dict[str, Schema] = {
-    "Problem": {
-        "type": "object",
-        "description": "RFC 9457 problem details with a stable machine-readable code. The "
-        "members after detail are sent with the codes named in their descriptions.",
-        "properties": {
-            "type": {"type": "string"},
-            "title": {"type": "string"},
-            "status": {"type": "integer"},
-            "code": {
-                "type": "string",
-                "description": "stable and machine-readable: invalid_request, unauthorized, "
-                "insufficient_scope, not_found, verification_not_pending, "
-                "idempotency_conflict, payload_too_large, unsupported_media_type, "
-                "invalid_phone, phone_type_not_allowed, region_not_allowed, "
-                "destination_blocked, number_known_invalid, invalid_callback_url, "
-                "rate_limited, overloaded, pbx_unavailable",
-            },
-            "detail": {"type": "string"},
-            "field": {
-                "type": "string",
-                "description": "invalid_request, invalid_callback_url: the request member "
-                "or query parameter at fault",
-            },
-            "fields": _array(
-                {"type": "string"},
-                description="invalid_request: the unknown members of the request body",
-            ),
-            "reason": {
-                "type": "string",
-                "description": "invalid_phone: why the number is not valid (not_a_number, "
-                "too_short, too_long, invalid_length, invalid_country_code, "
-                "invalid_for_region)",
-            },
-            "region": {
-                "type": "string",
-                "description": "region_not_allowed: the number's ISO 3166 alpha-2 region",
-            },
-            "phone_type": {
-                "type": "string",
-                "description": "phone_type_not_allowed: the number's type (fixed_line, "
-                "toll_free, premium_rate, ...)",
-            },
-            "last_outcome": _nullable(
-                "string", description="number_known_invalid: the outcome of its last call"
-            ),
-            "last_cause": _nullable(
-                "integer", description="number_known_invalid: the Q.850 cause of its last call"
-            ),
-            "verification_status": _ref("VerificationStatus"),
-            "required_scope": {
-                "type": "string",
-                "description": "insufficient_scope: the scope the route needs "
-                f"({', '.join(apikeys.SCOPES)})",
-            },
-        },
-        "required": ["type", "title", "status", "code", "detail"],
-        "additionalProperties": True,
-    },
-    "VerificationStatus": _enum(
-        VerificationStatus,
-        "pending until one of the five ends; verification_not_pending's verification_status",
-    ),
-    "CallStatus": _enum(CallStatus, "where the call stands"),
-    "Outcome": _enum(Outcome, "how the call ended (README: Call outcomes and number health)"),
-    "WebhookStatus": _enum(WebhookStatus, "where the webhook's delivery stands"),
-    "HealthStatus": _enum(Health, "what calls taught about the number"),
-    "ListedHealth": _enum(LISTED_HEALTH, "a health that GET /v1/numbers lists"),
-    "CheckResult": _obj(
-        {
-            "id": {"type": "string"},
-            "status": _ref("VerificationStatus"),
-            "valid": {"type": "boolean"},
-            "attempts_remaining": {"type": "integer"},
+def _one_line_descriptions(schema: Any) -> Any:
+    """Docstrings as descriptions, their line breaks and indentation folded."""
+    if isinstance(schema, dict):
+        return {
+            key: " ".join(value.split())
+            if key == "description" and isinstance(value, str)
+            else _one_line_descriptions(value)
+            for key, value in schema.items()
         }
-    ),
-    "CallEvent": _obj(
-        {
-            "at": TIME,
-            "kind": {"type": "string"},
-            "cause": _nullable("integer"),
-            "sip_code": _nullable("integer"),
-        }
-    ),
-    "Webhook": _obj(
-        {
-            "id": {"type": "string"},
-            "type": {"type": "string"},
-            "status": _ref("WebhookStatus"),
-            "attempts": {"type": "integer"},
-            "last_status": _nullable("integer"),
-            "last_error": _nullable(
-                "string",
-                description="why the last attempt failed: connect_failed, timeout, "
-                "http_status (see last_status) or refused_address",
-            ),
-            "delivered_at": TIME,
-            "next_attempt_at": TIME,
-        }
-    ),
-    "Verification": _obj(
-        {
-            "id": {"type": "string", "pattern": "^vrf_[0-9a-f]{32}$"},
-            "status": _ref("VerificationStatus"),
-            "phone": {"type": "string"},
-            "reference": _nullable("string"),
-            "callback_url": _nullable("string"),
-            "sandbox": {
-                "type": "boolean",
-                "description": "A configured test number: never called, its code is fixed",
-            },
-            "cli": _obj(
-                {
-                    "prefix": {"type": "string"},
-                    "length": {"type": "integer"},
-                    "pattern": {"type": "string"},
-                }
-            ),
-            "call": _obj(
-                {
-                    "status": _ref("CallStatus"),
-                    "outcome": _nullable_ref("Outcome"),
-                    "hangup_cause": _nullable("integer"),
-                    "sip_code": _nullable("integer"),
-                    "reason": _nullable(
-                        "string",
-                        description="why the gateway ended the call itself: ring_timeout "
-                        "(its ring time ran out after a 180 or a lone 183), "
-                        "post_dial_timeout (nothing alerted in "
-                        "time), canceled; or what failed (originate_refused, pbx_lost, ...). "
-                        "null when the network ended it: see hangup_cause and sip_code",
-                    ),
-                    "ring_seconds": {"type": "integer"},
-                    "node": _nullable(
-                        "string",
-                        description="the Asterisk node the call was placed on (asterisk.nodes, "
-                        "or asterisk.name); null until it is placed",
-                    ),
-                    "dialed_at": TIME,
-                    "ringing_at": TIME,
-                    "ended_at": TIME,
-                    "events": _array(_ref("CallEvent")),
-                }
-            ),
-            "webhooks": _array(_ref("Webhook")),
-            "attempts_remaining": {"type": "integer"},
-            "expires_at": TIME,
-            "created_at": TIME,
-            "updated_at": TIME,
-        }
-    ),
-    "Health": _obj(
-        {
-            "status": _nullable_ref("HealthStatus"),
-            "calls": {"type": "integer"},
-            "delivered": {"type": "integer"},
-            "last_outcome": _nullable("string"),
-            "last_cause": _nullable("integer"),
-            "last_sip_code": _nullable("integer"),
-            "last_call_at": TIME,
-            "last_delivered_at": TIME,
-        }
-    ),
-    "Number": _obj(
-        {
-            "input": {"type": ["string", "number", "null"]},
-            "e164": _nullable("string"),
-            "valid": {"type": "boolean"},
-            "possible": {"type": "boolean"},
-            "reason": _nullable("string"),
-            "type": _nullable("string"),
-            "region": _nullable("string"),
-            "carrier": _nullable("string"),
-            "callable": {"type": "boolean"},
-            "refused_by": _nullable("string"),
-            "health": _ref("Health"),
-        }
-    ),
-    "ListedNumber": _obj({"phone": {"type": "string"}, "health": _ref("Health")}),
-    "NumberPage": _obj(
-        {
-            "numbers": _array(_ref("ListedNumber")),
-            "next_cursor": _nullable("string", description="null on the last page"),
-        }
-    ),
-    "LookupResults": _obj(
-        {"results": _array(_ref("Number"), description="one per number asked, in order")}
-    ),
-    "ByOutcome": {
-        "type": "object",
-        "description": "calls by outcome",
-        "additionalProperties": {"type": "integer"},
-    },
-    "CarrierStats": _obj(
-        {"carrier": {"type": "string"}, **_TOTALS, "by_outcome": _ref("ByOutcome")}
-    ),
-    "Stats": _obj(_STATS),
-    "Node": _obj(
-        {
-            "name": {"type": "string"},
-            "connected": {"type": "boolean"},
-            "down_seconds": {"type": "number"},
-            "calls_live": {"type": "integer"},
-            "calls_ringing": {"type": "integer"},
-            "max_concurrent": {"type": "integer"},
-            "max_per_second": {"type": "number"},
-            "calls_placed": {"type": "integer"},
-        }
-    ),
-    "Readiness": _obj(
-        {
-            "status": {"type": "string", "enum": ["ready", "not_ready"]},
-            "checks": {
-                "type": "object",
-                "properties": {
-                    "database": {"type": "boolean"},
-                    "pbx": {"type": "boolean"},
-                    "accepting": {"type": "boolean"},
-                },
-                "required": ["database", "pbx", "accepting"],
-                "additionalProperties": {"type": "boolean"},
-            },
-            "nodes": _array(_ref("Node")),
-        }
-    ),
-    # GET /dashboard/data: counts only, never a phone number, code or caller ID.
-    "Dashboard": _obj(
-        {
-            "generated_at": TIME,
-            "pbx_connected": {"type": "boolean"},
-            "in_flight": {"type": "integer", "description": "calls placed and not yet ended"},
-            "queued": {"type": "integer", "description": "calls waiting to be placed"},
-            "calls_last_minute": {
-                "type": "integer",
-                "description": "calls dialed in the last 60 s",
-            },
-            "nodes": _array(_ref("Node"), description="the Asterisk nodes as this gateway sees"),
-            "instances": _array(
-                _obj(
-                    {
-                        "name": {"type": "string"},
-                        "this": {"type": "boolean"},
-                        "state": {"type": "string", "enum": ["running", "stopped", "lost"]},
-                        "started_at": TIME,
-                        "lease_until": TIME,
-                        "live_calls": {"type": "integer"},
-                    }
-                ),
-                description="the gateways sharing the database, this one among them",
-            ),
-            "calls_per_minute": _array(
-                _obj({"minute": TIME, "calls": {"type": "integer"}}),
-                description="calls dialed in each of the last 60 clock minutes, oldest first",
-            ),
-            "window": {
-                **_obj(
-                    {
-                        "seconds": {"type": "integer"},
-                        **_STATS,
-                        "by_cause": _array(
-                            _obj(
-                                {
-                                    "outcome": _ref("Outcome"),
-                                    "hangup_cause": _nullable("integer"),
-                                    "cause_name": _nullable("string"),
-                                    "calls": {"type": "integer"},
-                                }
-                            )
-                        ),
-                    }
-                ),
-                "description": "dialed calls that ended in the last hour",
-            },
-        }
-    ),
-}
-
-_JSON_TYPES = {str: "string", int: "integer", list: "array"}
-
-
-def _member(spec: Field) -> Schema:
-    """A request body member as gateway.api.bodies reads it: a member that is not
-    required may also be null, which reads as absent."""
-    kind = _JSON_TYPES[spec.kind]
-    schema: Schema = {"type": kind if spec.required else [kind, "null"]}
-    if spec.max_length is not None:
-        schema["maxLength"] = spec.max_length
-    if spec.minimum is not None:
-        schema["minimum"] = spec.minimum
-    if spec.maximum is not None:
-        schema["maximum"] = spec.maximum
+    if isinstance(schema, list):
+        return [_one_line_descriptions(item) for item in schema]
     return schema
-
-
-def _request(
-    fields: Mapping[str, Field], description: str | None = None, **members: Schema
-) -> Schema:
-    """A request body: exactly the members of a handler's Field table, each with its
-    limits; `members` adds to their schemas (descriptions, array items)."""
-    schema: Schema = {"type": "object"}
-    if description is not None:
-        schema["description"] = description
-    schema["properties"] = {
-        name: {**_member(spec), **members.get(name, {})} for name, spec in fields.items()
-    }
-    required = [name for name, spec in fields.items() if spec.required]
-    if required:
-        schema["required"] = required
-    schema["additionalProperties"] = False
-    return schema
-
-
-def _request_schemas(handlers: ModuleType) -> dict[str, Schema]:
-    """The request bodies, from the Field tables gateway.api.handlers reads them with."""
-    region = {"description": "ISO 3166 alpha-2 region for national input (numbers.default_region)"}
-    default_max_ring = CallsConfig().max_ring_seconds
-    return {
-        "VerificationCreate": _request(
-            handlers.CREATE,
-            phone={"description": "E.164, or national digits read with region"},
-            region=region,
-            reference={"description": "your own string, echoed back"},
-            callback_url={"format": "uri", "description": "absolute http(s) URL for webhooks"},
-            ring_seconds={
-                "description": "at most the gateway's calls.max_ring_seconds "
-                f"({default_max_ring} by default)"
-            },
-        ),
-        "Check": _request(
-            handlers.CHECK,
-            "Exactly one of code (the trailing digits) or cli (the full number).",
-        ),
-        "CheckByPhone": _request(
-            handlers.CHECK_BY_PHONE,
-            "The phone, and exactly one of code (the trailing digits) or cli (the full number).",
-            region=region,
-        ),
-        "Lookup": _request(
-            handlers.LOOKUP,
-            phones={
-                "items": {"type": "string"},
-                "minItems": 1,
-                "maxItems": MAX_LOOKUP,
-                "description": "the numbers, E.164 or national; an entry that is not a string "
-                "is answered as not a number",
-            },
-            region=region,
-        ),
-    }
 
 
 RETRY_AFTER = {
@@ -550,7 +181,7 @@ def document() -> dict[str, Any]:
         ],
         "tags": TAGS,
         "components": {
-            "schemas": {**_request_schemas(handlers), **SCHEMAS},
+            "schemas": _components(),
             "headers": {"Retry-After": RETRY_AFTER},
             "securitySchemes": {
                 "bearer": {
@@ -791,7 +422,7 @@ def document() -> dict[str, Any]:
                     "healthz",
                     OPERATIONS,
                     "The process is alive",
-                    {"200": _json(_obj({"status": {"type": "string"}}), "alive")},
+                    {"200": _json(_ref("Liveness"), "alive")},
                 )
             },
             "/readyz": {

@@ -8,9 +8,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import msgspec
 from aiohttp import web
 
-from gateway.api import views
+from gateway.api import shapes, views
 from gateway.api.typedefs import DIALER, GATEWAY, METRICS, NODES, NUMBERS, STORE
 from gateway.dashboard import Live, dashboard_data
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -56,8 +57,11 @@ async def dashboard_figures(request: web.Request) -> web.Response:
         dialer.owner,
         [views.node(node, *dialer.on_node(node)) for node in pbx_nodes.all],
     )
-    body = await dashboard_data(app[STORE], app[NUMBERS], live, time.time())
-    return web.json_response(body, headers={"Cache-Control": "no-store"})
+    figures = await dashboard_data(app[STORE], app[NUMBERS], live, time.time())
+    body = views.encode(msgspec.convert(figures, shapes.Dashboard))
+    return web.Response(
+        body=body, content_type="application/json", headers={"Cache-Control": "no-store"}
+    )
 
 
 routes.static("/dashboard/assets", DASHBOARD_DIR / "assets")

@@ -3,13 +3,14 @@ middleware that answers them is in gateway.api.middlewares)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from gateway import errors
+from gateway.api import shapes
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +54,39 @@ def problem(
     headers: dict[str, str] | None = None,
 ) -> web.Response:
     """A problem+json response with a stable `code` member."""
-    body: dict[str, Any] = {
-        "type": f"https://otp-gateway.invalid/problems/{code}",
-        "title": code.replace("_", " ").capitalize(),
-        "status": status,
-        "code": code,
-        "detail": detail,
-    }
-    # Extra members never replace RFC 9457's own (status, type, title, detail).
-    body.update({k: v for k, v in (extra or {}).items() if k not in body})
+    # Extra members never replace RFC 9457's own (status, type, title, detail); each is
+    # declared (shapes.Problem), and one that is not is left out, never a 500 instead.
+    members = {k: v for k, v in (extra or {}).items() if k in _EXTRA_MEMBERS}
+    if len(members) != len(extra or {}):
+        log.error(
+            "problem %s: undeclared members %s left out",
+            code,
+            sorted(set(extra or {}) - set(members)),
+        )
+    body = shapes.Problem(
+        type=f"https://otp-gateway.invalid/problems/{code}",
+        title=code.replace("_", " ").capitalize(),
+        status=status,
+        code=code,
+        detail=detail,
+        **members,
+    )
     return web.Response(
         status=status,
-        text=json.dumps(body),
+        body=_ENCODER.encode(body),
         content_type=PROBLEM_TYPE,
         headers=headers,
     )
+
+
+_ENCODER = msgspec.json.Encoder()
+_EXTRA_MEMBERS = frozenset(shapes.Problem.__struct_fields__) - {
+    "type",
+    "title",
+    "status",
+    "code",
+    "detail",
+}
 
 
 def allow_header(exc: web.HTTPException) -> dict[str, str] | None:

@@ -1,0 +1,449 @@
+"""Every JSON body of the API, declared once: the requests it reads, the responses and
+problems it writes. Requests are decoded and checked by these declarations (msgspec,
+unknown members refused); responses are encoded from them; the OpenAPI document's
+components are generated from them (gateway.api.openapi)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from gateway import apikeys
+from gateway.config import MAX_RING_SECONDS
+from gateway.numbers import MAX_LOOKUP
+from gateway.outcomes import Health, Outcome
+from gateway.store import CallStatus, VerificationStatus, WebhookStatus
+from gateway.verifications import MAX_CALLBACK_URL_LENGTH, MAX_REFERENCE_LENGTH
+
+# -- members -------------------------------------------------------------------
+
+# RFC 3339 in UTC with milliseconds (gateway.times.timestamp).
+Time = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
+Phone = Annotated[
+    str, Meta(max_length=64, description="E.164, or national digits read with region")
+]
+Region = Annotated[
+    str,
+    Meta(
+        max_length=2,
+        description="ISO 3166 alpha-2 region for national input (numbers.default_region)",
+    ),
+]
+Code = Annotated[str, Meta(max_length=16, description="the trailing digits the user saw")]
+CliNumber = Annotated[
+    str, Meta(max_length=64, description="the full caller ID the user saw (the app reads it)")
+]
+
+
+class Request(msgspec.Struct, forbid_unknown_fields=True):
+    """A request body: only its own members, each of its type and within its limits;
+    no text member holds a control character (CR/LF reach nothing, AMI least of all)."""
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if isinstance(value, str) and not value.isprintable():
+                # Not a ValueError: msgspec would word it; this is the API's own answer.
+                raise ControlCharacters(name)
+
+
+class ControlCharacters(Exception):
+    """A request's text member holds a control character."""
+
+    def __init__(self, member: str) -> None:
+        super().__init__(f"{member} must not hold control characters")
+        self.member = member
+
+
+# -- requests ------------------------------------------------------------------
+
+
+class VerificationCreate(Request):
+    phone: Phone
+    region: Region | None = None
+    reference: (
+        Annotated[
+            str, Meta(max_length=MAX_REFERENCE_LENGTH, description="your own string, echoed back")
+        ]
+        | None
+    ) = None
+    callback_url: (
+        Annotated[
+            str,
+            Meta(
+                max_length=MAX_CALLBACK_URL_LENGTH,
+                description="absolute http(s) URL for webhooks",
+                extra_json_schema={"format": "uri"},
+            ),
+        ]
+        | None
+    ) = None
+    ring_seconds: (
+        Annotated[
+            int,
+            Meta(
+                ge=1,
+                le=MAX_RING_SECONDS,
+                description="at most the gateway's calls.max_ring_seconds",
+            ),
+        ]
+        | None
+    ) = None
+
+
+class Check(Request):
+    """Exactly one of code (the trailing digits) or cli (the full number)."""
+
+    code: Code | None = None
+    cli: CliNumber | None = None
+
+
+class CheckByPhone(Request):
+    """The phone, and exactly one of code (the trailing digits) or cli (the full number)."""
+
+    phone: Phone
+    region: Region | None = None
+    code: Code | None = None
+    cli: CliNumber | None = None
+
+
+class Lookup(Request):
+    phones: Annotated[
+        list[Any],
+        Meta(
+            min_length=1,
+            max_length=MAX_LOOKUP,
+            description="the numbers, E.164 or national; an entry that is not a string is "
+            "answered as not a number",
+            extra_json_schema={"items": {"type": "string"}},
+        ),
+    ]
+    region: Region | None = None
+
+
+# -- responses -----------------------------------------------------------------
+
+
+class Response(msgspec.Struct):
+    """A response body (every member always sent, null where it has no value)."""
+
+
+class CallEvent(Response):
+    at: Time | None
+    kind: str
+    cause: int | None
+    sip_code: int | None
+
+
+class Call(Response):
+    status: CallStatus
+    outcome: Outcome | None
+    hangup_cause: int | None
+    sip_code: int | None
+    reason: Annotated[
+        str | None,
+        Meta(
+            description="why the gateway ended the call itself: ring_timeout (its ring time "
+            "ran out after a 180 or a lone 183), post_dial_timeout (nothing alerted in time), "
+            "canceled; or what failed (originate_refused, pbx_lost, ...). null when the "
+            "network ended it: see hangup_cause and sip_code"
+        ),
+    ]
+    ring_seconds: int
+    node: Annotated[
+        str | None,
+        Meta(
+            description="the Asterisk node the call was placed on (asterisk.nodes, or "
+            "asterisk.name); null until it is placed"
+        ),
+    ]
+    dialed_at: Time | None
+    ringing_at: Time | None
+    ended_at: Time | None
+    events: list[CallEvent]
+
+
+class CliShape(Response):
+    """Where the code is in the caller ID: its prefix, length and pattern."""
+
+    prefix: str
+    length: int
+    pattern: str
+
+
+class Webhook(Response):
+    id: str
+    type: str
+    status: WebhookStatus
+    attempts: int
+    last_status: int | None
+    last_error: Annotated[
+        str | None,
+        Meta(
+            description="why the last attempt failed: connect_failed, timeout, http_status "
+            "(see last_status) or refused_address"
+        ),
+    ]
+    delivered_at: Time | None
+    next_attempt_at: Time | None
+
+
+class Verification(Response):
+    id: Annotated[str, Meta(pattern="^vrf_[0-9a-f]{32}$")]
+    status: VerificationStatus
+    phone: str
+    reference: str | None
+    callback_url: str | None
+    sandbox: Annotated[
+        bool, Meta(description="a configured test number: never called, its code is fixed")
+    ]
+    cli: CliShape
+    call: Call
+    webhooks: list[Webhook]
+    attempts_remaining: int
+    expires_at: Time | None
+    created_at: Time | None
+    updated_at: Time | None
+
+
+class CheckResult(Response):
+    id: str
+    status: VerificationStatus
+    valid: bool
+    attempts_remaining: int
+
+
+class NumberHealth(Response):
+    """What calls taught about a number."""
+
+    status: Health | None
+    calls: int
+    delivered: int
+    last_outcome: str | None
+    last_cause: int | None
+    last_sip_code: int | None
+    last_call_at: Time | None
+    last_delivered_at: Time | None
+
+
+class Number(Response):
+    input: str | int | float | None
+    e164: str | None
+    valid: bool
+    possible: bool
+    reason: str | None
+    type: str | None
+    region: str | None
+    carrier: str | None
+    callable: bool
+    refused_by: str | None
+    health: NumberHealth
+
+
+class ListedNumber(Response):
+    phone: str
+    health: NumberHealth
+
+
+class NumberPage(Response):
+    numbers: list[ListedNumber]
+    next_cursor: Annotated[str | None, Meta(description="null on the last page")]
+
+
+class LookupResults(Response):
+    results: Annotated[list[Number], Meta(description="one per number asked, in order")]
+
+
+ByOutcome = Annotated[dict[str, int], Meta(description="calls by outcome")]
+DeliveryRate = Annotated[float | None, Meta(description="delivered / calls; null without calls")]
+Uncertain = Annotated[
+    int, Meta(description="calls that only ever showed early media (progress_only)")
+]
+
+
+class CarrierStats(Response):
+    carrier: str
+    calls: int
+    delivered: int
+    uncertain: Uncertain
+    failed: int
+    delivery_rate: DeliveryRate
+    by_outcome: ByOutcome
+
+
+class Stats(Response):
+    since: Time | None
+    until: Time | None
+    calls: int
+    delivered: int
+    uncertain: Uncertain
+    failed: int
+    delivery_rate: DeliveryRate
+    by_outcome: ByOutcome
+    by_carrier: list[CarrierStats]
+
+
+class Node(Response):
+    name: str
+    connected: bool
+    down_seconds: float
+    calls_live: int
+    calls_ringing: int
+    max_concurrent: int
+    max_per_second: float
+    calls_placed: int
+
+
+class ReadinessChecks(Response):
+    database: bool
+    pbx: bool
+    accepting: bool
+
+
+class Readiness(Response):
+    status: Literal["ready", "not_ready"]
+    checks: ReadinessChecks
+    nodes: list[Node]
+
+
+class Liveness(Response):
+    status: Literal["ok"]
+
+
+class Instance(Response):
+    name: str
+    this: bool
+    state: Literal["running", "stopped", "lost"]
+    started_at: Time | None
+    lease_until: Time | None
+    live_calls: int
+
+
+class MinuteCalls(Response):
+    minute: Time | None
+    calls: int
+
+
+class CauseCalls(Response):
+    outcome: Outcome
+    hangup_cause: int | None
+    cause_name: str | None
+    calls: int
+
+
+class Window(Response):
+    seconds: int
+    since: Time | None
+    until: Time | None
+    calls: int
+    delivered: int
+    uncertain: Uncertain
+    failed: int
+    delivery_rate: DeliveryRate
+    by_outcome: ByOutcome
+    by_carrier: list[CarrierStats]
+    by_cause: list[CauseCalls]
+
+
+class Dashboard(Response):
+    """GET /dashboard/data: counts only, never a phone number, code or caller ID."""
+
+    generated_at: Time | None
+    pbx_connected: bool
+    in_flight: Annotated[int, Meta(description="calls placed and not yet ended")]
+    queued: Annotated[int, Meta(description="calls waiting to be placed")]
+    calls_last_minute: Annotated[int, Meta(description="calls dialed in the last 60 s")]
+    nodes: Annotated[list[Node], Meta(description="the Asterisk nodes as this gateway sees")]
+    instances: Annotated[
+        list[Instance], Meta(description="the gateways sharing the database, this one among them")
+    ]
+    calls_per_minute: Annotated[
+        list[MinuteCalls],
+        Meta(description="calls dialed in each of the last 60 clock minutes, oldest first"),
+    ]
+    window: Annotated[Window, Meta(description="dialed calls that ended in the last hour")]
+
+
+# -- problems ------------------------------------------------------------------
+
+
+class Problem(Response, omit_defaults=True):
+    """RFC 9457 problem details with a stable machine-readable code. The members after
+    detail are sent with the codes named in their descriptions."""
+
+    type: str
+    title: str
+    status: int
+    code: Annotated[
+        str,
+        Meta(
+            description="stable and machine-readable: invalid_request, unauthorized, "
+            "insufficient_scope, not_found, verification_not_pending, idempotency_conflict, "
+            "payload_too_large, unsupported_media_type, invalid_phone, "
+            "phone_type_not_allowed, region_not_allowed, destination_blocked, "
+            "number_known_invalid, invalid_callback_url, rate_limited, overloaded, "
+            "pbx_unavailable"
+        ),
+    ]
+    detail: str
+    field: Annotated[
+        str,
+        Meta(
+            description="invalid_request, invalid_callback_url: the request member or query "
+            "parameter at fault"
+        ),
+    ] = ""
+    fields: Annotated[
+        list[str], Meta(description="invalid_request: the unknown members of the request body")
+    ] = []
+    reason: Annotated[
+        str,
+        Meta(
+            description="invalid_phone: why the number is not valid (not_a_number, too_short, "
+            "too_long, invalid_length, invalid_country_code, invalid_for_region)"
+        ),
+    ] = ""
+    region: Annotated[
+        str, Meta(description="region_not_allowed: the number's ISO 3166 alpha-2 region")
+    ] = ""
+    phone_type: Annotated[
+        str,
+        Meta(
+            description="phone_type_not_allowed: the number's type (fixed_line, toll_free, "
+            "premium_rate, ...)"
+        ),
+    ] = ""
+    # Sent (possibly null) with number_known_invalid only; UNSET: not sent.
+    last_outcome: Annotated[
+        str | msgspec.UnsetType | None,
+        Meta(description="number_known_invalid: the outcome of its last call"),
+    ] = msgspec.UNSET
+    last_cause: Annotated[
+        int | msgspec.UnsetType | None,
+        Meta(description="number_known_invalid: the Q.850 cause of its last call"),
+    ] = msgspec.UNSET
+    verification_status: VerificationStatus | msgspec.UnsetType = msgspec.UNSET
+    required_scope: Annotated[
+        str,
+        Meta(
+            description="insufficient_scope: the scope the route needs "
+            f"({', '.join(apikeys.SCOPES)})"
+        ),
+    ] = ""
+
+
+REQUESTS: tuple[type[Request], ...] = (VerificationCreate, Check, CheckByPhone, Lookup)
+RESPONSES: tuple[type[Response], ...] = (
+    Verification,
+    CheckResult,
+    Number,
+    NumberPage,
+    LookupResults,
+    Stats,
+    Readiness,
+    Liveness,
+    Dashboard,
+    Problem,
+)
