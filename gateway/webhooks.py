@@ -18,7 +18,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -26,7 +26,7 @@ from standardwebhooks import Webhook
 
 from gateway.config import WebhooksConfig
 from gateway.logs import call_ids
-from gateway.store import WebhookRecord
+from gateway.store import Outbox, WebhookRecord
 from gateway.tasks import cancel_and_wait
 from gateway.times import timestamp
 
@@ -54,27 +54,6 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 # Renders an event's verification as the API shows it (the payload's `data`).
 RenderVerification = Callable[[WebhookRecord], Awaitable[dict[str, Any]]]
-
-
-class Outbox(Protocol):
-    """What the sender needs of the store."""
-
-    async def claim_webhooks(self, now: float, limit: int, hold: float) -> list[WebhookRecord]: ...
-
-    async def next_webhook_at(self) -> float | None: ...
-
-    async def fix_webhook_payload(self, webhook_id: str, payload: str) -> str: ...
-
-    async def webhook_attempted(
-        self,
-        webhook_id: str,
-        *,
-        at: float,
-        status: int | None,
-        error: str | None,
-        delivered: bool,
-        next_attempt_at: float | None,
-    ) -> None: ...
 
 
 class RefusedAddress(OSError):

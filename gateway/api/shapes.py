@@ -263,8 +263,9 @@ Uncertain = Annotated[
 ]
 
 
-class CarrierStats(Response):
-    carrier: str
+class Totals(Response):
+    """Calls over a window and what became of them."""
+
     calls: int
     delivered: int
     uncertain: Uncertain
@@ -273,15 +274,13 @@ class CarrierStats(Response):
     by_outcome: ByOutcome
 
 
-class Stats(Response):
+class CarrierStats(Totals):
+    carrier: str
+
+
+class Stats(Totals):
     since: Time | None
     until: Time | None
-    calls: int
-    delivered: int
-    uncertain: Uncertain
-    failed: int
-    delivery_rate: DeliveryRate
-    by_outcome: ByOutcome
     by_carrier: list[CarrierStats]
 
 
@@ -333,17 +332,8 @@ class CauseCalls(Response):
     calls: int
 
 
-class Window(Response):
+class Window(Stats):
     seconds: int
-    since: Time | None
-    until: Time | None
-    calls: int
-    delivered: int
-    uncertain: Uncertain
-    failed: int
-    delivery_rate: DeliveryRate
-    by_outcome: ByOutcome
-    by_carrier: list[CarrierStats]
     by_cause: list[CauseCalls]
 
 

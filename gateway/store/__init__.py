@@ -58,6 +58,7 @@ __all__ = [
     "KnownInvalid",
     "Limited",
     "NumberHealthRecord",
+    "Outbox",
     "Replayed",
     "Snapshot",
     "Store",
@@ -75,7 +76,29 @@ SQLITE_SCHEME = "sqlite:///"
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
 
 
-class Store(Protocol):
+class Outbox(Protocol):
+    """What the webhook sender needs of the store: the outbox rows it claims and
+    sends, and what became of each attempt."""
+
+    async def claim_webhooks(self, now: float, limit: int, hold: float) -> list[WebhookRecord]: ...
+
+    async def next_webhook_at(self) -> float | None: ...
+
+    async def fix_webhook_payload(self, webhook_id: str, payload: str) -> str: ...
+
+    async def webhook_attempted(
+        self,
+        webhook_id: str,
+        *,
+        at: float,
+        status: int | None,
+        error: str | None,
+        delivered: bool,
+        next_attempt_at: float | None,
+    ) -> None: ...
+
+
+class Store(Outbox, Protocol):
     """What the domain asks of its state. Each method is one transaction."""
 
     # Verifications that reached each status through this store (/metrics).
@@ -167,21 +190,8 @@ class Store(Protocol):
     async def release_queued(self, owner: str) -> int: ...
     async def adopt_calls(self, owner: str, at: float, own: bool = False) -> list[CallRecord]: ...
 
-    # webhooks
-    async def claim_webhooks(self, now: float, limit: int, hold: float) -> list[WebhookRecord]: ...
+    # webhooks (and the Outbox's)
     async def pending_webhooks(self) -> int: ...
-    async def next_webhook_at(self) -> float | None: ...
-    async def fix_webhook_payload(self, webhook_id: str, payload: str) -> str: ...
-    async def webhook_attempted(
-        self,
-        webhook_id: str,
-        *,
-        at: float,
-        status: int | None,
-        error: str | None,
-        delivered: bool,
-        next_attempt_at: float | None,
-    ) -> None: ...
     async def webhooks_of(self, verification_id: str) -> list[WebhookRecord]: ...
 
     # number health and statistics
