@@ -24,17 +24,12 @@ from gateway.api import views
 from gateway.api.middlewares import problems_middleware
 from gateway.app import create_app
 from gateway.config import (
-    AsteriskConfig,
     CallsConfig,
     Config,
-    DatabaseConfig,
-    PoolConfig,
-    SecurityConfig,
-    VerificationConfig,
 )
 from gateway.store import open_store
 from gateway.verifications import PBX_RETRY_AFTER_S
-from tests.conftest import NewDatabase
+from tests.conftest import NewDatabase, make_config
 from tests.fakes import WAIT_S, FakePbx, fresh_mobile, rings_until_hung_up, until
 
 PROBLEM = "application/problem+json"
@@ -46,14 +41,10 @@ FOREIGN = "+14155552671"  # a valid US number
 _DIALABLE = re.compile(r"\+?[0-9]+")
 
 
-def make_config(database: str) -> Config:
-    return Config(
-        asterisk=AsteriskConfig(secret="unused"),  # noqa: S106 - never used: the PBX is fake
-        pools=(PoolConfig(name="default", prefix="+6221500", code_length=4),),
-        security=SecurityConfig(code_secret="api-test-code-secret-0123456789"),  # noqa: S106
-        database=DatabaseConfig(url=database),
-        calls=CallsConfig(ring_seconds=1, max_concurrent=50, max_per_second=1000),
-        verification=VerificationConfig(ttl_seconds=300, max_attempts=5),
+def api_config(database: str) -> Config:
+    """The app's config here: short rings, and pacing out of the way."""
+    return make_config(
+        database, calls=CallsConfig(ring_seconds=1, max_concurrent=50, max_per_second=1000)
     )
 
 
@@ -139,7 +130,7 @@ async def start_api(new_database: NewDatabase) -> AsyncIterator[ApiFactory]:
             await store.close()
         fake = pbx or FakePbx()
         pbxs.append(fake)
-        server = TestServer(create_app(make_config(database), pbx=fake), host="127.0.0.1")
+        server = TestServer(create_app(api_config(database), pbx=fake), host="127.0.0.1")
         await server.start_server()
         servers.append(server)
         session = ClientSession()

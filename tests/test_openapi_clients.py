@@ -30,6 +30,7 @@ import pytest
 
 from gateway.api.bodies import MAX_BODY_BYTES
 from gateway.api.openapi import document
+from gateway.config import LimitsConfig
 from gateway.outcomes import Outcome
 from tests import test_api
 from tests.fakes import fresh_mobile
@@ -789,7 +790,7 @@ async def test_every_v1_operation_answers_401_and_429(
                     expect_problem(generated, response, 401, "unauthorized")
 
         # Spend the other key's requests for this minute (limits.key_requests_per_minute).
-        budget = test_api.make_config("sqlite://").limits.key_requests_per_minute
+        budget = LimitsConfig().key_requests_per_minute
         await asyncio.gather(
             *(api.call("GET", "/v1/verifications/x", key=api.other_key) for _ in range(budget))
         )

@@ -1,27 +1,43 @@
 """The webhook sender against real receivers on loopback: which addresses it reaches, how
-much of an answer it reads, what it tells the client and the logs, and how a receiver
-that never answers is contained."""
+much of an answer it reads, what it tells the client and the logs, how a receiver that
+never answers is contained; and, on the SQLite store's outbox, how deliveries are
+signed, retried, given up and claimed."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import dataclasses
+import hashlib
+import hmac
+import itertools
+import json
 import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from standardwebhooks import Webhook
 
 from gateway.api.bodies import check_callback_url
 from gateway.config import WebhooksConfig
 from gateway.errors import InvalidCallbackUrl, InvalidRequest
-from gateway.store import WebhookRecord
+from gateway.store import (
+    CallRecord,
+    CallStatus,
+    Store,
+    VerificationRecord,
+    VerificationStatus,
+    WebhookRecord,
+    open_store,
+)
 from gateway.webhooks import MAX_IN_FLIGHT, RenderVerification, WebhookSender, origin
 
 SECRET = "whsec_" + base64.b64encode(b"unit-test-webhook-secret-0123456").decode()
@@ -481,3 +497,265 @@ async def test_stop_cancels_deliveries_in_flight(serve: ReceiverFactory) -> None
         await sender.stop()
     # Not recorded as attempted: it goes out again at the next start (at least once).
     assert outbox.rows[row_id].attempts == 0
+
+
+# -- 6. on the SQLite store: signing, retries, giving up, claims -----------------
+
+_events = itertools.count(1)
+RETRY_BASE_S = 0.1  # retry_base_seconds of the retry test: its retries take under a second
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """The SQLite store, whose webhook_outbox the sender delivers."""
+    opened = await open_store(tmp_path / "gateway.sqlite3")
+    yield opened
+    await opened.close()
+
+
+async def add_event(store: Store, url: str, at: float) -> WebhookRecord:
+    """A verification with the callback URL `url` whose call failed (busy) at `at`: its
+    one outbox row, verification.failed, due from `at`."""
+    n = next(_events)
+    vid, cid, phone = f"vrf_{n}", f"call_{n}", f"+62812{n:08d}"
+    await store.create_verification(
+        VerificationRecord(
+            id=vid,
+            api_key_id="key_1",
+            phone=phone,
+            region="ID",
+            reference=None,
+            callback_url=url,
+            status=VerificationStatus.PENDING,
+            code_hash="hmac-of-code",
+            pool="default",
+            cli_prefix="+6221500",
+            cli_length=4,
+            cli_pattern=r"^\+6221500[0-9]{4}$",
+            attempts_remaining=5,
+            created_at=at - 10,
+            expires_at=at + 290,
+            updated_at=at - 10,
+        ),
+        CallRecord(cid, vid, CallStatus.QUEUED, phone[1:], 8, queued_at=at - 10),
+    )
+    await store.end_call(
+        cid,
+        call_status=CallStatus.FAILED,
+        outcome="busy",
+        cause=17,
+        sip_code=486,
+        reason=None,
+        at=at,
+        fail_verification=True,
+    )
+    [row] = await store.webhooks_of(vid)
+    assert (row.type, row.url, row.next_attempt_at, row.attempts) == (
+        "verification.failed",
+        url,
+        at,
+        0,
+    )
+    return row
+
+
+async def row_when(
+    store: Store, row: WebhookRecord, done: Callable[[WebhookRecord], bool]
+) -> WebhookRecord:
+    """`row` as stored, once `done` holds for it."""
+    async with asyncio.timeout(WAIT_S):
+        while True:
+            [stored] = [r for r in await store.webhooks_of(row.verification_id) if r.id == row.id]
+            if done(stored):
+                return stored
+            await asyncio.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt, as the sender recorded it in the store."""
+
+    webhook_id: str
+    at: float
+    status: int | None
+    error: str | None
+    delivered: bool
+    next_attempt_at: float | None
+
+
+class RecordedOutbox:
+    """The store as the sender's outbox, noting each attempt the sender records."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.attempts: list[Attempt] = []
+
+    async def claim_webhooks(self, now: float, limit: int, hold: float) -> list[WebhookRecord]:
+        return await self.store.claim_webhooks(now, limit, hold)
+
+    async def next_webhook_at(self) -> float | None:
+        return await self.store.next_webhook_at()
+
+    async def fix_webhook_payload(self, webhook_id: str, payload: str) -> str:
+        return await self.store.fix_webhook_payload(webhook_id, payload)
+
+    async def webhook_attempted(self, webhook_id: str, **attempt: Any) -> None:
+        self.attempts.append(Attempt(webhook_id, **attempt))
+        await self.store.webhook_attempted(webhook_id, **attempt)
+
+
+StoreSenderFactory = Callable[..., WebhookSender]
+
+
+@pytest.fixture
+async def start_store_sender(store: Store) -> AsyncIterator[StoreSenderFactory]:
+    """Start senders on the store (or on a RecordedOutbox in front of it), receivers on
+    loopback allowed; other WebhooksConfig fields as keywords."""
+    senders: list[WebhookSender] = []
+
+    def start(outbox: RecordedOutbox | None = None, **settings: Any) -> WebhookSender:
+        config = WebhooksConfig(secret=SECRET, allowed_networks=LOOPBACK, **settings)
+        sender = WebhookSender(config, outbox or store, render)
+        sender.start()
+        senders.append(sender)
+        return sender
+
+    yield start
+    for sender in senders:
+        await sender.stop()
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A request a receiver got: when (wall clock), its headers (names in lower case)
+    and its body."""
+
+    arrived: float
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def webhook_id(self) -> str:
+        return self.headers["webhook-id"]
+
+
+def recording(into: list[Delivery], statuses: tuple[int, ...] = (), pause: float = 0.0) -> Answer:
+    """An answer that notes each request in `into`, waits `pause`, then answers with
+    `statuses` in turn, and 204 after them."""
+    answers = iter(statuses)
+
+    async def answer(request: web.Request, receiver: Receiver) -> web.StreamResponse:
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        into.append(Delivery(time.time(), headers, await request.read()))
+        await asyncio.sleep(pause)
+        return web.Response(status=next(answers, 204))
+
+    return answer
+
+
+async def test_a_delivery_is_signed_the_standard_webhooks_way(
+    store: Store, start_store_sender: StoreSenderFactory, serve: ReceiverFactory
+) -> None:
+    got: list[Delivery] = []
+    receiver = await serve(recording(got))
+    at = float(int(time.time()) - 2)  # a whole second, so its RFC 3339 form is plain
+    row = await add_event(store, receiver.url(), at)
+    start_store_sender()
+    done = await row_when(store, row, lambda r: r.delivered_at is not None)
+
+    [delivery] = got
+    headers = delivery.headers
+    assert (headers["webhook-id"], headers["content-type"]) == (row.id, "application/json")
+    signed_at = int(headers["webhook-timestamp"])
+    assert delivery.arrived - 5 <= signed_at <= delivery.arrived
+    # v1: HMAC-SHA256 over "id.timestamp.body", keyed by the base64 after whsec_.
+    key = base64.b64decode(SECRET.removeprefix("whsec_"))
+    signed = f"{row.id}.{signed_at}.".encode() + delivery.body
+    signature = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    assert headers["webhook-signature"] == f"v1,{signature}"
+    # What a receiver does with the library: the headers verify, the event is inside.
+    event = Webhook(SECRET).verify(delivery.body, headers)
+    assert event == {
+        "id": row.id,
+        "type": "verification.failed",
+        "created_at": datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+        "data": {"id": row.verification_id, "status": "pending"},
+    }
+    assert done.payload is not None and json.loads(done.payload) == event  # kept for retries
+    assert (done.attempts, done.last_status, done.last_error) == (1, 204, None)
+    assert done.given_up_at is None
+
+
+async def test_a_failed_delivery_is_retried_with_a_doubling_backoff(
+    store: Store, start_store_sender: StoreSenderFactory, serve: ReceiverFactory
+) -> None:
+    got: list[Delivery] = []
+    receiver = await serve(recording(got, statuses=(500, 503, 500)))
+    row = await add_event(store, receiver.url(), time.time())
+    outbox = RecordedOutbox(store)
+    start_store_sender(outbox, retry_base_seconds=RETRY_BASE_S)
+    done = await row_when(store, row, lambda r: r.delivered_at is not None)
+
+    assert [(a.status, a.error, a.delivered) for a in outbox.attempts] == [
+        (500, "http_status", False),
+        (503, "http_status", False),
+        (500, "http_status", False),
+        (204, None, True),
+    ]
+    failed = outbox.attempts[:3]
+    for before, attempt in enumerate(failed):
+        assert attempt.next_attempt_at is not None
+        delay = attempt.next_attempt_at - attempt.at
+        # retry_base_seconds, doubled for each attempt before; jitter takes up to half.
+        ceiling = RETRY_BASE_S * 2**before
+        assert ceiling / 2 - 1e-6 <= delay <= ceiling + 1e-6, (before, delay)
+    assert [d.webhook_id for d in got] == [row.id] * 4
+    for attempt, retry in zip(failed, got[1:], strict=True):
+        assert attempt.next_attempt_at is not None
+        assert retry.arrived >= attempt.next_attempt_at  # sent once due, not before
+    assert len({d.body for d in got}) == 1  # the same event every time
+    assert (done.attempts, done.last_status, done.last_error) == (4, 204, None)
+    assert done.given_up_at is None
+
+
+async def test_a_delivery_is_given_up_when_its_next_retry_would_come_too_late(
+    store: Store, start_store_sender: StoreSenderFactory, serve: ReceiverFactory
+) -> None:
+    got: list[Delivery] = []
+    receiver = await serve(recording(got, statuses=(500, 500)))
+    now = time.time()
+    # With retry_base_seconds 10 the first retry comes 5 to 10 s after the failure:
+    # past the give-up time (60 s after the event) of an event 57 s old, within that of
+    # one 40 s old.
+    late = await add_event(store, receiver.url(), now - 57)
+    young = await add_event(store, receiver.url(), now - 40)
+    start_store_sender(retry_base_seconds=10, give_up_seconds=60)
+    given_up = await row_when(store, late, lambda r: r.attempts > 0)
+    retried = await row_when(store, young, lambda r: r.attempts > 0)
+
+    assert (given_up.last_status, given_up.last_error, given_up.delivered_at) == (
+        500,
+        "http_status",
+        None,
+    )
+    assert given_up.given_up_at is not None
+    assert retried.given_up_at is None
+    assert now + 5 <= retried.next_attempt_at <= time.time() + 10
+    assert sorted(d.webhook_id for d in got) == sorted([late.id, young.id])
+    assert await store.pending_webhooks() == 1  # the young one, to retry
+
+
+async def test_two_senders_on_one_outbox_deliver_each_row_once(
+    store: Store, start_store_sender: StoreSenderFactory, serve: ReceiverFactory
+) -> None:
+    got: list[Delivery] = []
+    # Answers take a while: the rows are still in flight when the other sender looks.
+    receiver = await serve(recording(got, pause=0.3))
+    rows = [await add_event(store, receiver.url(), time.time()) for _ in range(12)]
+    start_store_sender()
+    start_store_sender()
+    delivered = [await row_when(store, r, lambda r: r.delivered_at is not None) for r in rows]
+    await asyncio.sleep(1.2)  # both senders look again (at least once a second)
+
+    assert sorted(d.webhook_id for d in got) == sorted(r.id for r in rows)
+    assert [r.attempts for r in delivered] == [1] * len(rows)

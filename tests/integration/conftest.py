@@ -25,15 +25,12 @@ from gateway.config import (
     AsteriskConfig,
     CallsConfig,
     Config,
-    DatabaseConfig,
     LimitsConfig,
     PoolConfig,
-    SecurityConfig,
-    VerificationConfig,
 )
 from gateway.pbx import AmiSettings
 from gateway.store import open_store
-from tests.conftest import NewDatabase
+from tests.conftest import NewDatabase, make_config
 from tests.farend import FarEnd
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,26 +40,26 @@ POOL_PREFIX = "+6221500"
 
 def dev_config(database: str, ami: AmiSettings, **sections: Any) -> Config:
     """The gateway's config for the dev PBX; keyword arguments replace whole sections."""
-    config = Config(
-        asterisk=AsteriskConfig(
-            secret=ami.secret,
-            host=ami.host,
-            port=ami.port,
-            username=ami.username,
-            channel=ami.channel,
-            settle_seconds=ami.settle_seconds,
-        ),
-        pools=(PoolConfig(name="dev", prefix=POOL_PREFIX, code_length=4),),
-        security=SecurityConfig(code_secret="integration-test-code-secret"),  # noqa: S106
-        database=DatabaseConfig(url=database),
-        calls=CallsConfig(
-            ring_seconds=2, max_ring_seconds=10, max_concurrent=200, max_per_second=200
-        ),
-        verification=VerificationConfig(ttl_seconds=300, max_attempts=5),
-        # The tests poll GET every 50 ms for many calls at once: no per-key request cap.
-        limits=LimitsConfig(key_requests_per_minute=1_000_000),
+    return make_config(
+        database,
+        **{
+            "asterisk": AsteriskConfig(
+                secret=ami.secret,
+                host=ami.host,
+                port=ami.port,
+                username=ami.username,
+                channel=ami.channel,
+                settle_seconds=ami.settle_seconds,
+            ),
+            "pools": (PoolConfig(name="dev", prefix=POOL_PREFIX, code_length=4),),
+            "calls": CallsConfig(
+                ring_seconds=2, max_ring_seconds=10, max_concurrent=200, max_per_second=200
+            ),
+            # The tests poll GET every 50 ms for many calls at once: no per-key request cap.
+            "limits": LimitsConfig(key_requests_per_minute=1_000_000),
+            **sections,
+        },
     )
-    return dataclasses.replace(config, **sections)
 
 
 @dataclasses.dataclass
