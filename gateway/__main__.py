@@ -1,4 +1,4 @@
-"""Command line: run, check-config, keys, call."""
+"""Command line: run, check-config, config-reference, keys, call."""
 
 from __future__ import annotations
 
@@ -46,6 +46,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with_config(sub.add_parser("run", help="run the gateway"))
     with_config(sub.add_parser("check-config", help="validate a config file"))
+    reference = sub.add_parser(
+        "config-reference",
+        help="print the configuration reference and config.example.yaml, as gateway/config.py "
+        "declares them",
+    )
+    mode = reference.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--write",
+        action="store_true",
+        help="rewrite the reference in docs/operator/configuration.md and config.example.yaml",
+    )
+    mode.add_argument(
+        "--check", action="store_true", help="exit 1 when either differs from the declaration"
+    )
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys", required=True)
     create = with_config(keys.add_parser("create", help="create a key; prints it once, last"))
@@ -93,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "call":
         return follow_call(args)
+    if args.command == "config-reference":
+        return config_reference(args.write, args.check)
     if args.command == "numbers" and args.numbers == "check":
         return check_numbers(args)
     try:
@@ -217,6 +233,34 @@ async def manage_keys(cfg: config.Config, args: argparse.Namespace) -> int:
         return 0
     finally:
         await store.close()
+
+
+def config_reference(write: bool, check: bool) -> int:
+    """Print, check or rewrite the files written from the config's declaration."""
+    from gateway import configdoc
+
+    try:
+        if write:
+            for path in configdoc.write():
+                print(f"wrote {path.relative_to(configdoc.ROOT)}")
+            return 0
+        if check:
+            stale = configdoc.stale()
+            for path in stale:
+                print(
+                    f"{path.relative_to(configdoc.ROOT)} differs from gateway/config.py: "
+                    f"run {configdoc.COMMAND}",
+                    file=sys.stderr,
+                )
+            return 1 if stale else 0
+    except (OSError, ValueError) as exc:  # not a checkout, or the markers are gone
+        print(f"config-reference: {exc}", file=sys.stderr)
+        return 1
+    print(f"==> {configdoc.REFERENCE}, between its markers <==")
+    print(configdoc.reference_markdown())
+    print(f"==> {configdoc.EXAMPLE} <==")
+    print(configdoc.example_yaml(), end="")
+    return 0
 
 
 def check_numbers(args: argparse.Namespace) -> int:

@@ -1,6 +1,12 @@
 """YAML configuration to frozen dataclasses: defaults, ${ENV} interpolation, key-path errors.
 
 Nothing else in the gateway reads YAML or the environment.
+
+Each key is declared once, on its field: `setting()` gives its default, its one-line
+description and the simple rules `check-config` applies (a range, the allowed values,
+not empty, a format). One generic walk applies those rules; the checks across keys are
+code in `_check` and its helpers. gateway/configdoc.py writes the configuration
+reference and config.example.yaml from the same declaration.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ import socket
 import types
 import typing
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypedDict, TypeVar, Unpack, overload
 
 import phonenumbers
 import yaml
@@ -36,6 +43,7 @@ SHUTDOWN_GRACE_S = 5.0
 # The longest limit window a config may set is 31 days: retention never forgets a call
 # that a limit still counts.
 MIN_RETENTION_DAYS = 31
+MAX_WINDOW_SECONDS = MIN_RETENTION_DAYS * 86400
 # Far above any real client count, and below the open files a process may be given.
 MAX_CONNECTIONS = 60_000
 # PostgreSQL connections per gateway; each is a server process, and the server's own
@@ -48,7 +56,6 @@ MIN_LEASE_SECONDS = 3.0
 MAX_LEASE_SECONDS = 120.0
 MAX_INSTANCE_NAME = 64
 MAX_NODE_NAME = 32
-_NODE_NAME = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_NODE_NAME}}}")
 # Far above any one trunk's contract; a typo (a rate of 1e6) is caught instead.
 MAX_CALLS_PER_SECOND = 10_000
 MAX_CONCURRENT_CALLS = 100_000
@@ -80,8 +87,6 @@ NUMBER_TYPES = (
 )
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_E164ISH = re.compile(r"\+[1-9][0-9]{1,14}")
-_REGION = re.compile(r"[A-Z]{2}")
 E164 = PhoneNumberFormat.E164
 
 
@@ -93,67 +98,425 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+# -- the declaration of a key: setting() ------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
+class Format:
+    """A text format a value must match whole: `what` completes "must be ..."."""
+
+    regex: re.Pattern[str]
+    what: str
+
+    def matches(self, value: str) -> bool:
+        return self.regex.fullmatch(value) is not None
+
+
+_E164ISH = re.compile(r"\+[1-9][0-9]{1,14}")
+REGION = Format(re.compile(r"[A-Z]{2}"), "an ISO 3166 alpha-2 code")
+# Letters and digits as str.isalnum() has them: \w is those and _.
+NODE_NAME = Format(
+    re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_NODE_NAME}}}"),
+    f"1-{MAX_NODE_NAME} letters, digits and - _ .",
+)
+INSTANCE_NAME = Format(
+    re.compile(rf"[\w.:-]{{0,{MAX_INSTANCE_NAME}}}"),
+    f"at most {MAX_INSTANCE_NAME} letters, digits and - _ . :",
+)
+
+
+class Rules(TypedDict, total=False):
+    """What setting() takes besides the description and the default: see Setting."""
+
+    details: str
+    ge: float | str
+    gt: float
+    le: float | str
+    zero: str
+    choices: tuple[str, ...]
+    pattern: Format
+    nonempty: bool
+    min_length: int
+    one_line: bool
+    hint: str
+    also: str
+    secret: bool
+    env: str
+    example: Any
+    empty: str
+    inherits: str
+    in_example: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """The facts of one key, kept in its field's metadata (`setting_of(field)`).
+
+    The rules are checked by `_check_settings`, each key's first broken rule reported as
+    `path: must be ...`; a rule on a list key's items (`pattern`, `choices`) is checked
+    on each item (`path[i]: ...`). A None value (an optional key left out) has no rules.
+    """
+
+    doc: str  # one line: the example's comment, and the reference's meaning
+    details: str = ""  # Markdown sentences the reference adds to `doc`
+    ge: float | str | None = None  # at least this, or the value of the sibling key named
+    gt: float | None = None  # above this
+    le: float | str | None = None  # at most this, or the value of the sibling key named
+    zero: str = ""  # 0 is allowed too, outside the range, and means this
+    choices: tuple[str, ...] = ()  # the value, or each item, is one of these
+    pattern: Format | None = None  # the value, or each item, matches this
+    nonempty: bool = False  # not "", not []
+    min_length: int = 0  # a string of at least this many characters
+    one_line: bool = False  # printable text, no line break
+    hint: str = ""  # advice added to the message of a broken rule, in parentheses
+    also: str = ""  # the rule checked by code (across keys), as the reference states it
+    secret: bool = False  # never in repr(); the example takes it from the environment
+    env: str = ""  # the environment variable the example reads it from
+    example: Any = None  # a value the example shows commented out, for a key left empty
+    empty: str = ""  # what the default means when it is empty or none
+    inherits: str = ""  # the key whose value applies when this one is left out
+    in_example: bool = True  # False: the reference only (an older spelling)
+
+    def range_text(self, owner: str, name: Callable[[str], str] = str) -> str:
+        """The numeric range as "must be ..." ends, "" without one. A sibling key in a
+        bound is shown by `name` of its path."""
+
+        def show(bound: float | str) -> str:
+            return name(_join(owner, bound)) if isinstance(bound, str) else _number(bound)
+
+        if self.ge is not None and self.le is not None:
+            if isinstance(self.ge, str) or isinstance(self.le, str):
+                text = f"between {show(self.ge)} and {show(self.le)}"
+            else:
+                text = f"{show(self.ge)}-{show(self.le)}"
+        elif self.gt is not None and self.le is not None:
+            text = f"above {show(self.gt)}, at most {show(self.le)}"
+        elif self.ge is not None:
+            text = f"at least {show(self.ge)}"
+        elif self.gt is not None:
+            text = f"above {show(self.gt)}"
+        elif self.le is not None:
+            text = f"at most {show(self.le)}"
+        else:
+            return ""
+        return f"0 ({self.zero}) or {text}" if self.zero else text
+
+    def problem(self, value: Any, owner: Any, owner_path: str) -> str | None:
+        """What is wrong with `value`, this key's value in `owner` (at `owner_path`),
+        as the text after its path; None when every rule holds."""
+        message = None
+        if self.nonempty and not value:
+            message = "must not be empty"
+        elif isinstance(value, str):
+            if self.one_line and not value.isprintable():
+                message = "must be one line of printable text"
+            elif len(value) < self.min_length:
+                message = f"must be at least {self.min_length} characters"
+            else:
+                message = self.item_problem(value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            message = self._range_problem(value, owner, owner_path)
+        if message and self.hint:
+            message += f" ({self.hint})"
+        return message
+
+    def item_problem(self, item: Any) -> str | None:
+        """What is wrong with `item`, the value of a text key or an item of a list key."""
+        if not isinstance(item, str):
+            return None
+        if self.choices and item not in self.choices:
+            return f"must be one of {self.choices}"
+        if self.pattern is not None and not self.pattern.matches(item):
+            return f"must be {self.pattern.what}"
+        return None
+
+    def _range_problem(self, value: float, owner: Any, owner_path: str) -> str | None:
+        def bound(b: float | str) -> float:
+            return float(getattr(owner, b)) if isinstance(b, str) else b
+
+        if self.zero and value == 0:
+            return None
+        ok = (
+            (self.ge is None or value >= bound(self.ge))
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= bound(self.le))
+        )
+        return None if ok else f"must be {self.range_text(owner_path)}"
+
+
+SETTING = "otp-gateway.setting"  # the metadata key
+
+
+def setting_of(spec: Any) -> Setting:
+    """The Setting of a dataclasses.Field; every config field has one."""
+    found = spec.metadata.get(SETTING)
+    if not isinstance(found, Setting):
+        raise TypeError(f"{spec.name}: declared without setting()")
+    return found
+
+
+_T = TypeVar("_T")
+
+
+@overload
+def setting(doc: str, *, default: _T, **rules: Unpack[Rules]) -> _T: ...
+@overload
+def setting(doc: str, *, default_factory: Callable[[], _T], **rules: Unpack[Rules]) -> _T: ...
+@overload
+def setting(doc: str, *, kw_only: bool = False, **rules: Unpack[Rules]) -> Any: ...
+def setting(
+    doc: str,
+    *,
+    default: Any = MISSING,
+    default_factory: Any = MISSING,
+    kw_only: bool = False,
+    **rules: Unpack[Rules],
+) -> Any:
+    """A config key: a dataclass field with its default (none: required), its one-line
+    description and its rules (see Setting). A secret is left out of repr(). A required
+    key declared after keys with defaults is keyword-only (`kw_only=True`)."""
+    about = Setting(doc, **rules)
+    return field(
+        default=default,
+        default_factory=default_factory,
+        repr=not about.secret,
+        kw_only=kw_only,
+        metadata={SETTING: about},
+    )
+
+
+_C = TypeVar("_C")
+
+
+@typing.dataclass_transform(frozen_default=True, field_specifiers=(setting,))
+def section(cls: type[_C]) -> type[_C]:
+    """A part of the configuration: a frozen dataclass whose fields are setting()s."""
+    return dataclass(frozen=True, slots=True)(cls)
+
+
+# -- the configuration --------------------------------------------------------------
+
+
+@section
 class HttpConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080
+    host: str = setting(
+        "listen address; put a TLS proxy in front for other hosts", default="127.0.0.1"
+    )
+    port: int = setting("listen port", default=8080, ge=1, le=65535)
     # A request the gateway cannot answer in this time gets a 503, not a hung client.
-    request_timeout_seconds: float = 10.0
-    # A connection with no request for this long is closed: after a response, and from
-    # the connect until its headers are complete (so a client that trickles them too).
-    keepalive_seconds: float = 15.0
-    # Open API connections at most; beyond it a new one is answered 503 and closed,
-    # before the process runs out of file descriptors (AMI and the database need some).
-    max_connections: int = 1000
-    # /metrics and the dashboard: their own listener, on loopback unless said otherwise.
-    operator_host: str = "127.0.0.1"
-    operator_port: int = 8081
+    request_timeout_seconds: float = setting(
+        "a request not answered in this time gets `503 overloaded`", default=10.0, gt=0, le=300
+    )
+    # Also from the connect until its headers are complete (so a client that trickles them).
+    keepalive_seconds: float = setting(
+        "a connection without a request this long is closed (idle after a response, or still "
+        "sending its headers, a slow client); behind a proxy that reuses connections, set it "
+        "above the proxy's idle timeout",
+        default=15.0,
+        gt=0,
+        le=300,
+    )
+    # Before the process runs out of file descriptors (AMI and the database need some).
+    max_connections: int = setting(
+        "open API connections at most; beyond it a new one is answered `503 overloaded` and closed",
+        details="The gateway raises its open-files limit to fit, as far as the hard limit allows",
+        default=1000,
+        ge=1,
+        le=MAX_CONNECTIONS,
+    )
+    operator_host: str = setting(
+        "listen address of the operator routes: `/metrics`, `/dashboard`, `/dashboard/data`; "
+        "`/metrics` names API keys, keep it on the operator's network",
+        details="`check-config` warns when it is not loopback",
+        default="127.0.0.1",
+    )
+    operator_port: int = setting(
+        "their port: they are never served on the API's port",
+        details="See [Metrics](operations.md#metrics)",
+        default=8081,
+        ge=1,
+        le=65535,
+        also="not `http.port`",
+    )
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class DatabaseConfig:
-    # sqlite:///var/gateway.sqlite3 (a file: one gateway) or
-    # postgresql://user:password@host:port/db (shared by many gateways).
-    url: str = DEFAULT_DATABASE_URL
-    # The older spelling of url: sqlite:///<path>.
-    path: str = ""
-    # PostgreSQL connections per gateway (the API's concurrent transactions).
-    pool_size: int = 10
-    # Finished verifications, with their calls, events and webhooks, are deleted this
-    # many days after their creation; 0 keeps them for ever.
-    retention_days: int = 90
+    url: str = setting(
+        "where the state lives: a SQLite file for one gateway (`sqlite:////srv/x` for an "
+        "absolute path; back up with `sqlite3 FILE .backup`), or PostgreSQL, which several "
+        "gateways share, e.g. `postgresql://otp:${PGPASSWORD}@db:5432/otp` with the password "
+        "from the environment",
+        details=(
+            "A SQLite file runs in WAL mode; `sqlite:///var/x` is relative to the working "
+            "directory. It is created mode 0600 (its `-wal` and "
+            "`-shm` too), in a new "
+            "directory mode 0700; an existing file others could read is made 0600 at start. "
+            "See [Backups](operations.md#backups). The same migrations, numbered alike, are "
+            "applied at start on either. A URL that cannot be read, or a server that cannot "
+            "be reached at start, stops `run` (and `keys`, `numbers export`) with a message "
+            "naming `database.url`"
+        ),
+        default=DEFAULT_DATABASE_URL,
+        also="`sqlite:///FILE` or `postgresql://USER:PASSWORD@HOST:PORT/DB`, one line",
+    )
+    path: str = setting(
+        "the older spelling of `database.url: sqlite:///FILE`: the FILE",
+        default="",
+        empty="`url` applies",
+        also="not with `url`",
+        in_example=False,
+    )
+    # The API's concurrent transactions.
+    pool_size: int = setting(
+        "PostgreSQL only: connections each gateway opens",
+        details=(
+            "The server's `max_connections` (100 by default) is shared by every gateway and "
+            "your other clients"
+        ),
+        default=10,
+        ge=1,
+        le=MAX_POOL_SIZE,
+    )
+    retention_days: int = setting(
+        "finished verifications, with their calls, call events and webhooks, are deleted this "
+        "many days after their creation",
+        details=(
+            "No limit window (at most 31 days) loses what it counts. "
+            "See [Retention](operations.md#retention)"
+        ),
+        default=90,
+        ge=MIN_RETENTION_DAYS,
+        le=3650,
+        zero="keep for ever",
+    )
 
 
-@dataclass(frozen=True, slots=True)
-class AsteriskConfig:
-    secret: str = field(repr=False)
-    host: str = "127.0.0.1"
-    port: int = 5038
-    username: str = "otp-gateway"
-    channel: str = "PJSIP/{number}@otp-trunk"
-    dial_format: str = "e164_no_plus"
-    # Wait after each AMI login before placing calls: Asterisk may still be booting.
-    settle_seconds: float = 2.0
-    # The node's name (in call.node, logs and metrics) when `nodes` is empty.
-    name: str = "asterisk"
-    # Several Asterisk nodes: each call goes to a logged-in node with room. Empty: this
-    # mapping is the one node.
-    nodes: tuple[NodeConfig, ...] = ()
+_CHANNEL_RULE = "a `PJSIP/` channel containing `{number}`"
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class NodeConfig:
     """One of asterisk.nodes. A key it leaves out is the asterisk mapping's;
     max_per_second and max_concurrent are calls' (the node's own trunk contract)."""
 
-    name: str
-    host: str | None = None
-    port: int | None = None
-    username: str | None = None
-    secret: str | None = field(default=None, repr=False)
-    channel: str | None = None
-    max_per_second: float | None = None
-    max_concurrent: int | None = None
+    name: str = setting(
+        "the node's name, stored with each call: keep it while the node has calls",
+        pattern=NODE_NAME,
+        also="unique",
+    )
+    host: str | None = setting(
+        "the node's AMI address",
+        default=None,
+        inherits="asterisk.host",
+        nonempty=True,
+        one_line=True,
+        also="no two nodes at one AMI `host:port`",
+    )
+    port: int | None = setting(
+        "its AMI port", default=None, inherits="asterisk.port", ge=1, le=65535
+    )
+    username: str | None = setting(
+        "its AMI user", default=None, inherits="asterisk.username", nonempty=True, one_line=True
+    )
+    secret: str | None = setting(
+        "its AMI password",
+        default=None,
+        inherits="asterisk.secret",
+        secret=True,
+        nonempty=True,
+        one_line=True,
+    )
+    channel: str | None = setting(
+        "its Originate channel",
+        default=None,
+        inherits="asterisk.channel",
+        nonempty=True,
+        one_line=True,
+        also=_CHANNEL_RULE,
+    )
+    max_per_second: float | None = setting(
+        "Originate actions per second on this node, counted by each gateway for itself",
+        default=None,
+        inherits="calls.max_per_second",
+        gt=0,
+        le=MAX_CALLS_PER_SECOND,
+    )
+    max_concurrent: int | None = setting(
+        "calls up at once on this node, counted by each gateway for itself",
+        default=None,
+        inherits="calls.max_concurrent",
+        ge=1,
+        le=MAX_CONCURRENT_CALLS,
+    )
+
+
+@section
+class AsteriskConfig:
+    secret: str = setting(
+        "AMI password", secret=True, env="AMI_SECRET", nonempty=True, one_line=True
+    )
+    host: str = setting(
+        "AMI address of your Asterisk",
+        details="With `asterisk.nodes`, each node's default, as are `port`, `username`, "
+        "`secret` and `channel`",
+        default="127.0.0.1",
+    )
+    port: int = setting("AMI port", default=5038, ge=1, le=65535)
+    username: str = setting(
+        "AMI user, as in `asterisk-config/manager.conf`",
+        default="otp-gateway",
+        nonempty=True,
+        one_line=True,
+    )
+    # The AMI filter passes the events of channels whose Uniqueid starts with otp-; a
+    # Local/ channel's far leg has a Uniqueid of its own, and its events never come.
+    channel: str = setting(
+        "the Originate channel; `{number}` is replaced by the destination in `dial_format`",
+        details=(
+            "A `Local/` channel's far leg escapes the AMI event filter. The endpoint is "
+            "named in logs and in `otp_trunk_rejections_total`"
+        ),
+        default="PJSIP/{number}@otp-trunk",
+        nonempty=True,
+        one_line=True,
+        also=_CHANNEL_RULE,
+    )
+    dial_format: str = setting(
+        "the destination's format for the trunk: `e164` is `+6281234567890`, `e164_no_plus` "
+        "`6281234567890`, `national` `081234567890`",
+        default="e164_no_plus",
+        choices=DIAL_FORMATS,
+    )
+    # Asterisk may still be booting.
+    settle_seconds: float = setting(
+        "after each AMI login, wait at most this long for `FullyBooted`: at once on a booted "
+        "PBX when the AMI user has `read = call,system`, without `system` always this long",
+        details="Without `system`, Asterisk may still be booting. It applies to every node",
+        default=2.0,
+        ge=0,
+        le=30,
+    )
+    name: str = setting(
+        "the node's name when `nodes` is empty: in `call.node`, the logs, `/readyz` and the "
+        "metrics' `node` label",
+        default="asterisk",
+        pattern=NODE_NAME,
+    )
+    nodes: tuple[NodeConfig, ...] = setting(
+        "several Asterisk nodes: each call goes to a logged-in node with room; a node "
+        "inherits every key it leaves out from this mapping, `max_per_second` and "
+        "`max_concurrent` from `calls`",
+        details=(
+            "Empty: the `asterisk` mapping is the one node. Every gateway logs in to every "
+            "node. See [Running more than one](operations.md#running-more-than-one)"
+        ),
+        default=(),
+        example=(
+            NodeConfig("a", host="10.0.0.11"),
+            NodeConfig("b", host="10.0.0.12", secret="${AMI_SECRET_B}", max_per_second=5.0),  # noqa: S106 - an env reference
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,16 +534,47 @@ class AsteriskNode:
     max_concurrent: int
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class PoolConfig:
-    name: str
-    prefix: str | None = None
-    code_length: int = 4
-    numbers: tuple[str, ...] = ()
-    cli_format: str = "e164_no_plus"
-    # Destination regions this pool serves; empty means every allowed region.
-    regions: tuple[str, ...] = ()
-    allow_low_entropy: bool = False
+    name: str = setting("the pool's name", also="unique")
+    prefix: str | None = setting(
+        'caller IDs are prefix + code: `"+6221500"` gives `+62215000000` to `+62215009999`',
+        details="Set either `prefix` or `numbers`",
+        default=None,
+        pattern=Format(_E164ISH, "+ followed by digits, e.g. +6221500"),
+        also="with `code_length` at most 15 digits",
+    )
+    code_length: int = setting(
+        "how many trailing digits are the code",
+        default=4,
+        ge=CODE_LENGTHS.start,
+        le=CODE_LENGTHS.stop - 1,
+    )
+    numbers: tuple[str, ...] = setting(
+        "instead of `prefix`: an explicit list of E.164 numbers, each with the code in its "
+        "last `code_length` digits",
+        default=(),
+        pattern=Format(_E164ISH, "an E.164 number such as +622150001234"),
+        also="no two equal, or equal in their last `code_length` digits",
+        example=("+622150001234", "+622150005678"),
+    )
+    cli_format: str = setting(
+        "how the caller ID is handed to Asterisk, as `asterisk.dial_format` hands the destination",
+        default="e164_no_plus",
+        choices=DIAL_FORMATS,
+    )
+    regions: tuple[str, ...] = setting(
+        "destination regions this pool serves",
+        default=(),
+        empty="every allowed region",
+        also="each in `numbers.allowed_regions`",
+        example=("ID",),
+    )
+    allow_low_entropy: bool = setting(
+        f"accept a pool of fewer than {MIN_POOL_CODES:,} codes; `check-config` prints its odds",
+        details="See [Pool size](#pool-size)",
+        default=False,
+    )
 
     @property
     def codes(self) -> int:
@@ -188,104 +582,252 @@ class PoolConfig:
         return len(self.numbers) if self.numbers else 10**self.code_length
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class CallsConfig:
-    ring_seconds: int = 8  # counted from alerting (the first 180, or a lone 183)
-    max_ring_seconds: int = 15
-    # How long a call may wait for alerting (post-dial delay) before it ends no_alerting;
+    ring_seconds: int = setting(
+        "how long the phone rings before the gateway hangs up, counted from alerting: the "
+        "first 180, or a 183 before it",
+        default=8,
+        ge=1,
+        le="max_ring_seconds",
+    )
+    max_ring_seconds: int = setting(
+        "the most a request's `ring_seconds` may ask for",
+        details="With `max_post_dial_seconds` it bounds the shutdown drain",
+        default=15,
+        ge=1,
+        le=MAX_RING_SECONDS,
+    )
     # Originate's Timeout is this plus the ring time.
-    max_post_dial_seconds: int = 15
-    # A typical trunk contract: 10 calls per second (CPS), and channels for 10/s times
-    # post-dial delay plus ring (6 s + 8 s). Above the carrier's limits calls come back
-    # 486 or 503; set both from your contract.
-    max_concurrent: int = 150
-    max_per_second: float = 10.0
-    # Calls waiting for a slot beyond this are refused (503 overloaded): a queue that
-    # would take minutes to drain only makes every user wait past their code's use.
-    max_queue: int = 1000
-    # While AMI is down a queued call waits this long for it, then fails pbx_unavailable;
-    # once AMI has been down this long, creates are refused (503 pbx_unavailable).
-    pbx_wait_seconds: float = 10.0
+    max_post_dial_seconds: int = setting(
+        "how long a call may wait for alerting (post-dial delay; 3-8 s is common on mobile "
+        "networks), then it ends `no_alerting`",
+        details=(
+            "A call that has not alerted this long plus its ring time after its INVITE "
+            "(Asterisk's DialBegin; the Originate's time if the event filter lacks DialBegin) "
+            "is hung up"
+        ),
+        default=15,
+        ge=0,
+        le=MAX_POST_DIAL_SECONDS,
+    )
+    max_concurrent: int = setting(
+        "calls up at once, ringing or waiting for alerting, per node and per gateway: your "
+        "trunk's channel limit",
+        details=(
+            "A node's own `max_concurrent` overrides it. It must cover `max_per_second` times "
+            "(post-dial delay + ring time): 10/s times (6 s + 8 s) needs 140"
+        ),
+        default=150,
+        ge=1,
+        le=MAX_CONCURRENT_CALLS,
+    )
+    max_per_second: float = setting(
+        "Originate actions per second, per node and per gateway: your trunk's CPS limit",
+        details=(
+            "A node's own `max_per_second` overrides it. Above the limit carriers answer 486 "
+            "or 503 in bursts"
+        ),
+        default=10.0,
+        gt=0,
+        le=MAX_CALLS_PER_SECOND,
+    )
+    max_queue: int = setting(
+        "calls waiting for a slot beyond this are refused with `503 overloaded`",
+        details=(
+            "A queue that would take minutes to drain only makes every user wait past "
+            "their code's use"
+        ),
+        default=1000,
+        ge=1,
+    )
+    pbx_wait_seconds: float = setting(
+        "while AMI to every node is down, a queued call waits this long for one, then fails "
+        "`pbx_unavailable`; once every node has been down this long, creates answer "
+        "`503 pbx_unavailable`",
+        details="0: refused as soon as the last node is down",
+        default=10.0,
+        ge=0,
+        le=300,
+    )
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class VerificationConfig:
-    ttl_seconds: int = 300
-    max_attempts: int = 5
+    ttl_seconds: int = setting("a pending verification expires after this", default=300, ge=30)
+    max_attempts: int = setting("wrong codes before `max_attempts_reached`", default=5, ge=1, le=20)
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class EarlyMediaConfig:
     """Where a 183 (early media) with no 180 counts as the phone alerting.
 
     Empty (the default): nowhere. A lone 183 is then `progress_only`, not delivered."""
 
-    regions: tuple[str, ...] = ()  # ISO 3166 alpha-2 codes of the destination
-    carriers: tuple[str, ...] = ()  # carrier names as the number lookup gives them
+    regions: tuple[str, ...] = setting(
+        "destination regions where it does, e.g. `[ID]`", default=(), pattern=REGION
+    )
+    carriers: tuple[str, ...] = setting(
+        "carriers whose 183 does, named as `GET /v1/numbers/{phone}` names them, e.g. "
+        "`[Telkomsel]`",
+        default=(),
+    )
 
     def applies(self, region: str, carrier: str | None) -> bool:
         return region in self.regions or (carrier is not None and carrier in self.carriers)
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class NumbersConfig:
-    default_region: str = "ID"
-    allowed_regions: tuple[str, ...] = ("ID",)
-    allowed_types: tuple[str, ...] = ("mobile", "fixed_line_or_mobile")
-    # A number the network called invalid is refused this long, then tried once more.
-    refuse_invalid_days: int = 30
-    # Destinations never called (E.164 prefixes): revenue-share ranges, test ranges.
-    blocked_prefixes: tuple[str, ...] = ()
-    # Carriers whose 183 means the phone rings (a ringback tone, no 180 ever).
-    early_media_is_alerting: EarlyMediaConfig = EarlyMediaConfig()
+    default_region: str = setting(
+        "region for national input such as `081234567890`",
+        default="ID",
+        pattern=Format(REGION.regex, "an ISO 3166 alpha-2 code such as ID"),
+    )
+    allowed_regions: tuple[str, ...] = setting(
+        "destination regions the gateway calls", default=("ID",), nonempty=True, pattern=REGION
+    )
+    allowed_types: tuple[str, ...] = setting(
+        "number types the gateway calls, as phonenumbers types them",
+        default=("mobile", "fixed_line_or_mobile"),
+        choices=NUMBER_TYPES,
+    )
+    refuse_invalid_days: int = setting(
+        "a number the network reported invalid is refused this many days, then tried once "
+        "more; `0` never refuses",
+        default=30,
+        ge=0,
+        le=3650,
+    )
+    blocked_prefixes: tuple[str, ...] = setting(
+        'E.164 prefixes never called, such as `["+62809"]`: revenue-share and test ranges',
+        default=(),
+        pattern=Format(_E164ISH, "+ followed by digits, e.g. +62809"),
+    )
+    early_media_is_alerting: EarlyMediaConfig = setting(
+        "where a 183 with no 180 means the phone rings (a personal ringback tone): there a "
+        "lone 183 counts as a 180 (`delivered`, not `progress_only`)",
+        default=EarlyMediaConfig(),
+    )
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class Window:
     """At most `count` events in any `seconds`."""
 
-    count: int
-    seconds: int
+    # Written inline in YAML and in the reference: {count: N, seconds: S}.
+    inline: ClassVar[bool] = True
+
+    count: int = setting("at most this many", ge=1)
+    seconds: int = setting("in any this many seconds", ge=1, le=MAX_WINDOW_SECONDS, hint="31 days")
 
 
-@dataclass(frozen=True, slots=True)
+_PER_KEY = "the limit per key"
+
+
+@section
 class LimitsConfig:
-    # Phone bombing: calls to one number.
-    per_phone: tuple[Window, ...] = (Window(3, 600), Window(10, 86400))
-    # Range walking (toll fraud): calls to numbers sharing all but their last digits.
-    per_prefix: tuple[Window, ...] = (Window(20, 3600),)
-    prefix_hidden_digits: int = 4
-    # A ceiling on all calls, whoever asks: the operator's bill.
-    global_calls: tuple[Window, ...] = (Window(3000, 60),)
-    # Per API key: requests of any kind per minute, and calls per rolling day.
-    key_requests_per_minute: int = 600
-    key_daily_calls: int = 10_000
-    # Guessing: wrong checks against one phone, across its verifications, made with one
-    # API key, per rolling day and per 30 days. The ceilings across keys are higher, so
-    # that a stranger guessing through another service cannot lock the owner out.
+    per_phone: tuple[Window, ...] = setting(
+        "calls to one number: phone bombing", default=(Window(3, 600), Window(10, 86400))
+    )
+    per_prefix: tuple[Window, ...] = setting(
+        "calls to numbers equal but for their last `prefix_hidden_digits` digits: range "
+        "walking, toll fraud",
+        default=(Window(20, 3600),),
+    )
+    prefix_hidden_digits: int = setting(
+        "how many trailing digits `per_prefix` ignores", default=4, ge=1, le=8
+    )
+    global_calls: tuple[Window, ...] = setting(
+        "a ceiling on all calls, whoever asks: the operator's bill",
+        default=(Window(3000, 60),),
+    )
+    key_requests_per_minute: int = setting(
+        "requests of any kind per API key per minute", default=600, ge=1
+    )
+    key_daily_calls: int = setting(
+        "calls per API key per rolling 24 hours: a budget",
+        details="Counted by the minute: a call counts until its minute leaves the window",
+        default=10_000,
+        ge=1,
+    )
     # 20 per 30 days leaves a 4-digit code 1 chance in 500 a month (check-config).
-    failed_checks_per_phone_per_day: int = 10
-    failed_checks_per_phone_per_day_all_keys: int = 30
-    failed_checks_per_phone_per_30_days: int = 20
-    failed_checks_per_phone_per_30_days_all_keys: int = 60
+    failed_checks_per_phone_per_day: int = setting(
+        "wrong codes against one phone, across its verifications, with one API key, per "
+        "rolling day",
+        default=10,
+        ge=1,
+    )
+    failed_checks_per_phone_per_day_all_keys: int = setting(
+        "the same with any key: a higher ceiling, which another service's users reach only "
+        "together, so that they cannot lock the phone out",
+        default=30,
+        ge="failed_checks_per_phone_per_day",
+        hint=_PER_KEY,
+    )
+    failed_checks_per_phone_per_30_days: int = setting(
+        "wrong codes against one phone with one API key per rolling 30 days; past it checks "
+        "get 429 until the window passes or an admin key calls "
+        "`DELETE /v1/numbers/{phone}/failed-checks`",
+        details=(
+            "This bounds the guessing odds, which `check-config` prints: see "
+            "[Guessing odds and code length](security.md#guessing-odds-and-code-length)"
+        ),
+        default=20,
+        ge=1,
+    )
+    failed_checks_per_phone_per_30_days_all_keys: int = setting(
+        "the same with any key",
+        default=60,
+        ge="failed_checks_per_phone_per_30_days",
+        hint=_PER_KEY,
+    )
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class SecurityConfig:
-    # Key of the HMAC that stores codes; a leaked database then reveals no code.
-    code_secret: str = field(repr=False)
+    code_secret: str = setting(
+        "key of the HMAC that stores codes: a leaked database then reveals no code",
+        details="Changing it makes the codes of pending verifications fail their checks",
+        secret=True,
+        env="OTP_CODE_SECRET",
+        min_length=16,
+        hint="use a long random string",
+    )
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class WebhooksConfig:
-    # Standard Webhooks secret ("whsec_" + base64). Without it callback_url is refused.
-    secret: str | None = field(default=None, repr=False)
-    timeout_seconds: float = 5.0  # per delivery attempt
-    retry_base_seconds: float = 5.0  # the first retry's delay; doubles, with jitter
-    give_up_seconds: int = 86400  # stop retrying this long after the event
-    # Networks (CIDRs) a receiver may be in although they are not globally routable: a
-    # receiver on this host or the LAN. Empty: deliveries reach public addresses only.
-    allowed_networks: tuple[str, ...] = ()
+    secret: str | None = setting(
+        "Standard Webhooks secret, `whsec_` followed by base64; without it a request with a "
+        "`callback_url` is refused with `400`",
+        details='Make one with `echo "whsec_$(openssl rand -base64 32)"`',
+        default=None,
+        secret=True,
+        env="OTP_WEBHOOK_SECRET",
+        empty="webhooks off",
+        also=f"decodes to at least {MIN_WEBHOOK_SECRET_BYTES} bytes",
+    )
+    timeout_seconds: float = setting("per delivery attempt", default=5.0, gt=0, le=60)
+    retry_base_seconds: float = setting(
+        "the first retry's delay; it doubles each time, with jitter, to at most an hour",
+        default=5.0,
+        gt=0,
+        le=3600,
+    )
+    give_up_seconds: int = setting(
+        "stop retrying this long after the event", default=86400, ge=60, le=7 * 86400
+    )
+    allowed_networks: tuple[str, ...] = setting(
+        "networks (CIDRs) a receiver may be in although they are not globally routable, for a "
+        "receiver on this host or the LAN; any API key can then have the gateway post there",
+        details=(
+            "Empty: webhooks reach public addresses only. `check-config` warns when it is set"
+        ),
+        default=(),
+        also="each a network in CIDR notation",
+        example=("127.0.0.1/32", "10.20.0.0/16"),
+    )
 
     def reaches(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         """Whether a delivery may connect to `address`: one in allowed_networks, or a
@@ -303,39 +845,109 @@ class WebhooksConfig:
         return all(a.is_global and not a.is_multicast for a in (address, *carried))
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class LoggingConfig:
-    format: str = "auto"  # auto: JSON lines unless stderr is a terminal
-    level: str = "info"
+    format: str = setting(
+        "`auto`: JSON lines unless stderr is a terminal", default="auto", choices=LOG_FORMATS
+    )
+    level: str = setting("the least severe level logged", default="info", choices=LOG_LEVELS)
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class InstanceConfig:
-    # This gateway's name among those sharing a database: the owner of the calls it
-    # places, in logs, metrics and the dashboard. Empty: its host name and http.port.
-    name: str = ""
-    # It renews a lease in the database every third of this; when it stops renewing
-    # (killed, or cut off), the others adopt its calls this long after its last renewal.
-    lease_seconds: float = 10.0
+    name: str = setting(
+        "this gateway among those sharing a database: the owner of the calls it places, in "
+        "the logs, metrics and the dashboard; give each gateway its own",
+        default="",
+        empty="host name and `http.port`, e.g. `gw1:8080`",
+        pattern=INSTANCE_NAME,
+    )
+    lease_seconds: float = setting(
+        "the gateway renews a lease in the database every third of this; when it stops "
+        "(killed, or cut off), another gateway adopts its calls this long after its last "
+        "renewal",
+        details="See [Running more than one](operations.md#running-more-than-one)",
+        default=10.0,
+        ge=MIN_LEASE_SECONDS,
+        le=MAX_LEASE_SECONDS,
+    )
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class Config:
-    asterisk: AsteriskConfig
-    pools: tuple[PoolConfig, ...]
-    security: SecurityConfig
-    http: HttpConfig = HttpConfig()
-    database: DatabaseConfig = DatabaseConfig()
-    calls: CallsConfig = CallsConfig()
-    verification: VerificationConfig = VerificationConfig()
-    numbers: NumbersConfig = NumbersConfig()
-    limits: LimitsConfig = LimitsConfig()
-    webhooks: WebhooksConfig = WebhooksConfig()
-    logging: LoggingConfig = LoggingConfig()
-    instance: InstanceConfig = InstanceConfig()
-    # Sandbox: E.164 phone -> fixed code. Verifications to these phones are never
-    # dialed and accept that code (client-app QA, store reviews). Empty: off.
-    test_numbers: dict[str, str] = field(default_factory=dict)
+    """The whole file, its sections in the order the example and the reference show
+    them; the required ones are keyword-only. A section's description heads it there."""
+
+    http: HttpConfig = setting(
+        "The API's listener, and the operator routes' own", default=HttpConfig()
+    )
+    database: DatabaseConfig = setting(
+        "Where the state lives: a SQLite file for one gateway, or a PostgreSQL database "
+        "several gateways share (see [Running more than one]"
+        "(operations.md#running-more-than-one))",
+        default=DatabaseConfig(),
+    )
+    asterisk: AsteriskConfig = setting(
+        "Asterisk, over AMI. With `nodes`, the mapping's `host`, `port`, `username`, "
+        "`secret` and `channel` are each node's defaults; `dial_format` and "
+        "`settle_seconds` are the mapping's only",
+        kw_only=True,
+    )
+    pools: tuple[PoolConfig, ...] = setting(
+        "The caller IDs: a verification uses the first pool that serves the destination's region",
+        nonempty=True,
+        example=(PoolConfig("default", prefix="+6221500"),),
+        kw_only=True,
+    )
+    calls: CallsConfig = setting(
+        "Calls. A typical trunk contract: 10 calls per second (CPS), and channels for 10/s "
+        "times post-dial delay plus ring (6 s + 8 s). Above the carrier's limits calls come "
+        "back 486 or 503: set `max_per_second` and `max_concurrent` from your contract",
+        default=CallsConfig(),
+    )
+    verification: VerificationConfig = setting(
+        "Verifications: how long a code lives, how many guesses it allows",
+        default=VerificationConfig(),
+    )
+    numbers: NumbersConfig = setting(
+        "Which destinations the gateway calls", default=NumbersConfig()
+    )
+    limits: LimitsConfig = setting(
+        "Abuse limits. Each answers `429 rate_limited` with `Retry-After`, without saying "
+        "which fired. Calls are counted in the database, so the limits hold across a restart "
+        "(the per-key request rate is counted in memory). A window is "
+        "`{count: N, seconds: S}`: at most N in any S seconds; an empty list turns a "
+        "windowed limit off",
+        default=LimitsConfig(),
+    )
+    security: SecurityConfig = setting(
+        "What keeps stored codes secret",
+        kw_only=True,
+    )
+    webhooks: WebhooksConfig = setting(
+        "Webhooks to a request's `callback_url`, signed the Standard Webhooks way",
+        default=WebhooksConfig(),
+    )
+    logging: LoggingConfig = setting(
+        "Logs go to stderr: JSON lines when stderr is not a terminal (systemd, containers), "
+        "readable lines when it is",
+        default=LoggingConfig(),
+    )
+    instance: InstanceConfig = setting(
+        "Several gateways on one PostgreSQL database: each one's name and lease (see "
+        "[Running more than one](operations.md#running-more-than-one))",
+        default=InstanceConfig(),
+    )
+    test_numbers: dict[str, str] = setting(
+        "Sandbox: E.164 phone to fixed code, both quoted. Verifications to these phones are "
+        "never dialed and accept that code (client-app QA, store reviews); `check-config` "
+        "warns while it is set",
+        details="See [Sandbox numbers](../api/concepts.md#sandbox-numbers-test_numbers)",
+        default_factory=dict,
+        empty="off",
+        also="each phone an E.164 number a pool serves, its code as long as that pool's codes",
+        example={"+6281200000001": "1234"},
+    )
 
 
 def load(path: str | Path, environ: typing.Mapping[str, str] | None = None) -> Config:
@@ -443,100 +1055,17 @@ def _interpolate(
 
 
 def _check(config: Config) -> list[str]:
-    """Rules that span values: ranges, formats, pools."""
-    problems: list[str] = []
+    """Every rule: each key's own (its setting()), then those that span keys."""
+    problems = _check_settings(config, "")
 
     def need(ok: bool, path: str, message: str) -> None:
         if not ok:
             problems.append(f"{path}: {message}")
 
     http = config.http
-    need(1 <= http.port <= 65535, "http.port", "must be 1-65535")
-    need(1 <= http.operator_port <= 65535, "http.operator_port", "must be 1-65535")
     need(http.operator_port != http.port, "http.operator_port", "must differ from http.port")
-    need(
-        0 < http.keepalive_seconds <= 300, "http.keepalive_seconds", "must be above 0, at most 300"
-    )
-    need(
-        1 <= http.max_connections <= MAX_CONNECTIONS,
-        "http.max_connections",
-        f"must be 1-{MAX_CONNECTIONS}",
-    )
-    need(
-        config.database.retention_days == 0
-        or MIN_RETENTION_DAYS <= config.database.retention_days <= 3650,
-        "database.retention_days",
-        f"must be 0 (keep for ever) or {MIN_RETENTION_DAYS}-3650",
-    )
     problems.extend(_check_database(config.database))
-    need(
-        MIN_LEASE_SECONDS <= config.instance.lease_seconds <= MAX_LEASE_SECONDS,
-        "instance.lease_seconds",
-        f"must be {MIN_LEASE_SECONDS:g}-{MAX_LEASE_SECONDS:g}",
-    )
-    need(
-        len(config.instance.name) <= MAX_INSTANCE_NAME
-        and all(c.isalnum() or c in "-_.:" for c in config.instance.name),
-        "instance.name",
-        f"at most {MAX_INSTANCE_NAME} letters, digits and - _ . :",
-    )
     problems.extend(_check_asterisk(config.asterisk))
-    need(
-        len(config.security.code_secret) >= 16,
-        "security.code_secret",
-        "must be at least 16 characters (use a long random string)",
-    )
-
-    calls = config.calls
-    need(
-        1 <= calls.max_ring_seconds <= MAX_RING_SECONDS,
-        "calls.max_ring_seconds",
-        f"must be 1-{MAX_RING_SECONDS}",
-    )
-    need(
-        1 <= calls.ring_seconds <= calls.max_ring_seconds,
-        "calls.ring_seconds",
-        "must be between 1 and calls.max_ring_seconds",
-    )
-    need(
-        0 <= calls.max_post_dial_seconds <= MAX_POST_DIAL_SECONDS,
-        "calls.max_post_dial_seconds",
-        f"must be 0-{MAX_POST_DIAL_SECONDS}",
-    )
-    need(
-        1 <= calls.max_concurrent <= MAX_CONCURRENT_CALLS,
-        "calls.max_concurrent",
-        f"must be 1-{MAX_CONCURRENT_CALLS}",
-    )
-    need(calls.max_queue >= 1, "calls.max_queue", "must be at least 1")
-    need(0 <= calls.pbx_wait_seconds <= 300, "calls.pbx_wait_seconds", "must be 0 to 300")
-    need(
-        0 < calls.max_per_second <= MAX_CALLS_PER_SECOND,
-        "calls.max_per_second",
-        f"must be above 0 and at most {MAX_CALLS_PER_SECOND}",
-    )
-    need(config.verification.ttl_seconds >= 30, "verification.ttl_seconds", "must be at least 30")
-    need(1 <= config.verification.max_attempts <= 20, "verification.max_attempts", "must be 1-20")
-
-    numbers = config.numbers
-    need(
-        bool(_REGION.fullmatch(numbers.default_region)),
-        "numbers.default_region",
-        "must be an ISO 3166 alpha-2 code such as ID",
-    )
-    need(bool(numbers.allowed_regions), "numbers.allowed_regions", "must not be empty")
-    need(0 <= numbers.refuse_invalid_days <= 3650, "numbers.refuse_invalid_days", "must be 0-3650")
-    for i, prefix in enumerate(numbers.blocked_prefixes):
-        need(
-            bool(_E164ISH.fullmatch(prefix)),
-            f"numbers.blocked_prefixes[{i}]",
-            "must be + followed by digits, e.g. +62809",
-        )
-    need(
-        0 < config.http.request_timeout_seconds <= 300,
-        "http.request_timeout_seconds",
-        "must be above 0 and at most 300",
-    )
     hooks = config.webhooks
     if hooks.secret is not None:
         try:
@@ -560,81 +1089,18 @@ def _check(config: Config) -> list[str]:
                 f"webhooks.allowed_networks[{i}]: must be a network in CIDR notation, "
                 "e.g. 127.0.0.1/32 or 10.20.0.0/16"
             )
-    need(0 < hooks.timeout_seconds <= 60, "webhooks.timeout_seconds", "must be above 0, at most 60")
-    need(
-        0 < hooks.retry_base_seconds <= 3600,
-        "webhooks.retry_base_seconds",
-        "must be above 0, at most 3600",
-    )
-    need(
-        60 <= hooks.give_up_seconds <= 7 * 86400, "webhooks.give_up_seconds", "must be 60 to 604800"
-    )
-    limits = config.limits
-    for name in ("per_phone", "per_prefix", "global_calls"):
-        for i, window in enumerate(getattr(limits, name)):
-            need(
-                window.count >= 1 and 1 <= window.seconds <= 31 * 86400,
-                f"limits.{name}[{i}]",
-                "count must be at least 1, seconds 1 to 31 days",
-            )
-    need(1 <= limits.prefix_hidden_digits <= 8, "limits.prefix_hidden_digits", "must be 1-8")
-    for name in (
-        "key_requests_per_minute",
-        "key_daily_calls",
-        "failed_checks_per_phone_per_day",
-        "failed_checks_per_phone_per_30_days",
-    ):
-        need(getattr(limits, name) >= 1, f"limits.{name}", "must be at least 1")
-    for name in ("failed_checks_per_phone_per_day", "failed_checks_per_phone_per_30_days"):
-        need(
-            getattr(limits, f"{name}_all_keys") >= getattr(limits, name),
-            f"limits.{name}_all_keys",
-            f"must be at least limits.{name} (the limit per key)",
-        )
-    for i, region in enumerate(numbers.allowed_regions):
-        need(
-            bool(_REGION.fullmatch(region)),
-            f"numbers.allowed_regions[{i}]",
-            "must be an ISO 3166 alpha-2 code",
-        )
-    for i, region in enumerate(numbers.early_media_is_alerting.regions):
-        need(
-            bool(_REGION.fullmatch(region)),
-            f"numbers.early_media_is_alerting.regions[{i}]",
-            "must be an ISO 3166 alpha-2 code",
-        )
-    for i, kind in enumerate(numbers.allowed_types):
-        need(kind in NUMBER_TYPES, f"numbers.allowed_types[{i}]", f"must be one of {NUMBER_TYPES}")
 
-    need(bool(config.pools), "pools", "at least one pool is needed")
     names = [p.name for p in config.pools]
     for i, pool in enumerate(config.pools):
         at = f"pools[{i}]"
         need(names.count(pool.name) == 1, f"{at}.name", f"duplicate pool name {pool.name!r}")
-        need(pool.cli_format in DIAL_FORMATS, f"{at}.cli_format", f"must be one of {DIAL_FORMATS}")
-        need(
-            pool.code_length in CODE_LENGTHS,
-            f"{at}.code_length",
-            f"must be {CODE_LENGTHS.start}-{CODE_LENGTHS.stop - 1}",
-        )
         if (pool.prefix is None) == (not pool.numbers):
             problems.append(f"{at}: set either prefix or numbers, not both")
         if pool.prefix is not None:
             need(
-                bool(_E164ISH.fullmatch(pool.prefix)),
-                f"{at}.prefix",
-                "must be + followed by digits, e.g. +6221500",
-            )
-            need(
                 len(pool.prefix) - 1 + pool.code_length <= 15,
                 f"{at}",
                 "prefix plus code_length is longer than an E.164 number (15 digits)",
-            )
-        for j, number in enumerate(pool.numbers):
-            need(
-                bool(_E164ISH.fullmatch(number)),
-                f"{at}.numbers[{j}]",
-                "must be an E.164 number such as +622150001234",
             )
         if len(set(pool.numbers)) != len(pool.numbers):
             problems.append(f"{at}.numbers: has duplicates")
@@ -646,7 +1112,7 @@ def _check(config: Config) -> list[str]:
             )
         for j, region in enumerate(pool.regions):
             need(
-                region in numbers.allowed_regions,
+                region in config.numbers.allowed_regions,
                 f"{at}.regions[{j}]",
                 "is not in numbers.allowed_regions",
             )
@@ -657,9 +1123,30 @@ def _check(config: Config) -> list[str]:
                 f"{at}: only {pool.codes} codes ({entropy_bits(pool):.1f} bits); at least "
                 f"{MIN_POOL_CODES} are needed, or set allow_low_entropy: true"
             )
-    need(config.logging.format in LOG_FORMATS, "logging.format", f"must be one of {LOG_FORMATS}")
-    need(config.logging.level in LOG_LEVELS, "logging.level", f"must be one of {LOG_LEVELS}")
     problems.extend(_check_test_numbers(config))
+    return problems
+
+
+def _check_settings(section: Any, path: str) -> list[str]:
+    """The rules declared with each key's setting(), in `section` (a dataclass at `path`)
+    and the sections, lists of sections and list items below it: one problem per key."""
+    problems: list[str] = []
+    for spec in fields(section):
+        value = getattr(section, spec.name)
+        if value is None:
+            continue  # an optional key left out
+        about, at = setting_of(spec), _join(path, spec.name)
+        problem = about.problem(value, section, path)
+        if problem:
+            problems.append(f"{at}: {problem}")
+        if is_dataclass(value):
+            problems.extend(_check_settings(value, at))
+        elif isinstance(value, tuple):
+            for i, item in enumerate(value):
+                if is_dataclass(item):
+                    problems.extend(_check_settings(item, f"{at}[{i}]"))
+                elif problem := about.item_problem(item):
+                    problems.append(f"{at}[{i}]: {problem}")
     return problems
 
 
@@ -736,71 +1223,25 @@ def _odds(chance: float) -> str:
 
 
 def _check_asterisk(ami: AsteriskConfig) -> list[str]:
-    """The asterisk mapping, and each node's own keys (a key it inherits is checked
-    where it is written); names and addresses unique."""
+    """What spans the nodes: channels, names and AMI addresses unique. Each key's own
+    rules (a node's where it is written) are its setting()'s."""
     problems: list[str] = []
-
-    def need(ok: bool, path: str, message: str) -> None:
-        if not ok:
-            problems.append(f"{path}: {message}")
-
-    def check_ami(path: str, port: int | None, values: dict[str, str | None]) -> None:
-        need(port is None or 1 <= port <= 65535, f"{path}.port", "must be 1-65535")
-        for key, value in values.items():
-            if value is None:
-                continue
-            need(bool(value), f"{path}.{key}", "must not be empty")
-            need(value.isprintable(), f"{path}.{key}", "must be one line of printable text")
-        channel = values.get("channel")
-        if channel is not None:
-            need("{number}" in channel, f"{path}.channel", "must contain {number}")
-            # The AMI filter passes the events of channels whose Uniqueid starts with
-            # otp-; a Local/ channel's far leg has a Uniqueid of its own, and its events
-            # never come.
-            need(
-                channel.startswith("PJSIP/"),
-                f"{path}.channel",
-                "must be a PJSIP channel, PJSIP/{number}@<endpoint>",
-            )
-
-    check_ami(
-        "asterisk",
-        ami.port,
-        {"username": ami.username, "secret": ami.secret, "channel": ami.channel},
-    )
-    need(0 <= ami.settle_seconds <= 30, "asterisk.settle_seconds", "must be 0-30")
-    need(ami.dial_format in DIAL_FORMATS, "asterisk.dial_format", f"must be one of {DIAL_FORMATS}")
+    channels = {"asterisk.channel": ami.channel} | {
+        f"asterisk.nodes[{i}].channel": node.channel for i, node in enumerate(ami.nodes)
+    }
+    for path, channel in channels.items():
+        if channel is None:
+            continue
+        if "{number}" not in channel:
+            problems.append(f"{path}: must contain {{number}}")
+        # The AMI filter passes the events of channels whose Uniqueid starts with otp-;
+        # a Local/ channel's far leg has a Uniqueid of its own, and its events never come.
+        if not channel.startswith("PJSIP/"):
+            problems.append(f"{path}: must be a PJSIP channel, PJSIP/{{number}}@<endpoint>")
     names: dict[str, str] = {}
     addresses: dict[tuple[str, int], str] = {}
-    for i, node in enumerate(ami.nodes or (NodeConfig(ami.name),)):
-        path = f"asterisk.nodes[{i}]" if ami.nodes else "asterisk"
-        need(
-            bool(_NODE_NAME.fullmatch(node.name)),
-            f"{path}.name",
-            f"1-{MAX_NODE_NAME} letters, digits and - _ .",
-        )
-        if not ami.nodes:
-            break
-        check_ami(
-            path,
-            node.port,
-            {
-                "host": node.host,
-                "username": node.username,
-                "secret": node.secret,
-                "channel": node.channel,
-            },
-        )
-        need(
-            node.max_per_second is None or 0 < node.max_per_second <= MAX_CALLS_PER_SECOND,
-            f"{path}.max_per_second",
-            f"must be above 0 and at most {MAX_CALLS_PER_SECOND}",
-        )
-        need(
-            node.max_concurrent is None or 1 <= node.max_concurrent <= MAX_CONCURRENT_CALLS,
-            f"{path}.max_concurrent",
-            f"must be 1-{MAX_CONCURRENT_CALLS}",
-        )
+    for i, node in enumerate(ami.nodes):
+        path = f"asterisk.nodes[{i}]"
         if node.name in names:
             problems.append(f"{path}.name: {node.name!r} is also {names[node.name]}'s name")
         names.setdefault(node.name, path)
@@ -853,8 +1294,6 @@ def redacted(url: str) -> str:
 
 def _check_database(database: DatabaseConfig) -> list[str]:
     problems: list[str] = []
-    if not 1 <= database.pool_size <= MAX_POOL_SIZE:
-        problems.append(f"database.pool_size: must be 1-{MAX_POOL_SIZE}")
     url = database.url
     if database.path and url != DEFAULT_DATABASE_URL:
         problems.append("database.path: the older spelling of database.url; set only url")
@@ -985,3 +1424,8 @@ def _type_name(kind: Any) -> str:
         type(None): "empty",
     }
     return names.get(kind, str(getattr(kind, "__name__", kind)))
+
+
+def _number(value: float) -> str:
+    """A bound as a message shows it: 10, not 10.0."""
+    return str(int(value)) if float(value).is_integer() else str(value)

@@ -178,3 +178,17 @@ def test_check_config_and_run_refuse_two_nodes_of_one_name(tmp_path: Path) -> No
         result = gateway(command, "--config", str(path))
         assert result.returncode == 1, command
         assert "asterisk.nodes[1].name: 'a' is also asterisk.nodes[0]'s name" in result.stderr
+
+
+def test_config_reference_prints_checks_and_needs_no_config() -> None:
+    printed = gateway("config-reference")
+    assert printed.returncode == 0, printed.stderr
+    assert "==> docs/operator/configuration.md, between its markers <==" in printed.stdout
+    assert "| `http.port` | `8080` | 1-65535 | listen port |" in printed.stdout
+    assert "==> config.example.yaml <==" in printed.stdout
+    assert printed.stdout.endswith((REPO / "config.example.yaml").read_text())
+    checked = gateway("config-reference", "--check")
+    assert checked.returncode == 0, checked.stderr
+    both = gateway("config-reference", "--check", "--write")
+    assert both.returncode == 2
+    assert "not allowed with argument" in both.stderr

@@ -1044,3 +1044,66 @@ def test_a_bad_node_key_is_named(node: dict[str, Any], path: str) -> None:
     entry = {"name": "a", **node} if "name" not in node and node else node
     found = problems(merged(BASE, {"asterisk": {"nodes": [entry]}}))
     assert path in paths(found), found
+
+
+# -- the declaration: each key's rules on its field, applied by one walk ---------------
+
+
+@config.section
+class Declared:
+    """Keys declared as a new one would be, with each kind of rule."""
+
+    seconds: int = config.setting("a bounded number", default=5, ge=1, le=10)
+    rate: float = config.setting("above zero", default=1.0, gt=0, le=100)
+    most: int = config.setting("at most `seconds`", default=3, ge=0, le="seconds")
+    days: int = config.setting("0 or a range", default=0, ge=31, le=3650, zero="keep for ever")
+    mode: str = config.setting("one of three", default="a", choices=("a", "b", "c"))
+    names: tuple[str, ...] = config.setting(
+        "not empty, each a region", default=("ID",), nonempty=True, pattern=config.REGION
+    )
+    phrase: str = config.setting(
+        "a secret", default="x" * 16, secret=True, min_length=16, one_line=True, hint="long"
+    )
+    optional: int | None = config.setting("left out: no rules", default=None, ge=1)
+
+
+def test_declared_rules_are_checked_each_under_its_key_path() -> None:
+    assert config._check_settings(Declared(), "demo") == []
+    bad = Declared(
+        seconds=11,
+        rate=0,
+        most=12,
+        days=30,
+        mode="d",
+        names=("ID", "id"),
+        phrase="short\n",
+    )
+    assert config._check_settings(bad, "demo") == [
+        "demo.seconds: must be 1-10",
+        "demo.rate: must be above 0, at most 100",
+        "demo.most: must be between 0 and demo.seconds",
+        "demo.days: must be 0 (keep for ever) or 31-3650",
+        "demo.mode: must be one of ('a', 'b', 'c')",
+        "demo.names[1]: must be an ISO 3166 alpha-2 code",
+        "demo.phrase: must be one line of printable text (long)",  # the first broken rule
+    ]
+    assert config._check_settings(Declared(names=()), "demo") == ["demo.names: must not be empty"]
+    assert "x" * 16 not in repr(Declared())
+
+
+def test_declared_sections_stay_frozen_dataclasses_built_by_keyword() -> None:
+    cfg = parse(BASE)
+    assert (
+        dataclasses.replace(cfg, calls=config.CallsConfig(ring_seconds=5)).calls.ring_seconds == 5
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.calls.ring_seconds = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.HttpConfig(port=8080, colour="blue")  # type: ignore[call-arg]
+    # Keyword-only: the required sections come where the file has them, not first.
+    assert [f.name for f in dataclasses.fields(config.Config)][:4] == [
+        "http",
+        "database",
+        "asterisk",
+        "pools",
+    ]
