@@ -1,6 +1,6 @@
 """Run every bench phase against the dev PBX and the far end; print, write JSON and a PNG.
 
-    python -m bench [--quick] [--api-only | --backends-only] [--out var/bench]
+    python -m bench [--quick] [--api-only | --backends-only] [--against REV] [--out var/bench]
 
 Needs the dev PBX and the far end up (`make bench` starts them). Baseline and gateway
 steps alternate at each rate, so both see the same machine at nearly the same time:
@@ -11,6 +11,8 @@ once Asterisk and the far end have what they used under the baseline; for the AP
 CPU per request that 2,000/s allows beside the load generator. Last, the store backends
 side by side (bench/backends.py): the gateway's CPU per call and its API accept rate on
 SQLite and on PostgreSQL (the dev cluster, make pg-up), PostgreSQL's own CPU apart.
+With --against REV, the API's CPU per create of this checkout and of the revision REV,
+in alternating steps of one run (bench/against.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from bench.against import against_phase
 from bench.api import API_P99_TARGET_MS, ApiStep, api_step, sandbox_numbers
 from bench.backends import backends_phase
 from bench.backends import table as backends_table
@@ -83,7 +86,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         steps, search, ringing = await calls_phase(args, out, far_end)
     if not args.backends_only:
         api_steps = await api_phase(args, out)
-    backends = await backends_phase(args, out, far_end, Numbers(offset=BACKENDS_NUMBERS))
+    if args.against:
+        results["against"] = asdict(await against_phase(args, out))
+    backends = []
+    if not args.api_only:
+        backends = await backends_phase(args, out, far_end, Numbers(offset=BACKENDS_NUMBERS))
 
     results["steps"] = [asdict(s) | {"sustained": s.sustained} for s in steps]
     results["search"] = [asdict(s) | {"sustained": s.sustained} for s in search]
@@ -96,8 +103,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         draw(steps, search, out / "latency.png")
     print()
     print(table(steps, search, ringing, api_steps, results["verdict"]))
-    print("\nThe store backends (one gateway process each; PostgreSQL's CPU apart):")
-    print(backends_table(backends))
+    if backends:
+        print("\nThe store backends (one gateway process each; PostgreSQL's CPU apart):")
+        print(backends_table(backends))
     print(f"\nwritten: {out / 'results.json'}" + (f", {out / 'latency.png'}" if steps else ""))
     return results
 
@@ -379,6 +387,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--backends-only",
         action="store_true",
         help="only the store backends phase (SQLite and PostgreSQL side by side)",
+    )
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="also compare the API's CPU per create with the git revision REV's",
+    )
+    parser.add_argument(
+        "--against-rate",
+        type=float,
+        default=1000.0,
+        help="creates per second of the --against steps",
     )
     parser.add_argument("--out", type=Path, default=REPO / "var" / "bench")
     parser.add_argument("--rates", type=float, nargs="+", default=[50, 100, 200, 300])

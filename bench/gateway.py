@@ -70,9 +70,10 @@ class ServerProcess:
 
     log_name = "server.log"
 
-    def __init__(self, workdir: Path, port: int) -> None:
+    def __init__(self, workdir: Path, port: int, source: Path = REPO) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
+        self.source = source  # the checkout whose code runs (bench --against: another's)
         self.url = f"http://127.0.0.1:{port}"
         self.metrics_url = self.url + "/metrics"
         self.key = ""
@@ -86,7 +87,7 @@ class ServerProcess:
         with (self.workdir / self.log_name).open("ab") as log:
             self.proc = subprocess.Popen(
                 self.command(),
-                cwd=REPO,
+                cwd=self.source,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -147,8 +148,9 @@ class GatewayProcess(ServerProcess):
         port: int,
         test_numbers: dict[str, str] | None = None,
         database: str | None = None,
+        source: Path = REPO,
     ):
-        super().__init__(workdir, port)
+        super().__init__(workdir, port, source)
         self.database = database
         for old in workdir.glob("gateway.sqlite3*"):
             old.unlink()
@@ -164,7 +166,7 @@ class GatewayProcess(ServerProcess):
             check=True,
             capture_output=True,
             text=True,
-            cwd=REPO,
+            cwd=self.source,
         ).stdout
 
     def command(self) -> list[str]:
