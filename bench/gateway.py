@@ -71,6 +71,7 @@ class ServerProcess:
     log_name = "server.log"
 
     def __init__(self, workdir: Path, port: int, source: Path = REPO) -> None:
+        workdir = workdir.resolve()  # its processes may run in another checkout
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.source = source  # the checkout whose code runs (bench --against: another's)
@@ -151,6 +152,7 @@ class GatewayProcess(ServerProcess):
         source: Path = REPO,
     ):
         super().__init__(workdir, port, source)
+        workdir = self.workdir
         self.database = database
         for old in workdir.glob("gateway.sqlite3*"):
             old.unlink()
