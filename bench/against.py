@@ -32,7 +32,7 @@ class Against:
     accepted_per_s: dict[str, list[float]] = field(default_factory=dict)
 
     def median(self, side: str) -> float:
-        return statistics.median(self.cpu_ms_per_create[side])
+        return round(statistics.median(self.cpu_ms_per_create[side]), 3)
 
     @property
     def ratio(self) -> float:
