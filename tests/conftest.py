@@ -28,7 +28,14 @@ import pytest
 from gateway import config as gateway_config
 from gateway.config import AsteriskConfig, Config, DatabaseConfig, PoolConfig, SecurityConfig
 from gateway.pbx import AmiSettings
-from gateway.store import sqlite_path
+from gateway.pool import Pool
+from gateway.store import (
+    CallRecord,
+    CallStatus,
+    VerificationRecord,
+    VerificationStatus,
+    sqlite_path,
+)
 from tests.farend import FarEnd, InviteRecord, format_record
 from tests.pg import DevPostgres
 
@@ -216,7 +223,9 @@ TEST_CODE_SECRET = "unit-test-code-secret-0123456789"  # noqa: S105 - a test's H
 TEST_POOL = PoolConfig(name="default", prefix="+6221500", code_length=4)
 
 
-def make_config(database: str | DatabaseConfig, **overrides: Any) -> Config:
+def make_config(
+    database: str | DatabaseConfig, *, checked: bool = True, **overrides: Any
+) -> Config:
     """A valid gateway Config for a unit test, on `database` (a URL, or a whole
     DatabaseConfig for its other settings).
 
@@ -224,7 +233,8 @@ def make_config(database: str | DatabaseConfig, **overrides: Any) -> Config:
     secret TEST_CODE_SECRET; everything else the gateway's defaults. Each keyword
     replaces the Config field of its name: make_config(url, calls=CallsConfig(...)).
     The result passes the checks a YAML file goes through, or the test fails here:
-    no test runs on a configuration the gateway would refuse to start with."""
+    no test runs on a configuration the gateway would refuse to start with, unless it
+    says so (`checked=False`: a TTL of seconds, to watch an expiry happen)."""
     if isinstance(database, str):
         database = DatabaseConfig(url=database)
     defaults: dict[str, Any] = {
@@ -234,9 +244,75 @@ def make_config(database: str | DatabaseConfig, **overrides: Any) -> Config:
         "database": database,
     }
     config = Config(**(defaults | overrides))
-    problems = gateway_config._check(config)
-    assert not problems, f"make_config made an invalid config: {problems}"
+    if checked:
+        problems = gateway_config._check(config)
+        assert not problems, f"make_config made an invalid config: {problems}"
     return config
+
+
+# The phone and the instant of make_verification's and make_call's records, unless told.
+TEST_PHONE = "+6281234567890"
+TEST_T0 = 1_700_000_000.0
+# What a verification of TEST_POOL tells of its caller ID, as the gateway derives it.
+_TEST_CLI = Pool(TEST_POOL).shape
+
+
+def make_verification(
+    vid: str = "vrf_1",
+    *,
+    phone: str = TEST_PHONE,
+    created_at: float = TEST_T0,
+    **overrides: Any,
+) -> VerificationRecord:
+    """A pending verification of TEST_POOL, as the gateway stores it, for a unit test.
+
+    API key key_1, region ID, no reference or callback URL, the code's HMAC
+    "hmac-of-code", 5 attempts; created (and last updated) at `created_at`, expiring
+    300 s later. Each keyword replaces the VerificationRecord field of its name:
+    make_verification("vrf_2", callback_url=url, carrier="Telkomsel")."""
+    fields: dict[str, Any] = {
+        "id": vid,
+        "api_key_id": "key_1",
+        "phone": phone,
+        "region": "ID",
+        "reference": None,
+        "callback_url": None,
+        "status": VerificationStatus.PENDING,
+        "code_hash": "hmac-of-code",
+        "pool": TEST_POOL.name,
+        "cli_prefix": _TEST_CLI.prefix,
+        "cli_length": _TEST_CLI.length,
+        "cli_pattern": _TEST_CLI.pattern,
+        "attempts_remaining": 5,
+        "created_at": created_at,
+        "expires_at": created_at + 300,
+        "updated_at": created_at,
+    }
+    return VerificationRecord(**(fields | overrides))
+
+
+def make_call(
+    call_id: str = "call_1",
+    verification_id: str = "vrf_1",
+    *,
+    phone: str = TEST_PHONE,
+    queued_at: float = TEST_T0,
+    **overrides: Any,
+) -> CallRecord:
+    """The queued call of verification `verification_id` to `phone`, for a unit test.
+
+    It dials `phone` without its + (dial_number=... replaces that) and rings 8 s; it is
+    queued at `queued_at` and owned by no gateway. Each keyword replaces the CallRecord
+    field of its name: make_call("call_2", "vrf_2", owner="gw-a", ring_seconds=1)."""
+    fields: dict[str, Any] = {
+        "id": call_id,
+        "verification_id": verification_id,
+        "status": CallStatus.QUEUED,
+        "dial_number": phone[1:],
+        "ring_seconds": 8,
+        "queued_at": queued_at,
+    }
+    return CallRecord(**(fields | overrides))
 
 
 # What a broken constraint raises, on either backend.

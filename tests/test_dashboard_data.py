@@ -14,8 +14,8 @@ from gateway.api import views
 from gateway.app import create_app, create_operator_app
 from gateway.dashboard import CHART_MINUTES, WINDOW_S, Live, dashboard_data
 from gateway.numbers import Numbers
-from gateway.store import CallRecord, Store, VerificationRecord, open_store
-from tests.conftest import make_config
+from gateway.store import Store, open_store
+from tests.conftest import make_call, make_config, make_verification
 from tests.fakes import FakePbx
 
 AppClient = TestClient[web.Request, web.Application]
@@ -24,7 +24,7 @@ AppClient = TestClient[web.Request, web.Application]
 T0 = 1_700_000_040.0
 assert T0 % 60 == 0
 PHONE = "+6281234567890"
-CLI_PREFIX = "+6221500"  # the prefix of make_config's pool
+CLI_PREFIX = "+6221500"  # the prefix of TEST_POOL: make_config's and make_verification's
 
 
 @pytest.fixture
@@ -59,26 +59,14 @@ class Calls:
         queued_at = (dialed_at or ended_at or T0) - 0.5
         vid, cid = f"vrf_{self.n}", f"call_{self.n}"
         await self.store.create_verification(
-            VerificationRecord(
-                id=vid,
-                api_key_id=f"key_{self.n}",  # each its own: a new one never supersedes
+            make_verification(
+                vid,
                 phone=phone,
-                region="ID",
-                reference=None,
-                callback_url=None,
-                status="pending",
-                code_hash="hmac-of-code",
-                pool="default",
-                cli_prefix=CLI_PREFIX,
-                cli_length=4,
-                cli_pattern=r"^\+6221500[0-9]{4}$",
-                attempts_remaining=5,
                 created_at=queued_at,
-                expires_at=queued_at + 300,
-                updated_at=queued_at,
+                api_key_id=f"key_{self.n}",  # each its own: a new one never supersedes
                 carrier=carrier,
             ),
-            CallRecord(cid, vid, "queued", phone[1:], 8, queued_at=queued_at, owner=owner),
+            make_call(cid, vid, phone=phone, queued_at=queued_at, owner=owner),
         )
         if dialed_at is not None:
             await self.store.call_progress(cid, "dialing", "dialed_at", dialed_at, "dialing")

@@ -18,7 +18,8 @@ from gateway.dialer import PBX_CAP_MARGIN_S, CallJob, Dialer
 from gateway.nodes import DEFAULT_NODE, Nodes, Pacer
 from gateway.outcomes import POST_DIAL_TIMEOUT, RING_TIMEOUT, Outcome
 from gateway.pbx import CallEventKind, Dial, OriginateRefused
-from gateway.store import CallRecord, Store, VerificationRecord, open_store
+from gateway.store import CallRecord, Store, open_store
+from tests.conftest import TEST_POOL, make_call, make_verification
 from tests.fakes import (
     ANSWERED,
     HANGUP,
@@ -38,8 +39,8 @@ from tests.fakes import (
     until,
 )
 
-POOL = "default"
-CLI_PREFIX = "+6221500"
+POOL = TEST_POOL.name  # make_verification's pool
+CLI_PREFIX = "+6221500"  # its prefix: the jobs' caller IDs are of it
 # The ring time of a job, real seconds: the gateway's own timer hangs up after it.
 RING_S = 0.2
 
@@ -61,31 +62,9 @@ async def add_job(store: Store, last_digit: str = "0", ring_seconds: float = RIN
     phone = fresh_mobile(last_digit)
     cli = f"{CLI_PREFIX}{n % 10_000:04d}"
     now = time.time()
-    verification = VerificationRecord(
-        id=f"vrf_{n}",
-        api_key_id="key_1",
-        phone=phone,
-        region="ID",
-        reference=None,
-        callback_url=None,
-        status="pending",
-        code_hash="hmac-of-code",
-        pool=POOL,
-        cli_prefix=CLI_PREFIX,
-        cli_length=4,
-        cli_pattern=r"^\+6221500[0-9]{4}$",
-        attempts_remaining=5,
-        created_at=now,
-        expires_at=now + 300,
-        updated_at=now,
-    )
-    call = CallRecord(
-        id=f"call{n}",
-        verification_id=verification.id,
-        status="queued",
-        dial_number=phone[1:],
-        ring_seconds=ring_seconds,
-        queued_at=now,
+    verification = make_verification(f"vrf_{n}", phone=phone, created_at=now)
+    call = make_call(
+        f"call{n}", verification.id, phone=phone, queued_at=now, ring_seconds=ring_seconds
     )
     await store.create_verification(verification, call)
     return CallJob(

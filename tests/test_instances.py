@@ -10,9 +10,10 @@ import pytest
 
 from gateway import instances
 from gateway.instances import Membership
-from gateway.store import CallRecord, VerificationRecord
+from gateway.store import CallRecord
+from tests.conftest import make_call, make_verification
 from tests.fakes import fresh_mobile, until
-from tests.test_verifications import Domain, DomainFactory, make_domain  # noqa: F401
+from tests.test_verifications import KEY, Domain, DomainFactory, make_domain  # noqa: F401
 
 OLD_HASH = "hash-of-a-code-nobody-saw"
 
@@ -21,31 +22,16 @@ async def stored(domain: Domain, owner: str, status: str, *, age: float = 0.0) -
     """A verification made by gateway `owner`, its call `status`, `age` seconds ago."""
     now = time.time() - age
     phone = fresh_mobile("0")
-    verification = VerificationRecord(
-        id=f"vrf_{phone[-7:]}",
-        api_key_id="key_a",
-        phone=phone,
-        region="ID",
-        reference=None,
-        callback_url=None,
-        status="pending",
-        code_hash=OLD_HASH,
-        pool="default",
-        cli_prefix="+6221500",
-        cli_length=4,
-        cli_pattern=r"^\+6221500[0-9]{4}$",
-        attempts_remaining=5,
-        created_at=now,
-        expires_at=now + 300,
-        updated_at=now,
+    verification = make_verification(
+        f"vrf_{phone[-7:]}", phone=phone, created_at=now, api_key_id=KEY, code_hash=OLD_HASH
     )
-    call = CallRecord(
-        id=f"otp-{phone[-7:]}",
-        verification_id=verification.id,
-        status=status,
-        dial_number=phone[1:],
-        ring_seconds=1,
+    call = make_call(
+        f"otp-{phone[-7:]}",
+        verification.id,
+        phone=phone,
         queued_at=now,
+        status=status,
+        ring_seconds=1,
         dialed_at=None if status == "queued" else now,
         owner=owner,
     )

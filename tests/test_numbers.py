@@ -16,16 +16,8 @@ from gateway.config import NumbersConfig
 from gateway.errors import InvalidPhone, InvalidRequest
 from gateway.numbers import Numbers
 from gateway.outcomes import DELIVERED_OUTCOMES, UNCERTAIN_OUTCOMES, Outcome, health_of
-from gateway.store import (
-    CallRecord,
-    CallStatus,
-    NumberHealthRecord,
-    Store,
-    VerificationRecord,
-    VerificationStatus,
-    open_store,
-)
-from tests.conftest import make_config
+from gateway.store import CallStatus, NumberHealthRecord, Store, open_store
+from tests.conftest import make_call, make_config, make_verification
 
 NOW = 1_700_000_000.0  # the Numbers' clock
 DAY = 86400.0
@@ -77,26 +69,14 @@ async def called(
     vid, cid = f"vrf_{n}", f"call_{n}"
     queued_at = at - 10
     await store.create_verification(
-        VerificationRecord(
-            id=vid,
-            api_key_id=f"key_{n}",  # each its own: a new one never supersedes another
+        make_verification(
+            vid,
             phone=phone,
-            region="ID",
-            reference=None,
-            callback_url=None,
-            status=VerificationStatus.PENDING,
-            code_hash="hmac-of-code",
-            pool="default",
-            cli_prefix="+6221500",
-            cli_length=4,
-            cli_pattern=r"^\+6221500[0-9]{4}$",
-            attempts_remaining=5,
             created_at=queued_at,
-            expires_at=at + 300,
-            updated_at=queued_at,
+            api_key_id=f"key_{n}",  # each its own: a new one never supersedes another
             carrier=carrier,
         ),
-        CallRecord(cid, vid, CallStatus.QUEUED, phone[1:], 8, queued_at=queued_at),
+        make_call(cid, vid, phone=phone, queued_at=queued_at),
     )
     if dialed:
         await store.call_progress(cid, CallStatus.DIALING, "dialed_at", queued_at + 1, "dialing")

@@ -15,8 +15,8 @@ from gateway import retention
 from gateway.app import create_app
 from gateway.config import DatabaseConfig
 from gateway.retention import DAY_S, Retention, forget_old
-from gateway.store import CallRecord, Store, VerificationRecord, open_store
-from tests.conftest import make_config, raw_query
+from gateway.store import Store, open_store
+from tests.conftest import make_call, make_config, make_verification, raw_query
 from tests.fakes import FakePbx
 
 T0 = 1_700_000_000.0
@@ -46,33 +46,11 @@ async def add(store: Store, vid: str, created_at: float, *, webhook: str | None 
     """A verification with a callback URL, its call rung and ended (failed: busy), so it
     has call events and a webhook; `webhook` is what became of that: delivered,
     given_up, or None (still to deliver)."""
-    record = VerificationRecord(
-        id=vid,
-        api_key_id="key_1",
-        phone=PHONE,
-        region="ID",
-        reference=None,
-        callback_url="https://example.test/hook",
-        status="pending",
-        code_hash="hmac-of-code",
-        pool="default",
-        cli_prefix="+6221500",
-        cli_length=4,
-        cli_pattern=r"^\+6221500[0-9]{4}$",
-        attempts_remaining=5,
-        created_at=created_at,
-        expires_at=created_at + 300,
-        updated_at=created_at,
+    record = make_verification(
+        vid, phone=PHONE, created_at=created_at, callback_url="https://example.test/hook"
     )
     call_id = "call_" + vid
-    call = CallRecord(
-        id=call_id,
-        verification_id=vid,
-        status="queued",
-        dial_number=PHONE[1:],
-        ring_seconds=8,
-        queued_at=created_at,
-    )
+    call = make_call(call_id, vid, phone=PHONE, queued_at=created_at)
     await store.create_verification(record, call)
     await store.call_progress(call_id, "ringing", "ringing_at", created_at + 2, "ringing")
     if webhook == "live":  # the call has not ended

@@ -12,6 +12,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,11 +35,19 @@ from gateway.store import (
 )
 from gateway.store.schema import SQLITE as MIGRATIONS
 from gateway.store.sqlite import SqliteStore
-from tests.conftest import INTEGRITY_ERRORS, NewDatabase, raw_query
+from tests.conftest import (
+    INTEGRITY_ERRORS,
+    TEST_PHONE,
+    TEST_T0,
+    NewDatabase,
+    make_call,
+    make_verification,
+    raw_query,
+)
 
-T0 = 1_700_000_000.0
-TTL = 300.0
-PHONE = "+6281234567890"
+T0 = TEST_T0  # when make_verification's and make_call's records are made, unless told
+TTL = 300.0  # how long make_verification's verifications live
+PHONE = TEST_PHONE  # whom they call, unless told
 OTHER_PHONE = "+6281298765432"
 # An EXPLAIN QUERY PLAN line that seeks rows in an index of verifications by its columns.
 INDEX_SEEK = re.compile(r"SEARCH verifications USING (COVERING )?INDEX verifications_\w+ \(.+\)")
@@ -71,43 +80,11 @@ def raw_file(path: Path, sql: str) -> list[tuple[object, ...]]:
         return db.execute(sql).fetchall()
 
 
-def verification(
-    vid: str = "vrf_1",
-    *,
-    phone: str = PHONE,
-    status: str = "pending",
-    attempts: int = 5,
-    created_at: float = T0,
-    expires_at: float | None = None,
-) -> VerificationRecord:
-    return VerificationRecord(
-        id=vid,
-        api_key_id="key_1",
-        phone=phone,
-        region="ID",
-        reference="order-123",
-        callback_url="https://example.test/hook",
-        status=status,
-        code_hash="hmac-of-code",
-        pool="default",
-        cli_prefix="+6221500",
-        cli_length=4,
-        cli_pattern=r"^\+6221500[0-9]{4}$",
-        attempts_remaining=attempts,
-        created_at=created_at,
-        expires_at=created_at + TTL if expires_at is None else expires_at,
-        updated_at=created_at,
-    )
-
-
-def call(cid: str = "call_1", vid: str = "vrf_1", *, queued_at: float = T0) -> CallRecord:
-    return CallRecord(
-        id=cid,
-        verification_id=vid,
-        status="queued",
-        dial_number=PHONE[1:],
-        ring_seconds=8,
-        queued_at=queued_at,
+def verification(vid: str = "vrf_1", **fields: Any) -> VerificationRecord:
+    """make_verification's, with a reference and a callback URL: every column filled,
+    and a webhook when it ends."""
+    return make_verification(
+        vid, reference="order-123", callback_url="https://example.test/hook", **fields
     )
 
 
@@ -116,9 +93,13 @@ async def create(
 ) -> VerificationRecord:
     """Store verification vrf_<n> with its queued call call_<n>."""
     record = verification(
-        f"vrf_{n}", phone=phone, attempts=attempts, created_at=T0 + n, expires_at=expires_at
+        f"vrf_{n}",
+        phone=phone,
+        attempts_remaining=attempts,
+        created_at=T0 + n,
+        expires_at=T0 + n + TTL if expires_at is None else expires_at,
     )
-    await store.create_verification(record, call(f"call_{n}", record.id, queued_at=T0 + n))
+    await store.create_verification(record, make_call(f"call_{n}", record.id, queued_at=T0 + n))
     return record
 
 
@@ -231,7 +212,7 @@ async def test_foreign_keys_are_enforced(store: Store) -> None:
 
 
 async def test_created_verification_and_call_read_back_unchanged(store: Store) -> None:
-    record, queued = verification(), call()
+    record, queued = verification(), make_call()
     assert (await store.create_verification(record, queued)) == Inserted([])
     assert await store.verification("vrf_1") == (record, queued)
     assert await store.newest_pending(PHONE, "key_1") == (record, queued)
@@ -246,7 +227,7 @@ async def test_create_cancels_the_phones_pending_verification_and_names_its_live
     await create(store, 1)
     other = await create(store, 2, phone=OTHER_PHONE)
     newer = verification("vrf_3", created_at=T0 + 3)
-    superseded = await store.create_verification(newer, call("call_3", "vrf_3"))
+    superseded = await store.create_verification(newer, make_call("call_3", "vrf_3"))
     assert superseded == Inserted([("vrf_1", "call_1")])
     found = await store.verification("vrf_1")
     assert found is not None
@@ -263,7 +244,7 @@ async def test_create_reports_no_call_id_when_the_old_call_has_ended(store: Stor
     await create(store, 1)
     await end(store, "call_1", fail_verification=False, outcome="delivered")
     superseded = await store.create_verification(
-        verification("vrf_2", created_at=T0 + 2), call("call_2", "vrf_2")
+        verification("vrf_2", created_at=T0 + 2), make_call("call_2", "vrf_2")
     )
     assert superseded == Inserted([("vrf_1", None)])
     assert await status_of(store, "vrf_1") == "canceled"
@@ -273,7 +254,7 @@ async def test_create_leaves_finished_verifications_alone(store: Store) -> None:
     await create(store, 1)
     assert await store.spend_attempt("vrf_1", approve=True, at=T0 + 5)
     superseded = await store.create_verification(
-        verification("vrf_2", created_at=T0 + 10), call("call_2", "vrf_2")
+        verification("vrf_2", created_at=T0 + 10), make_call("call_2", "vrf_2")
     )
     assert superseded == Inserted([])
     assert await status_of(store, "vrf_1") == "approved"
@@ -281,7 +262,7 @@ async def test_create_leaves_finished_verifications_alone(store: Store) -> None:
 
 async def test_a_failed_create_rolls_back_the_cancellation(store: Store) -> None:
     await create(store, 1)
-    duplicate_call_id = call("call_1", "vrf_2")
+    duplicate_call_id = make_call("call_1", "vrf_2")
     with pytest.raises(INTEGRITY_ERRORS):
         await store.create_verification(verification("vrf_2", created_at=T0 + 2), duplicate_call_id)
     assert await status_of(store, "vrf_1") == "pending"
@@ -296,10 +277,11 @@ async def test_in_a_shared_commit_a_failed_write_leaves_the_others(store: Store)
         # A lazy write first: the creates queue behind it and all three share a batch.
         store.call_progress("call_1", "ringing", "ringing_at", T0 + 1, "ringing"),
         store.create_verification(
-            verification("vrf_2", created_at=T0 + 2), call("call_1", "vrf_2")
+            verification("vrf_2", created_at=T0 + 2), make_call("call_1", "vrf_2")
         ),
         store.create_verification(
-            verification("vrf_3", phone=OTHER_PHONE, created_at=T0 + 3), call("call_3", "vrf_3")
+            verification("vrf_3", phone=OTHER_PHONE, created_at=T0 + 3),
+            make_call("call_3", "vrf_3"),
         ),
         return_exceptions=True,
     )
@@ -403,10 +385,10 @@ ALL_KEYS = CheckLimit(5, DAY, per_key=False, name="failed_checks_all_keys")
 
 async def create_for(store: Store, n: int, key: str, *, attempts: int = 20) -> VerificationRecord:
     """Store vrf_<n> to PHONE for API key `key`, with room for many checks."""
-    record = dataclasses.replace(
-        verification(f"vrf_{n}", attempts=attempts, created_at=T0 + n), api_key_id=key
+    record = verification(
+        f"vrf_{n}", attempts_remaining=attempts, created_at=T0 + n, api_key_id=key
     )
-    await store.create_verification(record, call(f"call_{n}", record.id, queued_at=T0 + n))
+    await store.create_verification(record, make_call(f"call_{n}", record.id, queued_at=T0 + n))
     return record
 
 
@@ -475,8 +457,8 @@ async def test_wrong_checks_count_per_key_under_a_ceiling_across_keys(store: Sto
     right = await store.spend_attempt("vrf_3", approve=True, at=T0 + 41, limits=limits)
     assert right == Limited(DAY - 31, "failed_checks_all_keys")
     # Another phone is another count.
-    other = dataclasses.replace(verification("vrf_9", phone=OTHER_PHONE), api_key_id="key_1")
-    await store.create_verification(other, call("call_9", "vrf_9"))
+    other = verification("vrf_9", phone=OTHER_PHONE, api_key_id="key_1")
+    await store.create_verification(other, make_call("call_9", "vrf_9"))
     assert isinstance(await wrong("vrf_9", T0 + 42), VerificationRecord)
 
 
@@ -504,10 +486,8 @@ async def test_wrong_checks_leave_the_window_and_a_reset_forgets_them(
     assert isinstance(await store.spend_attempt("vrf_1", False, T0 + 15, long_window), Limited)
     # The window passes; what it no longer counts is forgotten at the next wrong check.
     later = T0 + 13 + 30 * DAY
-    record = dataclasses.replace(
-        verification("vrf_3", created_at=later, expires_at=later + TTL), api_key_id="key_1"
-    )
-    await store.create_verification(record, call("call_3", "vrf_3", queued_at=later))
+    record = verification("vrf_3", created_at=later, api_key_id="key_1")
+    await store.create_verification(record, make_call("call_3", "vrf_3", queued_at=later))
     assert isinstance(
         await store.spend_attempt("vrf_3", False, later, long_window), VerificationRecord
     )
@@ -547,8 +527,8 @@ async def test_keys_from_before_scopes_become_admin_and_keep_their_wrong_checks(
         await store.add_api_key(new)
         assert new.scope == "verify"
         assert await store.api_key_by_hash("hash-new") == new
-        pending = dataclasses.replace(verification("vrf_1", created_at=now), api_key_id="key_old")
-        await store.create_verification(pending, call("call_1", "vrf_1", queued_at=now))
+        pending = verification("vrf_1", created_at=now, api_key_id="key_old")
+        await store.create_verification(pending, make_call("call_1", "vrf_1", queued_at=now))
         limits = (CheckLimit(5, 30 * DAY, per_key=True, name="failed_checks_30_days"),)
         assert isinstance(
             await store.spend_attempt("vrf_1", False, now, limits), VerificationRecord
@@ -757,7 +737,7 @@ async def test_key_daily_budget_counts_by_minute_and_says_when_it_frees(store: S
 
     async def attempt(n: int, at: float) -> object:
         record = verification(f"vrf_{n}", phone=f"+62812345678{n:02d}", created_at=at)
-        return await store.create_verification(record, call(f"call_{n}", record.id), budget)
+        return await store.create_verification(record, make_call(f"call_{n}", record.id), budget)
 
     start = 1_700_000_050.0  # ten seconds into a minute
     assert isinstance(await attempt(1, start), Inserted)
@@ -772,11 +752,13 @@ async def test_key_daily_budget_counts_by_minute_and_says_when_it_frees(store: S
 
 async def test_sandbox_verifications_do_not_spend_the_budget(store: Store) -> None:
     budget = (WindowLimit("api_key_id", "key_1", 1, 86400),)
-    sandbox = dataclasses.replace(verification("vrf_s"), sandbox=True)
-    assert isinstance(await store.create_verification(sandbox, call("call_s", "vrf_s")), Inserted)
+    sandbox = verification("vrf_s", sandbox=True)
+    assert isinstance(
+        await store.create_verification(sandbox, make_call("call_s", "vrf_s")), Inserted
+    )
     real = verification("vrf_r", phone=OTHER_PHONE)
     assert isinstance(
-        await store.create_verification(real, call("call_r", "vrf_r"), budget), Inserted
+        await store.create_verification(real, make_call("call_r", "vrf_r"), budget), Inserted
     )
     assert await store.calls_by_key(T0 - 60) == {"key_1": 1}
 
@@ -788,12 +770,14 @@ async def attempt_at(
     store: Store, n: int, at: float, limits: tuple[WindowLimit, ...], *, sandbox: bool = False
 ) -> Inserted | Limited:
     """Create vrf_<n> to a phone of its own (prefix +62812345) at `at` under `limits`."""
-    record = dataclasses.replace(
-        verification(f"vrf_{n}", phone=f"+62812345{n:05d}", created_at=at),
+    record = verification(
+        f"vrf_{n}",
+        phone=f"+62812345{n:05d}",
+        created_at=at,
         phone_prefix="+62812345",
         sandbox=sandbox,
     )
-    result = await store.create_verification(record, call(f"call_{n}", record.id), limits)
+    result = await store.create_verification(record, make_call(f"call_{n}", record.id), limits)
     assert not isinstance(result, Replayed)
     return result
 
@@ -814,8 +798,8 @@ async def test_global_window_refuses_the_count_plus_first_and_says_when_it_frees
 
 async def test_prefix_window_counts_only_its_prefix(store: Store) -> None:
     per_prefix = (WindowLimit("phone_prefix", "+62812345", 2, 3600),)
-    other = dataclasses.replace(verification("vrf_o", phone=OTHER_PHONE), phone_prefix="+62812987")
-    await store.create_verification(other, call("call_o", "vrf_o"))
+    other = verification("vrf_o", phone=OTHER_PHONE, phone_prefix="+62812987")
+    await store.create_verification(other, make_call("call_o", "vrf_o"))
     assert isinstance(await attempt_at(store, 1, T0 + 1, per_prefix), Inserted)
     assert isinstance(await attempt_at(store, 2, T0 + 2, per_prefix), Inserted)
     refused = await attempt_at(store, 3, T0 + 3, per_prefix)
@@ -912,8 +896,8 @@ async def test_the_write_ahead_log_is_checkpointed_while_it_runs(
 
 
 def owned_call(cid: str, vid: str, owner: str, *, status: str = "queued") -> CallRecord:
-    return dataclasses.replace(
-        call(cid, vid), owner=owner, status=status, dialed_at=None if status == "queued" else T0
+    return make_call(
+        cid, vid, owner=owner, status=status, dialed_at=None if status == "queued" else T0
     )
 
 
@@ -978,7 +962,7 @@ async def test_at_start_an_instance_takes_back_its_own_calls_and_unowned_ones(
     assert previous is None
     await create_owned(store, 1, "gw-a", status="dialing")
     await store.create_verification(
-        verification("vrf_2", phone=OTHER_PHONE), call("call_2", "vrf_2")
+        verification("vrf_2", phone=OTHER_PHONE), make_call("call_2", "vrf_2")
     )
     # The process is killed and started again at once, within its own lease.
     previous = await store.register_instance("gw-a", "inc-2", T0 + 3, lease_until=T0 + 13)
@@ -1030,11 +1014,9 @@ async def test_two_stores_on_one_database_keep_a_limit_exact(new_database: NewDa
         limit = (WindowLimit("phone", PHONE, 3, 600),)
 
         async def attempt(n: int) -> Inserted | Limited:
-            record = dataclasses.replace(
-                verification(f"vrf_{n}", created_at=T0 + n / 100), api_key_id=f"key_{n}"
-            )
+            record = verification(f"vrf_{n}", created_at=T0 + n / 100, api_key_id=f"key_{n}")
             result = await stores[n % 2].create_verification(
-                record, call(f"call_{n}", record.id), limit
+                record, make_call(f"call_{n}", record.id), limit
             )
             assert not isinstance(result, Replayed | KnownInvalid)
             return result

@@ -29,16 +29,9 @@ from standardwebhooks import Webhook
 from gateway.api.bodies import check_callback_url
 from gateway.config import WebhooksConfig
 from gateway.errors import InvalidCallbackUrl, InvalidRequest
-from gateway.store import (
-    CallRecord,
-    CallStatus,
-    Store,
-    VerificationRecord,
-    VerificationStatus,
-    WebhookRecord,
-    open_store,
-)
+from gateway.store import CallStatus, Store, WebhookRecord, open_store
 from gateway.webhooks import MAX_IN_FLIGHT, RenderVerification, WebhookSender, origin
+from tests.conftest import make_call, make_verification
 
 SECRET = "whsec_" + base64.b64encode(b"unit-test-webhook-secret-0123456").decode()
 # What the tests' receivers listen on; the gateway's default reaches none of it.
@@ -519,25 +512,8 @@ async def add_event(store: Store, url: str, at: float) -> WebhookRecord:
     n = next(_events)
     vid, cid, phone = f"vrf_{n}", f"call_{n}", f"+62812{n:08d}"
     await store.create_verification(
-        VerificationRecord(
-            id=vid,
-            api_key_id="key_1",
-            phone=phone,
-            region="ID",
-            reference=None,
-            callback_url=url,
-            status=VerificationStatus.PENDING,
-            code_hash="hmac-of-code",
-            pool="default",
-            cli_prefix="+6221500",
-            cli_length=4,
-            cli_pattern=r"^\+6221500[0-9]{4}$",
-            attempts_remaining=5,
-            created_at=at - 10,
-            expires_at=at + 290,
-            updated_at=at - 10,
-        ),
-        CallRecord(cid, vid, CallStatus.QUEUED, phone[1:], 8, queued_at=at - 10),
+        make_verification(vid, phone=phone, created_at=at - 10, callback_url=url),
+        make_call(cid, vid, phone=phone, queued_at=at - 10),
     )
     await store.end_call(
         cid,
