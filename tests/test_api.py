@@ -600,6 +600,9 @@ async def test_405_wrong_method(api: Api, method: str, path: str) -> None:
         b'"+6281234567890"',
         b"null",
         b"[" * 100_00,
+        # Malformed after an unknown member: the decoder stops at the member first.
+        b'{"pin": 1, "phone": ',
+        b'{"pin": 1, "x": ' + b"[" * 10_000,
     ],
 )
 async def test_400_malformed_json(api: Api, body: bytes) -> None:

@@ -61,8 +61,13 @@ def _decoder(shape: type[R]) -> msgspec.json.Decoder[R]:
 def _invalid(message: str, raw: bytes, shape: type[Request]) -> InvalidRequest:
     """msgspec's account of a body that does not fit `shape`, as the API words it."""
     if message.startswith(_UNKNOWN):
-        # msgspec names the first; the client is told every one (an error: parsed again).
-        unknown = sorted(set(json.loads(raw)) - set(shape.__struct_fields__))
+        # msgspec stops at the first; the client is told every one (an error path: the
+        # body is parsed again), unless the rest is not JSON either: then that is said.
+        try:
+            members = set(json.loads(raw))
+        except (ValueError, RecursionError):
+            return InvalidRequest("the body is not valid JSON")
+        unknown = sorted(members - set(shape.__struct_fields__))
         return InvalidRequest(f"unknown field(s): {', '.join(unknown)}", fields=unknown)
     missing = _MISSING.match(message)
     if missing:
