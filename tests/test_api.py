@@ -758,6 +758,39 @@ async def test_create_never_fails_on_any_body(api: Api, body: Any) -> None:
         assert _DIALABLE.fullmatch(dial.caller_id), dial
 
 
+# JSON cut anywhere (after an unknown member too), and bytes that are no JSON at all.
+cut_bodies = st.one_of(
+    st.binary(max_size=120),
+    st.tuples(
+        st.fixed_dictionaries(
+            {"pin": json_values, "phone": phone_like}, optional={"code": json_values}
+        ),
+        st.integers(min_value=0, max_value=120),
+    ).map(lambda cut: json.dumps(cut[0]).encode()[: cut[1]]),
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(body=cut_bodies)
+async def test_every_body_route_answers_any_bytes_with_a_problem(api: Api, body: bytes) -> None:
+    for path in (
+        "/v1/verifications",
+        "/v1/verifications/check",
+        f"/v1/verifications/vrf_{'0' * 32}/check",
+        "/v1/numbers/lookup",
+    ):
+        async with await api.request("POST", path, data=body, headers=JSON) as response:
+            answer = await response.json(content_type=None)
+            assert response.status < 500, (path, body, answer)
+            if response.status >= 400:
+                assert response.content_type == PROBLEM and isinstance(answer["code"], str)
+    assert api.pbx.dials == []  # nothing here is a whole, valid create
+
+
 @settings(
     max_examples=100,
     deadline=None,
