@@ -48,6 +48,10 @@ pytestmark = pytest.mark.integration
 DEFINITE = ("completed", "failed")
 LEASE_S = 3.0
 RING_S = 4
+# A call dialed just before its gateway died, whose 180 only the dead one heard, is
+# followed to its cap (post-dial wait + ring time, from its dialing): kept short here.
+POST_DIAL_S = 4
+CAP_S = POST_DIAL_S + RING_S
 # Calls per second per gateway and node: low enough that each gateway has calls still
 # queued in hand a second after a burst of creates, as at the default pacing with more
 # traffic.
@@ -229,7 +233,12 @@ asterisk:
   nodes: [{{name: a, port: {dev_pbx.port}}}, {{name: b, port: {dev_pbx_b.port}}}]
 security: {{code_secret: many-gateways-code-secret}}
 pools: [{{name: dev, prefix: '+6221500', code_length: 4}}]
-calls: {{ring_seconds: {RING_S}, max_ring_seconds: 10, max_concurrent: 200, max_per_second: {PACE}}}
+calls:
+  ring_seconds: {RING_S}
+  max_ring_seconds: 10
+  max_post_dial_seconds: {POST_DIAL_S}
+  max_concurrent: 200
+  max_per_second: {PACE}
 limits: {{key_requests_per_minute: 1000000}}
 """
         )
@@ -257,8 +266,10 @@ async def test_a_gateway_killed_with_calls_in_hand_has_them_adopted_once(
     two_processes: tuple[GatewayProcess, GatewayProcess], far_end: FarEnd
 ) -> None:
     """Two gateways, two nodes: 40 creates over both gateways, gw-a killed -9 a second
-    later: every verification reaches a final call state, read through gw-b, within ring
-    time + lease + 10 s; no destination gets two INVITEs; gw-b places new calls."""
+    later: every verification reaches a final call state, read through gw-b, within the
+    later of ring time + lease (a call gw-b places or follows from its 180) and the cap
+    (a call whose alerting gw-a alone saw), + 10 s; no destination gets two INVITEs; gw-b
+    places new calls."""
     a, b = two_processes
     a.start()
     b.start()
@@ -288,7 +299,9 @@ async def test_a_gateway_killed_with_calls_in_hand_has_them_adopted_once(
         async def all_final() -> bool:
             return all(s["call"]["status"] in DEFINITE for s in await states())
 
-        await wait_for(all_final, RING_S + LEASE_S + 10, "every call final after the kill")
+        await wait_for(
+            all_final, max(RING_S + LEASE_S, CAP_S) + 10, "every call final after the kill"
+        )
         print(
             f"\n{queued_at_kill} calls not yet dialed at the kill; all final "
             f"{time.monotonic() - killed_at:.1f}s after it"
