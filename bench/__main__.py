@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from bench.backends import backends_phase
 from bench.backends import table as backends_table
 from bench.baseline import Baseline
 from bench.floor import FloorProcess
-from bench.gateway import GatewayProcess, Poster
+from bench.gateway import GatewayProcess, Poster, free_port
 from bench.measure import (
     SUSTAINED_P99_MS,
     FarEndRecords,
@@ -361,12 +360,6 @@ async def restart_pbx() -> None:
             check=True,
             capture_output=True,
         )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cpus() -> int:

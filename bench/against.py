@@ -16,7 +16,7 @@ from io import BytesIO
 from pathlib import Path
 
 from bench.api import api_step, sandbox_numbers
-from bench.gateway import REPO, GatewayProcess, Poster
+from bench.gateway import REPO, GatewayProcess, Poster, free_port
 
 EXPORTS = REPO / ".cache" / "bench"
 ROUNDS = 6  # steps per gateway; the first of a pair alternates
@@ -68,7 +68,7 @@ async def against_phase(args: argparse.Namespace, out: Path) -> Against:
     try:
         for side, source in sources.items():
             server = GatewayProcess(
-                out / f"against-{side}", _free_port(), sandbox_numbers(), source=source
+                out / f"against-{side}", free_port(), sandbox_numbers(), source=source
             )
             await server.start()
             servers[side], posters[side] = server, Poster(server, connections=64)
@@ -96,11 +96,3 @@ async def against_phase(args: argparse.Namespace, out: Path) -> Against:
         flush=True,
     )
     return result
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 
 from bench.api import API_P99_TARGET_MS, ApiStep, api_step, sandbox_numbers
-from bench.gateway import GatewayProcess, Poster
+from bench.gateway import GatewayProcess, Poster, free_port
 from bench.measure import FarEndRecords, Numbers, StepResult, pbx_idle
 from tests.pg import DevPostgres
 
@@ -102,7 +102,7 @@ async def _calls(
 ) -> None:
     seconds = 5.0 if args.quick else CALL_SECONDS
     database = _database(postgres, result.backend, "bench_calls")
-    gateway = GatewayProcess(out / f"calls-{result.backend}", _free_port(), database=database)
+    gateway = GatewayProcess(out / f"calls-{result.backend}", free_port(), database=database)
     await gateway.start()
     poster = Poster(gateway)
     try:
@@ -148,7 +148,7 @@ async def _api(
     database = _database(postgres, result.backend, "bench_api")
     server = GatewayProcess(
         out / f"api-{result.backend}",
-        _free_port(),
+        free_port(),
         test_numbers=sandbox_numbers(),
         database=database,
     )
@@ -216,11 +216,3 @@ def table(results: list[BackendResult]) -> str:
     return "\n".join(
         f"{row[0]:<{width}}  " + "  ".join(f"{cell:>12}" for cell in row[1:]) for row in rows
     )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -65,6 +65,13 @@ def bench_config(
     return path
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class ServerProcess:
     """A server under test in a process of its own: its URL, its CPU and its memory."""
 

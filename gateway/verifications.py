@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -46,7 +47,6 @@ from gateway.store import (
     KnownInvalid,
     Limited,
     Replayed,
-    Snapshot,
     Store,
     VerificationRecord,
     VerificationStatus,
@@ -80,15 +80,6 @@ CHECK_DAY_S = 86400.0
 CHECK_30_DAYS_S = 30 * CHECK_DAY_S
 
 
-@dataclass(frozen=True, slots=True)
-class Replay:
-    """A retry under an Idempotency-Key: the verification as it was created (`created`),
-    or, for a key stored by a gateway older than schema 11, the body first answered."""
-
-    created: Snapshot | None
-    response: str | None = None
-
-
 def request_hash(request: NewVerification) -> str:
     """What makes two create requests the same request, hashed."""
     fields = {k: v for k, v in asdict(request).items() if k != "api_key_id"}
@@ -113,10 +104,11 @@ def _check_callback_host(url: str, webhooks: WebhooksConfig) -> None:
         )
 
 
-def _replay(stored: Replayed, body_hash: str) -> Replay:
+def _replay(stored: Replayed, body_hash: str) -> Replayed:
+    """A retry under an Idempotency-Key: what was stored with it, to answer again."""
     if stored.body_hash != body_hash:
         raise IdempotencyConflict("this Idempotency-Key was used with another request")
-    return Replay(stored.created, stored.response)
+    return stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,24 +148,6 @@ class _Draft:
         """Give the caller ID back to its pool: the draft was not stored."""
         if self.cli is not None:
             self.pool.release(self.cli.e164)
-
-
-class _NoReservation:
-    """A sandbox verification's stand-in for a Reservation: it is never dialed."""
-
-    node = None
-
-    def __enter__(self) -> _NoReservation:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        pass
-
-    def place(self, job: CallJob) -> None:
-        raise AssertionError("a sandbox verification is never dialed")
-
-
-_no_reservation = _NoReservation()
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +232,7 @@ class Verifications:
 
     async def create(
         self, request: NewVerification, idempotency_key: str | None = None
-    ) -> tuple[VerificationRecord, CallRecord] | Replay:
+    ) -> tuple[VerificationRecord, CallRecord] | Replayed:
         """Admit, build, commit and dispatch a verification and its call.
 
         With an `idempotency_key`, a retry of the same request within 24 h returns the
@@ -372,14 +346,15 @@ class Verifications:
 
     async def _commit_and_dispatch(
         self, draft: _Draft, idempotency: Idempotency | None, body_hash: str
-    ) -> tuple[VerificationRecord, CallRecord] | Replay:
+    ) -> tuple[VerificationRecord, CallRecord] | Replayed:
         """Store the draft within the limits, then hand its call to the dialer; what it
         took (its caller ID, its place in the dialer) is given back if it is not stored."""
         verification, call, cli = draft.verification, draft.call, draft.cli
         now = verification.created_at
-        reservation = self._dialer.reserve(now) if cli is not None else _no_reservation
-        with reservation:
-            node = reservation.node
+        # A sandbox verification is never dialed: it holds no place.
+        reservation = self._dialer.reserve(now) if cli is not None else None
+        with reservation or contextlib.nullcontext():
+            node = reservation.node if reservation is not None else None
             if node is not None:  # room now: stored dialing, placed once stored
                 call = replace(call, status=CallStatus.DIALING, dialed_at=now, node=node)
             try:
@@ -399,7 +374,7 @@ class Verifications:
                 draft.release_cli()
                 return self._refused(result, verification, body_hash)
             await self._cancel_superseded(verification.id, result)
-            if cli is not None:
+            if reservation is not None:
                 reservation.place(self._job(draft, call))
         return verification, call
 
@@ -408,7 +383,7 @@ class Verifications:
         result: Limited | Replayed | KnownInvalid,
         verification: VerificationRecord,
         body_hash: str,
-    ) -> Replay:
+    ) -> Replayed:
         """What the store refused, as the client is to hear it."""
         if isinstance(result, Replayed):  # a concurrent retry of the same key won
             return _replay(result, body_hash)

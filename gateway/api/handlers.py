@@ -26,11 +26,10 @@ from gateway.api.typedefs import (
 )
 from gateway.errors import InsufficientScope, InvalidRequest
 from gateway.numbers import DEFAULT_PAGE
-from gateway.store import CallRecord, VerificationRecord
+from gateway.store import CallRecord, Replayed, VerificationRecord
 from gateway.times import timestamp
 from gateway.verifications import (
     NewVerification,
-    Replay,
 )
 
 routes = web.RouteTableDef()
@@ -66,7 +65,7 @@ async def create_verification(request: web.Request) -> web.Response:
         ),
         idempotency_key=_idempotency_key(request),
     )
-    if isinstance(created, Replay):  # a retry: the first answer again, and no new call
+    if isinstance(created, Replayed):  # a retry: the first answer again, and no new call
         if created.created is not None:
             then = created.created
             body_id = then.verification.id

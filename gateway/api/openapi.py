@@ -12,6 +12,7 @@ here. For generated clients every enum is a named component, and a nullable one 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ def _ref(name: str) -> Schema:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+@functools.cache  # generated once: /openapi.json is asked for again and again
 def _components() -> dict[str, Schema]:
     """The schemas of every body, generated from gateway.api.shapes, and the enum of
     the healths GET /v1/numbers lists (a query parameter)."""

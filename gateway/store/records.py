@@ -237,9 +237,9 @@ class Snapshot:
     def encode(self) -> str:
         return json.dumps(
             [
-                _values(self.verification),
-                _values(self.call),
-                [_values(event) for event in self.events],
+                values_of(self.verification),
+                values_of(self.call),
+                [values_of(event) for event in self.events],
             ]
         )
 
@@ -253,8 +253,9 @@ class Snapshot:
         )
 
 
-def _values(record: Any) -> list[Any]:
-    return [getattr(record, f.name) for f in fields(record)]
+def values_of(record: Any) -> tuple[Any, ...]:
+    """A record's fields in column order (dataclasses.astuple deep-copies: slow)."""
+    return tuple(getattr(record, f.name) for f in fields(record))
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,7 @@ from gateway.store.records import (
     VerificationStatus,
     WebhookRecord,
     WindowLimit,
+    values_of,
 )
 
 T = TypeVar("T")
@@ -106,11 +107,6 @@ def _columns(record_type: type[Any]) -> str:
 @functools.cache
 def _placeholders(record_type: type[Any]) -> str:
     return ", ".join("?" for _ in fields(record_type))
-
-
-def _values(record: Any) -> tuple[Any, ...]:
-    """A record's fields in column order (dataclasses.astuple deep-copies: slow)."""
-    return tuple(getattr(record, f.name) for f in fields(record))
 
 
 _V_COLS = _columns(VerificationRecord)
@@ -351,7 +347,7 @@ class SqlStore(abc.ABC):
             lambda tx: tx.execute(
                 f"INSERT INTO api_keys ({_columns(ApiKeyRecord)}) "
                 f"VALUES ({_placeholders(ApiKeyRecord)})",
-                _values(key),
+                values_of(key),
             )
         )
 
@@ -457,11 +453,11 @@ class SqlStore(abc.ABC):
             await tx.execute(
                 f"INSERT INTO verifications ({_V_COLS}, global_seq, prefix_seq) "
                 f"VALUES ({_placeholders(VerificationRecord)}, ?, ?)",
-                (*_values(verification), *(seqs or (None, None))),
+                (*values_of(verification), *(seqs or (None, None))),
             )
             await tx.execute(
                 f"INSERT INTO calls ({_C_COLS}) VALUES ({_placeholders(CallRecord)})",
-                _values(call),
+                values_of(call),
             )
             if call.status is CallStatus.DIALING:  # placed as soon as stored (Dialer.reserve)
                 await _add_event(tx, call.id, call.dialed_at, "dialing")
@@ -746,7 +742,7 @@ class SqlStore(abc.ABC):
         await self._write(progress, lazy=status is CallStatus.RINGING, quick=True)
 
     async def add_call_event(self, event: CallEventRecord) -> None:
-        await self._write(lambda tx: _add_event(tx, *_values(event)))
+        await self._write(lambda tx: _add_event(tx, *values_of(event)))
 
     async def end_call(
         self,
