@@ -22,11 +22,14 @@ help:
 
 # System packages: debootstrap builds the dev PBX root, sip-tester is SIPp,
 # chromium and its driver run the dashboard test headless, postgresql is the
-# server tests/pg.py runs. The createcluster.d drop-in (read by postgresql-common)
-# keeps the package from creating and starting its own cluster on 5432.
-SYSTEM_PACKAGES := debootstrap sip-tester chromium chromium-driver postgresql
+# server tests/pg.py runs, espeak-ng and sox make the voice call's prompts
+# (asterisk-config/prompts.sh; sox also reads Asterisk's GSM prompts in the tests).
+# The createcluster.d drop-in (read by postgresql-common) keeps the package from
+# creating and starting its own cluster on 5432.
+SYSTEM_PACKAGES := debootstrap sip-tester chromium chromium-driver postgresql espeak-ng sox
 deps:
 	@if ! command -v debootstrap >/dev/null || ! command -v sipp >/dev/null \
+		|| ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null \
 		|| ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null \
 		|| ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		[ "$$(id -u)" -eq 0 ] || { echo "deps: run as root to apt-get install $(SYSTEM_PACKAGES)"; exit 1; }; \

@@ -1,10 +1,12 @@
 """Far-end simulators for the Asterisk trunks: a SIPp UAS plus a reader for its event log.
 
-Two scenarios pick their behaviour from the last digit of the Request-URI user and
+Three scenarios pick their behaviour from the last digit of the Request-URI user and
 write one line per SIP event in the same format; see tests/sipp/README.md:
 - tests/sipp/farend.xml, the lab far end on 127.0.0.1:5070 (endpoint otp-trunk);
 - tests/sipp/field.xml, the "field" far end on 127.0.0.1:5071 (endpoint otp-field),
-  which behaves like real mobile networks and ignores OPTIONS.
+  which behaves like real mobile networks and ignores OPTIONS;
+- tests/sipp/voice.xml, the voice far end on 127.0.0.1:5072 (endpoint otp-voice), which
+  answers voice calls with an SDP that sends Asterisk's RTP to the test (tests/rtp.py).
 
 CLI (used by the Makefile):  python tests/farend.py up|down|status|show [--field] [--workdir DIR]
 """
@@ -21,7 +23,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,12 @@ DEFAULT_PORT = 5070
 FIELD_SCENARIO = REPO_ROOT / "tests" / "sipp" / "field.xml"
 FIELD_WORKDIR = REPO_ROOT / ".cache" / "field-end"
 FIELD_PORT = 5071
+VOICE_SCENARIO = REPO_ROOT / "tests" / "sipp" / "voice.xml"
+VOICE_WORKDIR = REPO_ROOT / ".cache" / "voice-end"
+VOICE_PORT = 5072
+# The -set variables voice.xml needs: the RTP port its 200's SDP names, and the From user
+# (digits, no '+') that makes a call a voice call.
+VOICE_VARIABLES = ("rtp_port", "voice_cli")
 SIPP_ENV = "FAREND_SIPP"  # optional override of the sipp executable
 PID_FILE = "sipp.pid"
 LOG_FILE = "farend.log"  # <log> actions, one line per SIP event
@@ -305,16 +313,22 @@ class FarEnd:
         port: int = DEFAULT_PORT,
         scenario: Path = SCENARIO,
         answer_options: bool = True,
+        variables: Mapping[str, str] | None = None,
+        required_variables: Sequence[str] = (),
     ) -> None:
         """Prepare (not start) a far end logging into `workdir`, listening on UDP host:port.
 
         `answer_options` runs SIPp with -aa, which answers out-of-dialog OPTIONS with 200.
+        `variables` are the scenario's global variables, passed as `-set NAME VALUE`;
+        start() refuses to run without every name in `required_variables`.
         """
         self.workdir = Path(workdir)
         self.host = host
         self.port = port
         self.scenario = Path(scenario).resolve()  # as is_live_sipp finds it in the cmdline
         self.answer_options = answer_options
+        self.variables = dict(variables or {})
+        self.required_variables = tuple(required_variables)
         self.pid_file = self.workdir / PID_FILE
         self.log_file = self.workdir / LOG_FILE
         self.error_file = self.workdir / ERROR_FILE
@@ -329,6 +343,41 @@ class FarEnd:
     ) -> FarEnd:
         """The field far end (field.xml): like a carrier, it leaves OPTIONS unanswered."""
         return cls(workdir, host=host, port=port, scenario=FIELD_SCENARIO, answer_options=False)
+
+    @classmethod
+    def voice(
+        cls,
+        workdir: Path = VOICE_WORKDIR,
+        host: str = DEFAULT_HOST,
+        port: int = VOICE_PORT,
+        *,
+        rtp_port: int | None = None,
+        voice_cli: str | None = None,
+    ) -> FarEnd:
+        """The voice far end (voice.xml), answering OPTIONS (-aa).
+
+        Calls from `voice_cli` (digits; a leading '+' is dropped) are voice calls, answered
+        with an SDP that sends the RTP to 127.0.0.1:`rtp_port`. Both are needed to start
+        it, not to check or stop one that runs.
+        """
+        variables: dict[str, str] = {}
+        if rtp_port is not None:
+            if not 0 < rtp_port < 65536:
+                raise ValueError(f"voice far end: bad RTP port {rtp_port}")
+            variables["rtp_port"] = str(rtp_port)
+        if voice_cli is not None:
+            digits = voice_cli.removeprefix("+")
+            if not digits.isascii() or not digits.isdigit():
+                raise ValueError(f"voice far end: voice_cli must be digits, not {voice_cli!r}")
+            variables["voice_cli"] = digits
+        return cls(
+            workdir,
+            host=host,
+            port=port,
+            scenario=VOICE_SCENARIO,
+            variables=variables,
+            required_variables=VOICE_VARIABLES,
+        )
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -345,6 +394,7 @@ class FarEnd:
             "-ci", self.host,
             "-nostdin",
             *(["-aa"] if self.answer_options else []),
+            *[arg for name, value in self.variables.items() for arg in ("-set", name, value)],
             "-trace_logs", "-log_file", str(self.log_file),
             "-trace_err", "-error_file", str(self.error_file),
             "-screen_file", str(self.screen_file),
@@ -356,6 +406,11 @@ class FarEnd:
             raise RuntimeError(f"far end already running (pid {self.pid()}, {self.workdir})")
         if not self.scenario.is_file():
             raise RuntimeError(f"far end: scenario {self.scenario} not found")
+        missing = [name for name in self.required_variables if name not in self.variables]
+        if missing:
+            raise RuntimeError(
+                f"far end: {self.scenario.name} needs -set {', '.join(missing)} (variables=)"
+            )
         cmd = self.command()
         if not os.access(cmd[0], os.X_OK):
             raise RuntimeError(f"far end: sipp executable {cmd[0]!r} not found")

@@ -14,7 +14,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import phone_number
-from tests.farend import FIELD_PORT, FIELD_SCENARIO, SCENARIO, FarEnd, InviteRecord, is_live_sipp
+from tests.farend import (
+    FIELD_PORT,
+    FIELD_SCENARIO,
+    SCENARIO,
+    VOICE_PORT,
+    VOICE_SCENARIO,
+    FarEnd,
+    InviteRecord,
+    is_live_sipp,
+)
 
 HOST = "127.0.0.1"
 PROBE = Path(__file__).resolve().parent / "sipp" / "uac_probe.xml"
@@ -429,3 +438,114 @@ def test_cli_field_flag(tmp_path: Path) -> None:
         assert not is_live_sipp(pid, FIELD_SCENARIO)
     finally:
         FarEnd.field(workdir).stop()
+
+
+# ---- the voice far end (voice.xml): answers voice calls, sends their RTP to the test ----
+
+VOICE_CLI = "622150099"  # the From user of voice calls
+VOICE_RTP_PORT = 47_002  # only written into the 200's SDP: nothing listens in these tests
+# (Request-URI user, From user) -> responses sent to the INVITE, in order.
+VOICE_CALLS = {
+    ("62819950002", VOICE_CLI): [180, 200],  # answered; the probe hangs up
+    ("62819950010", VOICE_CLI): [180, 200],  # any other digit: answered too
+    ("62819950001", VOICE_CLI): [180, 200],  # answered (the far end would hang up after 1 s)
+    ("62819950005", VOICE_CLI): [486],
+    ("62819950009", VOICE_CLI): [180, 487],  # rings until the probe cancels
+    ("62819951000", f"{FROM_PREFIX}000"): [180, 487],  # flash calls: 0 rings
+    ("62819951003", f"{FROM_PREFIX}003"): [486],
+    ("62819951002", f"{FROM_PREFIX}002"): [100, 487],  # never answered, unlike a voice call
+    ("62819951007", f"{FROM_PREFIX}007"): [100, 487],
+    ("62819951009", f"{VOICE_CLI}1"): [100, 487],  # the From user must equal voice_cli
+}
+
+
+@pytest.fixture(scope="module")
+def voice(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FarEnd]:
+    """A private voice far end on a free port and a temporary workdir, stopped afterwards."""
+    voice = FarEnd.voice(
+        tmp_path_factory.mktemp("voice"),
+        port=free_udp_port(),
+        rtp_port=VOICE_RTP_PORT,
+        voice_cli=f"+{VOICE_CLI}",  # the '+' is dropped
+    )
+    yield from private(voice, "voice far end")
+
+
+def test_voice_far_end_command(voice: FarEnd, tmp_path: Path) -> None:
+    assert voice.port != VOICE_PORT
+    pid = voice.pid()
+    assert pid is not None
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    assert cmdline[cmdline.index("-sf") + 1] == str(VOICE_SCENARIO) and "-aa" in cmdline
+    sets = [cmdline[i + 1 : i + 3] for i, arg in enumerate(cmdline) if arg == "-set"]
+    assert sets == [["rtp_port", str(VOICE_RTP_PORT)], ["voice_cli", VOICE_CLI]]
+    assert is_live_sipp(pid, VOICE_SCENARIO) and not is_live_sipp(pid)
+    assert not is_live_sipp(pid, FIELD_SCENARIO)
+    # Checking and stopping need no variables; starting does.
+    (tmp_path / "sipp.pid").write_text(f"{pid}\n")
+    assert FarEnd.voice(tmp_path).running() and not FarEnd.field(tmp_path).running()
+    (tmp_path / "sipp.pid").unlink()
+    with pytest.raises(RuntimeError, match="needs -set voice_cli"):
+        FarEnd.voice(tmp_path, port=free_udp_port(), rtp_port=VOICE_RTP_PORT).start()
+    with pytest.raises(ValueError, match="digits"):
+        FarEnd.voice(tmp_path, voice_cli="62-21")
+    with pytest.raises(ValueError, match="RTP port"):
+        FarEnd.voice(tmp_path, rtp_port=70_000)
+    command = FarEnd(tmp_path, variables={"a": "1", "b": "x y"}).command()
+    at = command.index("-set")
+    assert command[at : at + 6] == ["-set", "a", "1", "-set", "b", "x y"]
+    assert "-set" not in FarEnd(tmp_path).command()
+
+
+def test_voice_behaviour_by_caller_and_last_digit(voice: FarEnd, tmp_path: Path) -> None:
+    calls = list(VOICE_CALLS)
+    run_probe(voice.port, calls, tmp_path)
+    users = {to for to, _ in calls}
+    records = voice.wait_for(
+        lambda rs: {r.request_user for r in rs if r.ended_at is not None} >= users, timeout=2
+    )
+    by_user = {r.request_user: r for r in records}
+    for (to, frm), expected in VOICE_CALLS.items():
+        record = by_user[to]
+        assert record.from_user == frm
+        assert [code for code, _ in record.responses] == expected, to
+        assert record.acked_at is not None and record.timeout is None, to
+        assert (record.answered_at is not None) == (expected[-1] == 200), to
+        assert (record.canceled_at is not None) == (expected[-1] == 487), to
+
+
+def test_voice_call_sends_rtp_to_rtp_port_and_digit_1_hangs_up(voice: FarEnd) -> None:
+    user, call_id = "62819952221", f"voice-1-{os.getpid()}-{time.time()}"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        sock.settimeout(3)
+        local_port = sock.getsockname()[1]
+        invite = sip_request(
+            "INVITE", user, voice.port, local_port, call_id, f"To: <sip:{user}@{HOST}>"
+        ).replace(f"sip:{FROM_PREFIX}777@".encode(), f"sip:+{VOICE_CLI}@".encode())
+        sock.sendto(invite, (HOST, voice.port))
+        assert sock.recv(65535).decode().startswith("SIP/2.0 180 ")
+        ok = sock.recv(65535).decode()
+        assert ok.startswith("SIP/2.0 200 ")
+        sdp = ok.split("\r\n\r\n", 1)[1]
+        assert f"m=audio {VOICE_RTP_PORT} RTP/AVP 0" in sdp and f"c=IN IP4 {HOST}" in sdp
+        to = next(h for h in ok.split("\r\n") if h.startswith("To:"))
+        sock.sendto(
+            sip_request("ACK", user, voice.port, local_port, call_id, to), (HOST, voice.port)
+        )
+        bye = sock.recv(65535).decode()
+        while bye.startswith("SIP/2.0 200 "):  # a retransmission that crossed our ACK
+            bye = sock.recv(65535).decode()
+        assert bye.startswith("BYE ")
+        headers = [
+            h
+            for h in bye.split("\r\n")
+            if h.split(":")[0] in ("Via", "From", "To", "Call-ID", "CSeq")
+        ]
+        reply = "SIP/2.0 200 OK\r\n" + "\r\n".join(headers) + "\r\nContent-Length: 0\r\n\r\n"
+        sock.sendto(reply.encode(), (HOST, voice.port))
+    voice.wait_for(lambda rs: any(r.call_id == call_id and r.ended_at for r in rs), timeout=2)
+    record = next(r for r in voice.records() if r.call_id == call_id)
+    assert record.from_user == VOICE_CLI and record.answered_at and record.acked_at
+    assert record.bye_sent_at is not None and record.bye_at is None
+    assert 0.95 <= record.bye_sent_at - record.acked_at <= 1.5

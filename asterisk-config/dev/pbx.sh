@@ -116,7 +116,29 @@ install_configs() {
         printf '\n#tryinclude "otp-test/%s.conf"\n' "$name" >>"$etc/$name.conf"
     done
     mkdir -p "$etc/otp-test" "$root"/var/{lib,log,spool,run}/asterisk
+    install_prompts
     if [ -n "$suffix" ]; then install_node_configs; fi
+}
+
+# The voice call's prompts (asterisk-config/prompts.sh), made again when the script
+# changes, copied inside the root: its sounds/en is a link to resolve there.
+install_prompts() {
+    local script=$here/../prompts.sh made=$cache/prompts
+    if [ ! -f "$made/.made" ] || [ "$script" -nt "$made/.made" ]; then
+        rm -rf "$made"
+        bash "$script" "$made" >/dev/null || die "the voice prompts could not be made (asterisk-config/prompts.sh)"
+        touch "$made/.made"
+    fi
+    rm -rf "$root/tmp/otp-prompts"
+    cp -r "$made" "$root/tmp/otp-prompts"
+    rm -f "$root/tmp/otp-prompts/.made"
+    local locale
+    for locale in "$made"/*/; do
+        locale=$(basename "$locale")
+        # The trailing slash follows a locale that is a link (Debian's sounds/en).
+        chroot "$root" sh -c "mkdir -p /usr/share/asterisk/sounds/$locale && cp -r /tmp/otp-prompts/$locale/. /usr/share/asterisk/sounds/$locale/"
+    done
+    rm -rf "$root/tmp/otp-prompts"
 }
 
 # Node b: node a's configs with its own ports and directories.
