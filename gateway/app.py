@@ -159,6 +159,7 @@ async def _calls_ctx(app: web.Application) -> AsyncIterator[None]:
             lambda node=node: dialer.on_node(node)[1],  # type: ignore[misc]
         )
     verifications = Verifications(config, store, pools, dialer)
+    dialer.on_ended = verifications.call_ended
     app[DIALER] = dialer
     app[VERIFICATIONS] = verifications
     app[NUMBERS] = Numbers(config, store)
@@ -176,8 +177,10 @@ async def _calls_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def drain_seconds(config: Config, dialer: Dialer) -> float:
-    """How long shutdown lets the calls ringing end: the longest a call can last."""
-    return dialer.cap_seconds(config.calls.max_ring_seconds) + SHUTDOWN_GRACE_S
+    """How long shutdown lets the calls ringing end: the longest a call can last (a
+    voice call talks on once answered)."""
+    voice = dialer.cap_seconds(config.voice.ring_seconds) + config.voice.max_seconds
+    return max(dialer.cap_seconds(config.calls.max_ring_seconds), voice) + SHUTDOWN_GRACE_S
 
 
 async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -188,7 +191,9 @@ async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
         if event.snapshot is not None:
             then = Snapshot.decode(event.snapshot)
             data: dict[str, Any] = msgspec.to_builtins(
-                views.verification(then.verification, then.call, then.events)
+                views.verification(
+                    then.verification, then.call, then.events, steps=then.steps or None
+                )
             )
             return data
         # A row from before snapshots were kept: as it is now, the best left to say.

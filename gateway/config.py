@@ -60,6 +60,17 @@ MAX_NODE_NAME = 32
 MAX_CALLS_PER_SECOND = 10_000
 MAX_CONCURRENT_CALLS = 100_000
 DEFAULT_DATABASE_URL = SQLITE_SCHEME + "var/gateway.sqlite3"
+# A code said more often than this only keeps a billed line open.
+MAX_VOICE_REPEAT = 5
+# Five sayings of an 8-digit code with their pauses fit in a minute; twice that bounds
+# what one voice call can cost, whatever the dialplan does.
+MAX_VOICE_SECONDS = 120
+# An hour after a sign-in the user has left the screen that waits for the code.
+MAX_VOICE_WAIT_SECONDS = 3600
+# Voice calls are billed: far above any one phone's or key's real need, a typo caught.
+MAX_VOICE_PER_PHONE_PER_HOUR = 1000
+MAX_VOICE_PER_PHONE_PER_DAY = 10_000
+MAX_VOICE_KEY_DAILY_CALLS = 10_000_000
 CODE_LENGTHS = range(4, 9)  # 4 to 8 trailing digits
 # A webhook secret keys HMAC-SHA256 over bodies any receiver sees: 24 bytes (192 bits,
 # the size Standard Webhooks' own tooling makes) leaves no offline search of the key.
@@ -123,6 +134,11 @@ INSTANCE_NAME = Format(
     re.compile(rf"[\w.:-]{{0,{MAX_INSTANCE_NAME}}}"),
     f"at most {MAX_INSTANCE_NAME} letters, digits and - _ . :",
 )
+E164_NUMBER = Format(re.compile(r"\+[1-9][0-9]{7,14}"), "an E.164 number, + and 8-15 digits")
+# A context name as extensions.conf writes it between brackets, well under Asterisk's 80.
+DIALPLAN_CONTEXT = Format(re.compile(r"[A-Za-z0-9_-]{1,64}"), "1-64 letters, digits and - _")
+# A language, and a country where the prompts differ: the directory under Asterisk's sounds.
+LOCALE = Format(re.compile(r"[a-z]{2,3}(_[A-Z]{2})?"), "a locale such as en or pt_BR")
 
 
 class Rules(TypedDict, total=False):
@@ -653,6 +669,87 @@ class CallsConfig:
 
 
 @section
+class VoiceConfig:
+    caller_id: str | None = setting(
+        "the number voice calls show: the operator's published number, not a pool's",
+        default=None,
+        empty="voice calls are refused with `422`",
+        pattern=E164_NUMBER,
+        example="+622180001000",
+    )
+    cli_format: str = setting(
+        "how `caller_id` is handed to Asterisk, as a pool's `cli_format` hands its caller IDs",
+        default="e164",
+        choices=DIAL_FORMATS,
+    )
+    context: str = setting(
+        "the dialplan context a voice call runs in once answered, as in "
+        "`asterisk-config/extensions.conf`",
+        default="otp-voice",
+        pattern=DIALPLAN_CONTEXT,
+    )
+    locales: tuple[str, ...] = setting(
+        "the locales whose prompts are installed on the PBX (`asterisk-config/prompts.sh`): "
+        "the languages a voice call can speak",
+        default=("en", "id"),
+        nonempty=True,
+        pattern=LOCALE,
+        also="no two equal",
+    )
+    default_locale: str = setting(
+        "the locale of a request that names none", default="en", also="one of `voice.locales`"
+    )
+    repeat: int = setting(
+        "how many times a voice call says the code", default=3, ge=1, le=MAX_VOICE_REPEAT
+    )
+    max_seconds: int = setting(
+        "the longest a voice call lasts once answered: the gateway hangs it up then, whatever "
+        "the dialplan does",
+        default=30,
+        ge=5,
+        le=MAX_VOICE_SECONDS,
+    )
+    ring_seconds: int = setting(
+        "how long a voice call rings, counted from alerting, before it ends `no_answer`",
+        default=30,
+        ge=5,
+        le=MAX_RING_SECONDS,
+    )
+    fallback_after_seconds: int | None = setting(
+        "the default of a request's `fallback_after_seconds`: how long after a delivered "
+        "flash call that was not checked the next channel starts; empty (`null`): never",
+        default=60,
+        ge=0,
+        le=MAX_VOICE_WAIT_SECONDS,
+    )
+    next_min_gap_seconds: int = setting(
+        "the least time between two `POST /v1/verifications/{id}/next` of one verification; "
+        "one asked sooner gets `429`",
+        default=30,
+        ge=0,
+        le=MAX_VOICE_WAIT_SECONDS,
+    )
+    per_phone_per_hour: int = setting(
+        "voice calls to one phone per rolling hour: each is billed",
+        default=2,
+        ge=1,
+        le=MAX_VOICE_PER_PHONE_PER_HOUR,
+    )
+    per_phone_per_day: int = setting(
+        "voice calls to one phone per rolling 24 hours",
+        default=5,
+        ge="per_phone_per_hour",
+        le=MAX_VOICE_PER_PHONE_PER_DAY,
+    )
+    key_daily_calls: int = setting(
+        "voice calls per API key per rolling 24 hours: each key's voice budget",
+        default=1000,
+        ge=1,
+        le=MAX_VOICE_KEY_DAILY_CALLS,
+    )
+
+
+@section
 class VerificationConfig:
     ttl_seconds: int = setting("a pending verification expires after this", default=300, ge=30)
     max_attempts: int = setting("wrong codes before `max_attempts_reached`", default=5, ge=1, le=20)
@@ -788,7 +885,10 @@ class LimitsConfig:
 class SecurityConfig:
     code_secret: str = setting(
         "key of the HMAC that stores codes: a leaked database then reveals no code",
-        details="Changing it makes the codes of pending verifications fail their checks",
+        details=(
+            "It also seals the code a later step (a voice call) must say. Changing it makes "
+            "the codes of pending verifications fail their checks, and their later steps fail"
+        ),
         secret=True,
         env="OTP_CODE_SECRET",
         min_length=16,
@@ -904,6 +1004,12 @@ class Config:
         "times post-dial delay plus ring (6 s + 8 s). Above the carrier's limits calls come "
         "back 486 or 503: set `max_per_second` and `max_concurrent` from your contract",
         default=CallsConfig(),
+    )
+    voice: VoiceConfig = setting(
+        "Voice calls: when a flash call cannot land, the gateway can place a call that speaks "
+        "the verification's code in the user's language (the dialplan context `otp-voice`). "
+        "Off while `caller_id` is unset",
+        default=VoiceConfig(),
     )
     verification: VerificationConfig = setting(
         "Verifications: how long a code lives, how many guesses it allows",
@@ -1066,6 +1172,7 @@ def _check(config: Config) -> list[str]:
     need(http.operator_port != http.port, "http.operator_port", "must differ from http.port")
     problems.extend(_check_database(config.database))
     problems.extend(_check_asterisk(config.asterisk))
+    problems.extend(_check_voice(config.voice))
     hooks = config.webhooks
     if hooks.secret is not None:
         try:
@@ -1178,14 +1285,29 @@ def _check_test_numbers(config: Config) -> list[str]:
     return problems
 
 
+def _check_voice(voice: VoiceConfig) -> list[str]:
+    """The locales' rules across keys: no two equal, the default one of them."""
+    problems: list[str] = []
+    if len(set(voice.locales)) != len(voice.locales):
+        problems.append("voice.locales: has duplicates")
+    if voice.default_locale not in voice.locales:
+        problems.append(
+            f"voice.default_locale: {voice.default_locale!r} is not in voice.locales "
+            "(the locales whose prompts the PBX has)"
+        )
+    return problems
+
+
 def shutdown_seconds(config: Config) -> float:
     """The longest a SIGTERM may take: ringing calls end (post-dial delay, ring time and
     a grace), then the requests still in flight are answered. systemd's TimeoutStopSec
     and Compose's stop_grace_period must be longer, or calls are cut off."""
-    calls = config.calls
+    calls, voice = config.calls, config.voice
+    # A voice call rings, then talks on once answered (voice.max_seconds).
+    longest_call = max(calls.max_ring_seconds, voice.ring_seconds + voice.max_seconds)
     return (
         calls.max_post_dial_seconds
-        + calls.max_ring_seconds
+        + longest_call
         + SHUTDOWN_GRACE_S
         + config.http.request_timeout_seconds
     )
@@ -1350,6 +1472,7 @@ def summary(config: Config) -> list[str]:
         f"numbers: default region {config.numbers.default_region}, "
         f"allowed regions {', '.join(config.numbers.allowed_regions)}, "
         f"types {', '.join(config.numbers.allowed_types)}",
+        _voice_summary(config.voice),
     ]
     if config.http.operator_host not in ("127.0.0.1", "::1", "localhost"):
         lines.append(
@@ -1407,6 +1530,21 @@ def summary(config: Config) -> list[str]:
             "called and accept a fixed code (sandbox); empty it in production"
         )
     return lines
+
+
+def _voice_summary(voice: VoiceConfig) -> str:
+    if voice.caller_id is None:
+        return "voice: off (voice.caller_id is unset: voice calls are refused)"
+    fallback = (
+        "never" if voice.fallback_after_seconds is None else f"{voice.fallback_after_seconds}s"
+    )
+    return (
+        f"voice: caller ID {voice.caller_id} into context {voice.context}, locales "
+        f"{', '.join(voice.locales)} (default {voice.default_locale}), ring "
+        f"{voice.ring_seconds}s, at most {voice.max_seconds}s answered, fallback after "
+        f"{fallback}; per phone {voice.per_phone_per_hour} an hour and "
+        f"{voice.per_phone_per_day} a day, per API key {voice.key_daily_calls} a day"
+    )
 
 
 def _join(path: str, key: str) -> str:

@@ -22,12 +22,21 @@ from gateway.outcomes import (
     followed,
     health_of,
 )
-from gateway.pbx import NORMAL_CLEARING, CallEvent, CallEventKind, Dial, PbxError, PbxNotLoggedIn
+from gateway.pbx import (
+    NORMAL_CLEARING,
+    CallEvent,
+    CallEventKind,
+    Dial,
+    PbxError,
+    PbxNotLoggedIn,
+    Speech,
+)
 from gateway.store import (
     NOT_PENDING,
     TAKEN,
     CallEventRecord,
     CallStatus,
+    Channel,
     Store,
     VerificationStatus,
 )
@@ -69,6 +78,19 @@ class CallJob:
     queued_at: float = 0.0  # wall clock; how long it may wait for a PBX counts from here
     # The destination's carrier uses 183 for real ringing (numbers.early_media_is_alerting).
     early_media_is_alerting: bool = False
+    channel: Channel = Channel.FLASHCALL
+    # A voice call: what its dialplan says (the code: kept in memory only), and the
+    # longest it may last once answered (voice.max_seconds).
+    speech: Speech | None = None
+    answered_cap: float = 0.0
+    # Its verification has a step after this one: started at once when this call
+    # fails, `fallback_after` seconds after it delivers (None: only when asked).
+    has_next: bool = False
+    fallback_after: float | None = None
+
+    @property
+    def voice(self) -> bool:
+        return self.channel is Channel.VOICE
 
 
 @dataclass(slots=True)
@@ -81,6 +103,8 @@ class _LiveCall:
     rang: bool = False  # 180
     progress: bool = False  # 183
     answered: bool = False
+    answered_at: float | None = None
+    spoken: bool = False  # a voice call's dialplan said the code in full
     # Adopted after a restart while still "dialing": whether it rang before the
     # restart is unknown (those events went with the old process).
     alert_unknown: bool = False
@@ -186,7 +210,7 @@ class Dialer:
         self.nodes = nodes
         self._metrics = metrics or _NoMetrics()
         self._store = store
-        self._on_ended = on_ended
+        self.on_ended = on_ended
         self._release_cli = release_cli
         self._queue: asyncio.Queue[CallJob] = asyncio.Queue()
         self._pbx_wait = config.pbx_wait_seconds
@@ -272,11 +296,14 @@ class Dialer:
         ringing_at: float | None,
         rang: bool,
         node_name: str | None = None,
+        answered_at: float | None = None,
+        spoken: bool = False,
     ) -> None:
         """Follow a call an earlier process placed on node `node_name`: never dialed
         again, closed by its Hangup if the node still has it, else as lost once its cap
         has passed. Its ring time runs on from `ringing_at` (its first 180 or 183, if it
-        had one); `rang`: that was a 180."""
+        had one); `rang`: that was a 180. A voice call answered at `answered_at` talks
+        on to its answered cap; `spoken`: it had said the code."""
         node = self.nodes.get(node_name)
         if node is None:
             # Stored before nodes had names, or on a node no longer configured: the
@@ -298,6 +325,9 @@ class Dialer:
             rang=rang,
             progress=ringing_at is not None and not rang,
             alert_unknown=ringing_at is None,
+            answered=answered_at is not None,
+            answered_at=answered_at if job.voice else None,
+            spoken=spoken,
         )
         self._live[job.call_id] = live
         node.pbx.adopt(job.call_id)
@@ -315,6 +345,11 @@ class Dialer:
         """Originate's Timeout: the cap, and the margin that lets the gateway go first."""
         return self.cap_seconds(ring_seconds) + PBX_CAP_MARGIN_S
 
+    def _span(self, job: CallJob) -> float:
+        """The longest `job` can last from its Originate: a voice call talks on after
+        its answer."""
+        return self._pbx_timeout(job.ring_seconds) + job.answered_cap
+
     def _arm(self, live: _LiveCall, alerted_at: float | None = None) -> None:
         """(Re)set the timer that hangs `live` up: ring_seconds after `alerted_at`, and
         never later than its cap."""
@@ -324,6 +359,9 @@ class Dialer:
         deadline = started + self.cap_seconds(live.job.ring_seconds)
         if alerted_at is not None:
             deadline = min(deadline, alerted_at + live.job.ring_seconds)
+        if live.answered_at is not None:
+            # A voice call once answered: voice.max_seconds, whatever the dialplan does.
+            deadline = live.answered_at + live.job.answered_cap
         if live.timer is not None:
             live.timer.cancel()
         live.timer = asyncio.get_running_loop().call_later(
@@ -540,7 +578,13 @@ class Dialer:
 
     async def _originate(self, live: _LiveCall) -> None:
         job = live.job
-        dial = Dial(job.call_id, job.dial_number, job.cli_dial, self._pbx_timeout(job.ring_seconds))
+        dial = Dial(
+            job.call_id,
+            job.dial_number,
+            job.cli_dial,
+            self._pbx_timeout(job.ring_seconds),
+            job.speech,
+        )
         while True:
             node = live.node
             try:
@@ -683,7 +727,12 @@ class Dialer:
         elif kind is CallEventKind.HANGUP:
             await self._end(call_id, cause, sip_code, reason, at)
         else:
-            live.answered = live.answered or kind is CallEventKind.ANSWERED
+            if kind is CallEventKind.ANSWERED and not live.answered:
+                live.answered = True
+                if live.job.voice:
+                    live.answered_at = at
+                    self._arm(live)
+            live.spoken = live.spoken or kind is CallEventKind.SPOKEN
             await self._store.add_call_event(CallEventRecord(call_id, at, kind, None, None))
 
     async def _reconcile(self, node: Node, connected_at: float) -> None:
@@ -738,6 +787,7 @@ class Dialer:
             cause=cause,
             sip_code=sip_code,
             timed_out=_ended_by_timer(live, cause, sip_code, reason),
+            spoken=live.spoken,
         )
         outcome, reason = followed(
             heard,
@@ -745,6 +795,7 @@ class Dialer:
             early_media_is_alerting=live.job.early_media_is_alerting,
             alert_unknown=live.alert_unknown,
             canceled=live.canceled,
+            voice=live.job.voice,
         )
         if outcome is Outcome.TRUNK_REJECTED:
             self._metrics.trunk_rejected(live.node.pbx.trunk, sip_code)
@@ -774,9 +825,12 @@ class Dialer:
         at: float | None = None,
         node: Node | None = None,
     ) -> None:
-        self._release_cli(job.pool, job.cli)
+        if not job.voice:
+            self._release_cli(job.pool, job.cli)
         delivered = outcome in DELIVERED_OUTCOMES
         uncertain = outcome in UNCERTAIN_OUTCOMES
+        at = at or time.time()
+        next_at = _next_step_at(job, outcome, reason, at)
         await self._store.end_call(
             job.call_id,
             call_status=CallStatus.COMPLETED if delivered or uncertain else CallStatus.FAILED,
@@ -784,11 +838,12 @@ class Dialer:
             cause=cause,
             sip_code=sip_code,
             reason=reason,
-            at=at or time.time(),
+            at=at,
             fail_verification=not (delivered or uncertain),
             health=health_of(outcome),
             delivered=delivered,
             uncertain=uncertain,
+            next_at=next_at,
         )
         self._metrics.call_ended(CANCELED if reason == CANCELED else outcome, cause)
         log.info(
@@ -801,8 +856,8 @@ class Dialer:
             node.name if node is not None else "none",
             extra=_ids(job),
         )
-        if self._on_ended is not None:
-            await self._on_ended(job, outcome)
+        if self.on_ended is not None:
+            await self.on_ended(job, outcome)
 
     async def _sweep_loop(self) -> None:
         """End calls whose Hangup never came (events lost with the PBX)."""
@@ -810,15 +865,24 @@ class Dialer:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             now = time.time()
             for call_id, live in list(self._live.items()):
-                if now > live.dialed_at + self._pbx_timeout(live.job.ring_seconds) + (
-                    LOST_CALL_GRACE_S
-                ):
+                if now > live.dialed_at + self._span(live.job) + LOST_CALL_GRACE_S:
                     log.warning(
                         "call %s: no hangup from the PBX; closing it as lost",
                         call_id,
                         extra=_ids(live.job),
                     )
                     await self._end(call_id, None, None, "pbx_lost")
+
+
+def _next_step_at(job: CallJob, outcome: Outcome, reason: str | None, at: float) -> float | None:
+    """When the verification's next step starts after `job` ended so; None: not by
+    itself. At once when the call did not deliver (an invalid number ends the
+    verification: nothing else is tried), `fallback_after` after it delivered."""
+    if not job.has_next or reason == CANCELED or outcome is Outcome.INVALID_NUMBER:
+        return None
+    if outcome in DELIVERED_OUTCOMES:
+        return None if job.fallback_after is None else at + job.fallback_after
+    return at
 
 
 def _ended_by_timer(

@@ -58,6 +58,30 @@ class NumberKnownInvalid(GatewayError):
     code = "number_known_invalid"
 
 
+class UnknownChannel(GatewayError):
+    """A channel the gateway does not know (channels: flashcall, voice)."""
+
+    code = "unknown_channel"
+
+
+class UnknownLocale(GatewayError):
+    """A locale whose prompts the operator has not installed (voice.locales)."""
+
+    code = "unknown_locale"
+
+
+class ChannelUnavailable(GatewayError):
+    """A known channel this gateway is not set up for (voice without voice.caller_id)."""
+
+    code = "channel_unavailable"
+
+
+class NoNextChannel(GatewayError):
+    """`next` on a verification whose last channel has been tried."""
+
+    code = "no_next_channel"
+
+
 class InvalidCallbackUrl(GatewayError):
     """A well-formed callback_url the gateway will not post to: credentials in it, or a
     host that is an address inside (not globally routable, not allowed by the operator)."""

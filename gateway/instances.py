@@ -18,8 +18,9 @@ import secrets
 import time
 from collections.abc import Callable
 
-from gateway.dialer import CallJob, Dialer
+from gateway.dialer import Dialer
 from gateway.logs import call_ids
+from gateway.pbx import CallEventKind
 from gateway.store import CallRecord, CallStatus, Store, VerificationRecord
 from gateway.tasks import cancel_and_wait
 from gateway.verifications import Verifications
@@ -170,19 +171,17 @@ class Membership:
 
     async def _follow(self, call: CallRecord, verification: VerificationRecord) -> None:
         """Follow a call another process placed, to its end on the PBX."""
-        job = CallJob(
-            call.id,
-            verification.id,
-            call.dial_number,
-            cli="",
-            cli_dial="",
-            pool=verification.pool,
-            ring_seconds=call.ring_seconds,
-            queued_at=call.queued_at,
-            early_media_is_alerting=self._verifications.early_media_is_alerting(verification),
-        )
+        job = self._verifications.job_for(verification, call)
+        events = await self._store.call_events(call.id)
         # A 183 sets ringing_at too: only a "ringing" event on its timeline was a 180.
-        rang = any(e.kind == "ringing" for e in await self._store.call_events(call.id))
+        rang = any(e.kind == CallEventKind.RINGING for e in events)
+        answered_at = next((e.at for e in events if e.kind == CallEventKind.ANSWERED), None)
         await self._dialer.adopt(
-            job, call.dialed_at or call.queued_at, call.ringing_at, rang, call.node
+            job,
+            call.dialed_at or call.queued_at,
+            call.ringing_at,
+            rang,
+            call.node,
+            answered_at=answered_at,
+            spoken=any(e.kind == CallEventKind.SPOKEN for e in events),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import logging
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from gateway import phones
 from gateway.config import Config, NumbersConfig
 from gateway.errors import InvalidRequest
 from gateway.outcomes import DELIVERED_OUTCOMES, UNCERTAIN_OUTCOMES, Health, Outcome
-from gateway.store import NumberHealthRecord, Store
+from gateway.store import Channel, NumberHealthRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ class Numbers:
         return forgotten
 
     async def stats(self, since: float, until: float) -> dict[str, Any]:
-        """Calls, deliveries and failures over [since, until), overall, by carrier and outcome.
+        """Calls, deliveries and failures over [since, until), overall, by carrier and outcome,
+        and by channel with the approvals each channel's calls led to.
 
         A call with no verdict on delivery (progress_only) is counted apart: `uncertain`,
         neither delivered nor failed."""
@@ -120,6 +122,11 @@ class Numbers:
         for carrier, outcome, count in rows:
             by_outcome[outcome] = by_outcome.get(outcome, 0) + count
             carriers.setdefault(carrier, _no_outcomes())[outcome] += count
+        channels: dict[str, dict[str, int]] = {c.value: _no_outcomes() for c in Channel}
+        approved: collections.Counter[str] = collections.Counter()
+        for channel, outcome, count, approvals in await self._store.channel_stats(since, until):
+            channels[channel][outcome] += count
+            approved[channel] += approvals
         return {
             **_totals(by_outcome),
             "by_outcome": by_outcome,
@@ -132,6 +139,20 @@ class Numbers:
                 for carrier, outcomes in sorted(
                     carriers.items(), key=lambda kv: -sum(kv[1].values())
                 )
+            ],
+            "by_channel": [
+                {
+                    "channel": channel,
+                    **_totals(outcomes),
+                    "approved": approved[channel],
+                    "approval_rate": (
+                        round(approved[channel] / sum(outcomes.values()), 4)
+                        if sum(outcomes.values())
+                        else None
+                    ),
+                    "by_outcome": {o: n for o, n in outcomes.items() if n},
+                }
+                for channel, outcomes in channels.items()
             ],
         }
 

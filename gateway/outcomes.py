@@ -36,6 +36,11 @@ class Outcome(enum.StrEnum):
     UNREACHABLE = "unreachable"
     CONGESTION = "congestion"
     ERROR = "error"
+    # A voice call's own: answered and the code said at least once in full; answered
+    # and hung up before that; rang out with nobody answering.
+    SPOKEN = "spoken"
+    ANSWERED_EARLY = "answered_early"
+    NO_ANSWER = "no_answer"
 
 
 class Health(enum.StrEnum):
@@ -79,7 +84,7 @@ CAUSE_NAMES = {
     47: "Resource unavailable",
 }
 
-DELIVERED_OUTCOMES = frozenset({Outcome.DELIVERED, Outcome.ANSWERED})
+DELIVERED_OUTCOMES = frozenset({Outcome.DELIVERED, Outcome.ANSWERED, Outcome.SPOKEN})
 # Ended without a verdict on delivery: the verification stays pending, the stats count
 # these apart from delivered and failed.
 UNCERTAIN_OUTCOMES = frozenset({Outcome.PROGRESS_ONLY})
@@ -92,6 +97,8 @@ CANCELED = "canceled"
 # the cap. A far end's own 480 has no reason, only its cause and SIP code.
 RING_TIMEOUT = "ring_timeout"
 POST_DIAL_TIMEOUT = "post_dial_timeout"
+# The reason of an answered voice call the gateway hung up at voice.max_seconds.
+MAX_SECONDS = "max_seconds"
 
 _HEALTH = {
     Outcome.DELIVERED: Health.REACHABLE,
@@ -99,6 +106,9 @@ _HEALTH = {
     Outcome.BUSY: Health.REACHABLE,
     Outcome.INVALID_NUMBER: Health.INVALID,
     Outcome.UNREACHABLE: Health.UNREACHABLE,
+    # A number that answered is reachable.
+    Outcome.SPOKEN: Health.REACHABLE,
+    Outcome.ANSWERED_EARLY: Health.REACHABLE,
 }
 
 
@@ -113,6 +123,7 @@ class Heard:
     sip_code: int | None = None  # the final SIP response, where Asterisk reports it
     # Ended by the gateway's ring timer (ring_seconds after alerting) or its cap.
     timed_out: bool = False
+    spoken: bool = False  # a voice call: the dialplan said the code in full (OtpSpoken)
 
 
 def classify(heard: Heard, early_media_is_alerting: bool = False) -> Outcome:
@@ -123,19 +134,48 @@ def classify(heard: Heard, early_media_is_alerting: bool = False) -> Outcome:
     alerted = heard.rang or (heard.progress and early_media_is_alerting)
     if heard.answered:
         return Outcome.ANSWERED if alerted else Outcome.NETWORK_ANSWER
-    if heard.sip_code in TRUNK_REFUSALS:
-        return Outcome.TRUNK_REJECTED
-    cause = heard.cause
-    if cause in _INVALID_NUMBER:
-        return Outcome.INVALID_NUMBER
-    if cause in _CONGESTION:
-        return Outcome.CONGESTION
+    refused = _refused(heard.cause, heard.sip_code)
+    if refused is not None:
+        return refused
     if alerted:
         # Rang, then the ring timer or the callee ended it: the caller ID was shown.
         return Outcome.DELIVERED
     if heard.timed_out:
         return Outcome.PROGRESS_ONLY if heard.progress else Outcome.NO_ALERTING
     # Not alerted: a 183 followed by a network's final response is that response.
+    return _final_response(heard.cause)
+
+
+def classify_voice(heard: Heard) -> Outcome:
+    """The outcome of a voice call that has ended: whether the code was said, else why
+    not. Its alerting is only a step on the way: an answer is what it waits for."""
+    if heard.answered:
+        return Outcome.SPOKEN if heard.spoken else Outcome.ANSWERED_EARLY
+    refused = _refused(heard.cause, heard.sip_code)
+    if refused is not None:
+        return refused
+    if heard.timed_out:
+        return Outcome.NO_ANSWER
+    outcome = _final_response(heard.cause)
+    if outcome is Outcome.UNREACHABLE and (heard.rang or heard.progress):
+        return Outcome.NO_ANSWER  # rang, then the network gave up (480): nobody picked up
+    return outcome
+
+
+def _refused(cause: int | None, sip_code: int | None) -> Outcome | None:
+    """What says nothing of alerting: the trunk's refusal, a number that does not
+    exist, a network without room. None for anything else."""
+    if sip_code in TRUNK_REFUSALS:
+        return Outcome.TRUNK_REJECTED
+    if cause in _INVALID_NUMBER:
+        return Outcome.INVALID_NUMBER
+    if cause in _CONGESTION:
+        return Outcome.CONGESTION
+    return None
+
+
+def _final_response(cause: int | None) -> Outcome:
+    """The outcome a network's final response gives a call that did not get through."""
     if cause == _BUSY:
         return Outcome.BUSY
     if cause == _REJECTED:
@@ -156,6 +196,7 @@ def followed(
     early_media_is_alerting: bool = False,
     alert_unknown: bool = False,
     canceled: bool = False,
+    voice: bool = False,
 ) -> tuple[Outcome, str | None]:
     """The outcome of a call the gateway followed to its end, and the reason to record.
 
@@ -164,18 +205,22 @@ def followed(
     - `alert_unknown`: adopted after a restart, its first events went with the old
       process. "No answer" ends a missed call that rang as well as one that never did:
       error/pbx_lost rather than marking the number unreachable.
+    - `voice`: a voice call, classified by `classify_voice`.
     - `canceled`: the gateway hung it up itself (a cancel, a newer verification). Before
       it alerted that is error/canceled, not a verdict on the number, whatever cause
       Asterisk gave (21 when the hangup beat the INVITE). An answer of the network that
       came first (busy, unreachable, invalid, congestion) stands.
     """
-    outcome = classify(heard, early_media_is_alerting)
+    outcome = classify_voice(heard) if voice else classify(heard, early_media_is_alerting)
     if outcome in _ALERT_UNKNOWABLE and alert_unknown and not heard.rang:
         return Outcome.ERROR, "pbx_lost"
-    if canceled and outcome in (Outcome.REJECTED, Outcome.ERROR):
+    if canceled and outcome in (Outcome.REJECTED, Outcome.ERROR, Outcome.NO_ANSWER):
         return Outcome.ERROR, CANCELED
     if heard.timed_out:
-        reason = RING_TIMEOUT if heard.rang or heard.progress else POST_DIAL_TIMEOUT
+        if heard.answered:
+            reason = MAX_SECONDS
+        else:
+            reason = RING_TIMEOUT if heard.rang or heard.progress else POST_DIAL_TIMEOUT
     return outcome, reason
 
 

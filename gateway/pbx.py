@@ -78,9 +78,18 @@ NORMAL_CLEARING = 16
 # Asterisk's ChannelState values (include/asterisk/channelstate.h).
 _STATE_RINGING = "5"
 _STATE_UP = "6"
-_CALL_EVENTS = ("DialBegin", "Newstate", "DialState", "Hangup", "OriginateResponse")
+_CALL_EVENTS = ("DialBegin", "Newstate", "DialState", "Hangup", "OriginateResponse", "UserEvent")
+# The UserEvent the voice call's dialplan raises once it has said the code in full
+# (asterisk-config/extensions.conf, [otp-voice]).
+SPOKEN_USER_EVENT = "OtpSpoken"
 
 _NUMBER = re.compile(r"\+?[0-9]{1,20}")
+_CODE = re.compile(r"[0-9]{1,16}")
+_LOCALE = re.compile(r"[a-z]{2,3}(_[A-Z]{2})?")
+_CONTEXT = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Bounds on what a voice call's dialplan is told (the config's are narrower).
+MAX_REPEAT = 10
+MAX_VOICE_SECONDS = 600
 _CHANNEL_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Every call the gateway places has a ChannelId (Asterisk's Uniqueid) starting with
 # this. The AMI user's event filter (asterisk-config/manager.conf) passes only events
@@ -125,6 +134,7 @@ class CallEventKind(enum.StrEnum):
     RINGING = "ringing"  # 180, or Newstate Ringing
     PROGRESS = "progress"  # 183 without 180: many mobile networks alert this way
     ANSWERED = "answered"  # the channel went Up
+    SPOKEN = "spoken"  # a voice call's dialplan said the code in full (UserEvent OtpSpoken)
     HANGUP = "hangup"  # the channel is gone: the call's last event
     # Not about one call: AMI (re)connected; events of calls live before may be lost.
     CONNECTED = "connected"
@@ -143,8 +153,21 @@ class CallEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class Speech:
+    """What a voice call's dialplan says once answered, and where it runs."""
+
+    context: str  # the dialplan context (voice.context)
+    code: str  # the digits to say
+    locale: str  # the channel's language: which digits/N prompts
+    repeat: int  # how many times
+    # Asterisk's own cap on the answered call (TIMEOUT(absolute)): a backstop, later
+    # than the gateway's hangup at voice.max_seconds.
+    max_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
 class Dial:
-    """A ring-and-hang-up call to place."""
+    """A call to place: ring-and-hang-up, or with `speech` a voice call that says a code."""
 
     channel_id: str
     number: str  # destination as the trunk expects it, digits with an optional +
@@ -152,6 +175,7 @@ class Dial:
     # Originate's Timeout: Asterisk ends the call this long after its INVITE whatever
     # the gateway does (a backstop; the gateway's own timers end it first).
     timeout_seconds: float
+    speech: Speech | None = None
 
 
 class Pbx(Protocol):
@@ -253,7 +277,7 @@ def originate_action(settings: AmiSettings, dial: Dial) -> dict[str, str]:
     caller_id = check_number(dial.caller_id, "caller_id")
     if not 0 < dial.timeout_seconds <= MAX_ORIGINATE_TIMEOUT_S:
         raise UnsafeAmiValue(f"timeout_seconds must be in (0, {MAX_ORIGINATE_TIMEOUT_S:g}]")
-    return {
+    action = {
         "Action": "Originate",
         "Channel": check_text(settings.channel.format(number=number), "channel"),
         "CallerID": f"<{caller_id}>",
@@ -266,6 +290,35 @@ def originate_action(settings: AmiSettings, dial: Dial) -> dict[str, str]:
         # panoramisk would send Python's True as "True"; Asterisk wants the string.
         "Async": "true",
         "ChannelId": dial.channel_id,
+    }
+    if dial.speech is not None:
+        del action["Application"]
+        action.update(_speech(dial.speech))
+    return action
+
+
+def _speech(speech: Speech) -> dict[str, str]:
+    """The Originate headers of a voice call: answered, it runs `speech.context`, told
+    by channel variables what to say (Asterisk splits Variable at commas: every value is
+    checked to hold none)."""
+    if not _CONTEXT.fullmatch(speech.context):
+        raise UnsafeAmiValue("context must be 1-64 letters, digits, '_' or '-'")
+    if not _CODE.fullmatch(speech.code):
+        raise UnsafeAmiValue("code must be 1-16 digits")
+    if not _LOCALE.fullmatch(speech.locale):
+        raise UnsafeAmiValue("locale must be a language code such as en or id")
+    if not 1 <= speech.repeat <= MAX_REPEAT:
+        raise UnsafeAmiValue(f"repeat must be 1-{MAX_REPEAT}")
+    if not 1 <= speech.max_seconds <= MAX_VOICE_SECONDS:
+        raise UnsafeAmiValue(f"max_seconds must be 1-{MAX_VOICE_SECONDS}")
+    return {
+        "Context": speech.context,
+        "Exten": "s",
+        "Priority": "1",
+        "Variable": (
+            f"CDR_PROP(disable)=1,CHANNEL(language)={speech.locale},OTP_CODE={speech.code},"
+            f"OTP_REPEAT={speech.repeat},OTP_MAX={speech.max_seconds}"
+        ),
     }
 
 
@@ -655,6 +708,9 @@ class AmiPbx:
                 "PROGRESS": CallEventKind.PROGRESS,
                 "ANSWER": CallEventKind.ANSWERED,
             }.get(message.get("DialStatus", ""))
+        elif name == "UserEvent":
+            if message.get("UserEvent") == SPOKEN_USER_EVENT:
+                kind = CallEventKind.SPOKEN
         elif name == "Hangup":
             self._end_call(
                 channel_id,

@@ -174,15 +174,21 @@ def describe(raw: str, default_region: str, policy: NumbersConfig) -> dict[str, 
     }
 
 
-def check_allowed(phone: Phone, policy: NumbersConfig) -> None:
-    """Raise when the gateway must not call `phone` under `policy`."""
+# Numbers a flash call cannot reach (no app reads a landline's caller ID) but a voice
+# call can: allowed whatever numbers.allowed_types says, when a voice step may call them.
+VOICE_ONLY_TYPES = frozenset({"fixed_line"})
+
+
+def check_allowed(phone: Phone, policy: NumbersConfig, voice: bool = False) -> None:
+    """Raise when the gateway must not call `phone` under `policy`; with `voice`, by a
+    voice call (a landline too)."""
     if phone.region not in policy.allowed_regions:
         raise RegionNotAllowed(
             f"calls to region {phone.region} are not allowed", region=phone.region
         )
     if any(phone.e164.startswith(prefix) for prefix in policy.blocked_prefixes):
         raise DestinationBlocked("calls to this destination are blocked")
-    if phone.type not in policy.allowed_types:
+    if phone.type not in policy.allowed_types and not (voice and phone.type in VOICE_ONLY_TYPES):
         raise PhoneTypeNotAllowed(
             f"calls to {phone.type} numbers are not allowed", phone_type=phone.type
         )

@@ -84,6 +84,16 @@ class Pool:
         """Mark `e164` in use (a call restored after a restart)."""
         self._in_use[e164] += 1
 
+    def cli_for(self, code: str) -> Cli | None:
+        """The caller ID of this pool that carries `code` (a later flash call of a
+        verification shows its code again), or None when none does."""
+        if self._prefix is not None:
+            if len(code) != self.code_length or not code.isdigit():
+                return None
+            return Cli(self._prefix + code, code)
+        number = next((n for n in self._numbers if n[-self.code_length :] == code), None)
+        return Cli(number, code) if number is not None else None
+
     def code_of(self, cli: str) -> str | None:
         """The code carried by a full caller ID of this pool, else None."""
         if not re.fullmatch(self.shape.pattern, cli):

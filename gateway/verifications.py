@@ -21,26 +21,32 @@ from gateway import phones
 from gateway.config import Config, WebhooksConfig
 from gateway.dialer import CallJob, Dialer
 from gateway.errors import (
+    ChannelUnavailable,
     GatewayError,
     IdempotencyConflict,
     InvalidCallbackUrl,
     InvalidRequest,
+    NoNextChannel,
     NotFound,
     NumberKnownInvalid,
     Overloaded,
     PbxUnavailable,
     RateLimited,
     RegionNotAllowed,
+    UnknownChannel,
+    UnknownLocale,
     VerificationNotPending,
 )
 from gateway.logs import call_ids
 from gateway.numbers import DAY, invalid_refused_since
-from gateway.outcomes import Outcome
-from gateway.pbx import new_channel_id
+from gateway.outcomes import DELIVERED_OUTCOMES, UNCERTAIN_OUTCOMES, Outcome
+from gateway.pbx import Speech, new_channel_id
 from gateway.pool import Cli, Pool, pool_for
+from gateway.seal import Sealer, Unreadable
 from gateway.store import (
     CallRecord,
     CallStatus,
+    Channel,
     CheckLimit,
     Idempotency,
     Inserted,
@@ -78,6 +84,15 @@ STOP_WAIT_S = 5.0
 # The windows of the wrong-check limits (limits.failed_checks_per_phone_per_*).
 CHECK_DAY_S = 86400.0
 CHECK_30_DAYS_S = 30 * CHECK_DAY_S
+# A verification tries at most this many channels (repeats allowed: voice, voice).
+MAX_CHANNELS = 3
+# Asterisk's own cap on an answered voice call (the dialplan's TIMEOUT(absolute)) is
+# this much later than the gateway's hangup at voice.max_seconds: the gateway goes first.
+VOICE_PBX_MARGIN_S = 2
+# Steps whose time has come are started this many at a time, at least this often
+# (and at once when a call ends).
+STEPS_BATCH = 50
+STEPS_POLL_S = 1.0
 
 
 def request_hash(request: NewVerification) -> str:
@@ -121,15 +136,24 @@ class NewVerification:
     reference: str | None = None
     callback_url: str | None = None
     ring_seconds: int | None = None
+    channels: tuple[str, ...] | None = None  # None: flashcall only
+    locale: str | None = None  # None: voice.default_locale
+    # None with fallback_after_given: never; not given: voice.fallback_after_seconds.
+    fallback_after_seconds: int | None = None
+    fallback_after_given: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class _Admitted:
     """A create request the policy and the load admit: its phone, parsed, the pool that
-    serves it, its ring time, and its fixed code if it is a test number."""
+    serves it, the channels it will try (a landline skips the flash calls), its ring
+    time, and its fixed code if it is a test number."""
 
     phone: phones.Phone
     pool: Pool
+    channels: tuple[Channel, ...]
+    locale: str | None
+    fallback_after: float | None
     ring_seconds: int
     sandbox_code: str | None
 
@@ -143,6 +167,7 @@ class _Draft:
     call: CallRecord
     pool: Pool
     cli: Cli | None
+    code: str  # said by a voice call; kept in memory only
 
     def release_cli(self) -> None:
         """Give the caller ID back to its pool: the draft was not stored."""
@@ -183,6 +208,7 @@ class Verifications:
         self._dialer = dialer
         self._clock = clock
         self._secret = config.security.code_secret.encode()
+        self._sealer = Sealer(self._secret)
         limits, day, month = config.limits, CHECK_DAY_S, CHECK_30_DAYS_S
         self._check_limits = (  # the metric label names the one that refused
             CheckLimit(
@@ -208,6 +234,8 @@ class Verifications:
             ),
         )
         self._expiry_task: asyncio.Task[None] | None = None
+        self._steps_task: asyncio.Task[None] | None = None
+        self._steps_due = asyncio.Event()  # a call ended: a next step may be due now
         self._finishing: set[asyncio.Task[Any]] = set()  # see _to_the_end
 
     # -- create ----------------------------------------------------------------
@@ -224,10 +252,11 @@ class Verifications:
             task.add_done_callback(_log_unexpected)
             raise
 
-    def parse_phone(self, raw: str, region: str | None = None) -> phones.Phone:
-        """Normalise and check a destination against the number policy."""
+    def parse_phone(self, raw: str, region: str | None = None, voice: bool = False) -> phones.Phone:
+        """Normalise and check a destination against the number policy; with `voice`,
+        as a voice call may call it."""
         phone = phones.parse(raw, region or self._config.numbers.default_region)
-        phones.check_allowed(phone, self._config.numbers)
+        phones.check_allowed(phone, self._config.numbers, voice=voice)
         return phone
 
     async def create(
@@ -273,7 +302,17 @@ class Verifications:
             )
         if request.callback_url is not None:
             _check_callback_host(request.callback_url, self._config.webhooks)
-        phone = self.parse_phone(request.phone, request.region)
+        channels = self._channels(request.channels)
+        locale = self._locale(request.locale) if Channel.VOICE in channels else None
+        phone = self.parse_phone(request.phone, request.region, voice=Channel.VOICE in channels)
+        if phone.type not in self._config.numbers.allowed_types:
+            # A landline, allowed for its voice calls: its flash calls are skipped.
+            channels = tuple(c for c in channels if c is Channel.VOICE)
+        fallback_after = (
+            request.fallback_after_seconds
+            if request.fallback_after_given
+            else self._config.voice.fallback_after_seconds
+        )
         sandbox_code = self._config.test_numbers.get(phone.e164)
         pool = pool_for(self._pools, phone.region)
         if pool is None:
@@ -291,19 +330,59 @@ class Verifications:
                 f"the PBX has been unreachable for {down_for:.0f}s; retry later",
                 retry_after=PBX_RETRY_AFTER_S,
             )
-        return _Admitted(phone, pool, ring_seconds, sandbox_code)
+        return _Admitted(
+            phone,
+            pool,
+            channels,
+            locale,
+            None if fallback_after is None else float(fallback_after),
+            ring_seconds,
+            sandbox_code,
+        )
+
+    def _channels(self, asked: tuple[str, ...] | None) -> tuple[Channel, ...]:
+        """The channels a request asks for, known and available here."""
+        if asked is None:
+            return (Channel.FLASHCALL,)
+        if not 1 <= len(asked) <= MAX_CHANNELS:
+            raise InvalidRequest(f"channels must list 1-{MAX_CHANNELS} channels", field="channels")
+        known = {c.value: c for c in Channel}
+        for name in asked:
+            if name not in known:
+                raise UnknownChannel(
+                    f"unknown channel {name!r}: the channels are {', '.join(known)}",
+                    field="channels",
+                )
+        channels = tuple(known[name] for name in asked)
+        if Channel.VOICE in channels and self._config.voice.caller_id is None:
+            raise ChannelUnavailable(
+                "voice calls are not set up on this gateway (voice.caller_id)", field="channels"
+            )
+        return channels
+
+    def _locale(self, asked: str | None) -> str:
+        voice = self._config.voice
+        if asked is None:
+            return voice.default_locale
+        if asked not in voice.locales:
+            raise UnknownLocale(
+                f"unknown locale: the voice call speaks {', '.join(voice.locales)}",
+                field="locale",
+            )
+        return asked
 
     def _build(self, request: NewVerification, admitted: _Admitted, now: float) -> _Draft:
         """The records to store: a code (a caller ID drawn from the pool, or the test
         number's fixed code), the verification and its call, queued."""
-        phone, pool = admitted.phone, admitted.pool
+        phone, pool, channels = admitted.phone, admitted.pool, admitted.channels
         verification_id = "vrf_" + secrets.token_hex(ID_BYTES)
-        cli: Cli | None
-        if admitted.sandbox_code is None:
-            cli = pool.draw()
-            code = cli.code
-        else:
+        first = channels[0]
+        if admitted.sandbox_code is not None:
             cli, code = None, admitted.sandbox_code
+        else:
+            cli, code = _new_code(pool, first)
+        # A later step says (voice) or shows (flash call) the same code: kept sealed.
+        sealed = self._sealer.seal(code) if len(channels) > 1 or Channel.VOICE in channels else None
         verification = VerificationRecord(
             id=verification_id,
             api_key_id=request.api_key_id,
@@ -323,36 +402,66 @@ class Verifications:
             updated_at=now,
             carrier=phone.carrier,
             phone_prefix=phone.e164[: -self._config.limits.prefix_hidden_digits],
-            sandbox=cli is None,
+            sandbox=admitted.sandbox_code is not None,
+            channels=",".join(channels),
+            locale=admitted.locale,
+            fallback_after=admitted.fallback_after,
+            code_sealed=sealed,
         )
+        call = self._new_call(
+            verification,
+            first,
+            0,
+            phones.format_for_trunk(phone.e164, self._config.asterisk.dial_format),
+            admitted.ring_seconds,
+            now,
+        )
+        return _Draft(verification, call, pool, cli, code)
+
+    def _new_call(
+        self,
+        verification: VerificationRecord,
+        channel: Channel,
+        step: int,
+        dial_number: str,
+        ring_seconds: float,
+        now: float,
+    ) -> CallRecord:
+        """The call of a verification's step, queued; a sandbox verification's is
+        shown delivered (a voice call: spoken) at once, never dialed."""
         call = CallRecord(
             id=new_channel_id(),
-            verification_id=verification_id,
+            verification_id=verification.id,
             status=CallStatus.QUEUED,
-            dial_number=phones.format_for_trunk(phone.e164, self._config.asterisk.dial_format),
-            ring_seconds=admitted.ring_seconds,
+            dial_number=dial_number,
+            ring_seconds=(
+                self._config.voice.ring_seconds if channel is Channel.VOICE else ring_seconds
+            ),
             queued_at=now,
             owner=self._dialer.owner,
+            channel=channel,
+            step=step,
         )
-        if cli is None:  # sandbox: shown as delivered at once, never dialed
+        if verification.sandbox:
             call = replace(
                 call,
                 status=CallStatus.COMPLETED,
-                outcome=Outcome.DELIVERED,
+                outcome=Outcome.SPOKEN if channel is Channel.VOICE else Outcome.DELIVERED,
                 reason="sandbox",
                 ended_at=now,
             )
-        return _Draft(verification, call, pool, cli)
+        return call
 
     async def _commit_and_dispatch(
         self, draft: _Draft, idempotency: Idempotency | None, body_hash: str
     ) -> tuple[VerificationRecord, CallRecord] | Replayed:
         """Store the draft within the limits, then hand its call to the dialer; what it
         took (its caller ID, its place in the dialer) is given back if it is not stored."""
-        verification, call, cli = draft.verification, draft.call, draft.cli
+        verification, call = draft.verification, draft.call
         now = verification.created_at
+        dialed = not verification.sandbox
         # A sandbox verification is never dialed: it holds no place.
-        reservation = self._dialer.reserve(now) if cli is not None else None
+        reservation = self._dialer.reserve(now) if dialed else None
         with reservation or contextlib.nullcontext():
             node = reservation.node if reservation is not None else None
             if node is not None:  # room now: stored dialing, placed once stored
@@ -361,10 +470,10 @@ class Verifications:
                 result = await self._store.create_verification(
                     verification,
                     call,
-                    self._limits(verification) if cli is not None else (),
+                    self._limits(verification, call.channel) if dialed else (),
                     idempotency,
                     invalid_since=(
-                        invalid_refused_since(self._config.numbers, now) if cli else None
+                        invalid_refused_since(self._config.numbers, now) if dialed else None
                     ),
                 )
             except BaseException:
@@ -411,17 +520,49 @@ class Verifications:
                 await self._dialer.cancel(live_call_id)
 
     def _job(self, draft: _Draft, call: CallRecord) -> CallJob:
-        assert draft.cli is not None, "a sandbox verification is never dialed"
+        assert not draft.verification.sandbox, "a sandbox verification is never dialed"
+        return self.job_for(draft.verification, call, draft.cli, draft.code)
+
+    def job_for(
+        self,
+        verification: VerificationRecord,
+        call: CallRecord,
+        cli: Cli | None = None,
+        code: str | None = None,
+    ) -> CallJob:
+        """The dialer's job for a call of `verification`: a flash call shows `cli`; a
+        voice call says `code`. Without them, a call to follow, never to place."""
+        voice = self._config.voice
+        speech, shown, shown_dial = None, "", ""
+        if call.channel is Channel.VOICE:
+            assert voice.caller_id is not None, "a voice step needs voice.caller_id"
+            shown_dial = phones.format_for_trunk(voice.caller_id, voice.cli_format)
+            if code is not None:
+                speech = Speech(
+                    context=voice.context,
+                    code=code,
+                    locale=verification.locale or voice.default_locale,
+                    repeat=voice.repeat,
+                    max_seconds=voice.max_seconds + VOICE_PBX_MARGIN_S,
+                )
+        elif cli is not None:
+            pool = self._pools_by_name[verification.pool]
+            shown, shown_dial = cli.e164, phones.format_for_trunk(cli.e164, pool.cli_format)
         return CallJob(
             call_id=call.id,
             verification_id=call.verification_id,
             dial_number=call.dial_number,
-            cli=draft.cli.e164,
-            cli_dial=phones.format_for_trunk(draft.cli.e164, draft.pool.cli_format),
-            pool=draft.pool.name,
+            cli=shown,
+            cli_dial=shown_dial,
+            pool=verification.pool,
             ring_seconds=call.ring_seconds,
             queued_at=call.queued_at,
-            early_media_is_alerting=self.early_media_is_alerting(draft.verification),
+            early_media_is_alerting=self.early_media_is_alerting(verification),
+            channel=call.channel,
+            speech=speech,
+            answered_cap=voice.max_seconds if call.channel is Channel.VOICE else 0.0,
+            has_next=call.step + 1 < len(verification.channel_list),
+            fallback_after=verification.fallback_after,
         )
 
     def early_media_is_alerting(self, verification: VerificationRecord) -> bool:
@@ -432,8 +573,10 @@ class Verifications:
     async def resume(self, verification: VerificationRecord, call: CallRecord) -> bool:
         """Queue again a call that was still queued when the gateway stopped.
 
-        It was never dialed, so nobody saw its code: it gets a fresh caller ID and code.
-        False when the verification can no longer be called (expired, unknown pool).
+        A first flash call was never dialed, so nobody saw its code: it gets a fresh
+        caller ID and code. A later step keeps the code its verification has had.
+        False when the verification can no longer be called (expired, unknown pool, a
+        code that cannot be read back).
         """
         pool = self._pools_by_name.get(verification.pool)
         now = self._clock()
@@ -443,29 +586,49 @@ class Verifications:
             or verification.expires_at <= now
         ):
             return False
-        cli = pool.draw()
-        if not await self._store.replace_code(
-            verification.id, self._code_hash(verification.id, cli.code), now
-        ):
-            pool.release(cli.e164)
-            return False
-        self._dialer.submit(
-            CallJob(
-                call_id=call.id,
-                verification_id=verification.id,
-                dial_number=call.dial_number,
-                cli=cli.e164,
-                cli_dial=phones.format_for_trunk(cli.e164, pool.cli_format),
-                pool=pool.name,
-                ring_seconds=call.ring_seconds,
-                queued_at=now,
-                early_media_is_alerting=self.early_media_is_alerting(verification),
-            )
-        )
+        if call.step > 0:
+            try:
+                cli, code = self._code_for_step(verification, pool, call.channel)
+            except Unreadable:
+                log.error(
+                    "verification %s: its code cannot be read back (code_secret changed?)",
+                    verification.id,
+                    extra=call_ids(verification.id, call.id),
+                )
+                return False
+        else:
+            cli, code = _new_code(pool, call.channel)
+            sealed = self._sealer.seal(code) if verification.code_sealed else None
+            if not await self._store.replace_code(
+                verification.id, self._code_hash(verification.id, code), sealed, now
+            ):
+                if cli is not None:
+                    pool.release(cli.e164)
+                return False
+        self._dialer.submit(replace(self.job_for(verification, call, cli, code), queued_at=now))
         return True
 
-    def _limits(self, v: VerificationRecord) -> tuple[WindowLimit, ...]:
-        """Every window limit a new verification must fit under (docs/api/concepts.md#limits)."""
+    def _code_for_step(
+        self, verification: VerificationRecord, pool: Pool, channel: Channel
+    ) -> tuple[Cli | None, str]:
+        """The verification's code, read back for a later step, and for a flash call
+        the caller ID that carries it (held in its pool); Unreadable if it cannot be."""
+        if verification.code_sealed is None:
+            raise Unreadable("no code kept for this verification")
+        code = self._sealer.open(verification.code_sealed)
+        if channel is Channel.VOICE:
+            return None, code
+        cli = pool.cli_for(code)
+        if cli is None:
+            raise Unreadable("no caller ID of the pool carries this code any more")
+        pool.hold(cli.e164)
+        return cli, code
+
+    def _limits(
+        self, v: VerificationRecord, channel: Channel = Channel.FLASHCALL
+    ) -> tuple[WindowLimit, ...]:
+        """Every window limit a new verification must fit under (docs/api/concepts.md#limits),
+        and a voice call's own when it starts with one."""
         limits = self._config.limits
         return (
             *(WindowLimit("phone", v.phone, w.count, w.seconds) for w in limits.per_phone),
@@ -475,7 +638,161 @@ class Verifications:
             ),
             WindowLimit("api_key_id", v.api_key_id, limits.key_daily_calls, 86400),
             *(WindowLimit(None, None, w.count, w.seconds) for w in limits.global_calls),
+            *(self._voice_limits(v) if channel is Channel.VOICE else ()),
         )
+
+    def _voice_limits(self, v: VerificationRecord) -> tuple[WindowLimit, ...]:
+        """Voice calls are billed: their own limits, per phone and per key."""
+        voice = self._config.voice
+        return (
+            WindowLimit("voice_phone", v.phone, voice.per_phone_per_hour, 3600),
+            WindowLimit("voice_phone", v.phone, voice.per_phone_per_day, 86400),
+            WindowLimit("voice_api_key_id", v.api_key_id, voice.key_daily_calls, 86400),
+        )
+
+    # -- steps -----------------------------------------------------------------
+
+    async def next_step(
+        self, api_key_id: str, verification_id: str
+    ) -> tuple[VerificationRecord, CallRecord]:
+        """Start the verification's next channel now (the user asked: "call me instead")."""
+        verification, call = await self.get(api_key_id, verification_id)
+        if verification.status is not VerificationStatus.PENDING:
+            raise VerificationNotPending(
+                f"verification is {verification.status}",
+                verification_status=verification.status,
+            )
+        if verification.next_channel is None:
+            raise NoNextChannel("every channel of this verification has been tried")
+        await self._start_next(verification, call, asked=True)
+        return await self.get(api_key_id, verification_id)
+
+    async def call_ended(self, job: CallJob, outcome: Outcome) -> None:
+        """A call has ended (the dialer's on_ended): its verification's next step may be
+        due at once."""
+        if job.has_next:
+            self._steps_due.set()
+
+    async def start_due(self) -> int:
+        """Start the next steps whose time has come; how many were started."""
+        started = 0
+        for verification, call in await self._store.due_steps(self._clock(), STEPS_BATCH):
+            try:
+                if await self._start_next(verification, call, asked=False):
+                    started += 1
+            except Exception:
+                log.exception(
+                    "verification %s: its next step could not start",
+                    verification.id,
+                    extra=call_ids(verification.id, call.id),
+                )
+        return started
+
+    async def _start_next(
+        self, verification: VerificationRecord, current: CallRecord, *, asked: bool
+    ) -> bool:
+        """Store and place the call of the verification's next step. With `asked` (the
+        client's `next`) a refusal is the client's error; due by itself, a step that
+        cannot start ends the verification if its last call failed. False when it did
+        not start (another gateway started it, or it could not)."""
+        channel = verification.next_channel
+        assert channel is not None
+        now = self._clock()
+        pool = self._pools_by_name.get(verification.pool)
+        cli, code = None, None
+        if not verification.sandbox:
+            try:
+                if pool is None:
+                    raise Unreadable(f"pool {verification.pool} is not configured")
+                cli, code = self._code_for_step(verification, pool, channel)
+            except Unreadable as exc:
+                log.error(
+                    "verification %s: next step (%s) cannot start: %s",
+                    verification.id,
+                    channel,
+                    exc,
+                    extra=call_ids(verification.id),
+                )
+                await self._store.set_status(verification.id, VerificationStatus.FAILED, now)
+                if asked:
+                    raise VerificationNotPending(
+                        "verification is failed", verification_status=VerificationStatus.FAILED
+                    ) from None
+                return False
+        call = self._new_call(
+            verification,
+            channel,
+            verification.step + 1,
+            current.dial_number,
+            current.ring_seconds,
+            now,
+        )
+        limits = (
+            self._voice_limits(verification)
+            if channel is Channel.VOICE and not verification.sandbox
+            else ()
+        )
+        min_gap = float(self._config.voice.next_min_gap_seconds) if asked else None
+        try:
+            moved = await self._store.start_step(verification.id, call, now, limits, min_gap)
+        except BaseException:
+            if cli is not None and pool is not None:
+                pool.release(cli.e164)
+            raise
+        if not isinstance(moved, VerificationRecord):
+            if cli is not None and pool is not None:
+                pool.release(cli.e164)
+            if isinstance(moved, Limited):
+                return await self._step_refused(verification, current, moved, asked)
+            if asked:  # checked, canceled or moved on meanwhile
+                found = await self._store.verification(verification.id)
+                status = found[0].status if found else verification.status
+                if status is VerificationStatus.PENDING:
+                    raise NoNextChannel("the next channel has just been started")
+                raise VerificationNotPending(
+                    f"verification is {status}", verification_status=status
+                )
+            return False
+        log.info(
+            "verification %s: step %d, %s",
+            verification.id,
+            call.step,
+            channel,
+            extra=call_ids(verification.id, call.id),
+        )
+        if current.ended_at is None and not verification.sandbox:
+            # Asked while the last call still rings: that call is over.
+            await self._dialer.cancel(current.id, current.node)
+        if not verification.sandbox:
+            self._dialer.submit(self.job_for(moved, call, cli, code))
+        return True
+
+    async def _step_refused(
+        self,
+        verification: VerificationRecord,
+        current: CallRecord,
+        limited: Limited,
+        asked: bool,
+    ) -> bool:
+        if asked:
+            log.info(
+                "next step of %s refused: %s limit",
+                verification.id,
+                limited.limit,
+                extra=call_ids(verification.id),
+            )
+            raise RateLimited(limited.retry_after, limited.limit)
+        log.warning(
+            "verification %s: its %s step is refused by the %s limit",
+            verification.id,
+            verification.next_channel,
+            limited.limit,
+            extra=call_ids(verification.id),
+        )
+        if current.outcome not in DELIVERED_OUTCOMES | UNCERTAIN_OUTCOMES:
+            # Nothing reached the user and nothing else will.
+            await self._store.set_status(verification.id, VerificationStatus.FAILED, self._clock())
+        return False
 
     # -- read, check, cancel ---------------------------------------------------
 
@@ -557,7 +874,17 @@ class Verifications:
             raise VerificationNotPending(
                 f"verification is {current.status}", verification_status=current.status
             )
+        if updated.status is VerificationStatus.APPROVED:
+            await self._hang_up_voice(verification.id)
         return CheckResult(updated, valid)
+
+    async def _hang_up_voice(self, verification_id: str) -> None:
+        """An approved verification's voice call, if it still rings, has nothing to say."""
+        found = await self._store.verification(verification_id)
+        if found is not None:
+            call = found[1]
+            if call.channel is Channel.VOICE and call.ended_at is None:
+                await self._dialer.cancel(call.id, call.node)
 
     def _presented(self, code: str | None, cli: str | None) -> _Presented:
         """The check's body, validated before anything is looked up (InvalidRequest)."""
@@ -614,12 +941,14 @@ class Verifications:
         return found
 
     def start(self) -> None:
-        """Start expiring verifications as their TTL passes."""
+        """Start expiring verifications as their TTL passes, and starting the next
+        steps as they fall due."""
         self._expiry_task = asyncio.create_task(self._expiry_loop(), name="expiry")
+        self._steps_task = asyncio.create_task(self._steps_loop(), name="steps")
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._expiry_task)
-        self._expiry_task = None
+        await cancel_and_wait(self._expiry_task, self._steps_task)
+        self._expiry_task = self._steps_task = None
         # Creates whose requests gave up: stored and handed over before the dialer stops.
         if self._finishing:
             _, late = await asyncio.wait(list(self._finishing), timeout=STOP_WAIT_S)
@@ -645,6 +974,25 @@ class Verifications:
                 due = None
             wait = MAX_EXPIRY_SLEEP_S if due is None else due - self._clock()
             await asyncio.sleep(min(max(wait, 0.05), MAX_EXPIRY_SLEEP_S))
+
+    async def _steps_loop(self) -> None:
+        while True:
+            self._steps_due.clear()
+            try:
+                await self.start_due()
+            except Exception:
+                log.exception("next steps sweep failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._steps_due.wait(), STEPS_POLL_S)
+
+
+def _new_code(pool: Pool, channel: Channel) -> tuple[Cli | None, str]:
+    """A fresh code for a verification's first call: a flash call's is in the caller ID
+    drawn for it; a voice call's is random digits of the pool's length, in no caller ID."""
+    if channel is Channel.FLASHCALL:
+        cli = pool.draw()
+        return cli, cli.code
+    return None, f"{secrets.randbelow(10**pool.code_length):0{pool.code_length}d}"
 
 
 def _log_unexpected(task: asyncio.Task[Any]) -> None:

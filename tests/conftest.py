@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 PBX_SCRIPT = REPO / "asterisk-config" / "dev" / "pbx.sh"
 FAREND_WORKDIR = REPO / ".cache" / "farend"
 FIELD_WORKDIR = REPO / ".cache" / "field-end"
+VOICE_WORKDIR = REPO / ".cache" / "voice-end"
 
 DEV_AMI = AmiSettings(
     host="127.0.0.1",
@@ -117,6 +118,25 @@ def field_end() -> Iterator[FarEnd]:
     Dial it with the channel `PJSIP/{number}@otp-field`; see tests/sipp/README.md.
     """
     yield from _serve(FarEnd.field(FIELD_WORKDIR), "field far end")
+
+
+# The voice far end's fixed settings (tests/sipp/voice.xml): voice calls come from
+# VOICE_CLI, and the RTP Asterisk sends them goes to 127.0.0.1:VOICE_RTP_PORT, where a
+# test that listens binds (tests/rtp.py). Outside Asterisk's RTP range and SIPp's.
+VOICE_CLI = "+622150009999"
+VOICE_RTP_PORT = 5098
+
+
+@pytest.fixture(scope="session")
+def voice_end() -> Iterator[FarEnd]:
+    """The voice far end on 127.0.0.1:5072 (endpoint otp-voice): answers voice calls
+    from VOICE_CLI with its audio sent to VOICE_RTP_PORT; rings or refuses flash calls.
+
+    Dial it with the channel `PJSIP/{number}@otp-voice`; see tests/sipp/README.md.
+    """
+    yield from _serve(
+        FarEnd.voice(VOICE_WORKDIR, rtp_port=VOICE_RTP_PORT, voice_cli=VOICE_CLI), "voice far end"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,9 @@ FAKE_AMI = AmiSettings("127.0.0.1", 5038, "otp-gateway", "fake-secret")
 REPLY_S = 0.1
 # The SIPp far end's digit 2 sends 200 OK 500 ms after 180 Ringing.
 ANSWER_AFTER_S = 0.5
+# The voice far end hears the code in full (the dialplan's OtpSpoken) this long after
+# its answer.
+SPEAK_S = 2.0
 # A network that ends an unanswered ring itself (cause 19) does so after this long;
 # the gateway's own ring timer (real seconds) comes later in a unit test.
 NETWORK_RING_S = 1.0
@@ -46,6 +49,7 @@ WAIT_S = 5.0
 RINGING = CallEventKind.RINGING
 PROGRESS = CallEventKind.PROGRESS
 ANSWERED = CallEventKind.ANSWERED
+SPOKEN = CallEventKind.SPOKEN
 HANGUP = CallEventKind.HANGUP
 
 
@@ -72,6 +76,21 @@ def ring_timeout(dial: Dial, alert: CallEventKind = RINGING) -> tuple[Step, ...]
 def rings_until_hung_up(dial: Dial) -> tuple[Step, ...]:
     """Alerts and keeps ringing until `hangup` (a far end that never times out)."""
     return (Step(REPLY_S, RINGING),)
+
+
+def listened(dial: Dial) -> tuple[Step, ...]:
+    """A voice call: alerts, is answered, says the code in full, and the user hangs up."""
+    return (
+        Step(REPLY_S, RINGING),
+        Step(ANSWER_AFTER_S, ANSWERED),
+        Step(SPEAK_S, SPOKEN),
+        Step(0, HANGUP, NORMAL_CLEARING),
+    )
+
+
+def talks_on(dial: Dial) -> tuple[Step, ...]:
+    """A voice call answered and spoken, whose far end never hangs up."""
+    return (Step(REPLY_S, RINGING), Step(ANSWER_AFTER_S, ANSWERED), Step(SPEAK_S, SPOKEN))
 
 
 def rejected(cause: int, sip_code: int | None) -> tuple[Step, ...]:
@@ -106,6 +125,12 @@ def by_last_digit(dial: Dial) -> Fate:
     if digit == "9":  # 100 Trying only: nothing alerts until the gateway's cap
         return ()
     return rejected(*REJECTIONS.get(digit, REJECTIONS["4"]))
+
+
+def voice_listened(dial: Dial) -> Fate:
+    """The SIPp far ends: a flash call by its number's last digit (by_last_digit), and
+    every voice call listened to (the voice far end answers them)."""
+    return listened(dial) if dial.speech is not None else by_last_digit(dial)
 
 
 _serial = itertools.count(1)

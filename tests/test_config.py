@@ -15,6 +15,7 @@ import yaml
 
 from gateway import config
 from gateway.config import ConfigError
+from tests.conftest import make_config
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config.example.yaml"
@@ -626,9 +627,19 @@ def test_http_and_retention_defaults() -> None:
 
 
 def test_shutdown_takes_the_longest_call_then_the_requests_in_flight() -> None:
+    # The longest call: a voice call's post-dial delay, 30 s ringing, 30 s answered.
     cfg = parse(BASE)
-    assert config.shutdown_seconds(cfg) == 15 + 15 + config.SHUTDOWN_GRACE_S + 10
-    slow = parse(merged(BASE, {"calls": {"max_ring_seconds": 60, "max_post_dial_seconds": 60}}))
+    assert config.shutdown_seconds(cfg) == 15 + 30 + 30 + config.SHUTDOWN_GRACE_S + 10
+    # A flash call that may ring longer than a voice call lasts.
+    slow = parse(
+        merged(
+            BASE,
+            {
+                "calls": {"max_ring_seconds": 60, "max_post_dial_seconds": 60},
+                "voice": {"ring_seconds": 20, "max_seconds": 30},
+            },
+        )
+    )
     assert config.shutdown_seconds(slow) == 60 + 60 + config.SHUTDOWN_GRACE_S + 10
     lines = config.summary(slow)
     assert "shutdown: up to 135s after SIGTERM" in "\n".join(lines)
@@ -1044,6 +1055,209 @@ def test_a_bad_node_key_is_named(node: dict[str, Any], path: str) -> None:
     entry = {"name": "a", **node} if "name" not in node and node else node
     found = problems(merged(BASE, {"asterisk": {"nodes": [entry]}}))
     assert path in paths(found), found
+
+
+# -- voice ----------------------------------------------------------------------
+
+
+def with_voice(**voice: Any) -> dict[str, Any]:
+    return merged(BASE, {"voice": voice})
+
+
+def test_voice_defaults_leave_voice_calls_off_until_a_caller_id_is_set() -> None:
+    voice = parse(BASE).voice
+    assert voice == config.VoiceConfig()
+    assert voice == config.VoiceConfig(
+        caller_id=None,
+        cli_format="e164",
+        context="otp-voice",
+        locales=("en", "id"),
+        default_locale="en",
+        repeat=3,
+        max_seconds=30,
+        ring_seconds=30,
+        fallback_after_seconds=60,
+        next_min_gap_seconds=30,
+        per_phone_per_hour=2,
+        per_phone_per_day=5,
+        key_daily_calls=1000,
+    )
+    assert "voice: off (voice.caller_id is unset: voice calls are refused)" in config.summary(
+        parse(BASE)
+    )
+
+
+def test_voice_keys_are_read_and_a_null_fallback_means_never() -> None:
+    cfg = parse(
+        merged(
+            BASE,
+            {
+                "voice": {
+                    "caller_id": "+622180001000",
+                    "cli_format": "national",
+                    "locales": ["en", "id", "pt_BR"],
+                    "default_locale": "id",
+                    "fallback_after_seconds": None,
+                }
+            },
+        )
+    )
+    assert cfg.voice.caller_id == "+622180001000"
+    assert cfg.voice.cli_format == "national"
+    assert cfg.voice.locales == ("en", "id", "pt_BR")
+    assert cfg.voice.default_locale == "id"
+    assert cfg.voice.fallback_after_seconds is None
+    assert any(
+        line.startswith("voice: caller ID +622180001000 into context otp-voice")
+        and "fallback after never" in line
+        for line in config.summary(cfg)
+    )
+
+
+@pytest.mark.parametrize(
+    ("caller_id", "ok"),
+    [
+        ("+622180001000", True),
+        ("+12345678", True),  # 8 digits
+        ("+123456789012345", True),  # 15 digits
+        ("+1234567", False),  # 7 digits
+        ("+1234567890123456", False),  # 16 digits
+        ("622180001000", False),  # no +
+        ("+0221800010", False),  # no country code starts with 0
+        ("+62 21 8000 1000", False),
+        ("+62218000100x", False),
+    ],
+)
+def test_a_voice_caller_id_must_be_e164(caller_id: str, ok: bool) -> None:
+    raw = with_voice(caller_id=caller_id)
+    if ok:
+        assert parse(raw).voice.caller_id == caller_id
+    else:
+        found = problems(raw)
+        assert paths(found) == {"voice.caller_id"}
+        assert "E.164" in found[0]
+
+
+def test_an_unquoted_voice_caller_id_is_a_number_and_refused() -> None:
+    text = yaml.safe_dump(BASE) + "voice:\n  caller_id: +622180001000\n"
+    assert "quote it" in problem_at(problems(text), "voice.caller_id")
+
+
+def test_the_default_locale_must_be_one_of_the_locales() -> None:
+    found = problems(with_voice(locales=["en", "id"], default_locale="fr"))
+    assert paths(found) == {"voice.default_locale"}
+    assert "'fr' is not in voice.locales" in found[0]
+    # Leaving out the default's locale breaks the default too.
+    assert paths(problems(with_voice(locales=["id"]))) == {"voice.default_locale"}
+    assert parse(with_voice(locales=["id"], default_locale="id")).voice.default_locale == "id"
+
+
+@pytest.mark.parametrize(
+    ("locales", "path"),
+    [
+        (["en", "pt_BR", "fil"], None),
+        (["en", "EN"], "voice.locales[1]"),
+        (["en", "en-US"], "voice.locales[1]"),
+        (["en", "pt_br"], "voice.locales[1]"),
+        (["english"], "voice.locales[0]"),
+        (["en", "e"], "voice.locales[1]"),
+        ([], "voice.locales"),
+        (["en", "id", "en"], "voice.locales"),
+    ],
+)
+def test_each_voice_locale_is_a_locale_name_given_once(
+    locales: list[str], path: str | None
+) -> None:
+    raw = with_voice(locales=locales, default_locale="en")
+    if path is None:
+        assert parse(raw).voice.locales == tuple(locales)
+    else:
+        found = problems(raw)
+        assert path in paths(found), found
+
+
+@pytest.mark.parametrize(
+    ("voice", "path"),
+    [
+        ({"per_phone_per_hour": 5, "per_phone_per_day": 5}, None),
+        ({"per_phone_per_hour": 6, "per_phone_per_day": 5}, "voice.per_phone_per_day"),
+        ({"per_phone_per_hour": 1, "per_phone_per_day": 0}, "voice.per_phone_per_day"),
+        ({"per_phone_per_hour": 0}, "voice.per_phone_per_hour"),
+        ({"per_phone_per_day": 10_001}, "voice.per_phone_per_day"),
+    ],
+)
+def test_voice_calls_per_phone_a_day_are_at_least_those_an_hour(
+    voice: dict[str, Any], path: str | None
+) -> None:
+    raw = with_voice(**voice)
+    if path is None:
+        parse(raw)
+    else:
+        found = problems(raw)
+        assert paths(found) == {path}
+
+
+def test_per_phone_per_day_under_per_hour_names_the_hourly_key() -> None:
+    found = problems(with_voice(per_phone_per_hour=6, per_phone_per_day=5))
+    assert found == ["voice.per_phone_per_day: must be between voice.per_phone_per_hour and 10000"]
+
+
+@pytest.mark.parametrize(
+    ("voice", "path"),
+    [
+        ({"repeat": 1}, None),
+        ({"repeat": 5}, None),
+        ({"repeat": 0}, "voice.repeat"),
+        ({"repeat": 6}, "voice.repeat"),
+        ({"max_seconds": 5}, None),
+        ({"max_seconds": 120}, None),
+        ({"max_seconds": 4}, "voice.max_seconds"),
+        ({"max_seconds": 121}, "voice.max_seconds"),
+        ({"ring_seconds": 60}, None),
+        ({"ring_seconds": 4}, "voice.ring_seconds"),
+        ({"ring_seconds": 61}, "voice.ring_seconds"),
+        ({"fallback_after_seconds": 0}, None),
+        ({"fallback_after_seconds": 3600}, None),
+        ({"fallback_after_seconds": 3601}, "voice.fallback_after_seconds"),
+        ({"fallback_after_seconds": -1}, "voice.fallback_after_seconds"),
+        ({"next_min_gap_seconds": 0}, None),
+        ({"next_min_gap_seconds": 3601}, "voice.next_min_gap_seconds"),
+        ({"key_daily_calls": 10_000_000}, None),
+        ({"key_daily_calls": 0}, "voice.key_daily_calls"),
+        ({"key_daily_calls": 10_000_001}, "voice.key_daily_calls"),
+        ({"cli_format": "e164_no_plus"}, None),
+        ({"cli_format": "sip"}, "voice.cli_format"),
+        ({"context": "otp-voice_2"}, None),
+        ({"context": "otp voice"}, "voice.context"),
+        ({"context": ""}, "voice.context"),
+        ({"context": "x" * 65}, "voice.context"),
+    ],
+)
+def test_voice_boundaries(voice: dict[str, Any], path: str | None) -> None:
+    raw = with_voice(**voice)
+    if path is None:
+        parse(raw)
+    else:
+        assert paths(problems(raw)) == {path}
+
+
+def test_voice_repeat_out_of_range_names_its_range() -> None:
+    assert problems(with_voice(repeat=6)) == ["voice.repeat: must be 1-5"]
+
+
+def test_a_voice_section_built_in_code_gets_the_same_checks() -> None:
+    voice = config.VoiceConfig(caller_id="+622180001000", locales=("id",), default_locale="id")
+    assert make_config("sqlite:///unused", voice=voice).voice == voice
+    bad = make_config(
+        "sqlite:///unused",
+        checked=False,
+        voice=config.VoiceConfig(caller_id="0218000", repeat=0, default_locale="fr"),
+    )
+    assert paths(config._check(bad)) == {
+        "voice.caller_id",
+        "voice.repeat",
+        "voice.default_locale",
+    }
 
 
 # -- the declaration: each key's rules on its field, applied by one walk ---------------

@@ -12,15 +12,17 @@ from types import SimpleNamespace
 
 import pytest
 
+from gateway import dialer as dialer_module
 from gateway import nodes
 from gateway.config import CallsConfig
 from gateway.dialer import PBX_CAP_MARGIN_S, CallJob, Dialer
 from gateway.nodes import DEFAULT_NODE, Nodes, Pacer
-from gateway.outcomes import POST_DIAL_TIMEOUT, RING_TIMEOUT, Outcome
-from gateway.pbx import CallEventKind, Dial, OriginateRefused
-from gateway.store import CallRecord, Store, open_store
+from gateway.outcomes import MAX_SECONDS, POST_DIAL_TIMEOUT, RING_TIMEOUT, Outcome
+from gateway.pbx import CallEventKind, Dial, OriginateRefused, Speech
+from gateway.store import CallRecord, Channel, Store, open_store
 from tests.conftest import TEST_POOL, make_call, make_verification
 from tests.fakes import (
+    ANSWER_AFTER_S,
     ANSWERED,
     HANGUP,
     NO_ANSWER,
@@ -28,21 +30,31 @@ from tests.fakes import (
     PROGRESS,
     REPLY_S,
     RINGING,
+    SPEAK_S,
+    SPOKEN,
     WAIT_S,
     FakePbx,
     Fate,
     Step,
     by_last_digit,
     fresh_mobile,
+    listened,
     rejected,
+    ring_timeout,
     rings_until_hung_up,
+    talks_on,
     until,
+    voice_listened,
 )
 
 POOL = TEST_POOL.name  # make_verification's pool
 CLI_PREFIX = "+6221500"  # its prefix: the jobs' caller IDs are of it
 # The ring time of a job, real seconds: the gateway's own timer hangs up after it.
 RING_S = 0.2
+# A voice job's: the caller ID it shows (voice.caller_id), and how long it may talk
+# once answered (voice.max_seconds), real seconds.
+VOICE_CLI = "+622180001000"
+ANSWERED_CAP_S = 0.5
 
 _serial = itertools.count(1)
 NODE = DEFAULT_NODE  # the one node of Nodes.one
@@ -56,18 +68,34 @@ async def store(database: str) -> AsyncIterator[Store]:
     await opened.close()
 
 
-async def add_job(store: Store, last_digit: str = "0", ring_seconds: float = RING_S) -> CallJob:
-    """A verification and its queued call in the store; the job that places the call."""
+async def add_job(
+    store: Store,
+    last_digit: str = "0",
+    ring_seconds: float = RING_S,
+    *,
+    channels: str = "flashcall",
+    fallback_after: float | None = None,
+) -> CallJob:
+    """A verification trying `channels` and its queued first call in the store; the job
+    that places the call (a voice call's says a code, VOICE_CLI shows)."""
     n = next(_serial)
     phone = fresh_mobile(last_digit)
     cli = f"{CLI_PREFIX}{n % 10_000:04d}"
     now = time.time()
-    verification = make_verification(f"vrf_{n}", phone=phone, created_at=now)
+    steps = [Channel(c) for c in channels.split(",")]
+    verification = make_verification(
+        f"vrf_{n}", phone=phone, created_at=now, channels=channels, fallback_after=fallback_after
+    )
     call = make_call(
-        f"call{n}", verification.id, phone=phone, queued_at=now, ring_seconds=ring_seconds
+        f"call{n}",
+        verification.id,
+        phone=phone,
+        queued_at=now,
+        ring_seconds=ring_seconds,
+        channel=steps[0],
     )
     await store.create_verification(verification, call)
-    return CallJob(
+    job = CallJob(
         call_id=call.id,
         verification_id=verification.id,
         dial_number=call.dial_number,
@@ -75,7 +103,14 @@ async def add_job(store: Store, last_digit: str = "0", ring_seconds: float = RIN
         cli_dial=cli[1:],
         pool=POOL,
         ring_seconds=ring_seconds,
+        channel=steps[0],
+        has_next=len(steps) > 1,
+        fallback_after=fallback_after,
     )
+    if job.voice:  # as Verifications.job_for makes it: no caller ID of the pool
+        speech = Speech("otp-voice", f"{n % 10_000:04d}", "en", 3, 32)
+        job = replace(job, cli="", cli_dial=VOICE_CLI, speech=speech, answered_cap=ANSWERED_CAP_S)
+    return job
 
 
 async def call_of(store: Store, job: CallJob) -> CallRecord:
@@ -929,3 +964,242 @@ async def test_a_call_adopted_after_a_lone_183_is_not_delivered_by_its_480(
     harness.pbx.end_adopted(job.call_id, NO_ANSWER, 480)  # the announcement's reject
     await harness.ended(job)
     assert (await call_of(store, job)).outcome == Outcome.UNREACHABLE
+
+
+# -- voice calls ---------------------------------------------------------------
+
+
+@pytest.fixture
+async def voice_harness(make_dialer: HarnessFactory) -> Harness:
+    """A started dialer on a FakePbx whose far end listens to every voice call."""
+    made = make_dialer(FakePbx(voice_listened))
+    made.dialer.start()
+    return made
+
+
+async def test_a_voice_call_is_placed_with_its_speech(voice_harness: Harness, store: Store) -> None:
+    job = await add_job(store, "0", channels="voice")
+    await ended_call(voice_harness, store, job)
+
+    assert job.speech is not None
+    timeout = RING_S + PBX_CAP_MARGIN_S  # the ring cap: Speech.max_seconds caps the talk
+    assert voice_harness.pbx.placed == [
+        Dial(job.call_id, job.dial_number, VOICE_CLI, timeout, job.speech)
+    ]
+
+
+def answered_and_hung_up(dial: Dial) -> Fate:
+    """Picked up, and hung up before the code was said in full."""
+    return (
+        Step(REPLY_S, RINGING),
+        Step(ANSWER_AFTER_S, ANSWERED),
+        Step(0, HANGUP, NORMAL_CLEARING),
+    )
+
+
+def busy(dial: Dial) -> Fate:
+    return rejected(17, 486)
+
+
+@pytest.mark.parametrize(
+    ("fate", "outcome", "reason", "cause", "health"),
+    [
+        (listened, Outcome.SPOKEN, None, NORMAL_CLEARING, "reachable"),
+        (answered_and_hung_up, Outcome.ANSWERED_EARLY, None, NORMAL_CLEARING, "reachable"),
+        (rings_until_hung_up, Outcome.NO_ANSWER, RING_TIMEOUT, NORMAL_CLEARING, "unknown"),
+        (ring_timeout, Outcome.NO_ANSWER, None, NO_ANSWER, "unknown"),  # the network's 480
+        (busy, Outcome.BUSY, None, 17, "reachable"),
+    ],
+    ids=["spoken", "answered_early", "our_ring_timer", "network_480", "busy"],
+)
+async def test_a_voice_calls_outcome_is_written_to_the_store(
+    make_dialer: HarnessFactory,
+    store: Store,
+    fate: Callable[[Dial], Fate],
+    outcome: Outcome,
+    reason: str | None,
+    cause: int,
+    health: str,
+) -> None:
+    harness = make_dialer(FakePbx(fate))
+    harness.dialer.start()
+    job = await add_job(store, "0", channels="voice")
+    call = await ended_call(harness, store, job)
+
+    assert harness.outcomes[job.call_id] is outcome
+    assert (call.outcome, call.reason, call.hangup_cause) == (outcome, reason, cause)
+    # Only a call that said the code in full reached the user.
+    spoken = outcome is Outcome.SPOKEN
+    assert call.status == ("completed" if spoken else "failed")
+    assert await status_of(store, job) == ("pending" if spoken else "failed")
+    assert await health_of(store, call) == health
+    kinds = [e.kind for e in await store.call_events(job.call_id)]
+    assert ("spoken" in kinds) is spoken
+
+
+@pytest.mark.parametrize("spoken", [True, False])
+async def test_an_answered_voice_call_is_hung_up_at_its_answered_cap_not_its_ring_cap(
+    make_dialer: HarnessFactory, store: Store, spoken: bool
+) -> None:
+    def never_hangs_up(dial: Dial) -> Fate:
+        answered = (Step(REPLY_S, RINGING), Step(ANSWER_AFTER_S, ANSWERED))
+        return (*answered, Step(SPEAK_S, SPOKEN)) if spoken else answered
+
+    harness = make_dialer(FakePbx(never_hangs_up))
+    harness.dialer.start()
+    job = await add_job(store, "0", channels="voice")
+    call = await ended_call(harness, store, job)
+
+    assert harness.pbx.hangups == [job.call_id]  # the gateway's own hangup
+    outcome = Outcome.SPOKEN if spoken else Outcome.ANSWERED_EARLY
+    assert (call.outcome, call.reason, call.hangup_cause) == (outcome, MAX_SECONDS, NORMAL_CLEARING)
+    events = {e.kind: e.at for e in await store.call_events(job.call_id)}
+    assert call.ended_at is not None and call.ringing_at is not None
+    # ANSWERED_CAP_S after the answer; the ring cap (RING_S after the 180) is long past.
+    talked = call.ended_at - events["answered"]
+    assert ANSWERED_CAP_S - 0.02 <= talked <= ANSWERED_CAP_S + 0.15
+    assert call.ended_at - call.ringing_at > RING_S + 0.2
+
+
+async def test_a_voice_call_releases_no_caller_id(
+    make_dialer: HarnessFactory, store: Store
+) -> None:
+    def fate(dial: Dial) -> Fate:
+        return OriginateRefused("no") if dial.number.endswith("5") else voice_listened(dial)
+
+    harness = make_dialer(FakePbx(fate))
+    listened_to = await add_job(store, "0", channels="voice")
+    refused = await add_job(store, "5", channels="voice")
+    canceled = await add_job(store, "0", channels="voice")
+    flash = await add_job(store, "0")
+    harness.submit(listened_to, refused, canceled, flash)
+    await harness.dialer.cancel(canceled.call_id)  # closed without being placed
+    harness.dialer.start()
+    await harness.ended(listened_to, refused, canceled, flash)
+
+    assert harness.outcomes == {
+        listened_to.call_id: Outcome.SPOKEN,
+        refused.call_id: Outcome.ERROR,
+        canceled.call_id: Outcome.ERROR,
+        flash.call_id: Outcome.DELIVERED,
+    }
+    # Only the flash call held a caller ID of the pool.
+    assert harness.released == [(POOL, flash.cli)]
+
+
+@pytest.mark.parametrize(
+    ("channels", "fate", "fallback_after", "after_end", "status"),
+    [
+        ("flashcall,voice", busy, 60.0, 0.0, "pending"),  # failed: the next step at once
+        ("flashcall,voice", ring_timeout, 60.0, 60.0, "pending"),  # delivered: fallback_after
+        ("flashcall,voice", ring_timeout, None, None, "pending"),  # only when asked
+        ("flashcall,voice", rejected(1, 404), 60.0, None, "failed"),  # nothing else is tried
+        ("voice,voice", listened, 30.0, 30.0, "pending"),
+        ("voice,flashcall", rings_until_hung_up, 30.0, 0.0, "pending"),  # no_answer
+        ("flashcall", busy, 60.0, None, "failed"),  # no step after it
+    ],
+    ids=[
+        "failed",
+        "delivered",
+        "delivered_never_falls_back",
+        "invalid_number",
+        "spoken",
+        "no_answer",
+        "last_step",
+    ],
+)
+async def test_the_next_step_is_stored_due_as_the_call_ended(
+    make_dialer: HarnessFactory,
+    store: Store,
+    channels: str,
+    fate: Callable[[Dial], Fate] | Fate,
+    fallback_after: float | None,
+    after_end: float | None,
+    status: str,
+) -> None:
+    harness = make_dialer(FakePbx(fate if callable(fate) else lambda dial: fate))
+    harness.dialer.start()
+    job = await add_job(store, "0", channels=channels, fallback_after=fallback_after)
+    assert job.has_next == ("," in channels)
+    call = await ended_call(harness, store, job)
+
+    found = await store.verification(job.verification_id)
+    assert found is not None and call.ended_at is not None
+    verification = found[0]
+    if after_end is None:
+        assert verification.next_at is None
+    else:
+        assert verification.next_at == pytest.approx(call.ended_at + after_end)
+    assert verification.status == status
+
+
+@pytest.mark.parametrize(
+    ("channels", "fate", "canceled_when"),
+    [
+        ("flashcall,voice", silent_until_hung_up, "queued"),
+        ("flashcall,voice", silent_until_hung_up, "dialing"),
+        ("voice,flashcall", rings_until_hung_up, "ringing"),  # nobody heard the code
+    ],
+)
+async def test_a_canceled_call_starts_no_next_step(
+    make_dialer: HarnessFactory,
+    store: Store,
+    channels: str,
+    fate: Callable[[Dial], Fate],
+    canceled_when: str,
+) -> None:
+    harness = make_dialer(FakePbx(fate))
+    job = await add_job(store, "0", channels=channels, fallback_after=0.0)
+    harness.submit(job)
+    if canceled_when != "queued":
+        harness.dialer.start()
+
+        async def reached() -> bool:
+            return (await call_of(store, job)).status == canceled_when
+
+        await until(reached)
+    await harness.dialer.cancel(job.call_id)
+    if canceled_when == "queued":
+        harness.dialer.start()
+    call = await ended_call_of(harness, store, job)
+
+    assert (call.outcome, call.reason) == (Outcome.ERROR, "canceled")
+    found = await store.verification(job.verification_id)
+    assert found is not None
+    assert found[0].next_at is None
+    assert found[0].status == "failed"  # here nothing moved it on: its call failed it
+
+
+async def ended_call_of(harness: Harness, store: Store, job: CallJob) -> CallRecord:
+    await harness.ended(job)
+    return await call_of(store, job)
+
+
+async def test_a_voice_call_is_swept_as_lost_only_once_its_talk_could_be_over(
+    make_dialer: HarnessFactory, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answered, and the gateway's hangups never land (AMI lost its channel): the sweep
+    waits for the ring cap and the answered cap, not the ring cap alone."""
+    monkeypatch.setattr(dialer_module, "LOST_CALL_GRACE_S", 0.0)
+    monkeypatch.setattr(dialer_module, "SWEEP_INTERVAL_S", 0.05)
+    harness = make_dialer(FakePbx())
+    harness.pbx = SlowHangupPbx(talks_on, refusals=1_000)
+    harness.dialer = Dialer(
+        Nodes.one(harness.pbx, harness.calls),
+        store,
+        harness.calls,
+        harness.release_cli,
+        harness.on_ended,
+    )
+    harness.dialer.start()
+    answered_cap = 1.5
+    job = replace(await add_job(store, "0", channels="voice"), answered_cap=answered_cap)
+    harness.submit(job)
+    flash_span = RING_S + PBX_CAP_MARGIN_S  # what a flash call would get
+    await asyncio.sleep(flash_span + 0.5)
+    assert harness.dialer.follows(job.call_id)  # still talking, as far as anyone knows
+
+    call = await ended_call_of(harness, store, job)
+    assert (call.outcome, call.reason) == (Outcome.SPOKEN, "pbx_lost")
+    assert call.ended_at is not None and call.dialed_at is not None
+    assert call.ended_at - call.dialed_at >= flash_span + answered_cap

@@ -16,7 +16,7 @@ from gateway.config import NumbersConfig
 from gateway.errors import InvalidPhone, InvalidRequest
 from gateway.numbers import Numbers
 from gateway.outcomes import DELIVERED_OUTCOMES, UNCERTAIN_OUTCOMES, Outcome, health_of
-from gateway.store import CallStatus, NumberHealthRecord, Store, open_store
+from gateway.store import CallStatus, Channel, NumberHealthRecord, Store, open_store
 from tests.conftest import make_call, make_config, make_verification
 
 NOW = 1_700_000_000.0  # the Numbers' clock
@@ -62,6 +62,7 @@ async def called(
     carrier: str | None = "Telkomsel",
     reason: str | None = None,
     dialed: bool = True,
+    channel: Channel = Channel.FLASHCALL,
 ) -> str:
     """A verification to `phone` whose call was dialed (unless not `dialed`) and ended
     at `at` with `outcome`, stored as the dialer stores it; its id."""
@@ -75,8 +76,9 @@ async def called(
             created_at=queued_at,
             api_key_id=f"key_{n}",  # each its own: a new one never supersedes another
             carrier=carrier,
+            channels=channel.value,
         ),
-        make_call(cid, vid, phone=phone, queued_at=queued_at),
+        make_call(cid, vid, phone=phone, queued_at=queued_at, channel=channel),
     )
     if dialed:
         await store.call_progress(cid, CallStatus.DIALING, "dialed_at", queued_at + 1, "dialing")
@@ -359,7 +361,50 @@ async def test_stats_count_calls_that_ended_in_the_window_by_carrier_and_outcome
                 "by_outcome": {"unreachable": 1},
             },
         ],
+        "by_channel": [
+            {
+                "channel": "flashcall",
+                "calls": 7,
+                "delivered": 3,
+                "uncertain": 1,
+                "failed": 3,
+                "delivery_rate": 0.4286,
+                "approved": 0,
+                "approval_rate": 0.0,
+                "by_outcome": {k: v for k, v in counted.items() if v},
+            },
+            {
+                "channel": "voice",
+                "calls": 0,
+                "delivered": 0,
+                "uncertain": 0,
+                "failed": 0,
+                "delivery_rate": None,
+                "approved": 0,
+                "approval_rate": None,
+                "by_outcome": {},
+            },
+        ],
     }
+
+
+async def test_stats_split_delivery_and_approval_by_channel(numbers: Numbers, store: Store) -> None:
+    flash = await called(store, MOBILE, Outcome.DELIVERED, NOW - 100)
+    await called(store, MOBILE, Outcome.BUSY, NOW - 90)
+    spoken = await called(store, OTHER, Outcome.SPOKEN, NOW - 80, channel=Channel.VOICE)
+    await called(store, OTHER, Outcome.SPOKEN, NOW - 70, channel=Channel.VOICE)
+    await called(store, OTHER, Outcome.NO_ANSWER, NOW - 60, channel=Channel.VOICE)
+    await called(store, OTHER, Outcome.ANSWERED_EARLY, NOW - 50, channel=Channel.VOICE)
+    for vid in (flash, spoken):  # the right code: approved
+        assert await store.spend_attempt(vid, True, NOW - 10) is not None
+
+    by_channel = {c["channel"]: c for c in (await numbers.stats(NOW - 3600, NOW))["by_channel"]}
+
+    flashcall, voice = by_channel["flashcall"], by_channel["voice"]
+    assert (flashcall["calls"], flashcall["delivered"], flashcall["approved"]) == (2, 1, 1)
+    assert (voice["calls"], voice["delivered"], voice["failed"], voice["approved"]) == (4, 2, 2, 1)
+    assert (voice["delivery_rate"], voice["approval_rate"]) == (0.5, 0.25)
+    assert voice["by_outcome"] == {"spoken": 2, "no_answer": 1, "answered_early": 1}
 
 
 async def test_stats_of_a_window_without_calls(numbers: Numbers, store: Store) -> None:

@@ -604,6 +604,17 @@ async def cancel_409(ctx: Context) -> Any:
     return await ctx.call("cancelVerification", created.id)
 
 
+@provokes("nextChannel", 404, "not_found")
+async def next_404(ctx: Context) -> Any:
+    return await ctx.call("nextChannel", UNKNOWN_ID)
+
+
+@provokes("nextChannel", 409, "no_next_channel")
+async def next_409(ctx: Context) -> Any:
+    created = await ctx.create()  # a flash call only: nothing comes next
+    return await ctx.call("nextChannel", created.id)
+
+
 @provokes("lookupNumbers", 400, "invalid_request", field="phones")
 async def lookup_400(ctx: Context) -> Any:
     return await ctx.call("lookupNumbers", body=ctx.models.Lookup(phones=[]))
@@ -768,6 +779,7 @@ def plain_calls(models: Any) -> dict[str, tuple[tuple[Any, ...], dict[str, Any]]
         "checkVerification": ((UNKNOWN_ID,), {"body": models.Check(code="1234")}),
         "checkByPhone": ((), {"body": models.CheckByPhone(phone=MOBILE, code="1234")}),
         "cancelVerification": ((UNKNOWN_ID,), {}),
+        "nextChannel": ((UNKNOWN_ID,), {}),
         "listNumbers": ((), {"health": models.ListedHealth.INVALID}),
         "lookupNumbers": ((), {"body": models.Lookup(phones=[MOBILE])}),
         "readNumber": ((MOBILE,), {}),

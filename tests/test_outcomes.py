@@ -143,6 +143,10 @@ def test_a_call_the_gateway_timer_ended_says_so(heard: Heard, reason: str | None
         (Outcome.NO_ALERTING, None),
         (Outcome.NETWORK_ANSWER, None),
         (Outcome.TRUNK_REJECTED, None),
+        # A voice call: a number that answered is reachable; one that rang out, unsaid.
+        (Outcome.SPOKEN, Health.REACHABLE),
+        (Outcome.ANSWERED_EARLY, Health.REACHABLE),
+        (Outcome.NO_ANSWER, None),
     ],
 )
 def test_health_of_each_outcome(outcome: Outcome, health: Health | None) -> None:
@@ -164,11 +168,55 @@ def test_outcome_values_are_exactly_the_contract_set() -> None:
         "no_alerting",
         "network_answer",
         "trunk_rejected",
+        "spoken",
+        "answered_early",
+        "no_answer",
     }
 
 
-def test_only_delivered_and_answered_count_as_delivered() -> None:
-    assert frozenset({Outcome.DELIVERED, Outcome.ANSWERED}) == DELIVERED_OUTCOMES
+def test_only_delivered_answered_and_spoken_count_as_delivered() -> None:
+    assert frozenset({Outcome.DELIVERED, Outcome.ANSWERED, Outcome.SPOKEN}) == DELIVERED_OUTCOMES
+
+
+# What a voice call heard -> its outcome and reason.
+VOICE = [
+    # answered, the code said in full: whoever hung up
+    (Heard(rang=True, answered=True, spoken=True, cause=16), Outcome.SPOKEN, None),
+    # hung up by the gateway at voice.max_seconds after saying it
+    (
+        Heard(rang=True, answered=True, spoken=True, cause=16, timed_out=True),
+        Outcome.SPOKEN,
+        "max_seconds",
+    ),
+    # answered, hung up before the first saying ended
+    (Heard(rang=True, answered=True, cause=16), Outcome.ANSWERED_EARLY, None),
+    # answered by a machine without ringing: still answered; said or not decides
+    (Heard(answered=True, spoken=True, cause=16), Outcome.SPOKEN, None),
+    # rang out: the gateway's ring timer, or the network's 480 after ringing
+    (Heard(rang=True, cause=16, timed_out=True), Outcome.NO_ANSWER, "ring_timeout"),
+    (Heard(rang=True, cause=19, sip_code=480), Outcome.NO_ANSWER, None),
+    (Heard(cause=16, timed_out=True), Outcome.NO_ANSWER, "post_dial_timeout"),
+    # never alerted, refused by the network
+    (Heard(cause=19, sip_code=480), Outcome.UNREACHABLE, None),
+    (Heard(cause=17, sip_code=486), Outcome.BUSY, None),
+    (Heard(cause=21, sip_code=603), Outcome.REJECTED, None),
+    (Heard(cause=1, sip_code=404), Outcome.INVALID_NUMBER, None),
+    (Heard(cause=34, sip_code=503), Outcome.CONGESTION, None),
+    (Heard(cause=21, sip_code=403), Outcome.TRUNK_REJECTED, None),
+    (Heard(cause=None), Outcome.ERROR, None),
+]
+
+
+@pytest.mark.parametrize(("heard", "outcome", "reason"), VOICE)
+def test_a_voice_call_is_classified_by_its_answer_and_its_saying(
+    heard: Heard, outcome: Outcome, reason: str | None
+) -> None:
+    assert followed(heard, voice=True) == (outcome, reason)
+
+
+def test_a_voice_call_the_gateway_canceled_while_ringing_is_canceled() -> None:
+    heard = Heard(rang=True, cause=16)
+    assert followed(heard, voice=True, canceled=True) == (Outcome.ERROR, "canceled")
 
 
 def test_outcomes_and_health_serialise_as_their_contract_strings() -> None:

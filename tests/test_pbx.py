@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +19,7 @@ from gateway.pbx import (
     CallEvent,
     CallEventKind,
     Dial,
+    Speech,
     UnsafeAmiValue,
     check_text,
     new_channel_id,
@@ -63,6 +66,121 @@ def test_channel_template_with_line_break_is_refused() -> None:
     settings = AmiSettings("h", 1, "u", "s", channel="PJSIP/{number}@trunk\r\nAction: Logoff")
     with pytest.raises(UnsafeAmiValue):
         originate_action(settings, Dial("abc", "6281234567890", "622150001234", 8))
+
+
+# -- voice calls: the dialplan is told what to say, in values checked one by one --------
+
+SPEECH = Speech(context="otp-voice", code="4821", locale="id", repeat=3, max_seconds=90)
+VOICE_DIAL = Dial("otp-v1", "6281234567890", "622150009999", 60, speech=SPEECH)
+
+
+def test_a_voice_call_runs_its_context_told_the_code_by_channel_variables() -> None:
+    assert originate_action(SETTINGS, VOICE_DIAL) == {
+        "Action": "Originate",
+        "Channel": "PJSIP/6281234567890@otp-trunk",
+        "CallerID": "<622150009999>",
+        "Timeout": "60000",
+        "Context": "otp-voice",
+        "Exten": "s",
+        "Priority": "1",
+        "Variable": "CDR_PROP(disable)=1,CHANNEL(language)=id,OTP_CODE=4821,"
+        "OTP_REPEAT=3,OTP_MAX=90",
+        "Async": "true",
+        "ChannelId": "otp-v1",
+    }
+
+
+def test_a_flash_call_still_hangs_up_when_answered() -> None:
+    action = originate_action(SETTINGS, dataclasses.replace(VOICE_DIAL, speech=None))
+    assert action["Application"] == "Hangup"
+    assert action["Variable"] == "CDR_PROP(disable)=1"
+    assert not {"Context", "Exten", "Priority"} & action.keys()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"code": ""},
+        {"code": "48a1"},
+        {"code": "1" * 17},
+        {"code": "48,21"},  # Asterisk splits Variable at commas: a fifth variable
+        {"code": "4821,OTP_REPEAT=100"},
+        {"code": "4821\r\nAction: Logoff"},
+        {"code": "\u0664\u0668\u0662\u0661"},  # Arabic-Indic digits
+        {"code": "-4821"},
+        {"locale": ""},
+        {"locale": "EN"},
+        {"locale": "english"},
+        {"locale": "en_us"},
+        {"locale": "en,OTP_CODE=0000"},
+        {"locale": "en\n"},
+        {"locale": "../../tmp/x"},
+        {"context": ""},
+        {"context": "otp voice"},
+        {"context": "otp,voice"},
+        {"context": "otp.voice"},
+        {"context": "x" * 65},
+        {"context": "otp-voice\r\nAction: Logoff"},
+        {"repeat": 0},
+        {"repeat": -1},
+        {"repeat": 11},
+        {"max_seconds": 0},
+        {"max_seconds": -90},
+        {"max_seconds": 601},
+    ],
+)
+def test_a_voice_call_with_an_unsafe_value_is_refused(change: dict[str, Any]) -> None:
+    speech = dataclasses.replace(SPEECH, **change)
+    with pytest.raises(UnsafeAmiValue):
+        originate_action(SETTINGS, dataclasses.replace(VOICE_DIAL, speech=speech))
+
+
+@pytest.mark.parametrize(
+    ("change", "told"),
+    [
+        ({"code": "0"}, "OTP_CODE=0"),
+        ({"code": "1" * 16}, f"OTP_CODE={'1' * 16}"),
+        ({"locale": "pt_BR"}, "CHANNEL(language)=pt_BR"),
+        ({"locale": "fil"}, "CHANNEL(language)=fil"),
+        ({"repeat": 1}, "OTP_REPEAT=1"),
+        ({"repeat": 10}, "OTP_REPEAT=10"),
+        ({"max_seconds": 1}, "OTP_MAX=1"),
+        ({"max_seconds": 600}, "OTP_MAX=600"),
+    ],
+)
+def test_a_voice_call_at_the_bounds_is_placed(change: dict[str, Any], told: str) -> None:
+    speech = dataclasses.replace(SPEECH, **change)
+    action = originate_action(SETTINGS, dataclasses.replace(VOICE_DIAL, speech=speech))
+    assert told in action["Variable"].split(",")
+
+
+def test_a_voice_calls_context_may_have_64_characters() -> None:
+    speech = dataclasses.replace(SPEECH, context="x" * 64)
+    action = originate_action(SETTINGS, dataclasses.replace(VOICE_DIAL, speech=speech))
+    assert action["Context"] == "x" * 64
+
+
+@given(
+    code=st.text(max_size=20),
+    locale=st.text(max_size=8),
+    context=st.text(max_size=70),
+    repeat=st.integers(min_value=-5, max_value=20),
+    max_seconds=st.integers(min_value=-5, max_value=1000),
+)
+@settings(max_examples=300)
+def test_no_input_builds_an_unsafe_voice_originate(
+    code: str, locale: str, context: str, repeat: int, max_seconds: int
+) -> None:
+    speech = Speech(context, code, locale, repeat, max_seconds)
+    try:
+        action = originate_action(SETTINGS, dataclasses.replace(VOICE_DIAL, speech=speech))
+    except UnsafeAmiValue:
+        return
+    for value in action.values():
+        assert "\r" not in value and "\n" not in value
+    names = [assignment.split("=", 1)[0] for assignment in action["Variable"].split(",")]
+    assert names == ["CDR_PROP(disable)", "CHANNEL(language)", "OTP_CODE", "OTP_REPEAT", "OTP_MAX"]
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", action["Context"])
 
 
 @given(
@@ -236,3 +354,66 @@ def test_any_hangup_ends_its_call_once_with_bounded_values(cause: str, tech_caus
     assert event.cause is None or 0 <= event.cause <= 127
     assert event.sip_code is None or 100 <= event.sip_code <= 699
     assert list(pbx._calls) == ["otp-2"]
+
+
+# -- the voice call's spoken code: a UserEvent of the dialplan, once per call ------------
+
+
+def _drained(pbx: AmiPbx) -> list[tuple[str, CallEventKind]]:
+    events = []
+    while not pbx._events.empty():
+        event = pbx._events.get_nowait()
+        events.append((event.channel_id, event.kind))
+    return events
+
+
+def _spoken(channel_id: str) -> dict[str, str]:
+    """The UserEvent extensions.conf's [otp-voice] raises after each saying of the code."""
+    return {
+        "Event": "UserEvent",
+        "Privilege": "user,all",
+        "Channel": "PJSIP/otp-trunk-00000001",
+        "Uniqueid": channel_id,
+        "UserEvent": "OtpSpoken",
+    }
+
+
+async def test_the_code_spoken_is_reported_once_per_call() -> None:
+    pbx = _tracked("otp-1", "otp-2")
+    pbx._on_message(_spoken("otp-1"))
+    assert _drained(pbx) == [("otp-1", CallEventKind.SPOKEN)]
+    pbx._on_message(_spoken("otp-1"))  # said again (repeat): nothing new
+    assert _drained(pbx) == []
+    pbx._on_message(_spoken("otp-2"))
+    assert _drained(pbx) == [("otp-2", CallEventKind.SPOKEN)]
+    pbx._on_message({"Event": "Hangup", "Uniqueid": "otp-1", "Cause": "16"})
+    assert _drained(pbx) == [("otp-1", CallEventKind.HANGUP)]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        _spoken("otp-1") | {"UserEvent": "OtpHeard"},
+        _spoken("otp-1") | {"UserEvent": "OtpSpokenTwice"},
+        {"Event": "UserEvent", "Uniqueid": "otp-1"},  # no name
+        _spoken("otp-9"),  # a call not followed
+        _spoken(""),
+        {k: v for k, v in _spoken("otp-1").items() if k != "Uniqueid"},
+        {"Event": "UserEvent", "DestUniqueid": "otp-1", "UserEvent": "OtpSpoken"},
+        _spoken("otp-1") | {"Event": "VarSet"},  # not a UserEvent at all
+    ],
+)
+async def test_no_other_user_event_says_the_code_was_spoken(message: dict[str, str]) -> None:
+    pbx = _tracked("otp-1")
+    pbx._on_message(message)
+    assert _drained(pbx) == []
+    pbx._on_message(_spoken("otp-1"))  # the call still reports its own, once
+    assert _drained(pbx) == [("otp-1", CallEventKind.SPOKEN)]
+
+
+async def test_a_call_ended_is_not_reported_spoken() -> None:
+    pbx = _tracked("otp-1")
+    pbx._on_message({"Event": "Hangup", "Uniqueid": "otp-1", "Cause": "16"})
+    assert _drained(pbx) == [("otp-1", CallEventKind.HANGUP)]
+    pbx._on_message(_spoken("otp-1"))  # late: the call is over
+    assert _drained(pbx) == []

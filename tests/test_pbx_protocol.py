@@ -18,7 +18,16 @@ from panoramisk.actions import Action
 from panoramisk.ami_protocol import AMIProtocol
 
 from gateway import pbx as pbx_module
-from gateway.pbx import MAX_MESSAGE_CHARS, AmiPbx, AmiSettings, CallEventKind, Dial, _Protocol
+from gateway.pbx import (
+    MAX_MESSAGE_CHARS,
+    AmiPbx,
+    AmiSettings,
+    CallEventKind,
+    Dial,
+    Speech,
+    _Protocol,
+    originate_action,
+)
 
 # The keys AmiPbx._on_message reads.
 READ = (
@@ -144,6 +153,7 @@ class FakeAmi:
 
     logins: int = 0
     originated: list[str] = field(default_factory=list)
+    actions: list[dict[str, str]] = field(default_factory=list)  # every one, as received
     writer: asyncio.StreamWriter | None = None
     sessions: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -164,6 +174,7 @@ class FakeAmi:
             writer.close()
 
     def _reply(self, action: dict[str, str]) -> str:
+        self.actions.append(action)
         head = f"Response: Success\r\nActionID: {action['ActionID']}\r\n"
         if action["Action"] == "Login":
             self.logins += 1
@@ -263,3 +274,38 @@ async def test_a_message_without_an_end_drops_the_connection_and_it_comes_back(
         while (event := await pbx.next_event()).kind is not CallEventKind.HANGUP:
             pass
     assert (event.channel_id, event.cause) == ("otp-2", 16)
+
+
+async def test_a_voice_call_is_placed_as_built_and_reports_its_code_spoken_once(
+    fake_ami: tuple[AmiPbx, FakeAmi],
+) -> None:
+    pbx, fake = fake_ami
+    speech = Speech("otp-voice", "4821", "id", 2, 90)
+    dial = Dial("otp-v1", "6281234567890", "622150009999", 60, speech=speech)
+    await pbx.originate(dial)
+    await pbx.originate(Dial("otp-f1", "6281234567891", "622150001234", 60))
+    # The Variable header, commas and all, reaches Asterisk as built.
+    (sent,) = [a for a in fake.actions if a["Action"] == "Originate" and a["ChannelId"] == "otp-v1"]
+    assert {k: v for k, v in sent.items() if k != "ActionID"} == originate_action(
+        pbx.settings, dial
+    )
+    spoken = "Event: UserEvent\r\nPrivilege: user,all\r\nUniqueid: {}\r\nUserEvent: {}"
+    fake.send(
+        spoken.format("otp-v1", "OtpSpoken"),
+        spoken.format("otp-v1", "OtpSpoken"),  # said a second time (repeat 2)
+        spoken.format("otp-v1", "OtpHeard"),
+        spoken.format("otp-other", "OtpSpoken"),  # another call, not ours
+        spoken.format("otp-f1", "SomethingElse"),
+        "Event: Hangup\r\nUniqueid: otp-v1\r\nCause: 16",
+        "Event: Hangup\r\nUniqueid: otp-f1\r\nCause: 19",
+    )
+    seen: list[tuple[str, CallEventKind]] = []
+    async with asyncio.timeout(PROMPT_S):
+        while len([kind for _, kind in seen if kind is CallEventKind.HANGUP]) < 2:
+            event = await pbx.next_event()
+            seen.append((event.channel_id, event.kind))
+    assert seen == [
+        ("otp-v1", CallEventKind.SPOKEN),
+        ("otp-v1", CallEventKind.HANGUP),
+        ("otp-f1", CallEventKind.HANGUP),
+    ]

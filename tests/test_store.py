@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from gateway.store import (
@@ -23,16 +24,20 @@ from gateway.store import (
     ApiKeyRecord,
     CallEventRecord,
     CallRecord,
+    Channel,
     CheckLimit,
     Inserted,
     KnownInvalid,
     Limited,
     Replayed,
+    Snapshot,
     Store,
     VerificationRecord,
     WindowLimit,
     open_store,
+    sqlite_path,
 )
+from gateway.store.schema import POSTGRESQL as PG_MIGRATIONS
 from gateway.store.schema import SQLITE as MIGRATIONS
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import (
@@ -880,6 +885,141 @@ async def test_migration_numbers_the_verifications_already_stored(db_path: Path)
     ) == [("vrf_0", 1, 1), ("vrf_1", 2, 1), ("vrf_2", None, None), ("vrf_3", 3, 2)]
 
 
+# Columns migration 12 added (to verifications, and to calls: channel and step): a row
+# written at schema 11 has none of them.
+ADDED_BY_12 = frozenset(
+    {"channels", "locale", "fallback_after", "step", "next_at", "next_asked_at", "code_sealed"}
+    | {"channel"}
+)
+
+
+def columns_at_11(record: VerificationRecord | CallRecord) -> dict[str, Any]:
+    """A record's columns as a gateway of schema 11 wrote them."""
+    return {
+        f.name: getattr(record, f.name)
+        for f in dataclasses.fields(record)
+        if f.name not in ADDED_BY_12
+    }
+
+
+async def raw_insert(database: str, table: str, row: dict[str, Any]) -> None:
+    """Insert `row` on a second, plain connection, foreign keys enforced."""
+    columns = ", ".join(row)
+    if database.startswith("postgresql://"):
+        marks = ", ".join(f"${n}" for n in range(1, len(row) + 1))
+        conn = await asyncpg.connect(database)
+        try:
+            await conn.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", *row.values())
+        finally:
+            await conn.close()
+        return
+    with contextlib.closing(sqlite3.connect(sqlite_path(database))) as db:
+        db.execute("PRAGMA foreign_keys = ON")
+        with db:
+            marks = ", ".join("?" for _ in row)
+            db.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", tuple(row.values()))
+
+
+async def make_schema_11(database: str) -> None:
+    """Bring the empty `database` to schema 11, as a gateway before steps left it."""
+    if database.startswith("postgresql://"):
+        conn = await asyncpg.connect(database)
+        try:
+            async with conn.transaction():
+                await conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+                await conn.execute("INSERT INTO schema_version (version) VALUES (11)")
+                for script in PG_MIGRATIONS[:11]:
+                    await conn.execute(script)
+        finally:
+            await conn.close()
+        return
+    with contextlib.closing(sqlite3.connect(sqlite_path(database), isolation_level=None)) as db:
+        for number, script in enumerate(MIGRATIONS[:11], start=1):
+            db.executescript(script)
+            db.execute(f"PRAGMA user_version = {number}")
+
+
+async def test_migration_12_keeps_each_call_as_its_verifications_first_step(
+    database: str,
+) -> None:
+    """A database from before steps (schema 11) holding a verification, its delivered
+    flash call and the call's timeline: each call becomes step 0, a flash call, with
+    its id, outcome and events; the verification tries one channel, flashcall; a
+    second step's call may now be stored, a second call of one step still may not."""
+    await make_schema_11(database)
+    before = verification("vrf_1", carrier="Telkomsel", phone_prefix="+62812")
+    call = make_call(
+        "call_1",
+        "vrf_1",
+        status="completed",
+        outcome="delivered",
+        hangup_cause=16,
+        dialed_at=T0 + 1,
+        ringing_at=T0 + 2,
+        ended_at=T0 + 9,
+        owner="gw-a",
+        node="a",
+    )
+    # Two events at one instant: their order is the order they were written in.
+    events = [
+        CallEventRecord("call_1", T0 + 1, "dialing", None, None),
+        CallEventRecord("call_1", T0 + 2, "ringing", None, None),
+        CallEventRecord("call_1", T0 + 9, "hangup", 16, None),
+        CallEventRecord("call_1", T0 + 9, "ended:delivered", 16, None),
+    ]
+    await raw_insert(database, "verifications", columns_at_11(before))
+    await raw_insert(database, "calls", columns_at_11(call))
+    for event in events:
+        await raw_insert(database, "call_events", dataclasses.asdict(event))
+
+    store = await open_store(database)
+    try:
+        assert await store.schema_version() == len(MIGRATIONS)
+        found = await store.verification("vrf_1")
+        assert found is not None
+        assert found == (before, call)
+        migrated, its_call = found
+        assert (migrated.channels, migrated.step, migrated.next_at) == ("flashcall", 0, None)
+        assert (its_call.channel, its_call.step) == ("flashcall", 0)
+        assert await store.calls_of("vrf_1") == [call]
+        assert await store.call_events("call_1") == events
+
+        # Not checked after its delivered flash call: the voice call, step 1.
+        voice = make_call("call_2", "vrf_1", queued_at=T0 + 60, channel=Channel.VOICE, step=1)
+        moved = await store.start_step("vrf_1", voice, T0 + 60)
+        assert isinstance(moved, VerificationRecord) and moved.step == 1
+        assert await store.calls_of("vrf_1") == [call, voice]
+        for step in (0, 1):  # one call per step
+            with pytest.raises(INTEGRITY_ERRORS):
+                await raw_insert(
+                    database,
+                    "calls",
+                    columns_at_11(make_call(f"call_x{step}", "vrf_1")) | {"step": step},
+                )
+        # The references hold, to the tables made anew.
+        with pytest.raises(INTEGRITY_ERRORS):
+            await store.add_call_event(CallEventRecord("no-such-call", T0, "ringing", None, None))
+        with pytest.raises(INTEGRITY_ERRORS):
+            await raw_insert(database, "calls", columns_at_11(make_call("call_y", "vrf_none")))
+        await store.add_call_event(CallEventRecord("call_2", T0 + 61, "dialing", None, None))
+    finally:
+        await store.close()
+    if database.startswith("sqlite"):
+        path = sqlite_path(database)
+        assert raw_file(Path(path), "PRAGMA foreign_key_check") == []
+        assert [
+            row[2:5] for row in raw_file(Path(path), "PRAGMA foreign_key_list(call_events)")
+        ] == [("calls", "call_id", "id")]
+        assert {
+            str(row[0])
+            for row in raw_file(
+                Path(path),
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL "
+                "AND tbl_name IN ('calls', 'call_events')",
+            )
+        } == {"calls_live", "calls_by_end", "calls_live_by_owner", "call_events_by_call"}
+
+
 async def test_the_write_ahead_log_is_checkpointed_while_it_runs(
     sqlite_store: Store, db_path: Path
 ) -> None:
@@ -1027,3 +1167,387 @@ async def test_two_stores_on_one_database_keep_a_limit_exact(new_database: NewDa
     finally:
         for store in stores:
             await store.close()
+
+
+# -- steps: a verification tries its channels in order, one call each ----------
+
+PHONES = ("+6281200000001", "+6281200000002", "+6281200000003", "+6281200000004", "+6281200000005")
+
+
+async def create_steps(
+    store: Store,
+    n: int,
+    *,
+    phone: str = PHONE,
+    key: str = "key_1",
+    channels: str = "flashcall,voice",
+) -> tuple[VerificationRecord, CallRecord]:
+    """Store vrf_<n>, trying `channels`, with its first call call_<n>, a flash call."""
+    record = verification(
+        f"vrf_{n}", phone=phone, api_key_id=key, channels=channels, created_at=T0 + n
+    )
+    call = make_call(f"call_{n}", record.id, phone=phone, queued_at=T0 + n)
+    assert await store.create_verification(record, call) == Inserted([])
+    return record, call
+
+
+def step_call(
+    n: int, step: int, at: float, *, phone: str = PHONE, channel: Channel = Channel.VOICE
+) -> CallRecord:
+    """The queued call of vrf_<n>'s step `step`: call_<n>_<step>."""
+    return make_call(
+        f"call_{n}_{step}", f"vrf_{n}", phone=phone, queued_at=at, channel=channel, step=step
+    )
+
+
+async def end_step(
+    store: Store, cid: str, at: float, *, next_at: float | None = None, fail: bool = True
+) -> None:
+    """End call `cid` busy at `at`: failing its verification, or with `next_at`, making
+    its next step due then instead."""
+    await store.end_call(
+        cid,
+        call_status="failed",
+        outcome="busy",
+        cause=17,
+        sip_code=486,
+        reason="callee busy",
+        at=at,
+        fail_verification=fail,
+        next_at=next_at,
+    )
+
+
+async def current(store: Store, vid: str) -> tuple[VerificationRecord, CallRecord]:
+    found = await store.verification(vid)
+    assert found is not None
+    return found
+
+
+async def test_a_step_moves_the_verification_on_and_queues_its_call(store: Store) -> None:
+    record, _ = await create_steps(store, 1)
+    voice = step_call(1, 1, T0 + 30)
+    moved = await store.start_step("vrf_1", voice, T0 + 30)
+    assert moved == dataclasses.replace(record, step=1, updated_at=T0 + 30)
+    assert await current(store, "vrf_1") == (moved, voice)
+    assert (voice.status, voice.channel, voice.step) == ("queued", "voice", 1)
+    assert await store.call_events(voice.id) == [
+        CallEventRecord(voice.id, T0 + 30, "step:voice", None, None)
+    ]
+    assert [c.id for c in await store.live_calls()] == ["call_1", "call_1_1"]
+
+
+async def test_a_step_starts_only_after_the_current_one_of_a_pending_verification(
+    store: Store,
+) -> None:
+    record, first = await create_steps(store, 1, channels="flashcall,voice,voice")
+    assert await store.start_step("vrf_1", step_call(1, 2, T0 + 30), T0 + 30) is None
+    assert await store.start_step("vrf_1", step_call(1, 0, T0 + 30), T0 + 30) is None
+    await create_steps(store, 2, phone=OTHER_PHONE)
+    assert await store.set_status("vrf_2", "canceled", T0 + 10)
+    assert (
+        await store.start_step("vrf_2", step_call(2, 1, T0 + 30, phone=OTHER_PHONE), T0 + 30)
+        is None
+    )
+    assert await store.start_step("vrf_missing", step_call(9, 1, T0 + 30), T0 + 30) is None
+    assert await current(store, "vrf_1") == (record, first)
+    assert [c.id for c in await store.calls_of("vrf_2")] == ["call_2"]
+    assert await store.call_events("call_1_2") == []
+
+
+async def test_of_two_gateways_starting_one_step_at_once_exactly_one_does(
+    new_database: NewDatabase,
+) -> None:
+    database = new_database()
+    stores = [await open_store(database), await open_store(database)]
+    try:
+        await create_steps(stores[0], 1)
+
+        async def attempt(n: int) -> VerificationRecord | Limited | None:
+            call = dataclasses.replace(step_call(1, 1, T0 + 30), id=f"call_1_1_{n}")
+            return await stores[n % 2].start_step("vrf_1", call, T0 + 30)
+
+        results = await asyncio.gather(*(attempt(n) for n in range(6)))
+        moved = [r for r in results if r is not None]
+        assert len(moved) == 1 and isinstance(moved[0], VerificationRecord)
+        assert moved[0].step == 1
+        winner = f"call_1_1_{results.index(moved[0])}"
+        assert [c.id for c in await stores[1].calls_of("vrf_1")] == ["call_1", winner]
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_a_second_ask_within_the_gap_is_refused_and_a_due_step_is_not(
+    store: Store,
+) -> None:
+    await create_steps(store, 1, channels="flashcall,voice,flashcall,voice")
+    asked = await store.start_step("vrf_1", step_call(1, 1, T0 + 30), T0 + 30, min_gap=60)
+    assert isinstance(asked, VerificationRecord)
+    assert (asked.step, asked.next_asked_at) == (1, T0 + 30)
+    again = step_call(1, 2, T0 + 50, channel=Channel.FLASHCALL)
+    assert await store.start_step("vrf_1", again, T0 + 50, min_gap=60) == Limited(40.0, "next_gap")
+    assert (await current(store, "vrf_1"))[0] == asked
+    assert [c.id for c in await store.calls_of("vrf_1")] == ["call_1", "call_1_1"]
+    # Started by the gateway itself (no gap): the client's last ask stays the last.
+    due = await store.start_step("vrf_1", again, T0 + 50)
+    assert isinstance(due, VerificationRecord)
+    assert (due.step, due.next_asked_at) == (2, T0 + 30)
+    # The gap is counted from the last ask: past it, the client may ask again.
+    assert await store.start_step(
+        "vrf_1", step_call(1, 3, T0 + 89), T0 + 89, min_gap=60
+    ) == Limited(1.0, "next_gap")
+    last = await store.start_step("vrf_1", step_call(1, 3, T0 + 90), T0 + 90, min_gap=60)
+    assert isinstance(last, VerificationRecord)
+    assert (last.step, last.next_asked_at) == (3, T0 + 90)
+
+
+async def test_voice_calls_to_a_phone_are_limited_across_keys(store: Store) -> None:
+    per_phone = (WindowLimit("voice_phone", PHONE, 1, 3600),)
+    await create_steps(store, 1, key="key_1")
+    await create_steps(store, 2, key="key_2")  # another key's: vrf_1 stays pending
+    await create_steps(store, 3, phone=OTHER_PHONE)
+    # The flash calls to the phone are not voice calls: room for one.
+    first = await store.start_step("vrf_1", step_call(1, 1, T0 + 30), T0 + 30, per_phone)
+    assert isinstance(first, VerificationRecord)
+    second = step_call(2, 1, T0 + 60)
+    assert await store.start_step("vrf_2", second, T0 + 60, per_phone, min_gap=60) == Limited(
+        3570.0, "voice_phone"
+    )  # the first leaves the hour at T0 + 3630
+    assert [c.id for c in await store.calls_of("vrf_2")] == ["call_2"]
+    assert (await current(store, "vrf_2"))[0].step == 0
+    # Another phone counts its own.
+    other = (WindowLimit("voice_phone", OTHER_PHONE, 1, 3600),)
+    third = step_call(3, 1, T0 + 60, phone=OTHER_PHONE)
+    assert isinstance(await store.start_step("vrf_3", third, T0 + 60, other), VerificationRecord)
+    later = dataclasses.replace(second, queued_at=T0 + 3630)
+    assert isinstance(
+        await store.start_step("vrf_2", later, T0 + 3630, per_phone), VerificationRecord
+    )
+
+
+async def test_voice_calls_of_a_key_are_counted_from_its_creates_and_its_steps(
+    store: Store,
+) -> None:
+    def budget(key: str) -> tuple[WindowLimit, ...]:
+        return (WindowLimit("voice_api_key_id", key, 2, 86400),)
+
+    # vrf_1's first call is a voice call: its create counts one.
+    voice_first = verification("vrf_1", channels="voice")
+    assert await store.create_verification(
+        voice_first, make_call("call_1", "vrf_1", channel=Channel.VOICE), budget("key_1")
+    ) == Inserted([])
+    for n in (2, 3):  # flash calls first: their creates count none
+        await create_steps(store, n, phone=PHONES[n])
+    await create_steps(store, 4, phone=PHONES[4], key="key_2")
+    step = step_call(2, 1, T0 + 30, phone=PHONES[2])
+    assert isinstance(
+        await store.start_step("vrf_2", step, T0 + 30, budget("key_1")), VerificationRecord
+    )
+    refused = await store.start_step(
+        "vrf_3", step_call(3, 1, T0 + 60, phone=PHONES[3]), T0 + 60, budget("key_1")
+    )
+    # Both voice calls fell in the minute that ends at T0 + 40: room once it leaves the day.
+    assert refused == Limited(86400 - 20, "voice_api_key_daily")
+    other_key = step_call(4, 1, T0 + 60, phone=PHONES[4])
+    assert isinstance(
+        await store.start_step("vrf_4", other_key, T0 + 60, budget("key_2")), VerificationRecord
+    )
+
+
+async def test_a_due_step_a_limit_refuses_is_not_due_again_an_asked_one_stays_due(
+    store: Store,
+) -> None:
+    per_phone = (WindowLimit("voice_phone", PHONE, 1, 3600),)
+    await create_steps(store, 1, key="key_1")
+    await create_steps(store, 2, key="key_2")
+    assert isinstance(
+        await store.start_step("vrf_1", step_call(1, 1, T0 + 10), T0 + 10, per_phone),
+        VerificationRecord,
+    )
+    await end_step(store, "call_2", T0 + 20, next_at=T0 + 25)
+    voice = step_call(2, 1, T0 + 30)
+    asked = await store.start_step("vrf_2", voice, T0 + 30, per_phone, min_gap=60)
+    assert isinstance(asked, Limited) and asked.limit == "voice_phone"
+    assert (await current(store, "vrf_2"))[0].next_at == T0 + 25
+    assert [v.id for v, _ in await store.due_steps(T0 + 30, 10)] == ["vrf_2"]
+    due = await store.start_step("vrf_2", voice, T0 + 30, per_phone)
+    assert isinstance(due, Limited) and due.limit == "voice_phone"
+    record, call = await current(store, "vrf_2")
+    assert (record.status, record.step, record.next_at) == ("pending", 0, None)
+    assert call.id == "call_2"
+    assert await store.due_steps(T0 + 30, 10) == []
+
+
+async def test_only_the_current_steps_call_is_claimed_for_dialing(store: Store) -> None:
+    await create_steps(store, 1)
+    voice = step_call(1, 1, T0 + 10)
+    assert isinstance(await store.start_step("vrf_1", voice, T0 + 10), VerificationRecord)
+    # The flash call was still queued (its gateway restarting): it is not placed now.
+    assert await store.claim_call("call_1", "gw-a", T0 + 11) == NOT_PENDING
+    assert await store.claim_call(voice.id, "gw-a", T0 + 11) == CLAIMED
+    first, second = await store.calls_of("vrf_1")
+    assert (first.status, second.status) == ("queued", "dialing")
+
+
+async def test_a_new_code_is_stored_with_its_sealed_copy_while_pending(store: Store) -> None:
+    record = verification("vrf_1", channels="flashcall,voice", code_sealed="sealed-first-code")
+    call = make_call("call_1", "vrf_1")
+    assert await store.create_verification(record, call) == Inserted([])
+    assert await store.replace_code("vrf_1", "hmac-of-new-code", "sealed-new-code", T0 + 5)
+    expected = dataclasses.replace(
+        record, code_hash="hmac-of-new-code", code_sealed="sealed-new-code", updated_at=T0 + 5
+    )
+    assert await store.verification("vrf_1") == (expected, call)
+    assert await store.set_status("vrf_1", "canceled", T0 + 6)
+    assert not await store.replace_code("vrf_1", "hmac-of-other", None, T0 + 7)
+    found, _ = await current(store, "vrf_1")
+    assert (found.code_hash, found.code_sealed) == ("hmac-of-new-code", "sealed-new-code")
+
+
+async def test_a_failed_call_with_a_step_to_come_leaves_its_verification_pending(
+    store: Store,
+) -> None:
+    await create_steps(store, 1)
+    await create_steps(store, 2, phone=OTHER_PHONE)
+    await end_step(store, "call_1", T0 + 20, next_at=T0 + 25)
+    await end_step(store, "call_2", T0 + 20)
+    record, call = await current(store, "vrf_1")
+    assert (record.status, record.next_at, record.updated_at) == ("pending", T0 + 25, T0 + 20)
+    assert (call.status, call.outcome, call.ended_at) == ("failed", "busy", T0 + 20)
+    assert await store.webhooks_of("vrf_1") == []
+    record, _ = await current(store, "vrf_2")
+    assert (record.status, record.next_at) == ("failed", None)
+    assert [w.type for w in await store.webhooks_of("vrf_2")] == ["verification.failed"]
+
+
+async def test_the_end_of_a_call_moved_past_changes_nothing_on_its_verification(
+    store: Store,
+) -> None:
+    now: dict[int, tuple[VerificationRecord, CallRecord]] = {}
+    for n, phone in ((1, PHONE), (2, OTHER_PHONE)):
+        await create_steps(store, n, phone=phone)
+        await store.call_progress(f"call_{n}", "ringing", "ringing_at", T0 + 5, "ringing")
+        # The client asked for the voice call while the flash call still rang.
+        voice = step_call(n, 1, T0 + 10, phone=phone)
+        moved = await store.start_step(f"vrf_{n}", voice, T0 + 10, min_gap=60)
+        assert isinstance(moved, VerificationRecord)
+        now[n] = (moved, voice)
+    await end_step(store, "call_1", T0 + 20)  # would fail vrf_1 were it current
+    await end_step(store, "call_2", T0 + 20, next_at=T0 + 25)  # would make a step due
+    for n in (1, 2):
+        assert await current(store, f"vrf_{n}") == now[n]
+        first = (await store.calls_of(f"vrf_{n}"))[0]
+        assert (first.status, first.ended_at) == ("failed", T0 + 20)  # the call itself ended
+        assert await store.webhooks_of(f"vrf_{n}") == []
+    assert await store.due_steps(T0 + 30, 10) == []
+
+
+async def test_due_steps_are_the_pending_ones_whose_time_came_with_their_current_calls(
+    store: Store,
+) -> None:
+    for n in range(5):
+        await create_steps(store, n, phone=PHONES[n], channels="flashcall,voice,voice")
+    await end_step(store, "call_0", T0 + 20, next_at=T0 + 25)
+    await end_step(store, "call_1", T0 + 20, next_at=T0 + 100)  # not yet
+    await end_step(store, "call_2", T0 + 20, next_at=T0 + 21)
+    assert await store.set_status("vrf_2", "canceled", T0 + 22)  # not pending
+    # call_3 has not ended: nothing is due. vrf_4 is at its second step, due first.
+    assert isinstance(
+        await store.start_step("vrf_4", step_call(4, 1, T0 + 5, phone=PHONES[4]), T0 + 5),
+        VerificationRecord,
+    )
+    await end_step(store, "call_4_1", T0 + 20, next_at=T0 + 22)
+
+    due = await store.due_steps(T0 + 30, 10)
+    assert [(v.id, c.id) for v, c in due] == [("vrf_4", "call_4_1"), ("vrf_0", "call_0")]
+    assert due == [await current(store, "vrf_4"), await current(store, "vrf_0")]
+    assert due[0][0].next_at == T0 + 22
+    assert await store.due_steps(T0 + 30, 1) == due[:1]
+    assert await store.due_steps(T0 + 22, 10) == due[:1]
+    assert await store.due_steps(T0 + 21.5, 10) == []
+    # Started, a step is due no more.
+    moved = await store.start_step("vrf_0", step_call(0, 1, T0 + 30, phone=PHONES[0]), T0 + 30)
+    assert isinstance(moved, VerificationRecord) and moved.next_at is None
+    assert await store.due_steps(T0 + 30, 10) == due[:1]
+
+
+async def test_a_verification_is_read_with_its_latest_steps_call(store: Store) -> None:
+    _, first = await create_steps(store, 1, channels="flashcall,voice,flashcall")
+    second = step_call(1, 1, T0 + 30)
+    third = step_call(1, 2, T0 + 60, channel=Channel.FLASHCALL)
+    for call in (second, third):
+        moved = await store.start_step("vrf_1", call, call.queued_at)
+        assert isinstance(moved, VerificationRecord)
+        assert await store.verification("vrf_1") == (moved, call)
+        assert await store.newest_pending(PHONE, "key_1") == (moved, call)
+    assert await store.calls_of("vrf_1") == [first, second, third]
+    assert await store.calls_of("vrf_missing") == []
+
+
+async def test_a_webhook_snapshot_carries_every_step_so_far(store: Store) -> None:
+    await create_steps(store, 1)
+    await end_step(store, "call_1", T0 + 20, next_at=T0 + 20)
+    voice = step_call(1, 1, T0 + 30)
+    assert isinstance(await store.start_step("vrf_1", voice, T0 + 30), VerificationRecord)
+    await store.call_progress(voice.id, "dialing", "dialed_at", T0 + 31, "dialing")
+    await end_step(store, voice.id, T0 + 40)  # the last step: the verification fails
+    (webhook,) = await store.webhooks_of("vrf_1")
+    assert webhook.type == "verification.failed" and webhook.snapshot is not None
+    snapshot = Snapshot.decode(webhook.snapshot)
+    record, call = await current(store, "vrf_1")
+    assert (snapshot.verification, snapshot.call) == (record, call)
+    assert call.id == voice.id and record.status == "failed"
+    assert snapshot.steps == await store.calls_of("vrf_1")
+    assert [(c.id, c.channel, c.step) for c in snapshot.steps] == [
+        ("call_1", "flashcall", 0),
+        ("call_1_1", "voice", 1),
+    ]
+    assert snapshot.events == await store.call_events(voice.id)  # the current call's
+    # A verification still at its first step: its one call.
+    await create_steps(store, 2, phone=OTHER_PHONE)
+    assert await store.set_status("vrf_2", "canceled", T0 + 50)
+    (webhook,) = await store.webhooks_of("vrf_2")
+    assert webhook.snapshot is not None
+    assert Snapshot.decode(webhook.snapshot).steps == await store.calls_of("vrf_2")
+
+
+def sandbox_call(cid: str, vid: str, at: float, channel: Channel, step: int = 0) -> CallRecord:
+    """A sandbox verification's call, as Verifications makes it: never dialed, shown
+    delivered (a voice call: spoken) as it is stored."""
+    return make_call(
+        cid,
+        vid,
+        queued_at=at,
+        channel=channel,
+        step=step,
+        status="completed",
+        outcome="spoken" if channel is Channel.VOICE else "delivered",
+        reason="sandbox",
+        ended_at=at,
+    )
+
+
+async def test_a_sandbox_verifications_voice_calls_spend_no_voice_budget(store: Store) -> None:
+    per_key = (WindowLimit("voice_api_key_id", "key_1", 1, 86400),)
+    per_phone = (WindowLimit("voice_phone", PHONE, 1, 3600),)
+    first = verification("vrf_s", channels="voice,voice", sandbox=True)
+    assert await store.create_verification(
+        first, sandbox_call("call_s", "vrf_s", T0, Channel.VOICE), per_key + per_phone
+    ) == Inserted([])
+    voice = sandbox_call("call_s_1", "vrf_s", T0 + 10, Channel.VOICE, step=1)
+    assert isinstance(await store.start_step("vrf_s", voice, T0 + 10), VerificationRecord)
+    # The phone's one voice call of the hour, and key_1's of the day, are still to come.
+    await create_steps(store, 1, key="key_2")
+    to_phone = await store.start_step("vrf_1", step_call(1, 1, T0 + 20), T0 + 20, per_phone)
+    assert isinstance(to_phone, VerificationRecord), to_phone
+    await create_steps(store, 2, phone=PHONES[2])
+    of_key = await store.start_step(
+        "vrf_2", step_call(2, 1, T0 + 30, phone=PHONES[2]), T0 + 30, per_key
+    )
+    assert isinstance(of_key, VerificationRecord), of_key
+    await create_steps(store, 3, phone=PHONES[3])
+    refused = await store.start_step(
+        "vrf_3", step_call(3, 1, T0 + 40, phone=PHONES[3]), T0 + 40, per_key
+    )
+    assert isinstance(refused, Limited) and refused.limit == "voice_api_key_daily"

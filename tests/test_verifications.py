@@ -11,26 +11,55 @@ from typing import Any
 
 import pytest
 
-from gateway.config import CallsConfig, LimitsConfig, VerificationConfig
+from gateway import verifications as verifications_module
+from gateway.config import CallsConfig, LimitsConfig, VerificationConfig, VoiceConfig
 from gateway.dialer import PBX_CAP_MARGIN_S, Dialer
 from gateway.errors import (
+    ChannelUnavailable,
     InvalidPhone,
     InvalidRequest,
+    NoNextChannel,
     NotFound,
     NumberKnownInvalid,
     PbxUnavailable,
     PhoneTypeNotAllowed,
     RateLimited,
     RegionNotAllowed,
+    UnknownChannel,
+    UnknownLocale,
     VerificationNotPending,
 )
+from gateway.instances import Membership
 from gateway.nodes import Nodes
-from gateway.pbx import CHANNEL_ID_PREFIX, Dial
+from gateway.pbx import CHANNEL_ID_PREFIX, CallEventKind, Dial, Speech
 from gateway.pool import Pool
-from gateway.store import CallRecord, Store, VerificationRecord, open_store
-from gateway.verifications import PBX_RETRY_AFTER_S, NewVerification, Verifications
-from tests.conftest import TEST_POOL, NewDatabase, make_config, raw_query
-from tests.fakes import FakePbx, Fate, by_last_digit, fresh_mobile, rings_until_hung_up, until
+from gateway.store import CallEventRecord, CallRecord, Store, VerificationRecord, open_store
+from gateway.verifications import (
+    PBX_RETRY_AFTER_S,
+    VOICE_PBX_MARGIN_S,
+    NewVerification,
+    Verifications,
+)
+from tests.conftest import (
+    TEST_POOL,
+    NewDatabase,
+    make_call,
+    make_config,
+    make_verification,
+    raw_query,
+)
+from tests.fakes import (
+    WAIT_S,
+    FakePbx,
+    Fate,
+    by_last_digit,
+    fresh_mobile,
+    listened,
+    rings_until_hung_up,
+    talks_on,
+    until,
+    voice_listened,
+)
 
 KEY = "key_a"
 OTHER_KEY = "key_b"
@@ -41,10 +70,20 @@ MAX_ATTEMPTS = 5
 
 
 class Clock:
-    """A settable wall clock for the TTL."""
+    """A settable wall clock for the TTL; `running`, it goes on with the dialer's (real)
+    clock from where it was set, as the next steps' times are the dialer's."""
 
-    def __init__(self) -> None:
-        self.now = time.time()
+    def __init__(self, running: bool = False) -> None:
+        self.running = running
+        self._set, self._set_at = time.time(), time.time()
+
+    @property
+    def now(self) -> float:
+        return self._set + (time.time() - self._set_at if self.running else 0.0)
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self._set, self._set_at = value, time.time()
 
     def __call__(self) -> float:
         return self.now
@@ -123,7 +162,10 @@ async def make_domain(new_database: NewDatabase) -> AsyncIterator[DomainFactory]
         script: Callable[[Dial], Fate] = by_last_digit,
         test_numbers: dict[str, str] | None = None,
         limits: LimitsConfig | None = None,
+        voice: VoiceConfig | None = None,
+        steps: bool = False,
     ) -> Domain:
+        """`steps`: the verifications' loops run (next steps, expiry), on a running clock."""
         database = new_database()
         config = make_config(
             database,
@@ -132,6 +174,7 @@ async def make_domain(new_database: NewDatabase) -> AsyncIterator[DomainFactory]
             verification=VerificationConfig(ttl_seconds=TTL_S, max_attempts=MAX_ATTEMPTS),
             test_numbers=test_numbers or {},
             limits=limits or LimitsConfig(),
+            voice=voice or VoiceConfig(),
         )
         store = await open_store(database)
         pools = [Pool(p) for p in config.pools]
@@ -142,15 +185,19 @@ async def make_domain(new_database: NewDatabase) -> AsyncIterator[DomainFactory]
 
         pbx = FakePbx(script)
         dialer = Dialer(Nodes.one(pbx, config.calls), store, config.calls, release_cli)
-        clock = Clock()
+        clock = Clock(running=steps)
         verifications = Verifications(config, store, pools, dialer, clock=clock)
+        dialer.on_ended = verifications.call_ended  # as the app wires them
         domain = Domain(verifications, store, pbx, dialer, clock, database)
         started.append(domain)
         dialer.start()
+        if steps:
+            verifications.start()
         return domain
 
     yield make
     for domain in started:
+        await domain.verifications.stop()
         await domain.dialer.stop()
         await domain.pbx.close()
         await domain.store.close()
@@ -799,3 +846,355 @@ async def test_reset_health_allows_the_next_call(domain: Domain) -> None:
     assert await domain.store.reset_number_health(first.phone)
     assert await domain.store.number_health(first.phone) is None
     await domain.create(phone)
+
+
+# -- channels: flash call, then voice --------------------------------------------
+
+# The voice calls of the domains below: the operator's number, a config default
+# (fallback_after_seconds) the gateway's own default is not.
+VOICE = VoiceConfig(caller_id="+622180001000", fallback_after_seconds=45)
+FLASH_THEN_VOICE = ("flashcall", "voice")
+JAKARTA_LANDLINE = "+622155501232"
+
+
+@pytest.fixture
+async def voice_domain(make_domain: DomainFactory) -> Domain:
+    """Voice set up; every voice call is listened to; the next steps start by themselves."""
+    return await make_domain(voice=VOICE, script=voice_listened, steps=True)
+
+
+async def spoken_code(domain: Domain, verification: VerificationRecord) -> str:
+    """The code the verification's current call, a voice call, says."""
+    dial = await domain.dial_of(verification)
+    assert dial.speech is not None, "not a voice call"
+    return dial.speech.code
+
+
+@pytest.mark.parametrize(("locale", "spoken_in"), [(None, "en"), ("id", "id")])
+async def test_a_voice_call_says_the_code_that_approves(
+    voice_domain: Domain, locale: str | None, spoken_in: str
+) -> None:
+    verification = await voice_domain.create(fresh_mobile(), channels=("voice",), locale=locale)
+
+    dial = await voice_domain.dial_of(verification)
+    assert dial.caller_id == VOICE.caller_id  # cli_format e164: not a pool's caller ID
+    assert dial.speech is not None
+    code = dial.speech.code
+    assert dial.speech == Speech(
+        VOICE.context, code, spoken_in, VOICE.repeat, VOICE.max_seconds + VOICE_PBX_MARGIN_S
+    )
+    assert len(code) == TEST_POOL.code_length and code.isdigit()
+    call = await voice_domain.until_call(verification, lambda call: call.ended_at is not None)
+    assert (call.channel, call.outcome, call.ring_seconds) == (
+        "voice",
+        "spoken",
+        VOICE.ring_seconds,
+    )
+
+    result = await voice_domain.verifications.check(KEY, verification.id, code, None)
+    assert result.valid and result.verification.status == "approved"
+
+
+async def test_a_wrong_code_does_not_approve_a_voice_verification(voice_domain: Domain) -> None:
+    verification = await voice_domain.create(fresh_mobile(), channels=("voice",))
+    code = await spoken_code(voice_domain, verification)
+
+    wrong = f"{(int(code) + 1) % 10_000:04d}"
+    result = await voice_domain.verifications.check(KEY, verification.id, wrong, None)
+    assert not result.valid and result.verification.status == "pending"
+
+
+async def test_approving_hangs_up_the_voice_call_still_talking(make_domain: DomainFactory) -> None:
+    domain = await make_domain(voice=VOICE, script=talks_on)
+    verification = await domain.create(fresh_mobile(), channels=("voice",))
+    code = await spoken_code(domain, verification)
+    _, call = await domain.call_of(verification)
+
+    async def spoken() -> bool:
+        return "spoken" in [e.kind for e in await domain.store.call_events(call.id)]
+
+    await until(spoken)
+    assert call.id in domain.pbx.live
+    result = await domain.verifications.check(KEY, verification.id, code, None)
+
+    assert result.verification.status == "approved"
+    assert domain.pbx.hangups == [call.id]
+    ended = await domain.until_call(verification, lambda call: call.ended_at is not None)
+    assert ended.outcome == "spoken"
+
+
+async def test_a_failed_flash_call_is_followed_at_once_by_a_voice_call_saying_its_code(
+    make_domain: DomainFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the dialer's word (call_ended) starts the step in time: the loop's poll is
+    # slower than the test's patience.
+    monkeypatch.setattr(verifications_module, "STEPS_POLL_S", 10 * WAIT_S)
+    domain = await make_domain(voice=VOICE, script=voice_listened, steps=True)
+    verification = await domain.create(fresh_mobile("3"), channels=FLASH_THEN_VOICE)  # busy
+    flash = await domain.dial_of(verification)
+    assert flash.speech is None
+    shown = flash.caller_id[-verification.cli_length :]
+
+    await domain.until_call(verification, lambda call: call.channel == "voice")
+    voice = await domain.dial_of(verification)
+    assert voice.speech is not None
+    assert (voice.number, voice.caller_id, voice.speech.code) == (
+        flash.number,
+        VOICE.caller_id,
+        shown,
+    )
+    calls = await domain.store.calls_of(verification.id)
+    assert [(c.channel, c.step) for c in calls] == [("flashcall", 0), ("voice", 1)]
+    assert calls[0].outcome == "busy"
+    stepped, _ = await domain.call_of(verification)
+    assert (stepped.status, stepped.step) == ("pending", 1)
+
+    result = await domain.verifications.check(KEY, verification.id, shown, None)
+    assert result.valid and result.verification.status == "approved"
+
+
+async def test_a_voice_call_follows_a_delivered_flash_call_after_fallback_after(
+    voice_domain: Domain,
+) -> None:
+    fallback_after = 20
+    verification = await voice_domain.create(
+        fresh_mobile("0"),  # rings, then the network's 480: delivered
+        channels=FLASH_THEN_VOICE,
+        fallback_after_seconds=fallback_after,
+        fallback_after_given=True,
+    )
+    shown = await voice_domain.code_of(verification)
+    flash = await voice_domain.until_call(verification, lambda call: call.ended_at is not None)
+    assert flash.outcome == "delivered" and flash.ended_at is not None
+    waiting, _ = await voice_domain.call_of(verification)
+    assert waiting.next_at == pytest.approx(flash.ended_at + fallback_after)
+    await asyncio.sleep(0.3)
+    assert [d for d in voice_domain.pbx.dials if d.speech is not None] == []
+
+    voice_domain.clock.advance(fallback_after)  # the steps loop looks every second
+    await voice_domain.until_call(verification, lambda call: call.channel == "voice")
+    assert await spoken_code(voice_domain, verification) == shown
+
+
+async def test_next_starts_the_voice_call_and_there_is_no_next_after_it(
+    voice_domain: Domain,
+) -> None:
+    verification = await voice_domain.create(
+        fresh_mobile("0"),
+        channels=FLASH_THEN_VOICE,
+        fallback_after_seconds=None,  # only when asked
+        fallback_after_given=True,
+    )
+    shown = await voice_domain.code_of(verification)
+    await voice_domain.until_call(verification, lambda call: call.ended_at is not None)
+    waiting, _ = await voice_domain.call_of(verification)
+    assert (waiting.status, waiting.next_at) == ("pending", None)
+
+    stepped, call = await voice_domain.verifications.next_step(KEY, verification.id)
+
+    assert (stepped.step, call.channel, call.step) == (1, "voice", 1)
+    assert await spoken_code(voice_domain, verification) == shown
+    with pytest.raises(NoNextChannel):
+        await voice_domain.verifications.next_step(KEY, verification.id)
+    with pytest.raises(NotFound):
+        await voice_domain.verifications.next_step(OTHER_KEY, verification.id)
+    assert len([d for d in voice_domain.pbx.dials if d.speech is not None]) == 1
+
+
+async def test_next_hangs_up_the_flash_call_still_ringing(make_domain: DomainFactory) -> None:
+    def flash_rings_on(dial: Dial) -> Fate:
+        return listened(dial) if dial.speech is not None else rings_until_hung_up(dial)
+
+    domain = await make_domain(voice=VOICE, script=flash_rings_on)
+    verification = await domain.create(fresh_mobile(), channels=FLASH_THEN_VOICE)
+    flash = await domain.until_call(verification, lambda call: call.status == "ringing")
+
+    await domain.verifications.next_step(KEY, verification.id)
+
+    assert domain.pbx.hangups == [flash.id]
+    await spoken_code(domain, verification)
+
+
+async def test_next_again_within_the_gap_is_rate_limited(voice_domain: Domain) -> None:
+    verification = await voice_domain.create(
+        fresh_mobile("0"),
+        channels=("flashcall", "voice", "voice"),
+        fallback_after_seconds=None,
+        fallback_after_given=True,
+    )
+    shown = await voice_domain.code_of(verification)
+    await voice_domain.verifications.next_step(KEY, verification.id)
+    assert await spoken_code(voice_domain, verification) == shown
+
+    voice_domain.clock.advance(VOICE.next_min_gap_seconds - 5)
+    with pytest.raises(RateLimited) as refused:
+        await voice_domain.verifications.next_step(KEY, verification.id)
+    assert refused.value.limit == "next_gap"
+    assert 1 <= refused.value.retry_after <= 6
+    stepped, call = await voice_domain.call_of(verification)
+    assert (stepped.step, call.step) == (1, 1)
+    assert len([d for d in voice_domain.pbx.dials if d.speech is not None]) == 1
+
+    voice_domain.clock.advance(5)
+    stepped, call = await voice_domain.verifications.next_step(KEY, verification.id)
+    assert (stepped.step, call.channel) == (2, "voice")
+    assert await spoken_code(voice_domain, verification) == shown
+
+
+@pytest.mark.parametrize(
+    ("voice", "fields", "error"),
+    [
+        (VOICE, {"channels": ("fax",)}, UnknownChannel),
+        (VOICE, {"channels": ("flashcall", "sms")}, UnknownChannel),
+        (VOICE, {"channels": ("voice",), "locale": "fr"}, UnknownLocale),
+        (VoiceConfig(), {"channels": ("voice",)}, ChannelUnavailable),  # no caller_id
+        (VoiceConfig(), {"channels": FLASH_THEN_VOICE}, ChannelUnavailable),
+        (VOICE, {"channels": ()}, InvalidRequest),
+        (VOICE, {"channels": ("flashcall", "voice", "voice", "voice")}, InvalidRequest),
+    ],
+    ids=[
+        "unknown",
+        "unknown_later",
+        "unknown_locale",
+        "voice_off",
+        "voice_off_later",
+        "none",
+        "four",
+    ],
+)
+async def test_a_channel_request_is_refused_before_any_dial(
+    make_domain: DomainFactory,
+    voice: VoiceConfig,
+    fields: dict[str, Any],
+    error: type[Exception],
+) -> None:
+    domain = await make_domain(voice=voice)
+    with pytest.raises(error):
+        await domain.create(fresh_mobile(), **fields)
+
+    assert (await domain.rows("verifications"), await domain.rows("calls")) == (0, 0)
+    assert domain.pbx.dials == []
+
+
+async def test_a_landline_gets_only_the_voice_call(voice_domain: Domain) -> None:
+    verification = await voice_domain.create(JAKARTA_LANDLINE, channels=FLASH_THEN_VOICE)
+
+    assert verification.channels == "voice"
+    code = await spoken_code(voice_domain, verification)
+    await voice_domain.until_call(verification, lambda call: call.ended_at is not None)
+    calls = await voice_domain.store.calls_of(verification.id)
+    assert [(c.channel, c.outcome) for c in calls] == [("voice", "spoken")]
+    assert [d.number for d in voice_domain.pbx.dials] == [JAKARTA_LANDLINE[1:]]
+    result = await voice_domain.verifications.check(KEY, verification.id, code, None)
+    assert result.valid
+
+
+async def test_a_landline_gets_no_flash_call(voice_domain: Domain) -> None:
+    with pytest.raises(PhoneTypeNotAllowed):
+        await voice_domain.create(JAKARTA_LANDLINE, channels=("flashcall",))
+    assert await voice_domain.rows("verifications") == 0
+    assert voice_domain.pbx.dials == []
+
+
+async def test_the_voice_limit_per_phone_refuses_a_second_voice_call(
+    make_domain: DomainFactory,
+) -> None:
+    voice = dataclasses.replace(VOICE, per_phone_per_hour=1, per_phone_per_day=1)
+    domain = await make_domain(voice=voice, script=voice_listened)
+    phone = fresh_mobile()
+    first = await domain.create(phone, channels=("voice",))
+    await domain.until_call(first, lambda call: call.ended_at is not None)
+
+    with pytest.raises(RateLimited) as refused:
+        await domain.create(phone, channels=("voice",))
+
+    assert refused.value.limit == "voice_phone"
+    assert 3590 <= refused.value.retry_after <= 3600
+    assert len(domain.pbx.dials) == 1
+    assert await domain.rows("verifications") == 1
+    # Its flash calls are not voice calls: not counted against the phone's voice calls.
+    flash = await domain.create(phone)
+    assert (await domain.dial_of(flash)).speech is None
+
+
+async def test_an_automatic_voice_step_over_its_limit_fails_a_verification_whose_call_failed(
+    make_domain: DomainFactory,
+) -> None:
+    voice = dataclasses.replace(VOICE, per_phone_per_hour=1, per_phone_per_day=1)
+    domain = await make_domain(voice=voice, script=voice_listened, steps=True)
+    phone = fresh_mobile("3")  # flash calls busy; voice calls listened to
+    spent = await domain.create(phone, channels=("voice",))
+    await domain.until_call(spent, lambda call: call.ended_at is not None)
+
+    verification = await domain.create(phone, channels=FLASH_THEN_VOICE)
+
+    async def failed() -> bool:
+        current, _ = await domain.call_of(verification)
+        return current.status == "failed"
+
+    await until(failed)
+    calls = await domain.store.calls_of(verification.id)
+    assert [(c.channel, c.outcome) for c in calls] == [("flashcall", "busy")]
+    assert len([d for d in domain.pbx.dials if d.speech is not None]) == 1  # the first only
+
+
+@pytest.mark.parametrize(
+    ("fields", "stored"),
+    [
+        ({"fallback_after_seconds": 90, "fallback_after_given": True}, 90.0),
+        ({"fallback_after_seconds": 0, "fallback_after_given": True}, 0.0),
+        ({"fallback_after_seconds": None, "fallback_after_given": True}, None),  # never
+        ({}, float(VOICE.fallback_after_seconds or 0)),  # not given: the config's default
+    ],
+    ids=["given", "zero", "null", "absent"],
+)
+async def test_fallback_after_lands_in_the_verification(
+    voice_domain: Domain, fields: dict[str, Any], stored: float | None
+) -> None:
+    verification = await voice_domain.create(fresh_mobile("0"), channels=FLASH_THEN_VOICE, **fields)
+
+    assert verification.fallback_after == stored
+    kept, _ = await voice_domain.call_of(verification)
+    assert kept.fallback_after == stored
+
+
+async def test_a_voice_call_answered_before_its_gateway_died_is_adopted_as_answered(
+    make_domain: DomainFactory,
+) -> None:
+    domain = await make_domain(voice=VOICE)
+    joined = Membership(
+        domain.store, domain.dialer, domain.verifications, domain.dialer.owner, lease_seconds=10
+    )
+    now = time.time()
+    await domain.store.register_instance("gw-dead", "x", now - 60, lease_until=now - 30)
+    phone = fresh_mobile()
+    verification = make_verification(
+        f"vrf_{phone[-7:]}", phone=phone, created_at=now, api_key_id=KEY, channels="voice"
+    )
+    call = make_call(
+        f"otp-{phone[-7:]}",
+        verification.id,
+        phone=phone,
+        queued_at=now,
+        status="ringing",
+        ring_seconds=VOICE.ring_seconds,
+        dialed_at=now,
+        ringing_at=now,
+        owner="gw-dead",
+        channel="voice",
+    )
+    await domain.store.create_verification(verification, call)
+    # The dead gateway heard the answer and the code said in full.
+    for kind in (CallEventKind.RINGING, CallEventKind.ANSWERED, CallEventKind.SPOKEN):
+        await domain.store.add_call_event(CallEventRecord(call.id, now, kind, None, None))
+    try:
+        await joined.join()
+        assert domain.pbx.adopted == [call.id]
+        domain.pbx.end_adopted(call.id, 16, None)  # the user hangs up
+        ended = await domain.until_call(verification, lambda call: call.ended_at is not None)
+    finally:
+        await joined.close(timeout=1)
+
+    current, _ = await domain.call_of(verification)
+    # Today: error, and the verification failed: the code the user heard is refused.
+    assert (ended.outcome, current.status) == ("spoken", "pending")

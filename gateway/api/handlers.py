@@ -62,6 +62,14 @@ async def create_verification(request: web.Request) -> web.Response:
             reference=body.reference,
             callback_url=check_callback_url(body.callback_url),
             ring_seconds=body.ring_seconds,
+            channels=tuple(body.channels) if body.channels is not None else None,
+            locale=body.locale,
+            fallback_after_seconds=(
+                None
+                if isinstance(body.fallback_after_seconds, msgspec.UnsetType)
+                else body.fallback_after_seconds
+            ),
+            fallback_after_given=not isinstance(body.fallback_after_seconds, msgspec.UnsetType),
         ),
         idempotency_key=_idempotency_key(request),
     )
@@ -127,6 +135,15 @@ async def check_verification(request: web.Request) -> web.Response:
     return _json(views.check_result(result.verification, result.valid))
 
 
+@routes.post("/v1/verifications/{id}/next")
+async def next_channel(request: web.Request) -> web.Response:
+    """Start the verification's next channel now: the user tapped "call me instead"."""
+    found = await request.app[VERIFICATIONS].next_step(
+        api_key(request).id, request.match_info["id"]
+    )
+    return await _verification_response(request, *found)
+
+
 @routes.post("/v1/verifications/{id}/cancel")
 async def cancel_verification(request: web.Request) -> web.Response:
     found = await request.app[VERIFICATIONS].cancel(api_key(request).id, request.match_info["id"])
@@ -136,10 +153,12 @@ async def cancel_verification(request: web.Request) -> web.Response:
 async def _verification_response(
     request: web.Request, verification: VerificationRecord, call: CallRecord
 ) -> web.Response:
-    """The verification with its call's timeline and its webhooks' delivery state."""
+    """The verification with its calls' timelines and its webhooks' delivery state."""
     store = request.app[STORE]
     events, hooks = await store.call_events(call.id), await store.webhooks_of(verification.id)
-    return _json(views.verification(verification, call, events, hooks))
+    steps = await store.calls_of(verification.id) if verification.step else None
+    earlier = {s.id: await store.call_events(s.id) for s in steps or () if s.id != call.id}
+    return _json(views.verification(verification, call, events, hooks, steps, earlier))
 
 
 @routes.get("/v1/numbers")

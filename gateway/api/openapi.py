@@ -228,7 +228,10 @@ def document() -> dict[str, Any]:
                                 "with another body",
                                 422: "invalid_phone, phone_type_not_allowed, "
                                 "region_not_allowed, destination_blocked, "
-                                "number_known_invalid, invalid_callback_url",
+                                "number_known_invalid, invalid_callback_url, "
+                                "unknown_channel, unknown_locale, channel_unavailable",
+                                429: "rate_limited: a limit on calls (or on voice calls) "
+                                "is reached",
                                 503: "overloaded or pbx_unavailable",
                             },
                         ),
@@ -286,6 +289,32 @@ def document() -> dict[str, Any]:
                         **_problems(*_BODY_ERRORS, 404, 409, 422, *_V1_ERRORS, reasons=not_pending),
                     },
                     requestBody=_body(_ref("CheckByPhone")),
+                    security=BEARER,
+                )
+            },
+            "/v1/verifications/{id}/next": {
+                "post": _op(
+                    "nextChannel",
+                    VERIFICATIONS,
+                    'Start the next channel now ("call me instead")',
+                    {
+                        "200": verification,
+                        **_problems(
+                            404,
+                            409,
+                            *_V1_ERRORS,
+                            reasons={
+                                409: "verification_not_pending, or no_next_channel: every "
+                                "channel has been tried",
+                                429: "rate_limited: asked again within "
+                                "voice.next_min_gap_seconds, or a voice limit is reached",
+                            },
+                        ),
+                    },
+                    description="The verification's current call, if it still rings, is "
+                    "hung up; the next channel's call is queued at once. Its code is the "
+                    "same: a voice call speaks the digits the flash call showed.",
+                    parameters=[ID],
                     security=BEARER,
                 )
             },

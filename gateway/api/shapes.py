@@ -11,14 +11,16 @@ import msgspec
 from msgspec import Meta
 
 from gateway import apikeys
-from gateway.config import MAX_RING_SECONDS
+from gateway.config import MAX_RING_SECONDS, MAX_VOICE_WAIT_SECONDS
 from gateway.numbers import MAX_LOOKUP
 from gateway.outcomes import Health, Outcome
-from gateway.store import CallStatus, VerificationStatus, WebhookStatus
-from gateway.verifications import MAX_CALLBACK_URL_LENGTH, MAX_REFERENCE_LENGTH
+from gateway.store import CallStatus, Channel, VerificationStatus, WebhookStatus
+from gateway.verifications import MAX_CALLBACK_URL_LENGTH, MAX_CHANNELS, MAX_REFERENCE_LENGTH
 
 # -- members -------------------------------------------------------------------
 
+# A channel's or a locale's name: the gateway's are short; longer is no name of its.
+MAX_NAME_LENGTH = 32
 # RFC 3339 in UTC with milliseconds (gateway.times.timestamp).
 Time = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
 Phone = Annotated[
@@ -59,6 +61,16 @@ class ControlCharacters(Exception):
 
 # -- requests ------------------------------------------------------------------
 
+FallbackAfter = Annotated[
+    int,
+    Meta(
+        ge=0,
+        le=MAX_VOICE_WAIT_SECONDS,
+        description="how long after a delivered flash call that was not checked the next "
+        "channel starts; null: only when asked (next); default voice.fallback_after_seconds",
+    ),
+]
+
 
 class VerificationCreate(Request):
     phone: Phone
@@ -91,6 +103,34 @@ class VerificationCreate(Request):
         ]
         | None
     ) = None
+    channels: (
+        Annotated[
+            list[Annotated[str, Meta(max_length=MAX_NAME_LENGTH)]],
+            Meta(
+                min_length=1,
+                max_length=MAX_CHANNELS,
+                description="the channels to try, in order: a flash call, a voice call that "
+                'speaks the code; default ["flashcall"]. An unknown one is 422 '
+                "unknown_channel",
+                extra_json_schema={"items": {"enum": [c.value for c in Channel]}},
+            ),
+        ]
+        | None
+    ) = None
+    locale: (
+        Annotated[
+            str,
+            Meta(
+                max_length=MAX_NAME_LENGTH,
+                description="the language the voice call speaks (the gateway's voice.locales, "
+                "such as en or id); default voice.default_locale. An unknown one is 422 "
+                "unknown_locale",
+            ),
+        ]
+        | None
+    ) = None
+    # Absent: the gateway's default; null: never (only when asked).
+    fallback_after_seconds: FallbackAfter | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class Check(Request):
@@ -138,6 +178,7 @@ class CallEvent(Response):
 
 
 class Call(Response):
+    channel: Channel
     status: CallStatus
     outcome: Outcome | None
     hangup_cause: int | None
@@ -163,6 +204,11 @@ class Call(Response):
     ringing_at: Time | None
     ended_at: Time | None
     events: list[CallEvent]
+
+
+class Step(Response):
+    channel: Channel
+    call: Call
 
 
 class CliShape(Response):
@@ -200,7 +246,20 @@ class Verification(Response):
         bool, Meta(description="a configured test number: never called, its code is fixed")
     ]
     cli: CliShape
-    call: Call
+    channels: Annotated[list[Channel], Meta(description="the channels it tries, in order")]
+    locale: Annotated[str | None, Meta(description="the voice call's language; null without one")]
+    fallback_after_seconds: Annotated[
+        int | None,
+        Meta(description="after a delivered call not checked, the next channel starts then"),
+    ]
+    call: Annotated[Call, Meta(description="the latest step's call")]
+    steps: Annotated[list[Step], Meta(description="each channel tried, with its call, in order")]
+    next_channel: Annotated[
+        Channel | None, Meta(description="the channel `next` would start; null after the last")
+    ]
+    next_at: Annotated[
+        Time | None, Meta(description="when the gateway starts the next channel by itself")
+    ]
     webhooks: list[Webhook]
     attempts_remaining: int
     expires_at: Time | None
@@ -278,10 +337,19 @@ class CarrierStats(Totals):
     carrier: str
 
 
+class ChannelStats(Totals):
+    channel: Channel
+    approved: Annotated[int, Meta(description="calls after which their verification was approved")]
+    approval_rate: Annotated[float | None, Meta(description="approved / calls; null without calls")]
+
+
 class Stats(Totals):
     since: Time | None
     until: Time | None
     by_carrier: list[CarrierStats]
+    by_channel: Annotated[
+        list[ChannelStats], Meta(description="flash calls and voice calls apart, each channel")
+    ]
 
 
 class Node(Response):
@@ -373,8 +441,8 @@ class Problem(Response, omit_defaults=True):
             "insufficient_scope, not_found, verification_not_pending, idempotency_conflict, "
             "payload_too_large, unsupported_media_type, invalid_phone, "
             "phone_type_not_allowed, region_not_allowed, destination_blocked, "
-            "number_known_invalid, invalid_callback_url, rate_limited, overloaded, "
-            "pbx_unavailable"
+            "number_known_invalid, invalid_callback_url, unknown_channel, unknown_locale, "
+            "channel_unavailable, no_next_channel, rate_limited, overloaded, pbx_unavailable"
         ),
     ]
     detail: str

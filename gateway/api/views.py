@@ -15,6 +15,7 @@ from gateway.store import (
     CallRecord,
     NumberHealthRecord,
     VerificationRecord,
+    VerificationStatus,
     WebhookRecord,
     WebhookStatus,
 )
@@ -33,9 +34,14 @@ def verification(
     call: CallRecord,
     events: list[CallEventRecord] | None = None,
     webhooks: list[WebhookRecord] | None = None,
+    steps: list[CallRecord] | None = None,
+    step_events: dict[str, list[CallEventRecord]] | None = None,
 ) -> shapes.Verification:
-    """The verification object (docs/api/concepts.md#the-verification-object), with
-    the call's event timeline and the delivery state of its webhooks."""
+    """The verification object (docs/api/concepts.md#the-verification-object): its
+    current call with its event timeline, every step tried (`steps`, the first first;
+    None: the current call alone), and the delivery state of its webhooks."""
+    current = _call(call, events or [])
+    step_events = step_events or {}
     return shapes.Verification(
         id=v.id,
         status=v.status,
@@ -44,29 +50,44 @@ def verification(
         callback_url=v.callback_url,
         sandbox=bool(v.sandbox),
         cli=shapes.CliShape(prefix=v.cli_prefix, length=v.cli_length, pattern=v.cli_pattern),
-        call=shapes.Call(
-            status=call.status,
-            outcome=Outcome(call.outcome) if call.outcome is not None else None,
-            hangup_cause=call.hangup_cause,
-            sip_code=call.sip_code,
-            reason=call.reason,
-            ring_seconds=int(call.ring_seconds),
-            node=call.node,
-            dialed_at=timestamp(call.dialed_at),
-            ringing_at=timestamp(call.ringing_at),
-            ended_at=timestamp(call.ended_at),
-            events=[
-                shapes.CallEvent(
-                    at=timestamp(e.at), kind=e.kind, cause=e.cause, sip_code=e.sip_code
-                )
-                for e in events or []
-            ],
-        ),
+        channels=list(v.channel_list),
+        locale=v.locale,
+        fallback_after_seconds=None if v.fallback_after is None else int(v.fallback_after),
+        call=current,
+        steps=[
+            shapes.Step(
+                channel=step.channel,
+                call=current if step.id == call.id else _call(step, step_events.get(step.id, [])),
+            )
+            for step in (steps or [call])
+        ],
+        next_channel=v.next_channel if v.status is VerificationStatus.PENDING else None,
+        next_at=timestamp(v.next_at) if v.status is VerificationStatus.PENDING else None,
         webhooks=[webhook(w) for w in webhooks or []],
         attempts_remaining=v.attempts_remaining,
         expires_at=timestamp(v.expires_at),
         created_at=timestamp(v.created_at),
         updated_at=timestamp(v.updated_at),
+    )
+
+
+def _call(call: CallRecord, events: list[CallEventRecord]) -> shapes.Call:
+    return shapes.Call(
+        channel=call.channel,
+        status=call.status,
+        outcome=Outcome(call.outcome) if call.outcome is not None else None,
+        hangup_cause=call.hangup_cause,
+        sip_code=call.sip_code,
+        reason=call.reason,
+        ring_seconds=int(call.ring_seconds),
+        node=call.node,
+        dialed_at=timestamp(call.dialed_at),
+        ringing_at=timestamp(call.ringing_at),
+        ended_at=timestamp(call.ended_at),
+        events=[
+            shapes.CallEvent(at=timestamp(e.at), kind=e.kind, cause=e.cause, sip_code=e.sip_code)
+            for e in events
+        ],
     )
 
 

@@ -21,6 +21,7 @@ from gateway.store.records import (
     CallEventRecord,
     CallRecord,
     CallStatus,
+    Channel,
     CheckLimit,
     Idempotency,
     Inserted,
@@ -51,6 +52,7 @@ __all__ = [
     "CallEventRecord",
     "CallRecord",
     "CallStatus",
+    "Channel",
     "CheckLimit",
     "Idempotency",
     "Inserted",
@@ -145,7 +147,21 @@ class Store(Outbox, Protocol):
     ) -> VerificationRecord | Limited | None: ...
     async def reset_check_failures(self, phone: str) -> int: ...
     async def calls_by_key(self, since: float) -> dict[str, int]: ...
-    async def replace_code(self, verification_id: str, code_hash: str, at: float) -> bool: ...
+    async def replace_code(
+        self, verification_id: str, code_hash: str, code_sealed: str | None, at: float
+    ) -> bool: ...
+    async def start_step(
+        self,
+        verification_id: str,
+        call: CallRecord,
+        at: float,
+        limits: tuple[WindowLimit, ...] = (),
+        min_gap: float | None = None,
+    ) -> VerificationRecord | Limited | None: ...
+    async def due_steps(
+        self, now: float, limit: int
+    ) -> list[tuple[VerificationRecord, CallRecord]]: ...
+    async def calls_of(self, verification_id: str) -> list[CallRecord]: ...
     async def set_status(
         self, verification_id: str, status: VerificationStatus, at: float
     ) -> bool: ...
@@ -171,6 +187,7 @@ class Store(Outbox, Protocol):
         health: str | None = None,
         delivered: bool = False,
         uncertain: bool = False,
+        next_at: float | None = None,
     ) -> None: ...
     async def call_events(self, call_id: str) -> list[CallEventRecord]: ...
     async def live_calls(self, owner: str | None = None) -> list[CallRecord]: ...
@@ -202,6 +219,9 @@ class Store(Outbox, Protocol):
     ) -> list[NumberHealthRecord]: ...
     async def reset_number_health(self, phone: str) -> bool: ...
     async def call_stats(self, since: float, until: float) -> list[tuple[str, str, int]]: ...
+    async def channel_stats(
+        self, since: float, until: float
+    ) -> list[tuple[str, str, int, int]]: ...
     async def calls_dialed(self, since: float, until: float, step: float) -> list[int]: ...
     async def ended_by_cause(
         self, since: float, until: float

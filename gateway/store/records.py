@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 
@@ -28,6 +28,13 @@ class CallStatus(enum.StrEnum):
     RINGING = "ringing"
     COMPLETED = "completed"  # it ended delivered, answered or uncertain
     FAILED = "failed"
+
+
+class Channel(enum.StrEnum):
+    """How a verification's code reaches the user."""
+
+    FLASHCALL = "flashcall"  # a missed call whose caller ID carries the code
+    VOICE = "voice"  # a call that speaks the code
 
 
 class WebhookStatus(enum.StrEnum):
@@ -120,10 +127,11 @@ class Replayed:
 class WindowLimit:
     """At most `count` verifications in `seconds` where `column` equals `value`.
 
-    `column` None counts every verification (a global ceiling).
+    `column` None counts every verification (a global ceiling); voice_phone and
+    voice_api_key_id count the voice calls of a phone and of a key.
     """
 
-    column: Literal["phone", "phone_prefix", "api_key_id"] | None
+    column: Literal["phone", "phone_prefix", "api_key_id", "voice_phone", "voice_api_key_id"] | None
     value: str | None
     count: int
     seconds: float
@@ -174,10 +182,29 @@ class VerificationRecord:
     phone_prefix: str | None = None
     failed_checks: int = 0
     sandbox: bool = False
+    # The channels to try, in order, comma-separated (Channel values), and which of them
+    # the current call is (its `step`).
+    channels: str = "flashcall"
+    locale: str | None = None  # the voice call's language
+    fallback_after: float | None = None  # after a delivered call not checked; None: never
+    step: int = 0
+    next_at: float | None = None  # when the gateway starts the next step itself
+    next_asked_at: float | None = None  # the client's last `next`
+    code_sealed: str | None = None  # the code, sealed (gateway.seal), if a voice step may speak it
 
     def __post_init__(self) -> None:
         # A row's status is text; the record's is the enum.
         object.__setattr__(self, "status", VerificationStatus(self.status))
+
+    @property
+    def channel_list(self) -> tuple[Channel, ...]:
+        return tuple(Channel(c) for c in self.channels.split(","))
+
+    @property
+    def next_channel(self) -> Channel | None:
+        """The channel the next step would use; None after the last."""
+        channels = self.channel_list
+        return channels[self.step + 1] if self.step + 1 < len(channels) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,9 +238,12 @@ class CallRecord:
     ended_at: float | None = None
     owner: str | None = None  # the instance that places and follows it (instance.name)
     node: str | None = None  # the Asterisk node it is placed on
+    channel: Channel = Channel.FLASHCALL
+    step: int = 0  # its place in its verification's channels
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", CallStatus(self.status))
+        object.__setattr__(self, "channel", Channel(self.channel))
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,8 +261,10 @@ class Snapshot:
     event's data, kept with the event so that it says what was true when it happened."""
 
     verification: VerificationRecord
-    call: CallRecord
+    call: CallRecord  # the current step's
     events: list[CallEventRecord]
+    # Every step's call, the first first; empty in snapshots from before steps (one call).
+    steps: list[CallRecord] = field(default_factory=list)
 
     def encode(self) -> str:
         return json.dumps(
@@ -240,16 +272,18 @@ class Snapshot:
                 values_of(self.verification),
                 values_of(self.call),
                 [values_of(event) for event in self.events],
+                [values_of(call) for call in self.steps],
             ]
         )
 
     @classmethod
     def decode(cls, text: str) -> Snapshot:
-        verification, call, events = json.loads(text)
+        verification, call, events, *steps = json.loads(text)
         return cls(
             VerificationRecord(*verification),
             CallRecord(*call),
             [CallEventRecord(*event) for event in events],
+            [CallRecord(*step) for step in (steps[0] if steps else [])],
         )
 
 

@@ -207,6 +207,74 @@ SQLITE: tuple[str, ...] = (
     """
     ALTER TABLE webhook_outbox ADD COLUMN snapshot TEXT;
     """,
+    # 12: a verification tries its channels in order (flashcall, voice): one call per
+    # step, so calls.verification_id is no longer unique; (verification_id, step) is.
+    # The verification says which step is current, when the next one is due and, for a
+    # verification with a voice step, its code sealed (gateway.seal): the voice call
+    # speaks it, maybe long after the caller ID that carried it was given back.
+    # SQLite cannot drop a UNIQUE constraint: calls is made anew. With foreign keys on
+    # (always, here) dropping a parent of rows fails and renaming a table rewrites the
+    # references to it, so call_events is made anew too, referencing the new calls.
+    """
+    ALTER TABLE verifications ADD COLUMN channels TEXT NOT NULL DEFAULT 'flashcall';
+    ALTER TABLE verifications ADD COLUMN locale TEXT;
+    ALTER TABLE verifications ADD COLUMN fallback_after REAL;
+    ALTER TABLE verifications ADD COLUMN step INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE verifications ADD COLUMN next_at REAL;
+    ALTER TABLE verifications ADD COLUMN next_asked_at REAL;
+    ALTER TABLE verifications ADD COLUMN code_sealed TEXT;
+    CREATE INDEX verifications_next_due ON verifications (next_at) WHERE next_at IS NOT NULL;
+    CREATE TABLE calls_new (
+        id TEXT PRIMARY KEY,                -- the ChannelId given to Originate
+        verification_id TEXT NOT NULL REFERENCES verifications (id),
+        status TEXT NOT NULL,
+        dial_number TEXT NOT NULL,
+        ring_seconds REAL NOT NULL,
+        outcome TEXT,
+        hangup_cause INTEGER,
+        sip_code INTEGER,
+        reason TEXT,
+        queued_at REAL NOT NULL,
+        dialed_at REAL,
+        ringing_at REAL,
+        ended_at REAL,
+        owner TEXT,
+        node TEXT,
+        channel TEXT NOT NULL DEFAULT 'flashcall',  -- flashcall | voice
+        step INTEGER NOT NULL DEFAULT 0,    -- its place in the verification's channels
+        UNIQUE (verification_id, step)
+    );
+    INSERT INTO calls_new (id, verification_id, status, dial_number, ring_seconds, outcome,
+                           hangup_cause, sip_code, reason, queued_at, dialed_at, ringing_at,
+                           ended_at, owner, node)
+        SELECT id, verification_id, status, dial_number, ring_seconds, outcome,
+               hangup_cause, sip_code, reason, queued_at, dialed_at, ringing_at,
+               ended_at, owner, node FROM calls;
+    CREATE TABLE call_events_new (
+        call_id TEXT NOT NULL REFERENCES calls_new (id),
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        cause INTEGER,
+        sip_code INTEGER
+    );
+    INSERT INTO call_events_new (call_id, at, kind, cause, sip_code)
+        SELECT call_id, at, kind, cause, sip_code FROM call_events ORDER BY rowid;
+    DROP TABLE call_events;
+    DROP TABLE calls;
+    ALTER TABLE calls_new RENAME TO calls;
+    ALTER TABLE call_events_new RENAME TO call_events;
+    CREATE INDEX call_events_by_call ON call_events (call_id, at);
+    CREATE INDEX calls_live ON calls (status) WHERE status IN ('queued', 'dialing', 'ringing');
+    CREATE INDEX calls_by_end ON calls (ended_at);
+    CREATE INDEX calls_live_by_owner ON calls (owner)
+        WHERE status IN ('queued', 'dialing', 'ringing');
+    CREATE TABLE voice_usage (              -- voice calls per API key and minute
+        api_key_id TEXT NOT NULL,
+        minute INTEGER NOT NULL,
+        calls INTEGER NOT NULL,
+        PRIMARY KEY (api_key_id, minute)
+    ) WITHOUT ROWID;
+    """,
 )
 
 
@@ -398,5 +466,28 @@ POSTGRESQL: tuple[str, ...] = (
     # 11: a webhook event's snapshot (see SQLITE[10]).
     """
     ALTER TABLE webhook_outbox ADD COLUMN snapshot TEXT;
+    """,
+    # 12: a verification's steps, one call each (see SQLITE[11]).
+    """
+    ALTER TABLE verifications
+        ADD COLUMN channels TEXT NOT NULL DEFAULT 'flashcall',
+        ADD COLUMN locale TEXT,
+        ADD COLUMN fallback_after DOUBLE PRECISION,
+        ADD COLUMN step INTEGER NOT NULL DEFAULT 0,
+        ADD COLUMN next_at DOUBLE PRECISION,
+        ADD COLUMN next_asked_at DOUBLE PRECISION,
+        ADD COLUMN code_sealed TEXT;
+    CREATE INDEX verifications_next_due ON verifications (next_at) WHERE next_at IS NOT NULL;
+    ALTER TABLE calls
+        ADD COLUMN channel TEXT NOT NULL DEFAULT 'flashcall',
+        ADD COLUMN step INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE calls DROP CONSTRAINT calls_verification_id_key;
+    ALTER TABLE calls ADD CONSTRAINT calls_verification_id_step_key UNIQUE (verification_id, step);
+    CREATE TABLE voice_usage (
+        api_key_id TEXT NOT NULL,
+        minute INTEGER NOT NULL,
+        calls INTEGER NOT NULL,
+        PRIMARY KEY (api_key_id, minute)
+    );
     """,
 )

@@ -95,8 +95,14 @@ _LIMIT_NAMES = {
     "phone": "phone",
     "phone_prefix": "phone_prefix",
     "api_key_id": "api_key_daily",
+    "voice_phone": "voice_phone",
+    "voice_api_key_id": "voice_api_key_daily",
     None: "global",
 }
+# The per-minute counts each key budget reads (WindowLimit.column).
+_USAGE_TABLES = {"api_key_id": "key_usage", "voice_api_key_id": "voice_usage"}
+# A verification and its current call (the step it is at).
+_CURRENT_CALL = "c.verification_id = v.id AND c.step = v.step"
 
 
 @functools.cache
@@ -133,7 +139,7 @@ async def _enqueue(tx: Tx, verification_id: str, kind: str, at: float) -> None:
     verification, its call and the call's timeline as they are now (a Snapshot)."""
     row = await tx.fetchone(
         f"SELECT {_V_COLS_OF_V}, {_C_COLS_OF_C} FROM verifications v "
-        "JOIN calls c ON c.verification_id = v.id "
+        f"JOIN calls c ON {_CURRENT_CALL} "
         "WHERE v.id = ? AND v.callback_url IS NOT NULL",
         (verification_id,),
     )
@@ -141,6 +147,7 @@ async def _enqueue(tx: Tx, verification_id: str, kind: str, at: float) -> None:
         return
     split = len(fields(VerificationRecord))
     verification, call = VerificationRecord(*row[:split]), CallRecord(*row[split:])
+    steps = await _calls_of(tx, verification_id) if verification.step else [call]
     events = [
         CallEventRecord(*event)
         for event in await tx.fetchall(
@@ -159,9 +166,18 @@ async def _enqueue(tx: Tx, verification_id: str, kind: str, at: float) -> None:
             kind,
             at,
             at,
-            Snapshot(verification, call, events).encode(),
+            Snapshot(verification, call, events, steps).encode(),
         ),
     )
+
+
+async def _calls_of(tx: Tx, verification_id: str) -> list[CallRecord]:
+    """A verification's calls, one per step, the first first."""
+    rows = await tx.fetchall(
+        f"SELECT {_C_COLS} FROM calls WHERE verification_id = ? ORDER BY step",
+        (verification_id,),
+    )
+    return [CallRecord(*row) for row in rows]
 
 
 async def _add_event(
@@ -213,6 +229,13 @@ async def _window_full(
             "ORDER BY created_at DESC LIMIT 1 OFFSET ?",
             (limit.value, limit.count - 1),
         )
+    elif limit.column == "voice_phone":
+        row = await tx.fetchone(
+            "SELECT c.queued_at FROM verifications v JOIN calls c ON c.verification_id = v.id "
+            "WHERE v.phone = ? AND NOT v.sandbox AND c.channel = 'voice' "
+            "ORDER BY c.queued_at DESC LIMIT 1 OFFSET ?",
+            (limit.value, limit.count - 1),
+        )
     elif seqs is not None:
         overall, in_prefix = seqs
         if limit.column is None and overall > limit.count:
@@ -232,13 +255,15 @@ async def _window_full(
 
 
 async def _key_usage_full(tx: Tx, limit: WindowLimit, at: float) -> float | None:
-    """Seconds until the key may call again, or None when its window has room.
+    """Seconds until the key may call again (any call, or a voice call: the limit's
+    column), or None when its window has room.
 
     Counted by minute: a call made in the window's first minute counts for the whole
     minute, so the budget errs by at most a minute's calls towards refusing."""
     first = int((at - limit.seconds) // 60) + 1
+    table = _USAGE_TABLES[str(limit.column)]
     rows = await tx.fetchall(
-        "SELECT minute, calls FROM key_usage WHERE api_key_id = ? AND minute >= ? ORDER BY minute",
+        f"SELECT minute, calls FROM {table} WHERE api_key_id = ? AND minute >= ? ORDER BY minute",
         (limit.value, first),
     )
     used = sum(calls for _, calls in rows)
@@ -282,20 +307,36 @@ async def _check_limits_full(
     return None
 
 
-async def _count_key_usage(tx: Tx, api_key_id: str, at: float) -> None:
+async def _count_key_usage(tx: Tx, api_key_id: str, at: float, table: str = "key_usage") -> None:
+    """One more call of the key this minute, in `table` (key_usage: every call;
+    voice_usage: voice calls)."""
     minute = int(at // 60)
     row = await tx.fetchone(
-        "INSERT INTO key_usage (api_key_id, minute, calls) VALUES (?, ?, 1) "
-        "ON CONFLICT (api_key_id, minute) DO UPDATE SET calls = key_usage.calls + 1 "
+        f"INSERT INTO {table} (api_key_id, minute, calls) VALUES (?, ?, 1) "
+        f"ON CONFLICT (api_key_id, minute) DO UPDATE SET calls = {table}.calls + 1 "
         "RETURNING calls",
         (api_key_id, minute),
     )
     if row is not None and row[0] == 1:
         # Once a minute per key: forget the minutes no window looks at (a day).
         await tx.execute(
-            "DELETE FROM key_usage WHERE api_key_id = ? AND minute < ?",
+            f"DELETE FROM {table} WHERE api_key_id = ? AND minute < ?",
             (api_key_id, minute - 2 * 1440),
         )
+
+
+async def _limited(
+    tx: Tx, limits: tuple[WindowLimit, ...], at: float, seqs: tuple[int, int | None] | None
+) -> Limited | None:
+    """The first of `limits` with no room for one more at `at`, else None."""
+    for limit in limits:
+        if limit.column in _USAGE_TABLES:
+            retry_after = await _key_usage_full(tx, limit, at)
+        else:
+            retry_after = await _window_full(tx, limit, at, seqs)
+        if retry_after is not None:
+            return Limited(retry_after, _LIMIT_NAMES[limit.column])
+    return None
 
 
 class SqlStore(abc.ABC):
@@ -425,19 +466,15 @@ class SqlStore(abc.ABC):
                 if row is not None:
                     return KnownInvalid(*row)
             seqs = None if verification.sandbox else await _next_seqs(tx, verification.phone_prefix)
-            for limit in limits:
-                if limit.column == "api_key_id":
-                    retry_after = await _key_usage_full(tx, limit, verification.created_at)
-                else:
-                    retry_after = await _window_full(tx, limit, verification.created_at, seqs)
-                if retry_after is not None:
-                    return Limited(retry_after, _LIMIT_NAMES[limit.column])
+            limited = await _limited(tx, limits, verification.created_at, seqs)
+            if limited is not None:
+                return limited
             superseded = [
                 (vid, cid if status in LIVE_CALL_STATUSES else None)
                 for vid, cid, status in await tx.fetchall(
                     "SELECT v.id, c.id, c.status FROM verifications v "
                     "INDEXED BY verifications_pending_by_phone "
-                    "LEFT JOIN calls c ON c.verification_id = v.id "
+                    f"LEFT JOIN calls c ON {_CURRENT_CALL} "
                     "WHERE v.phone = ? AND v.api_key_id = ? AND v.status = 'pending'",
                     (verification.phone, verification.api_key_id),
                 )
@@ -465,6 +502,10 @@ class SqlStore(abc.ABC):
                 await _enqueue(tx, verification.id, "verification.delivered", call.queued_at)
             else:
                 await _count_key_usage(tx, verification.api_key_id, verification.created_at)
+                if call.channel == "voice":
+                    await _count_key_usage(
+                        tx, verification.api_key_id, verification.created_at, "voice_usage"
+                    )
             if idempotency is not None:
                 await tx.execute(
                     "INSERT INTO idempotency_keys "
@@ -568,7 +609,7 @@ class SqlStore(abc.ABC):
     ) -> tuple[VerificationRecord, CallRecord] | None:
         row = await self._fetchone(
             f"SELECT {_V_COLS_OF_V}, {_C_COLS_OF_C} FROM verifications v "
-            f"JOIN calls c ON c.verification_id = v.id WHERE {where}",
+            f"JOIN calls c ON {_CURRENT_CALL} WHERE {where}",
             args,
             quick=True,
         )
@@ -663,16 +704,91 @@ class SqlStore(abc.ABC):
         )
         return {str(key): int(n) for key, n in rows}
 
-    async def replace_code(self, verification_id: str, code_hash: str, at: float) -> bool:
-        """A queued call resumed after a restart shows a new caller ID: its code's hash."""
+    async def replace_code(
+        self, verification_id: str, code_hash: str, code_sealed: str | None, at: float
+    ) -> bool:
+        """A queued call resumed after a restart shows a new caller ID: its code's hash
+        (and the code sealed, for a verification a voice step may speak)."""
         changed = await self._write(
             lambda tx: tx.execute(
-                "UPDATE verifications SET code_hash = ?, updated_at = ? "
+                "UPDATE verifications SET code_hash = ?, code_sealed = ?, updated_at = ? "
                 "WHERE id = ? AND status = 'pending'",
-                (code_hash, at, verification_id),
+                (code_hash, code_sealed, at, verification_id),
             )
         )
         return changed == 1
+
+    async def start_step(
+        self,
+        verification_id: str,
+        call: CallRecord,
+        at: float,
+        limits: tuple[WindowLimit, ...] = (),
+        min_gap: float | None = None,
+    ) -> VerificationRecord | Limited | None:
+        """Move a pending verification on to `call.step` (the step after its current
+        one), storing `call`, queued; the verification as it is then. None when it is
+        no longer pending or another gateway moved it on first.
+
+        With `min_gap` the client asked (`next`): refused (Limited) when it asked less
+        than `min_gap` seconds ago. `limits` are looked at as a create's are, under
+        CREATE_LOCK."""
+
+        async def start(tx: Tx) -> VerificationRecord | Limited | None:
+            await tx.lock(CREATE_LOCK)
+            row = await tx.fetchone(
+                "SELECT step, next_asked_at, api_key_id FROM verifications "
+                "WHERE id = ? AND status = 'pending'",
+                (verification_id,),
+            )
+            if row is None or row[0] != call.step - 1:
+                return None
+            if min_gap is not None and row[1] is not None and at - row[1] < min_gap:
+                return Limited(row[1] + min_gap - at, "next_gap")
+            limited = await _limited(tx, limits, at, None)
+            if limited is not None:
+                if min_gap is None:  # due by itself: it will not be, again
+                    await tx.execute(
+                        "UPDATE verifications SET next_at = NULL WHERE id = ?", (verification_id,)
+                    )
+                return limited
+            await tx.execute(
+                f"INSERT INTO calls ({_C_COLS}) VALUES ({_placeholders(CallRecord)})",
+                values_of(call),
+            )
+            await _add_event(tx, call.id, at, f"step:{call.channel}")
+            if call.channel == "voice" and call.reason != "sandbox":  # a test number's: free
+                await _count_key_usage(tx, row[2], at, "voice_usage")
+            await tx.execute(
+                "UPDATE verifications SET step = ?, next_at = NULL, updated_at = ?, "
+                "next_asked_at = COALESCE(?, next_asked_at) WHERE id = ?",
+                (call.step, at, at if min_gap is not None else None, verification_id),
+            )
+            found = await tx.fetchone(
+                f"SELECT {_V_COLS} FROM verifications WHERE id = ?", (verification_id,)
+            )
+            assert found is not None
+            return VerificationRecord(*found)
+
+        return await self._write(start, quick=True)
+
+    async def due_steps(
+        self, now: float, limit: int
+    ) -> list[tuple[VerificationRecord, CallRecord]]:
+        """Pending verifications whose next step is due (next_at passed), the most
+        overdue first, with their current calls."""
+        rows = await self._fetchall(
+            f"SELECT {_V_COLS_OF_V}, {_C_COLS_OF_C} FROM verifications v "
+            f"JOIN calls c ON {_CURRENT_CALL} "
+            "WHERE v.next_at <= ? AND v.status = 'pending' ORDER BY v.next_at LIMIT ?",
+            (now, limit),
+        )
+        split = len(fields(VerificationRecord))
+        return [(VerificationRecord(*row[:split]), CallRecord(*row[split:])) for row in rows]
+
+    async def calls_of(self, verification_id: str) -> list[CallRecord]:
+        """A verification's calls, one per step tried, the first first."""
+        return await self._run(lambda tx: _calls_of(tx, verification_id), quick=True)
 
     async def set_status(self, verification_id: str, status: VerificationStatus, at: float) -> bool:
         """Move a pending verification to `status`; False when it was not pending."""
@@ -758,8 +874,13 @@ class SqlStore(abc.ABC):
         health: str | None = None,
         delivered: bool = False,
         uncertain: bool = False,
+        next_at: float | None = None,
     ) -> None:
-        """Close a call with its outcome; fail its verification if asked.
+        """Close a call with its outcome; fail its verification if asked, or with
+        `next_at`, have its next step start then instead (Verifications.start_due).
+
+        Only the verification's current step decides its fate: a call the client moved
+        past (`next`) ends without changing it.
 
         A call that was dialed also updates its number's health: `health` is what the
         outcome says of the number (None: nothing), `delivered` whether it alerted,
@@ -772,31 +893,42 @@ class SqlStore(abc.ABC):
             row = await tx.fetchone(
                 "UPDATE calls SET status = ?, outcome = ?, hangup_cause = ?, sip_code = ?, "
                 "reason = ?, ended_at = ? "
-                "WHERE id = ? AND ended_at IS NULL RETURNING verification_id",
+                "WHERE id = ? AND ended_at IS NULL RETURNING verification_id, step",
                 (call_status, outcome, cause, sip_code, reason, at, call_id),
             )
             if row is None:
                 return False
             failed = False
             await _add_event(tx, call_id, at, f"ended:{outcome}", cause, sip_code)
-            if fail_verification:
+            if next_at is not None:
+                await tx.execute(
+                    "UPDATE verifications SET next_at = ?, updated_at = ? "
+                    "WHERE id = ? AND status = 'pending' AND step = ?",
+                    (next_at, at, row[0], row[1]),
+                )
+            if fail_verification and next_at is None:
                 failed = (
                     await tx.execute(
                         "UPDATE verifications SET status = 'failed', updated_at = ? "
-                        "WHERE id = ? AND status = 'pending'",
-                        (at, row[0]),
+                        "WHERE id = ? AND status = 'pending' AND step = ?",
+                        (at, row[0], row[1]),
                     )
                     == 1
                 )
                 if failed:
                     await _enqueue(tx, row[0], STATUS_EVENTS[VerificationStatus.FAILED], at)
-            elif delivered:
-                await _enqueue(tx, row[0], "verification.delivered", at)
-            elif uncertain and await tx.fetchone(
-                "SELECT 1 FROM verifications WHERE id = ? AND status = 'pending'", (row[0],)
+            elif (delivered or uncertain) and await tx.fetchone(
+                "SELECT 1 FROM verifications WHERE id = ? AND step = ?", (row[0], row[1])
             ):
-                # Only news while the code may still be typed (not after approval).
-                await _enqueue(tx, row[0], "verification.delivery_uncertain", at)
+                # News of the current step only: a call the client moved past (`next`)
+                # would report the next step's call as delivered.
+                if delivered:
+                    await _enqueue(tx, row[0], "verification.delivered", at)
+                elif await tx.fetchone(
+                    "SELECT 1 FROM verifications WHERE id = ? AND status = 'pending'", (row[0],)
+                ):
+                    # Only news while the code may still be typed (not after approval).
+                    await _enqueue(tx, row[0], "verification.delivery_uncertain", at)
             dialed = (
                 await tx.fetchone(
                     "SELECT v.phone FROM calls c JOIN verifications v ON v.id = c.verification_id "
@@ -849,8 +981,8 @@ class SqlStore(abc.ABC):
             claimed = await tx.execute(
                 "UPDATE calls SET status = 'dialing', dialed_at = ?, owner = ?, node = ? "
                 "WHERE id = ? AND status = 'queued' AND (owner = ? OR owner IS NULL) "
-                "AND EXISTS (SELECT 1 FROM verifications v "
-                "WHERE v.id = calls.verification_id AND v.status = 'pending')",
+                "AND EXISTS (SELECT 1 FROM verifications v WHERE v.id = calls.verification_id "
+                "AND v.status = 'pending' AND v.step = calls.step)",
                 (at, owner, node, call_id, owner),
             )
             if claimed == 1:
@@ -1099,6 +1231,20 @@ class SqlStore(abc.ABC):
             (since, until, CANCELED),
         )
         return [(str(carrier), str(outcome), int(n)) for carrier, outcome, n in rows]
+
+    async def channel_stats(self, since: float, until: float) -> list[tuple[str, str, int, int]]:
+        """(channel, outcome, calls, approved) for dialed calls that ended in [since,
+        until), as call_stats counts them; `approved`: those whose verification was
+        approved while the call was its current step (the code it carried was typed)."""
+        rows = await self._fetchall(
+            "SELECT c.channel, c.outcome, COUNT(*), "
+            "SUM(CASE WHEN v.status = 'approved' AND v.step = c.step THEN 1 ELSE 0 END) "
+            "FROM calls c JOIN verifications v ON v.id = c.verification_id "
+            "WHERE c.ended_at >= ? AND c.ended_at < ? AND c.dialed_at IS NOT NULL "
+            "AND (c.reason IS NULL OR c.reason <> ?) GROUP BY 1, 2 ORDER BY 1, 2",
+            (since, until, CANCELED),
+        )
+        return [(str(ch), str(outcome), int(n), int(ok or 0)) for ch, outcome, n, ok in rows]
 
     async def call_events(self, call_id: str) -> list[CallEventRecord]:
         rows = await self._fetchall(

@@ -82,6 +82,8 @@ shown.bars = [...document.querySelectorAll("#calls-chart rect.bar")].map(
 const cells = (row, fields) => fields.map((f) => text(row, `[data-field="${f}"]`));
 shown.carriers = [...document.querySelectorAll("#carriers tbody tr[data-carrier]")].map(
   (row) => [row.dataset.carrier, ...cells(row, ["calls", "delivered", "delivery-rate"])]);
+shown.channels = [...document.querySelectorAll("#channels tbody tr[data-channel]")].map(
+  (row) => [row.dataset.channel, ...cells(row, ["calls", "delivered", "approved"])]);
 shown.causes = [...document.querySelectorAll("#causes tbody tr[data-outcome]")].map(
   (row) => [row.dataset.outcome, row.dataset.cause, ...cells(row, ["calls"])]);
 shown.nodes = [...document.querySelectorAll("#nodes tbody tr[data-node]")].map(
@@ -106,6 +108,7 @@ class Page:
         shown: dict[str, Any] = self.driver.execute_script(SNAPSHOT_JS)
         shown["carriers"] = {c: (n, d, r) for c, n, d, r in shown["carriers"]}
         shown["causes"] = {(o, c): n for o, c, n in shown["causes"]}
+        shown["channels"] = {c: (n, d, a) for c, n, d, a in shown["channels"]}
         return shown
 
     def wait(self, what: str, condition: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
@@ -213,6 +216,11 @@ async def test_dashboard_shows_the_calls_placed_and_updates_live(
     assert shown["delivery-rate"] == rate(delivered, placed) == "60.0%", shown
     assert (shown["delivered"], shown["calls-window"]) == (str(delivered), str(placed)), shown
     assert shown["carriers"] == expected_carriers, shown
+    # Every call a flash call, none approved (no code was checked); no voice call.
+    assert shown["channels"] == {
+        "flashcall": (str(placed), str(delivered), "0"),
+        "voice": ("0", "0", "0"),
+    }, shown
     assert shown["causes"] == expected_causes, shown
     assert shown["causes"][("busy", "17")] == "1"
     assert shown["causes"][("invalid_number", "1")] == "1"

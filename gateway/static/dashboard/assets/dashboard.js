@@ -9,7 +9,7 @@
   const SVG = "http://www.w3.org/2000/svg";
   // The chart's geometry, in viewBox units (the svg's viewBox is 0 0 760 190).
   const CHART = { width: 760, height: 190, left: 40, right: 8, top: 12, bottom: 26 };
-  const DELIVERED = new Set(["delivered", "answered"]);
+  const DELIVERED = new Set(["delivered", "answered", "spoken"]);
   // Only early media, then the ring timer: maybe rang behind a ringback tone, maybe not.
   const UNCERTAIN = new Set(["progress_only"]);
 
@@ -135,6 +135,23 @@
     byId("carriers").tBodies[0].replaceChildren(...(rows.length ? rows : [emptyRow(5, "No calls ended in the last hour")]));
   }
 
+  // A flash call delivers when the phone rings; a voice call when the code is said.
+  function renderChannels(channels) {
+    const rows = channels.map((channel) => {
+      const row = element("tr", { "data-channel": channel.channel });
+      row.append(
+        element("td", { "data-field": "channel" }, channel.channel === "flashcall" ? "flash call" : "voice call"),
+        element("td", { class: "num", "data-field": "calls" }, count.format(channel.calls)),
+        element("td", { class: "num", "data-field": "delivered" }, count.format(channel.delivered)),
+        element("td", { class: "num", "data-field": "delivery-rate" }, rate(channel.delivery_rate)),
+        element("td", { class: "num", "data-field": "approved" }, count.format(channel.approved)),
+        element("td", { class: "num", "data-field": "approval-rate" }, rate(channel.approval_rate)),
+      );
+      return row;
+    });
+    byId("channels").tBodies[0].replaceChildren(...rows);
+  }
+
   function renderCauses(causes, total) {
     const rows = causes.map((entry) => {
       const cause = entry.hangup_cause === null ? "none" : String(entry.hangup_cause);
@@ -220,6 +237,7 @@
     setText("calls-window", count.format(data.window.calls));
     renderChart(minutes);
     renderCarriers(data.window.by_carrier);
+    renderChannels(data.window.by_channel);
     renderCauses(data.window.by_cause, data.window.calls);
     renderNodes(data.nodes);
     renderInstances(data.instances);
