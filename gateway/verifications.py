@@ -719,13 +719,15 @@ class Verifications:
                         "verification is failed", verification_status=VerificationStatus.FAILED
                     ) from None
                 return False
+        # A flash call rings as the one before it did (the request's ring_seconds); after
+        # a voice call, whose ring time is voice.ring_seconds, as configured.
+        ring_seconds = (
+            current.ring_seconds
+            if current.channel is Channel.FLASHCALL
+            else self._config.calls.ring_seconds
+        )
         call = self._new_call(
-            verification,
-            channel,
-            verification.step + 1,
-            current.dial_number,
-            current.ring_seconds,
-            now,
+            verification, channel, verification.step + 1, current.dial_number, ring_seconds, now
         )
         limits = (
             self._voice_limits(verification)

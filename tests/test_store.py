@@ -1472,6 +1472,36 @@ async def test_due_steps_are_the_pending_ones_whose_time_came_with_their_current
     assert await store.due_steps(T0 + 30, 10) == due[:1]
 
 
+async def test_a_verification_that_leaves_pending_drops_its_due_step(store: Store) -> None:
+    """Approved, canceled, expired, superseded or out of attempts: its next step will
+    never start, and no sweep reads it again (the partial index keeps only due rows)."""
+    for n in range(5):
+        await create_steps(store, n, phone=PHONES[n], channels="flashcall,voice")
+        await end_step(store, f"call_{n}", T0 + 20, next_at=T0 + 25)
+    assert await store.spend_attempt("vrf_0", True, T0 + 21) is not None  # approved
+    assert await store.set_status("vrf_1", "canceled", T0 + 21)
+    for _ in range(5):  # max_attempts_reached at the last wrong code
+        await store.spend_attempt("vrf_2", False, T0 + 21)
+    assert await store.spend_attempt("vrf_3", False, T0 + 21) is not None  # still pending
+    newer = verification("vrf_9", phone=PHONES[4], api_key_id="key_1", created_at=T0 + 22)
+    superseding = await store.create_verification(newer, make_call("call_9", "vrf_9"))
+    assert superseding == Inserted([("vrf_4", None)])  # its call had ended
+
+    ids = ("vrf_0", "vrf_1", "vrf_2", "vrf_3", "vrf_4")
+    rows = {v: await store.verification(v) for v in ids}
+    assert {v: (r[0].status, r[0].next_at) for v, r in rows.items() if r} == {
+        "vrf_0": ("approved", None),
+        "vrf_1": ("canceled", None),
+        "vrf_2": ("max_attempts_reached", None),
+        "vrf_3": ("pending", T0 + 25),
+        "vrf_4": ("canceled", None),
+    }
+    assert await store.expire_due(T0 + 10_000) == ["vrf_3", "vrf_9"]
+    assert await store.due_steps(T0 + 10_000, 10) == []
+    found = await store.verification("vrf_3")
+    assert found is not None and (found[0].status, found[0].next_at) == ("expired", None)
+
+
 async def test_a_verification_is_read_with_its_latest_steps_call(store: Store) -> None:
     _, first = await create_steps(store, 1, channels="flashcall,voice,flashcall")
     second = step_call(1, 1, T0 + 30)

@@ -953,6 +953,24 @@ async def test_a_failed_flash_call_is_followed_at_once_by_a_voice_call_saying_it
     assert result.valid and result.verification.status == "approved"
 
 
+async def test_a_flash_call_after_a_voice_call_shows_its_code_and_rings_as_configured(
+    make_domain: DomainFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(verifications_module, "STEPS_POLL_S", 10 * WAIT_S)
+    domain = await make_domain(voice=VOICE, steps=True)  # the last digit 3: busy, both
+    verification = await domain.create(fresh_mobile("3"), channels=("voice", "flashcall"))
+    voice = await domain.dial_of(verification)
+    assert voice.speech is not None
+
+    flash_call = await domain.until_call(verification, lambda call: call.channel == "flashcall")
+    flash = await domain.dial_of(verification)
+    # The caller ID carries the code the voice call said: one code for the verification.
+    assert flash.speech is None
+    assert flash.caller_id[-verification.cli_length :] == voice.speech.code
+    # Not the voice call's ring time (voice.ring_seconds): the flash calls' own (1 s).
+    assert (voice.timeout_seconds > flash.timeout_seconds, flash_call.ring_seconds) == (True, 1)
+
+
 async def test_a_voice_call_follows_a_delivered_flash_call_after_fallback_after(
     voice_domain: Domain,
 ) -> None:

@@ -481,7 +481,8 @@ class SqlStore(abc.ABC):
             ]
             for vid, _ in superseded:
                 await tx.execute(
-                    "UPDATE verifications SET status = 'canceled', updated_at = ? WHERE id = ?",
+                    "UPDATE verifications SET status = 'canceled', updated_at = ?, next_at = NULL "
+                    "WHERE id = ?",
                     (verification.created_at, vid),
                 )
                 await _enqueue(
@@ -656,9 +657,10 @@ class SqlStore(abc.ABC):
                 "failed_checks = failed_checks + CASE WHEN ? THEN 0 ELSE 1 END, "
                 "status = CASE WHEN ? THEN 'approved' "
                 "WHEN attempts_remaining <= 1 THEN 'max_attempts_reached' ELSE status END, "
+                "next_at = CASE WHEN ? OR attempts_remaining <= 1 THEN NULL ELSE next_at END, "
                 "updated_at = ? "
                 f"WHERE id = ? AND status = 'pending' AND expires_at > ? RETURNING {_V_COLS}",
-                (approve, approve, approve, at, verification_id, at),
+                (approve, approve, approve, approve, at, verification_id, at),
             )
             record = VerificationRecord(*row) if row else None
             if record is not None and record.status in STATUS_EVENTS:
@@ -796,7 +798,7 @@ class SqlStore(abc.ABC):
         async def update(tx: Tx) -> bool:
             changed = (
                 await tx.execute(
-                    "UPDATE verifications SET status = ?, updated_at = ? "
+                    "UPDATE verifications SET status = ?, updated_at = ?, next_at = NULL "
                     "WHERE id = ? AND status = 'pending'",
                     (status, at, verification_id),
                 )
@@ -818,7 +820,7 @@ class SqlStore(abc.ABC):
             expired = [
                 str(row[0])
                 for row in await tx.fetchall(
-                    "UPDATE verifications SET status = 'expired', updated_at = ? "
+                    "UPDATE verifications SET status = 'expired', updated_at = ?, next_at = NULL "
                     "WHERE status = 'pending' AND expires_at <= ? RETURNING id",
                     (now, now),
                 )
@@ -909,8 +911,8 @@ class SqlStore(abc.ABC):
             if fail_verification and next_at is None:
                 failed = (
                     await tx.execute(
-                        "UPDATE verifications SET status = 'failed', updated_at = ? "
-                        "WHERE id = ? AND status = 'pending' AND step = ?",
+                        "UPDATE verifications SET status = 'failed', updated_at = ?, "
+                        "next_at = NULL WHERE id = ? AND status = 'pending' AND step = ?",
                         (at, row[0], row[1]),
                     )
                     == 1
