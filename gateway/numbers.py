@@ -14,7 +14,7 @@ from gateway import phones
 from gateway.config import Config, NumbersConfig
 from gateway.errors import InvalidRequest
 from gateway.outcomes import DELIVERED_OUTCOMES, UNCERTAIN_OUTCOMES, Health, Outcome
-from gateway.store import Channel, NumberHealthRecord, Store
+from gateway.store import Channel, CheckSource, NumberHealthRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,9 @@ class Numbers:
         for carrier, outcome, count in rows:
             by_outcome[outcome] = by_outcome.get(outcome, 0) + count
             carriers.setdefault(carrier, _no_outcomes())[outcome] += count
+        sources: dict[str, collections.Counter[str]] = {}
+        for carrier, source, count in await self._store.source_stats(since, until):
+            sources.setdefault(carrier, collections.Counter())[source or "unspecified"] += count
         channels: dict[str, dict[str, int]] = {c.value: _no_outcomes() for c in Channel}
         approved: collections.Counter[str] = collections.Counter()
         for channel, outcome, count, approvals in await self._store.channel_stats(since, until):
@@ -129,11 +132,13 @@ class Numbers:
             approved[channel] += approvals
         return {
             **_totals(by_outcome),
+            "approved_by_source": _sources(sum(sources.values(), collections.Counter())),
             "by_outcome": by_outcome,
             "by_carrier": [
                 {
                     "carrier": carrier,
                     **_totals(outcomes),
+                    "approved_by_source": _sources(sources.get(carrier, collections.Counter())),
                     "by_outcome": {o: n for o, n in outcomes.items() if n},  # e.g. network_answer
                 }
                 for carrier, outcomes in sorted(
@@ -155,6 +160,17 @@ class Numbers:
                 for channel, outcomes in channels.items()
             ],
         }
+
+
+def _sources(counted: collections.Counter[str]) -> dict[str, Any]:
+    """Approvals by how their codes were obtained, and the share an app read itself."""
+    said = counted[CheckSource.INTERCEPTED] + counted[CheckSource.MANUAL]
+    return {
+        "intercepted": counted[CheckSource.INTERCEPTED],
+        "manual": counted[CheckSource.MANUAL],
+        "unspecified": counted["unspecified"],
+        "intercepted_share": round(counted[CheckSource.INTERCEPTED] / said, 4) if said else None,
+    }
 
 
 def _no_outcomes() -> dict[str, int]:

@@ -48,6 +48,7 @@ from gateway.store import (
     CallStatus,
     Channel,
     CheckLimit,
+    CheckSource,
     Idempotency,
     Inserted,
     KnownInvalid,
@@ -407,6 +408,12 @@ class Verifications:
             locale=admitted.locale,
             fallback_after=admitted.fallback_after,
             code_sealed=sealed,
+            # The flash call: post-dial delay, then its ring time.
+            watch_seconds=(
+                self._dialer.cap_seconds(admitted.ring_seconds)
+                if Channel.FLASHCALL in channels
+                else None
+            ),
         )
         call = self._new_call(
             verification,
@@ -808,15 +815,27 @@ class Verifications:
         return await self._expire_if_due(found)
 
     async def check(
-        self, api_key_id: str, verification_id: str, code: str | None, cli: str | None
+        self,
+        api_key_id: str,
+        verification_id: str,
+        code: str | None,
+        cli: str | None,
+        source: CheckSource | None = None,
     ) -> CheckResult:
-        """Check a code (trailing digits) or a full caller ID against a verification."""
+        """Check a code (trailing digits) or a full caller ID against a verification;
+        `source`: how the client obtained it, kept with an approval."""
         presented = self._presented(code, cli)
         verification, _ = await self.get(api_key_id, verification_id)
-        return await self._check(verification, presented)
+        return await self._check(verification, presented, source)
 
     async def check_by_phone(
-        self, api_key_id: str, phone: str, region: str | None, code: str | None, cli: str | None
+        self,
+        api_key_id: str,
+        phone: str,
+        region: str | None,
+        code: str | None,
+        cli: str | None,
+        source: CheckSource | None = None,
     ) -> CheckResult:
         """Check against the newest pending verification of `phone` made with this key.
 
@@ -828,7 +847,7 @@ class Verifications:
         if found is None:
             raise NotFound("no pending verification for this phone")
         verification, _ = await self._expire_if_due(found)
-        return await self._check(verification, presented)
+        return await self._check(verification, presented, source)
 
     async def cancel(
         self, api_key_id: str, verification_id: str
@@ -846,7 +865,12 @@ class Verifications:
             await self._dialer.cancel(call.id, call.node)
         return await self.get(api_key_id, verification_id)
 
-    async def _check(self, verification: VerificationRecord, presented: _Presented) -> CheckResult:
+    async def _check(
+        self,
+        verification: VerificationRecord,
+        presented: _Presented,
+        source: CheckSource | None = None,
+    ) -> CheckResult:
         if verification.status is not VerificationStatus.PENDING:
             raise VerificationNotPending(
                 f"verification is {verification.status}", verification_status=verification.status
@@ -860,7 +884,7 @@ class Verifications:
         # check of the phone is refused, a right code too, so that asking for a new
         # call does not reset the count.
         updated = await self._store.spend_attempt(
-            verification.id, valid, self._clock(), self._check_limits
+            verification.id, valid, self._clock(), self._check_limits, source
         )
         if isinstance(updated, Limited):
             log.warning(

@@ -191,6 +191,8 @@ async def test_create_returns_the_verification(api: Api) -> None:
         "prefix": "+6221500",
         "length": 4,
         "pattern": r"^\+6221500[0-9]{4}$",
+        # Watch the call log through the post-dial delay (15 s) and the ring time (2 s).
+        "interception_timeout_seconds": 17,
     }
     assert body["call"]["status"] in ("queued", "dialing", "ringing")
     assert body["call"]["ring_seconds"] == 2
@@ -234,6 +236,32 @@ async def test_check_a_right_code(api: Api) -> None:
     assert status == 200
     assert body == {"id": created["id"], "status": "approved", "valid": True,
                     "attempts_remaining": 5}  # fmt: skip
+
+
+async def test_a_checks_source_is_validated_kept_and_counted(api: Api) -> None:
+    created = await api.create()
+    code = await api.code_of(created)
+    check = f"/v1/verifications/{created['id']}/check"
+    for source in ("copied", "", 1, "Intercepted"):
+        status, problem = await api.call("POST", check, json={"code": code, "source": source})
+        assert (status, problem["code"]) == (400, "invalid_request"), source
+    status, problem = await api.call(
+        "POST",
+        "/v1/verifications/check",
+        json={"phone": created["phone"], "code": code, "source": "copied"},
+    )
+    assert (status, problem["code"]) == (400, "invalid_request")
+
+    status, body = await api.call("POST", check, json={"code": code, "source": "intercepted"})
+    assert (status, body["status"]) == (200, "approved")
+
+    await api.until(created, lambda body: body["call"]["ended_at"] is not None)
+    status, stats = await api.call("GET", "/v1/stats", key=api.admin_key)
+    assert status == 200, stats
+    said = {"intercepted": 1, "manual": 0, "unspecified": 0, "intercepted_share": 1.0}
+    assert stats["approved_by_source"] == said
+    [carrier] = stats["by_carrier"]
+    assert carrier["approved_by_source"] == said
 
 
 async def test_check_a_right_cli(api: Api) -> None:

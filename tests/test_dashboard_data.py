@@ -186,6 +186,8 @@ async def test_dashboard_data_figures(store: Store, calls: Calls, database: str)
     window = data["window"]
     assert (window["seconds"], window["calls"], window["delivered"]) == (WINDOW_S, 5, 3)
     assert window["delivery_rate"] == 0.6
+    none_said = {"intercepted": 0, "manual": 0, "unspecified": 0, "intercepted_share": None}
+    assert [c.pop("approved_by_source") for c in window["by_carrier"]] == [none_said] * 2
     assert window["by_carrier"] == [
         {
             "carrier": "Telkomsel",

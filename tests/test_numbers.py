@@ -16,7 +16,14 @@ from gateway.config import NumbersConfig
 from gateway.errors import InvalidPhone, InvalidRequest
 from gateway.numbers import Numbers
 from gateway.outcomes import DELIVERED_OUTCOMES, UNCERTAIN_OUTCOMES, Outcome, health_of
-from gateway.store import CallStatus, Channel, NumberHealthRecord, Store, open_store
+from gateway.store import (
+    CallStatus,
+    Channel,
+    CheckSource,
+    NumberHealthRecord,
+    Store,
+    open_store,
+)
 from tests.conftest import make_call, make_config, make_verification
 
 NOW = 1_700_000_000.0  # the Numbers' clock
@@ -323,6 +330,10 @@ async def test_stats_count_calls_that_ended_in_the_window_by_carrier_and_outcome
 
     stats = await numbers.stats(since, until)
 
+    # No verification approved: no code's source to count (test_stats_count_how_...).
+    none_said = {"intercepted": 0, "manual": 0, "unspecified": 0, "intercepted_share": None}
+    assert stats.pop("approved_by_source") == none_said
+    assert [c.pop("approved_by_source") for c in stats["by_carrier"]] == [none_said] * 3
     counted = {"delivered": 2, "answered": 1, "busy": 1, "progress_only": 1}
     counted |= {"invalid_number": 1, "unreachable": 1}
     assert stats == {
@@ -386,6 +397,40 @@ async def test_stats_count_calls_that_ended_in_the_window_by_carrier_and_outcome
             },
         ],
     }
+
+
+async def test_stats_count_how_the_approved_codes_were_obtained_by_carrier(
+    numbers: Numbers, store: Store
+) -> None:
+    checks = [
+        (MOBILE, "Telkomsel", CheckSource.INTERCEPTED),
+        (MOBILE, "Telkomsel", CheckSource.INTERCEPTED),
+        (MOBILE, "Telkomsel", CheckSource.MANUAL),
+        (MOBILE, "Telkomsel", None),  # the client did not say
+        (OTHER, "Indosat", CheckSource.MANUAL),
+    ]
+    for phone, carrier, source in checks:
+        vid = await called(store, phone, Outcome.DELIVERED, NOW - 100, carrier=carrier)
+        assert await store.spend_attempt(vid, True, NOW - 50, source=source) is not None
+    wrong = await called(store, OTHER, Outcome.DELIVERED, NOW - 100, carrier="Indosat")
+    # A wrong code's source counts nothing: only approvals do.
+    assert await store.spend_attempt(wrong, False, NOW - 50, source=CheckSource.MANUAL)
+
+    stats = await numbers.stats(NOW - 3600, NOW)
+
+    assert stats["approved_by_source"] == {
+        "intercepted": 2,
+        "manual": 2,
+        "unspecified": 1,
+        "intercepted_share": 0.5,
+    }
+    by_carrier = {c["carrier"]: c["approved_by_source"] for c in stats["by_carrier"]}
+    assert by_carrier == {
+        "Telkomsel": {"intercepted": 2, "manual": 1, "unspecified": 1, "intercepted_share": 0.6667},
+        "Indosat": {"intercepted": 0, "manual": 1, "unspecified": 0, "intercepted_share": 0.0},
+    }
+    found = await store.verification(wrong)
+    assert found is not None and found[0].check_source is None
 
 
 async def test_stats_split_delivery_and_approval_by_channel(numbers: Numbers, store: Store) -> None:

@@ -885,11 +885,12 @@ async def test_migration_numbers_the_verifications_already_stored(db_path: Path)
     ) == [("vrf_0", 1, 1), ("vrf_1", 2, 1), ("vrf_2", None, None), ("vrf_3", 3, 2)]
 
 
-# Columns migration 12 added (to verifications, and to calls: channel and step): a row
-# written at schema 11 has none of them.
+# Columns migrations 12 and 13 added (to verifications, and to calls: channel and
+# step): a row written at schema 11 has none of them.
 ADDED_BY_12 = frozenset(
     {"channels", "locale", "fallback_after", "step", "next_at", "next_asked_at", "code_sealed"}
     | {"channel"}
+    | {"check_source", "watch_seconds"}
 )
 
 

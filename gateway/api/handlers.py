@@ -121,7 +121,7 @@ async def read_verification(request: web.Request) -> web.Response:
 async def check_by_phone(request: web.Request) -> web.Response:
     body = await read_body(request, shapes.CheckByPhone)
     result = await request.app[VERIFICATIONS].check_by_phone(
-        api_key(request).id, body.phone, body.region, body.code, body.cli
+        api_key(request).id, body.phone, body.region, body.code, body.cli, body.source
     )
     return _json(views.check_result(result.verification, result.valid))
 
@@ -130,7 +130,7 @@ async def check_by_phone(request: web.Request) -> web.Response:
 async def check_verification(request: web.Request) -> web.Response:
     body = await read_body(request, shapes.Check)
     result = await request.app[VERIFICATIONS].check(
-        api_key(request).id, request.match_info["id"], body.code, body.cli
+        api_key(request).id, request.match_info["id"], body.code, body.cli, body.source
     )
     return _json(views.check_result(result.verification, result.valid))
 

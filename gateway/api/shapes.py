@@ -14,7 +14,7 @@ from gateway import apikeys
 from gateway.config import MAX_RING_SECONDS, MAX_VOICE_WAIT_SECONDS
 from gateway.numbers import MAX_LOOKUP
 from gateway.outcomes import Health, Outcome
-from gateway.store import CallStatus, Channel, VerificationStatus, WebhookStatus
+from gateway.store import CallStatus, Channel, CheckSource, VerificationStatus, WebhookStatus
 from gateway.verifications import MAX_CALLBACK_URL_LENGTH, MAX_CHANNELS, MAX_REFERENCE_LENGTH
 
 # -- members -------------------------------------------------------------------
@@ -133,11 +133,21 @@ class VerificationCreate(Request):
     fallback_after_seconds: FallbackAfter | msgspec.UnsetType | None = msgspec.UNSET
 
 
+Source = Annotated[
+    CheckSource,
+    Meta(
+        description="how the code was obtained: intercepted (an app read the call log) or "
+        "manual (the user typed it); counted in /v1/stats"
+    ),
+]
+
+
 class Check(Request):
     """Exactly one of code (the trailing digits) or cli (the full number)."""
 
     code: Code | None = None
     cli: CliNumber | None = None
+    source: Source | None = None
 
 
 class CheckByPhone(Request):
@@ -147,6 +157,7 @@ class CheckByPhone(Request):
     region: Region | None = None
     code: Code | None = None
     cli: CliNumber | None = None
+    source: Source | None = None
 
 
 class Lookup(Request):
@@ -217,6 +228,13 @@ class CliShape(Response):
     prefix: str
     length: int
     pattern: str
+    interception_timeout_seconds: Annotated[
+        int | None,
+        Meta(
+            description="how long an app should watch the call log for the flash call: its "
+            "post-dial delay and ring time; null without a flash call"
+        ),
+    ]
 
 
 class Webhook(Response):
@@ -333,8 +351,21 @@ class Totals(Response):
     by_outcome: ByOutcome
 
 
+class CheckSources(Response):
+    """How the codes of the approved verifications were obtained, as their checks said."""
+
+    intercepted: int
+    manual: int
+    unspecified: int
+    intercepted_share: Annotated[
+        float | None,
+        Meta(description="intercepted / (intercepted + manual); null when none said"),
+    ]
+
+
 class CarrierStats(Totals):
     carrier: str
+    approved_by_source: CheckSources
 
 
 class ChannelStats(Totals):
@@ -346,6 +377,7 @@ class ChannelStats(Totals):
 class Stats(Totals):
     since: Time | None
     until: Time | None
+    approved_by_source: CheckSources
     by_carrier: list[CarrierStats]
     by_channel: Annotated[
         list[ChannelStats], Meta(description="flash calls and voice calls apart, each channel")

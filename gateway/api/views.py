@@ -3,6 +3,7 @@ Never the code, never the full caller ID."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgspec
@@ -49,7 +50,14 @@ def verification(
         reference=v.reference,
         callback_url=v.callback_url,
         sandbox=bool(v.sandbox),
-        cli=shapes.CliShape(prefix=v.cli_prefix, length=v.cli_length, pattern=v.cli_pattern),
+        cli=shapes.CliShape(
+            prefix=v.cli_prefix,
+            length=v.cli_length,
+            pattern=v.cli_pattern,
+            interception_timeout_seconds=(
+                None if v.watch_seconds is None else math.ceil(v.watch_seconds)
+            ),
+        ),
         channels=list(v.channel_list),
         locale=v.locale,
         fallback_after_seconds=None if v.fallback_after is None else int(v.fallback_after),

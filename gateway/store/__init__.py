@@ -23,6 +23,7 @@ from gateway.store.records import (
     CallStatus,
     Channel,
     CheckLimit,
+    CheckSource,
     Idempotency,
     Inserted,
     InstanceRecord,
@@ -54,6 +55,7 @@ __all__ = [
     "CallStatus",
     "Channel",
     "CheckLimit",
+    "CheckSource",
     "Idempotency",
     "Inserted",
     "InstanceRecord",
@@ -144,6 +146,7 @@ class Store(Outbox, Protocol):
         approve: bool,
         at: float,
         limits: tuple[CheckLimit, ...] = (),
+        source: str | None = None,
     ) -> VerificationRecord | Limited | None: ...
     async def reset_check_failures(self, phone: str) -> int: ...
     async def calls_by_key(self, since: float) -> dict[str, int]: ...
@@ -219,6 +222,9 @@ class Store(Outbox, Protocol):
     ) -> list[NumberHealthRecord]: ...
     async def reset_number_health(self, phone: str) -> bool: ...
     async def call_stats(self, since: float, until: float) -> list[tuple[str, str, int]]: ...
+    async def source_stats(
+        self, since: float, until: float
+    ) -> list[tuple[str, str | None, int]]: ...
     async def channel_stats(
         self, since: float, until: float
     ) -> list[tuple[str, str, int, int]]: ...

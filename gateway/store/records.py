@@ -37,6 +37,13 @@ class Channel(enum.StrEnum):
     VOICE = "voice"  # a call that speaks the code
 
 
+class CheckSource(enum.StrEnum):
+    """How the code a check presents was obtained, as the client says."""
+
+    INTERCEPTED = "intercepted"  # an app read the caller ID from the call log
+    MANUAL = "manual"  # the user typed it
+
+
 class WebhookStatus(enum.StrEnum):
     """Where a webhook's delivery stands."""
 
@@ -191,6 +198,10 @@ class VerificationRecord:
     next_at: float | None = None  # when the gateway starts the next step itself
     next_asked_at: float | None = None  # the client's last `next`
     code_sealed: str | None = None  # the code, sealed (gateway.seal), if a voice step may speak it
+    # How the approving check's code was obtained (CheckSource); None: not said.
+    check_source: str | None = None
+    # How long an app should watch the call log for the flash call; None: no flash call.
+    watch_seconds: float | None = None
 
     def __post_init__(self) -> None:
         # A row's status is text; the record's is the enum.

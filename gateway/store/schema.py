@@ -275,6 +275,12 @@ SQLITE: tuple[str, ...] = (
         PRIMARY KEY (api_key_id, minute)
     ) WITHOUT ROWID;
     """,
+    # 13: how the approving code was obtained (a check's `source`: intercepted by an app
+    # from the call log, or typed), and how long an app should watch the call log.
+    """
+    ALTER TABLE verifications ADD COLUMN check_source TEXT;   -- intercepted | manual
+    ALTER TABLE verifications ADD COLUMN watch_seconds REAL;
+    """,
 )
 
 
@@ -489,5 +495,11 @@ POSTGRESQL: tuple[str, ...] = (
         calls INTEGER NOT NULL,
         PRIMARY KEY (api_key_id, minute)
     );
+    """,
+    # 13: a check's source and the call log watch (see SQLITE[12]).
+    """
+    ALTER TABLE verifications
+        ADD COLUMN check_source TEXT,
+        ADD COLUMN watch_seconds DOUBLE PRECISION;
     """,
 )

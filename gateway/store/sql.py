@@ -625,11 +625,13 @@ class SqlStore(abc.ABC):
         approve: bool,
         at: float,
         limits: tuple[CheckLimit, ...] = (),
+        source: str | None = None,
     ) -> VerificationRecord | Limited | None:
         """Record one check of a pending verification; None when it was not pending.
 
-        A right code approves it; a wrong one spends an attempt, and the last wrong
-        attempt moves it to max_attempts_reached. One statement, so two concurrent
+        A right code approves it, keeping the check's `source` (how the code was
+        obtained); a wrong one spends an attempt, and the last wrong attempt moves it to
+        max_attempts_reached. One statement, so two concurrent
         checks can never both spend the same attempt.
 
         When the phone's wrong checks already fill one of `limits`, nothing is spent and
@@ -658,9 +660,10 @@ class SqlStore(abc.ABC):
                 "status = CASE WHEN ? THEN 'approved' "
                 "WHEN attempts_remaining <= 1 THEN 'max_attempts_reached' ELSE status END, "
                 "next_at = CASE WHEN ? OR attempts_remaining <= 1 THEN NULL ELSE next_at END, "
+                "check_source = CASE WHEN ? THEN ? ELSE check_source END, "
                 "updated_at = ? "
                 f"WHERE id = ? AND status = 'pending' AND expires_at > ? RETURNING {_V_COLS}",
-                (approve, approve, approve, approve, at, verification_id, at),
+                (approve, approve, approve, approve, approve, source, at, verification_id, at),
             )
             record = VerificationRecord(*row) if row else None
             if record is not None and record.status in STATUS_EVENTS:
@@ -1233,6 +1236,18 @@ class SqlStore(abc.ABC):
             (since, until, CANCELED),
         )
         return [(str(carrier), str(outcome), int(n)) for carrier, outcome, n in rows]
+
+    async def source_stats(self, since: float, until: float) -> list[tuple[str, str | None, int]]:
+        """(carrier, check source, approved) for the verifications approved after a call
+        that ended in [since, until), as call_stats counts calls: how their codes came."""
+        rows = await self._fetchall(
+            "SELECT COALESCE(v.carrier, 'unknown'), v.check_source, COUNT(*) "
+            "FROM calls c JOIN verifications v ON v.id = c.verification_id AND v.step = c.step "
+            "WHERE c.ended_at >= ? AND c.ended_at < ? AND c.dialed_at IS NOT NULL "
+            "AND v.status = 'approved' GROUP BY 1, 2 ORDER BY 1, 2",
+            (since, until),
+        )
+        return [(str(carrier), source, int(n)) for carrier, source, n in rows]
 
     async def channel_stats(self, since: float, until: float) -> list[tuple[str, str, int, int]]:
         """(channel, outcome, calls, approved) for dialed calls that ended in [since,
