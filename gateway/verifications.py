@@ -594,15 +594,10 @@ class Verifications:
         ):
             return False
         if call.step > 0:
-            try:
-                cli, code = self._code_for_step(verification, pool, call.channel)
-            except Unreadable:
-                log.error(
-                    "verification %s: its code cannot be read back (code_secret changed?)",
-                    verification.id,
-                    extra=call_ids(verification.id, call.id),
-                )
+            kept = self._code_for_step(verification, call.channel)
+            if kept is None:
                 return False
+            cli, code = kept
         else:
             cli, code = _new_code(pool, call.channel)
             sealed = self._sealer.seal(code) if verification.code_sealed else None
@@ -616,18 +611,32 @@ class Verifications:
         return True
 
     def _code_for_step(
-        self, verification: VerificationRecord, pool: Pool, channel: Channel
-    ) -> tuple[Cli | None, str]:
+        self, verification: VerificationRecord, channel: Channel
+    ) -> tuple[Cli | None, str] | None:
         """The verification's code, read back for a later step, and for a flash call
-        the caller ID that carries it (held in its pool); Unreadable if it cannot be."""
-        if verification.code_sealed is None:
-            raise Unreadable("no code kept for this verification")
-        code = self._sealer.open(verification.code_sealed)
-        if channel is Channel.VOICE:
-            return None, code
-        cli = pool.cli_for(code)
-        if cli is None:
-            raise Unreadable("no caller ID of the pool carries this code any more")
+        the caller ID that carries it (held in its pool); None, said in the log, when it
+        cannot be (a changed code_secret, a pool no longer configured)."""
+        pool = self._pools_by_name.get(verification.pool)
+        try:
+            if pool is None:
+                raise Unreadable(f"pool {verification.pool} is not configured")
+            if verification.code_sealed is None:
+                raise Unreadable("no code kept for this verification")
+            code = self._sealer.open(verification.code_sealed)
+            if channel is Channel.VOICE:
+                return None, code
+            cli = pool.cli_for(code)
+            if cli is None:
+                raise Unreadable("no caller ID of the pool carries this code any more")
+        except Unreadable as exc:
+            log.error(
+                "verification %s: its %s step cannot have its code: %s",
+                verification.id,
+                channel,
+                exc,
+                extra=call_ids(verification.id),
+            )
+            return None
         pool.hold(cli.e164)
         return cli, code
 
@@ -708,24 +717,15 @@ class Verifications:
         pool = self._pools_by_name.get(verification.pool)
         cli, code = None, None
         if not verification.sandbox:
-            try:
-                if pool is None:
-                    raise Unreadable(f"pool {verification.pool} is not configured")
-                cli, code = self._code_for_step(verification, pool, channel)
-            except Unreadable as exc:
-                log.error(
-                    "verification %s: next step (%s) cannot start: %s",
-                    verification.id,
-                    channel,
-                    exc,
-                    extra=call_ids(verification.id),
-                )
+            kept = self._code_for_step(verification, channel)
+            if kept is None:
                 await self._store.set_status(verification.id, VerificationStatus.FAILED, now)
                 if asked:
                     raise VerificationNotPending(
                         "verification is failed", verification_status=VerificationStatus.FAILED
-                    ) from None
+                    )
                 return False
+            cli, code = kept
         # A flash call rings as the one before it did (the request's ring_seconds); after
         # a voice call, whose ring time is voice.ring_seconds, as configured.
         ring_seconds = (

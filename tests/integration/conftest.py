@@ -65,6 +65,19 @@ def dev_config(database: str, ami: AmiSettings, **sections: Any) -> Config:
     )
 
 
+def dialing_through(ami: AmiSettings, channel: str) -> AsteriskConfig:
+    """The dev PBX, dialing through `channel` (the field or the voice far end's
+    endpoint), with no settle wait: the PBX is up before the test."""
+    return AsteriskConfig(
+        secret=ami.secret,
+        host=ami.host,
+        port=ami.port,
+        username=ami.username,
+        channel=channel,
+        settle_seconds=0,
+    )
+
+
 @dataclasses.dataclass
 class Gateway:
     """A running gateway and an HTTP client holding a valid API key; `operator_url` is

@@ -13,11 +13,17 @@ from typing import Any
 
 import pytest
 
-from gateway.config import AsteriskConfig, CallsConfig, EarlyMediaConfig, NumbersConfig
+from gateway.config import CallsConfig, EarlyMediaConfig, NumbersConfig
 from gateway.pbx import AmiSettings
 from tests.conftest import phone_number, wire_record
 from tests.farend import FarEnd, InviteRecord
-from tests.integration.conftest import Gateway, GatewayFactory, by_label, scrape
+from tests.integration.conftest import (
+    Gateway,
+    GatewayFactory,
+    by_label,
+    dialing_through,
+    scrape,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -31,14 +37,7 @@ TIMER_TOLERANCE_S = 0.5
 def field_sections(dev_pbx: AmiSettings, **calls: Any) -> dict[str, Any]:
     """Config sections for a gateway that dials the field far end."""
     return {
-        "asterisk": AsteriskConfig(
-            secret=dev_pbx.secret,
-            host=dev_pbx.host,
-            port=dev_pbx.port,
-            username=dev_pbx.username,
-            channel=FIELD_CHANNEL,
-            settle_seconds=0,
-        ),
+        "asterisk": dialing_through(dev_pbx, FIELD_CHANNEL),
         "calls": CallsConfig(
             **{
                 "ring_seconds": RING_SECONDS,

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from gateway.config import AsteriskConfig, CallsConfig, PoolConfig, VoiceConfig
+from gateway.config import CallsConfig, PoolConfig, VoiceConfig
 from gateway.pbx import AmiSettings
 from tests.conftest import REPO, VOICE_CLI, VOICE_RTP_PORT, phone_number, wire_record
 from tests.farend import FarEnd, InviteRecord
-from tests.integration.conftest import Gateway, GatewayFactory
+from tests.integration.conftest import Gateway, GatewayFactory, dialing_through
 from tests.rtp import RtpListener, prompts_for, recognise, samples, spoken_codes
 
 pytestmark = pytest.mark.integration
@@ -36,14 +36,7 @@ SAID_WITHIN_S = 25.0
 def voice_sections(dev_pbx: AmiSettings, **voice: Any) -> dict[str, Any]:
     """Config sections for a gateway on the voice far end."""
     return {
-        "asterisk": AsteriskConfig(
-            secret=dev_pbx.secret,
-            host=dev_pbx.host,
-            port=dev_pbx.port,
-            username=dev_pbx.username,
-            channel=VOICE_CHANNEL,
-            settle_seconds=0,
-        ),
+        "asterisk": dialing_through(dev_pbx, VOICE_CHANNEL),
         "pools": (PoolConfig(name="dev", prefix="+6221500", code_length=CODE_LENGTH),),
         "calls": CallsConfig(
             ring_seconds=2, max_ring_seconds=10, max_concurrent=50, max_per_second=50
