@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 from aiohttp import web, web_response
 
+from gateway.alerts import Alerts
 from gateway.api import operator, views
 from gateway.api.bodies import MAX_BODY_BYTES
 from gateway.api.handlers import routes
@@ -21,6 +22,7 @@ from gateway.api.middlewares import (
 )
 from gateway.api.ratelimit import RequestRate
 from gateway.api.typedefs import (
+    ALERTS,
     CONFIG,
     DIALER,
     GATEWAY,
@@ -160,6 +162,10 @@ async def _calls_ctx(app: web.Application) -> AsyncIterator[None]:
         )
     verifications = Verifications(config, store, pools, dialer)
     dialer.on_ended = verifications.call_ended
+    alerts = Alerts(config, store, metrics)
+    verifications.alerts = alerts
+    dialer.on_pool_change = alerts.pool_changed
+    app[ALERTS] = alerts
     app[DIALER] = dialer
     app[VERIFICATIONS] = verifications
     app[NUMBERS] = Numbers(config, store)
@@ -169,7 +175,9 @@ async def _calls_ctx(app: web.Application) -> AsyncIterator[None]:
     dialer.start()
     await membership.join()
     verifications.start()
+    alerts.start()
     yield
+    await alerts.stop()
     # Shutdown: the listener is already closed. Calls still queued go to the other
     # gateways sharing the database (or to the next start); calls ringing now are let
     # finish (bounded by the longest ring), then the lease ends.

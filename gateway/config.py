@@ -34,6 +34,7 @@ from standardwebhooks import Webhook
 # A pool below this many codes can be guessed too easily: 1 in 10,000 per attempt,
 # five attempts per verification, is the usual floor for a 4-digit OTP.
 MIN_POOL_CODES = 10_000
+MAX_POOL_WEIGHT = 1000
 MAX_RING_SECONDS = 60  # no network alerts a handset for longer than this
 # Mobile networks take 3-8 s from INVITE to alerting, a roaming phone longer; a minute
 # without any alerting is no post-dial delay any more.
@@ -591,11 +592,115 @@ class PoolConfig:
         details="See [Pool size](#pool-size)",
         default=False,
     )
+    channel: str | None = setting(
+        "the Originate channel of this pool's calls, to send them through a trunk of its own",
+        details="See [Several pools](caller-health.md)",
+        default=None,
+        empty="the node's channel (`asterisk.channel`)",
+        nonempty=True,
+        one_line=True,
+        also=_CHANNEL_RULE,
+        example="PJSIP/{number}@trunk-b",
+    )
+    weight: int = setting(
+        "this pool's share of the new calls among the pools that serve a destination and are "
+        "healthy for its carrier",
+        default=1,
+        ge=1,
+        le=MAX_POOL_WEIGHT,
+    )
 
     @property
     def codes(self) -> int:
         """How many different codes the pool can present."""
         return len(self.numbers) if self.numbers else 10**self.code_length
+
+
+@section
+class CallerHealthConfig:
+    min_calls: int = setting(
+        "failed calls in a row (rejected, congestion, no alerting, error, trunk refusal) from "
+        "a pool to one carrier, while another pool's calls to that carrier are delivered, "
+        "that quarantine the pool for that carrier",
+        details="See [Pool health](caller-health.md#pool-health)",
+        default=10,
+        ge=1,
+        le=1000,
+    )
+    probe_seconds: int = setting(
+        "a quarantined pool is tried again by one call (a probe) this long after its "
+        "quarantine or its last probe; a delivered probe restores it",
+        default=300,
+        ge=5,
+        le=86400,
+    )
+    recent_calls: int = setting(
+        "how many of each pool's latest calls to each carrier `GET /v1/pools` counts",
+        default=100,
+        ge=10,
+        le=1000,
+    )
+
+
+@section
+class ConversionConfig:
+    mode: str = setting(
+        "`report`: a destination block, carrier or country whose conversion falls too low "
+        "gets an alert, a metric and a log line; `block`: also, new verifications to it are "
+        "refused with `429 destination_suspended`",
+        details="See [Conversion watch](caller-health.md#conversion-watch)",
+        default="report",
+        choices=("report", "block"),
+    )
+    min_rate: float = setting(
+        "conversion (approved over created) under which a target is flagged",
+        default=0.2,
+        gt=0,
+        le=1,
+    )
+    min_verifications: int = setting(
+        "the least verifications created in the window before a target's conversion counts",
+        default=50,
+        ge=1,
+        le=1_000_000,
+    )
+    window_seconds: int = setting(
+        "the sliding window conversion is counted over", default=3600, ge=60, le=7 * 86400
+    )
+    grace_seconds: int = setting(
+        "verifications younger than this are not counted yet: their users may still be "
+        "typing the code",
+        default=60,
+        ge=0,
+        le=3600,
+    )
+    block_seconds: int = setting(
+        "in `block` mode, how long a flagged target refuses new verifications unless an "
+        "admin lifts its alert first (`DELETE /v1/alerts/{id}`)",
+        default=3600,
+        ge=60,
+        le=30 * 86400,
+    )
+
+
+@section
+class AlertsConfig:
+    url: str | None = setting(
+        "where the gateway posts its operator alerts (a pool quarantined or restored, a "
+        "destination flagged), signed like webhooks with `webhooks.secret`",
+        default=None,
+        empty="alerts are logged and listed by `GET /v1/alerts` only",
+        one_line=True,
+        also="an http or https URL; needs `webhooks.secret`",
+        example="https://ops.example.com/otp-alerts",
+    )
+    timeout_seconds: float = setting(
+        "per post attempt; a failed post is tried again, 6 times in all, waiting 2 s, then "
+        "twice as long each time",
+        default=10.0,
+        gt=0,
+        le=60,
+    )
 
 
 @section
@@ -994,7 +1099,9 @@ class Config:
         kw_only=True,
     )
     pools: tuple[PoolConfig, ...] = setting(
-        "The caller IDs: a verification uses the first pool that serves the destination's region",
+        "The caller IDs. A verification uses a pool that names the destination's region (or, "
+        "when none does, one that names no region), chosen by weight among those healthy for "
+        "the destination's carrier",
         nonempty=True,
         example=(PoolConfig("default", prefix="+6221500"),),
         kw_only=True,
@@ -1010,6 +1117,19 @@ class Config:
         "the verification's code in the user's language (the dialplan context `otp-voice`). "
         "Off while `caller_id` is unset",
         default=VoiceConfig(),
+    )
+    caller_health: CallerHealthConfig = setting(
+        "Pool health: the gateway learns, per pool and carrier, which caller-ID ranges stop "
+        "reaching a carrier, quarantines them while another pool delivers, and probes them",
+        default=CallerHealthConfig(),
+    )
+    conversion: ConversionConfig = setting(
+        "Conversion watch: destination blocks, carriers and countries whose verifications are "
+        "created and rarely approved (traffic pumping) are flagged, and in `block` mode refused",
+        default=ConversionConfig(),
+    )
+    alerts: AlertsConfig = setting(
+        "Operator alerts: pool health changes and conversion flags", default=AlertsConfig()
     )
     verification: VerificationConfig = setting(
         "Verifications: how long a code lives, how many guesses it allows",
@@ -1171,7 +1291,7 @@ def _check(config: Config) -> list[str]:
     http = config.http
     need(http.operator_port != http.port, "http.operator_port", "must differ from http.port")
     problems.extend(_check_database(config.database))
-    problems.extend(_check_asterisk(config.asterisk))
+    problems.extend(_check_asterisk(config.asterisk, config.pools))
     problems.extend(_check_voice(config.voice))
     hooks = config.webhooks
     if hooks.secret is not None:
@@ -1188,6 +1308,18 @@ def _check(config: Config) -> list[str]:
                 f"must decode to at least {MIN_WEBHOOK_SECRET_BYTES} bytes, not {len(decoded)} "
                 '(make one with: echo "whsec_$(openssl rand -base64 32)")',
             )
+    if config.alerts.url is not None:
+        need(
+            urllib.parse.urlsplit(config.alerts.url).scheme in ("http", "https")
+            and bool(urllib.parse.urlsplit(config.alerts.url).hostname),
+            "alerts.url",
+            "must be an http or https URL",
+        )
+        need(
+            hooks.secret is not None,
+            "alerts.url",
+            "needs webhooks.secret: alerts are signed like webhooks",
+        )
     for i, network in enumerate(hooks.allowed_networks):
         try:
             ipaddress.ip_network(network, strict=False)
@@ -1271,10 +1403,11 @@ def _check_test_numbers(config: Config) -> list[str]:
             problems.append(f"{at}: must be an E.164 number such as +6281200000001 (quoted)")
             continue
         region = phonenumbers.region_code_for_number(parsed)
-        pool = next(
-            (p for p in config.pools if region in (p.regions or config.numbers.allowed_regions)),
-            None,
-        )
+        # As gateway.pool.pools_for: the pools naming the region, else the catch-alls.
+        named = [p for p in config.pools if region in p.regions]
+        catch_all = [p for p in config.pools if not p.regions]
+        allowed = region in config.numbers.allowed_regions
+        pool = next(iter(named or (catch_all if allowed else [])), None)
         if pool is None:
             problems.append(f"{at}: no pool serves its region {region}")
         elif not (code.isascii() and code.isdigit() and len(code) == pool.code_length):
@@ -1344,13 +1477,14 @@ def _odds(chance: float) -> str:
     return f"1 in {round(1 / chance)} ({100 * chance:.3g}%)" if chance > 0 else "none"
 
 
-def _check_asterisk(ami: AsteriskConfig) -> list[str]:
-    """What spans the nodes: channels, names and AMI addresses unique. Each key's own
-    rules (a node's where it is written) are its setting()'s."""
+def _check_asterisk(ami: AsteriskConfig, pools: tuple[PoolConfig, ...] = ()) -> list[str]:
+    """What spans the nodes: channels (the pools' too), names and AMI addresses unique.
+    Each key's own rules (a node's where it is written) are its setting()'s."""
     problems: list[str] = []
     channels = {"asterisk.channel": ami.channel} | {
         f"asterisk.nodes[{i}].channel": node.channel for i, node in enumerate(ami.nodes)
     }
+    channels |= {f"pools[{i}].channel": pool.channel for i, pool in enumerate(pools)}
     for path, channel in channels.items():
         if channel is None:
             continue

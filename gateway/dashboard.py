@@ -3,12 +3,21 @@ counts alone, never a phone number, a code or a caller ID."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
+from gateway.alerts import MAX_OPEN
+from gateway.api import views
+from gateway.api.shapes import AlertMode
+from gateway.caller_health import PoolHealthRecord
+from gateway.config import PoolConfig
 from gateway.numbers import Numbers
 from gateway.outcomes import CAUSE_NAMES
-from gateway.store import InstanceRecord, Store
+from gateway.store import AlertKind, InstanceRecord, Store
 from gateway.times import timestamp
 
 MINUTE_S = 60
@@ -30,8 +39,18 @@ class Live:
     nodes: list[Any] = field(default_factory=list)  # each node, as views.node shows it
 
 
-async def dashboard_data(store: Store, numbers: Numbers, live: Live, now: float) -> dict[str, Any]:
-    """Every figure the dashboard shows, as of `now`; aggregates only."""
+async def dashboard_data(
+    store: Store,
+    numbers: Numbers,
+    live: Live,
+    now: float,
+    *,
+    pools: Sequence[PoolConfig] = (),
+    channel: str = "",
+) -> dict[str, Any]:
+    """Every figure the dashboard shows, as of `now`; aggregates only. `pools` are the
+    configured pools, in order, and `channel` the default channel template
+    (asterisk.channel) of those that name none, as GET /v1/pools shows them."""
     minute = now // MINUTE_S * MINUTE_S
     chart_since = minute - (CHART_MINUTES - 1) * MINUTE_S
     # To the end of the current minute: exactly CHART_MINUTES bars, even on a boundary.
@@ -41,6 +60,9 @@ async def dashboard_data(store: Store, numbers: Numbers, live: Live, now: float)
     stats = await numbers.stats(since, now)
     causes = await store.ended_by_cause(since, now)
     owned = await store.live_calls_by_owner()
+    health: dict[str, list[PoolHealthRecord]] = {}
+    for row in await store.pool_health():
+        health.setdefault(row.pool, []).append(row)
     return {
         "generated_at": timestamp(now),
         "pbx_connected": live.pbx_connected,
@@ -80,7 +102,27 @@ async def dashboard_data(store: Store, numbers: Numbers, live: Live, now: float)
                 for outcome, cause, calls in causes
             ],
         },
+        # Each configured pool and its health for each carrier its calls reached.
+        "pools": [
+            msgspec.to_builtins(views.pool(pool, channel, health.get(pool.name, [])))
+            for pool in pools
+        ],
+        "open_alerts": await _open_alerts(store),
     }
+
+
+async def _open_alerts(store: Store) -> list[dict[str, Any]]:
+    """The conversion alerts not cleared, counted by kind and mode, every pair present:
+    never their targets (a block is a number's prefix)."""
+    counts = dict.fromkeys(itertools.product(AlertKind, AlertMode), 0)
+    for alert in await store.alerts(True, MAX_OPEN):
+        key = (alert.kind, alert.mode)
+        if key in counts:  # always: conversion.mode is one of AlertMode
+            counts[key] += 1
+    return [
+        {"kind": kind.value, "mode": mode.value, "count": count}
+        for (kind, mode), count in counts.items()
+    ]
 
 
 def _state(record: InstanceRecord, now: float) -> str:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gateway.caller_health import PoolChange, RouteReport, route_verdict
 from gateway.config import CallsConfig
 from gateway.logs import call_ids
 from gateway.nodes import Node, Nodes
@@ -30,6 +32,7 @@ from gateway.pbx import (
     PbxError,
     PbxNotLoggedIn,
     Speech,
+    trunk_name,
 )
 from gateway.store import (
     NOT_PENDING,
@@ -87,6 +90,10 @@ class CallJob:
     # fails, `fallback_after` seconds after it delivers (None: only when asked).
     has_next: bool = False
     fallback_after: float | None = None
+    # A flash call: its pool's trunk when not the node's (pools[].channel), and what its
+    # end will say of the pool's route to the carrier (`delivered` is filled in then).
+    trunk_channel: str | None = None
+    route: RouteReport | None = None
 
     @property
     def voice(self) -> bool:
@@ -211,6 +218,8 @@ class Dialer:
         self._metrics = metrics or _NoMetrics()
         self._store = store
         self.on_ended = on_ended
+        # Told of the pool states a call's end changed (gateway.alerts.Alerts).
+        self.on_pool_change: Callable[[list[PoolChange]], None] | None = None
         self._release_cli = release_cli
         self._queue: asyncio.Queue[CallJob] = asyncio.Queue()
         self._pbx_wait = config.pbx_wait_seconds
@@ -584,6 +593,7 @@ class Dialer:
             job.cli_dial,
             self._pbx_timeout(job.ring_seconds),
             job.speech,
+            job.trunk_channel,
         )
         while True:
             node = live.node
@@ -798,12 +808,13 @@ class Dialer:
             voice=live.job.voice,
         )
         if outcome is Outcome.TRUNK_REJECTED:
-            self._metrics.trunk_rejected(live.node.pbx.trunk, sip_code)
+            trunk = trunk_name(live.job.trunk_channel or "") or live.node.pbx.trunk
+            self._metrics.trunk_rejected(trunk, sip_code)
             log.error(
                 "call %s: trunk %s of node %s refused the call with SIP %s: check the "
                 "trunk's account, its caller-ID rules and its call rate",
                 call_id,
-                live.node.pbx.trunk,
+                trunk,
                 live.node.name,
                 sip_code,
                 extra=_ids(live.job),
@@ -831,7 +842,10 @@ class Dialer:
         uncertain = outcome in UNCERTAIN_OUTCOMES
         at = at or time.time()
         next_at = _next_step_at(job, outcome, reason, at)
-        await self._store.end_call(
+        route = None
+        if job.route is not None:
+            route = dataclasses.replace(job.route, delivered=route_verdict(outcome, reason))
+        changes = await self._store.end_call(
             job.call_id,
             call_status=CallStatus.COMPLETED if delivered or uncertain else CallStatus.FAILED,
             outcome=outcome,
@@ -844,7 +858,10 @@ class Dialer:
             delivered=delivered,
             uncertain=uncertain,
             next_at=next_at,
+            route=route,
         )
+        if changes and self.on_pool_change is not None:
+            self.on_pool_change(changes)
         self._metrics.call_ended(CANCELED if reason == CANCELED else outcome, cause)
         log.info(
             "call %s (verification %s): %s, cause %s, sip %s, node %s",

@@ -115,6 +115,13 @@ class IdempotencyConflict(GatewayError):
     code = "idempotency_conflict"
 
 
+class DestinationSuspended(Retryable):
+    """The conversion watch suspended the destination's block, carrier or country
+    (conversion.mode block) until an admin lifts the alert or block_seconds pass."""
+
+    code = "destination_suspended"
+
+
 class Overloaded(Retryable):
     code = "overloaded"
 

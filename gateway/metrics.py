@@ -7,15 +7,25 @@ the per-key budget are read when /metrics is scraped.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.alerts import MAX_OPEN
+from gateway.caller_health import PoolState
 from gateway.outcomes import CANCELED, MAX_Q850_CAUSE, Outcome
-from gateway.store import VERIFICATION_STATUSES, Store, VerificationStatus
+from gateway.store import VERIFICATION_STATUSES, AlertKind, Store, VerificationStatus
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DAY = 86400.0
@@ -155,6 +165,44 @@ class Metrics:
             registry=r,
         )
         self.key_budget.set(key_daily_calls)
+        self.pool_state = Enum(
+            "otp_pool_state",
+            "Each pool's state for each carrier its calls reached (caller_health)",
+            ["pool", "carrier"],
+            states=[state.value for state in PoolState],
+            registry=r,
+        )
+        self.pool_recent_calls = Gauge(
+            "otp_pool_recent_calls",
+            "Each pool's latest calls to each carrier that judged its route "
+            "(caller_health.recent_calls at most)",
+            ["pool", "carrier"],
+            registry=r,
+        )
+        self.pool_recent_delivered = Gauge(
+            "otp_pool_recent_delivered",
+            "Of those, the calls delivered",
+            ["pool", "carrier"],
+            registry=r,
+        )
+        self.pool_changes = Counter(
+            "otp_pool_state_changes",
+            "Pool state changes this gateway made, by the state entered",
+            ["pool", "state"],
+            registry=r,
+        )
+        self.conversion_alerts = Counter(
+            "otp_conversion_alerts",
+            "Conversion alerts this gateway raised, by kind of target",
+            ["kind"],
+            registry=r,
+        )
+        self.open_alerts = Gauge(
+            "otp_conversion_alerts_open",
+            "Conversion alerts not cleared, by kind of target and mode",
+            ["kind", "mode"],
+            registry=r,
+        )
         for outcome in [*Outcome, CANCELED]:  # every outcome shows, at 0 until it happens
             self.calls.labels(outcome=outcome)
         for limit in RATE_LIMITS:
@@ -200,6 +248,14 @@ class Metrics:
     def call_placed(self, node: str) -> None:
         self.node_placed.labels(node=node).inc()
 
+    # -- the alerts' (gateway.alerts.AlertMetrics) --------------------------------
+
+    def pool_changed(self, pool: str, state: str) -> None:
+        self.pool_changes.labels(pool=pool, state=state).inc()
+
+    def conversion_flagged(self, kind: str) -> None:
+        self.conversion_alerts.labels(kind=kind).inc()
+
     # -- the API's ---------------------------------------------------------------
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -213,4 +269,16 @@ class Metrics:
         for key_id, calls in (await store.calls_by_key(time.time() - DAY)).items():
             self.key_calls.labels(api_key=key_id, name=names.get(key_id, "")).set(calls)
         self.webhook_backlog.set(await store.pending_webhooks())
+        for gauge in (self.pool_state, self.pool_recent_calls, self.pool_recent_delivered):
+            gauge.clear()
+        for row in await store.pool_health():
+            labels = {"pool": row.pool, "carrier": row.carrier or "unknown"}
+            self.pool_state.labels(**labels).state(row.state)
+            self.pool_recent_calls.labels(**labels).set(row.calls)
+            self.pool_recent_delivered.labels(**labels).set(row.delivered)
+        self.open_alerts.clear()
+        for kind, mode in itertools.product(AlertKind, ("report", "block")):
+            self.open_alerts.labels(kind=kind, mode=mode)
+        for alert in await store.alerts(True, MAX_OPEN):
+            self.open_alerts.labels(kind=alert.kind, mode=alert.mode).inc()
         return generate_latest(self.registry)

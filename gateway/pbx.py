@@ -176,6 +176,8 @@ class Dial:
     # the gateway does (a backstop; the gateway's own timers end it first).
     timeout_seconds: float
     speech: Speech | None = None
+    # The Originate channel template when not the node's (a pool's own trunk).
+    channel: str | None = None
 
 
 class Pbx(Protocol):
@@ -279,7 +281,7 @@ def originate_action(settings: AmiSettings, dial: Dial) -> dict[str, str]:
         raise UnsafeAmiValue(f"timeout_seconds must be in (0, {MAX_ORIGINATE_TIMEOUT_S:g}]")
     action = {
         "Action": "Originate",
-        "Channel": check_text(settings.channel.format(number=number), "channel"),
+        "Channel": check_text((dial.channel or settings.channel).format(number=number), "channel"),
         "CallerID": f"<{caller_id}>",
         "Timeout": str(round(dial.timeout_seconds * 1000)),
         # The caller ID carries the code: keep the call out of the CDR, which would

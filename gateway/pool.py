@@ -6,6 +6,7 @@ import os
 import re
 import secrets
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.config import PoolConfig
@@ -40,6 +41,8 @@ class Pool:
         self.regions = frozenset(config.regions)
         self.code_length = config.code_length
         self.cli_format = config.cli_format
+        self.weight = config.weight
+        self.channel = config.channel  # its Originate channel; None: the node's
         self._prefix = config.prefix
         self._numbers = config.numbers
         # Caller IDs on calls still ringing: a second concurrent call avoids them, so
@@ -106,6 +109,15 @@ class Pool:
         return Cli(self._prefix + code, code)
 
 
-def pool_for(pools: list[Pool], region: str) -> Pool | None:
-    """The first pool that serves `region`."""
-    return next((p for p in pools if p.serves(region)), None)
+def pools_for(pools: Sequence[Pool], region: str) -> list[Pool]:
+    """The pools a destination in `region` may use: those that name the region, or when
+    none does, those that name no region (serve every allowed one); in config order."""
+    named = [p for p in pools if region in p.regions]
+    return named or [p for p in pools if not p.regions]
+
+
+def choose(pools: Sequence[Pool]) -> Pool:
+    """One of `pools` (not empty) at random, in proportion to their weights."""
+    if len(pools) == 1:
+        return pools[0]
+    return secrets.SystemRandom().choices(pools, weights=[p.weight for p in pools])[0]

@@ -9,6 +9,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -18,10 +19,13 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from gateway import phones
+from gateway.alerts import Alerts
+from gateway.caller_health import PoolState, RouteReport
 from gateway.config import Config, WebhooksConfig
 from gateway.dialer import CallJob, Dialer
 from gateway.errors import (
     ChannelUnavailable,
+    DestinationSuspended,
     GatewayError,
     IdempotencyConflict,
     InvalidCallbackUrl,
@@ -41,7 +45,7 @@ from gateway.logs import call_ids
 from gateway.numbers import DAY, invalid_refused_since
 from gateway.outcomes import DELIVERED_OUTCOMES, UNCERTAIN_OUTCOMES, Outcome
 from gateway.pbx import Speech, new_channel_id
-from gateway.pool import Cli, Pool, pool_for
+from gateway.pool import Cli, Pool, choose, pools_for
 from gateway.seal import Sealer, Unreadable
 from gateway.store import (
     CallRecord,
@@ -146,12 +150,12 @@ class NewVerification:
 
 @dataclass(frozen=True, slots=True)
 class _Admitted:
-    """A create request the policy and the load admit: its phone, parsed, the pool that
-    serves it, the channels it will try (a landline skips the flash calls), its ring
+    """A create request the policy and the load admit: its phone, parsed, the pools that
+    serve it, the channels it will try (a landline skips the flash calls), its ring
     time, and its fixed code if it is a test number."""
 
     phone: phones.Phone
-    pool: Pool
+    pools: list[Pool]  # those that serve its region, in config order
     channels: tuple[Channel, ...]
     locale: str | None
     fallback_after: float | None
@@ -208,6 +212,8 @@ class Verifications:
         self._pools_by_name = {p.name: p for p in pools}
         self._dialer = dialer
         self._clock = clock
+        # Pool changes and the conversion watch's suspensions (gateway.alerts).
+        self.alerts: Alerts | None = None
         self._secret = config.security.code_secret.encode()
         self._sealer = Sealer(self._secret)
         limits, day, month = config.limits, CHECK_DAY_S, CHECK_30_DAYS_S
@@ -278,7 +284,8 @@ class Verifications:
             if stored is not None:
                 return _replay(stored, body_hash)
         admitted = self._admit(request)
-        draft = self._build(request, admitted, now)
+        pool = await self._choose_pool(admitted, now)
+        draft = self._build(request, admitted, pool, now)
         idempotency = None
         if idempotency_key is not None:
             idempotency = Idempotency(
@@ -315,11 +322,19 @@ class Verifications:
             else self._config.voice.fallback_after_seconds
         )
         sandbox_code = self._config.test_numbers.get(phone.e164)
-        pool = pool_for(self._pools, phone.region)
-        if pool is None:
+        pools = pools_for(self._pools, phone.region)
+        if not pools:
             raise RegionNotAllowed(
                 f"no caller-ID pool serves region {phone.region}", region=phone.region
             )
+        if sandbox_code is None and self.alerts is not None:
+            held_for = self.alerts.suspended(self._block(phone.e164), phone.carrier, phone.region)
+            if held_for is not None:
+                raise DestinationSuspended(
+                    "new verifications to this destination are suspended: too few of its "
+                    "recent ones were completed",
+                    retry_after=max(1, math.ceil(held_for)),
+                )
         ring_seconds = request.ring_seconds or calls.ring_seconds
         if not 1 <= ring_seconds <= calls.max_ring_seconds:
             raise InvalidRequest(f"ring_seconds must be 1-{calls.max_ring_seconds}")
@@ -333,13 +348,47 @@ class Verifications:
             )
         return _Admitted(
             phone,
-            pool,
+            pools,
             channels,
             locale,
             None if fallback_after is None else float(fallback_after),
             ring_seconds,
             sandbox_code,
         )
+
+    def _block(self, e164: str) -> str:
+        """The destination block of a number: without its last prefix_hidden_digits."""
+        return e164[: -self._config.limits.prefix_hidden_digits]
+
+    async def _choose_pool(self, admitted: _Admitted, now: float) -> Pool:
+        """The pool of a new verification: by weight among those healthy for the
+        destination's carrier; a quarantined one whose probe is due takes this call as
+        its probe. A sandbox verification (never dialed) takes the first."""
+        candidates = admitted.pools
+        if len(candidates) == 1 or admitted.sandbox_code is not None:
+            return candidates[0]
+        carrier = admitted.phone.carrier or ""
+        states = {r.pool: r for r in await self._store.pool_states(carrier)}
+        probe_seconds = self._config.caller_health.probe_seconds
+        for pool in candidates:
+            row = states.get(pool.name)
+            if (
+                row is not None
+                and row.state is not PoolState.ACTIVE
+                and row.probe_at is not None
+                and row.probe_at <= now
+            ):
+                change = await self._store.claim_probe(pool.name, carrier, now, now + probe_seconds)
+                if change is not None:
+                    if self.alerts is not None:
+                        self.alerts.pool_changed([change])
+                    return pool
+        healthy = [
+            p
+            for p in candidates
+            if p.name not in states or states[p.name].state is PoolState.ACTIVE
+        ]
+        return choose(healthy or candidates)
 
     def _channels(self, asked: tuple[str, ...] | None) -> tuple[Channel, ...]:
         """The channels a request asks for, known and available here."""
@@ -372,10 +421,12 @@ class Verifications:
             )
         return asked
 
-    def _build(self, request: NewVerification, admitted: _Admitted, now: float) -> _Draft:
-        """The records to store: a code (a caller ID drawn from the pool, or the test
+    def _build(
+        self, request: NewVerification, admitted: _Admitted, pool: Pool, now: float
+    ) -> _Draft:
+        """The records to store: a code (a caller ID drawn from `pool`, or the test
         number's fixed code), the verification and its call, queued."""
-        phone, pool, channels = admitted.phone, admitted.pool, admitted.channels
+        phone, channels = admitted.phone, admitted.channels
         verification_id = "vrf_" + secrets.token_hex(ID_BYTES)
         first = channels[0]
         if admitted.sandbox_code is not None:
@@ -402,7 +453,7 @@ class Verifications:
             expires_at=now + self._config.verification.ttl_seconds,
             updated_at=now,
             carrier=phone.carrier,
-            phone_prefix=phone.e164[: -self._config.limits.prefix_hidden_digits],
+            phone_prefix=self._block(phone.e164),
             sandbox=admitted.sandbox_code is not None,
             channels=",".join(channels),
             locale=admitted.locale,
@@ -555,6 +606,21 @@ class Verifications:
         elif cli is not None:
             pool = self._pools_by_name[verification.pool]
             shown, shown_dial = cli.e164, phones.format_for_trunk(cli.e164, pool.cli_format)
+        pool_of = self._pools_by_name.get(verification.pool)
+        route = None
+        if call.channel is Channel.FLASHCALL and pool_of is not None:
+            health = self._config.caller_health
+            route = RouteReport(
+                pool=pool_of.name,
+                carrier=verification.carrier or "",
+                delivered=None,
+                peers=tuple(
+                    p.name for p in pools_for(self._pools, verification.region) if p is not pool_of
+                ),
+                min_calls=health.min_calls,
+                probe_seconds=health.probe_seconds,
+                recent_calls=health.recent_calls,
+            )
         return CallJob(
             call_id=call.id,
             verification_id=call.verification_id,
@@ -570,6 +636,8 @@ class Verifications:
             answered_cap=voice.max_seconds if call.channel is Channel.VOICE else 0.0,
             has_next=call.step + 1 < len(verification.channel_list),
             fallback_after=verification.fallback_after,
+            trunk_channel=pool_of.channel if route is not None and pool_of is not None else None,
+            route=route,
         )
 
     def early_media_is_alerting(self, verification: VerificationRecord) -> bool:

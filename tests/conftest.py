@@ -44,6 +44,7 @@ PBX_SCRIPT = REPO / "asterisk-config" / "dev" / "pbx.sh"
 FAREND_WORKDIR = REPO / ".cache" / "farend"
 FIELD_WORKDIR = REPO / ".cache" / "field-end"
 VOICE_WORKDIR = REPO / ".cache" / "voice-end"
+ROUTES_WORKDIR = REPO / ".cache" / "routes-end"
 
 DEV_AMI = AmiSettings(
     host="127.0.0.1",
@@ -137,6 +138,53 @@ def voice_end() -> Iterator[FarEnd]:
     yield from _serve(
         FarEnd.voice(VOICE_WORKDIR, rtp_port=VOICE_RTP_PORT, voice_cli=VOICE_CLI), "voice far end"
     )
+
+
+# The routes far end (tests/sipp/routes.xml) refuses, with 603, the calls from one pool's
+# caller IDs to the numbers TELKOMSEL matches, and rings every other call.
+TELKOMSEL = "^62(811|812|813|821|822|823|851|852|853)"
+
+
+class RoutesEnd:
+    """The routes far end on 127.0.0.1:5073 (endpoint otp-route), restarted with another
+    rule when a test changes what the network refuses."""
+
+    def __init__(self) -> None:
+        self.far: FarEnd | None = None  # the running one
+        # What the ones stopped received (the next one's start clears the shared log).
+        self._past: list[InviteRecord] = []
+
+    def start(self, reject_from: str, reject_to: str = TELKOMSEL) -> FarEnd:
+        """(Re)start it refusing calls from `reject_from` (digits, or "none") to `reject_to`."""
+        self.stop()
+        far = FarEnd.routes(ROUTES_WORKDIR, reject_from=reject_from, reject_to=reject_to)
+        try:
+            far.start()
+        except RuntimeError as exc:
+            pytest.fail(f"routes far end did not start: {exc}", pytrace=False)
+        self.far = far
+        return far
+
+    def stop(self) -> None:
+        if self.far is not None:
+            self._past.extend(self.far.records())
+            self.far.stop()
+            self.far = None
+
+    def records(self) -> list[InviteRecord]:
+        """What every far end started here received, oldest first."""
+        return [*self._past, *(self.far.records() if self.far is not None else [])]
+
+
+@pytest.fixture
+def routes_end() -> Iterator[RoutesEnd]:
+    """The routes far end, stopped after the test. Dial it with `PJSIP/{number}@otp-route`."""
+    stale = FarEnd.routes(ROUTES_WORKDIR)
+    if stale.running():  # left by a test process that was killed
+        stale.stop()
+    end = RoutesEnd()
+    yield end
+    end.stop()
 
 
 @pytest.fixture(scope="session")

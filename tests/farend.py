@@ -7,8 +7,12 @@ write one line per SIP event in the same format; see tests/sipp/README.md:
   which behaves like real mobile networks and ignores OPTIONS;
 - tests/sipp/voice.xml, the voice far end on 127.0.0.1:5072 (endpoint otp-voice), which
   answers voice calls with an SDP that sends Asterisk's RTP to the test (tests/rtp.py).
+Another one picks it from the caller and the callee, in the same format:
+- tests/sipp/routes.xml, the routes far end on 127.0.0.1:5073 (endpoint otp-route), a
+  carrier that refuses (603) one caller-ID pool's calls to its own numbers and rings the rest.
 
 CLI (used by the Makefile):  python tests/farend.py up|down|status|show [--field] [--workdir DIR]
+(the lab and field far ends only: the tests start the voice and routes far ends themselves).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import re
 import shutil
 import signal
 import socket
@@ -41,6 +46,15 @@ VOICE_PORT = 5072
 # The -set variables voice.xml needs: the RTP port its 200's SDP names, and the From user
 # (digits, no '+') that makes a call a voice call.
 VOICE_VARIABLES = ("rtp_port", "voice_cli")
+ROUTES_SCENARIO = REPO_ROOT / "tests" / "sipp" / "routes.xml"
+ROUTES_WORKDIR = REPO_ROOT / ".cache" / "routes-end"
+ROUTES_PORT = 5073
+# The -set variables routes.xml needs: the From-user prefix of the refused caller-ID pool
+# (digits, or "none") and the carrier's numbers (a regular expression; see routes_pattern).
+ROUTES_VARIABLES = ("reject_from", "reject_to")
+# What routes.xml understands of reject_to: SIPp compiles its regular expressions when it
+# loads the scenario, so the scenario matches the value as data, and only in this form.
+ROUTES_PATTERN_FORM = re.compile(r"\^[0-9]*(\([0-9]+(\|[0-9]+)*\))?")
 SIPP_ENV = "FAREND_SIPP"  # optional override of the sipp executable
 PID_FILE = "sipp.pid"
 LOG_FILE = "farend.log"  # <log> actions, one line per SIP event
@@ -303,6 +317,24 @@ def terminate(pid: int, own_child: bool, scenario: Path = SCENARIO) -> None:
     raise RuntimeError(f"far end: sipp pid {pid} survived SIGKILL")
 
 
+def routes_pattern(reject_to: str) -> str:
+    """Check `reject_to` for routes.xml: a regular expression in ROUTES_PATTERN_FORM."""
+    if not reject_to or any(c.isspace() or c in "\"'" for c in reject_to):
+        raise ValueError(
+            f"routes far end: reject_to must be non-empty, without spaces or quotes: {reject_to!r}"
+        )
+    try:
+        re.compile(reject_to)
+    except re.error as exc:
+        raise ValueError(f"routes far end: reject_to {reject_to!r} is not a regex: {exc}") from exc
+    if not ROUTES_PATTERN_FORM.fullmatch(reject_to):
+        raise ValueError(
+            f"routes far end: reject_to {reject_to!r} is not of the form ^PREFIX or "
+            "^PREFIX(A|B|...) with digits, the only one routes.xml understands"
+        )
+    return reject_to
+
+
 class FarEnd:
     """Start/stop the SIPp far end and read what it received."""
 
@@ -377,6 +409,43 @@ class FarEnd:
             scenario=VOICE_SCENARIO,
             variables=variables,
             required_variables=VOICE_VARIABLES,
+        )
+
+    @classmethod
+    def routes(
+        cls,
+        workdir: Path = ROUTES_WORKDIR,
+        host: str = DEFAULT_HOST,
+        port: int = ROUTES_PORT,
+        *,
+        reject_from: str | None = None,
+        reject_to: str | None = None,
+    ) -> FarEnd:
+        """The routes far end (routes.xml), answering OPTIONS (-aa).
+
+        A call whose From user starts with `reject_from` (digits; a leading '+' is dropped;
+        "none" refuses nothing) to a Request-URI user that `reject_to` matches gets 100 and
+        603 Decline; any other call 100, 180 and waits for the CANCEL. `reject_to` is a
+        regular expression of the form ^PREFIX or ^PREFIX(A|B|...), all digits. Both are
+        needed to start it, not to check or stop one that runs.
+        """
+        variables: dict[str, str] = {}
+        if reject_from is not None:
+            digits = reject_from.removeprefix("+")
+            if reject_from != "none" and (not digits.isascii() or not digits.isdigit()):
+                raise ValueError(
+                    f'routes far end: reject_from must be digits or "none", not {reject_from!r}'
+                )
+            variables["reject_from"] = "none" if reject_from == "none" else digits
+        if reject_to is not None:
+            variables["reject_to"] = routes_pattern(reject_to)
+        return cls(
+            workdir,
+            host=host,
+            port=port,
+            scenario=ROUTES_SCENARIO,
+            variables=variables,
+            required_variables=ROUTES_VARIABLES,
         )
 
     # ---- lifecycle -------------------------------------------------------------------

@@ -1321,3 +1321,158 @@ def test_declared_sections_stay_frozen_dataclasses_built_by_keyword() -> None:
         "asterisk",
         "pools",
     ]
+
+
+# -- pools of their own trunks, pool health, the conversion watch, alerts ------------
+
+
+def test_a_pool_dials_through_the_nodes_channel_with_weight_1_unless_told() -> None:
+    (pool,) = parse(BASE).pools
+    assert (pool.channel, pool.weight) == (None, 1)
+    raw = with_pool(prefix="+6221500", channel="PJSIP/{number}@trunk-b", weight=3)
+    (pool,) = parse(raw).pools
+    assert (pool.channel, pool.weight) == ("PJSIP/{number}@trunk-b", 3)
+    # Written empty: the node's channel, as a node's own empty channel is.
+    assert parse(with_pool(prefix="+6221500", channel="")).pools[0].channel is None
+
+
+@pytest.mark.parametrize(
+    ("channel", "expected"),
+    [
+        (
+            "Local/{number}@otp",
+            ["pools[0].channel: must be a PJSIP channel, PJSIP/{number}@<endpoint>"],
+        ),
+        ("PJSIP/otp-trunk", ["pools[0].channel: must contain {number}"]),
+        (
+            "SIP/trunk",
+            [
+                "pools[0].channel: must contain {number}",
+                "pools[0].channel: must be a PJSIP channel, PJSIP/{number}@<endpoint>",
+            ],
+        ),
+        (
+            "PJSIP/{number}@b\r\nAction: Logoff",
+            ["pools[0].channel: must be one line of printable text"],
+        ),
+    ],
+)
+def test_a_pools_channel_must_be_pjsip_with_the_number(channel: str, expected: list[str]) -> None:
+    assert problems(with_pool(prefix="+6221500", channel=channel)) == expected
+
+
+def test_each_pools_channel_is_named_by_its_index() -> None:
+    raw = merged(
+        BASE,
+        {
+            "pools": [
+                {"name": "a", "prefix": "+6221500", "channel": "PJSIP/{number}@a"},
+                {"name": "b", "prefix": "+6221600", "channel": "Local/{number}@b"},
+            ]
+        },
+    )
+    assert paths(problems(raw)) == {"pools[1].channel"}
+
+
+@pytest.mark.parametrize(
+    ("weight", "expected"),
+    [
+        (1, None),
+        (1000, None),
+        (0, "pools[0].weight: must be 1-1000"),
+        (-1, "pools[0].weight: must be 1-1000"),
+        (1001, "pools[0].weight: must be 1-1000"),
+        (1.5, "pools[0].weight: must be an integer, not a number"),
+        ("3", "pools[0].weight: must be an integer, not a string"),
+        (True, "pools[0].weight: must be an integer, not true or false"),
+    ],
+)
+def test_a_pools_weight_is_bounded(weight: object, expected: str | None) -> None:
+    raw = with_pool(prefix="+6221500", weight=weight)
+    if expected is None:
+        assert parse(raw).pools[0].weight == weight
+    else:
+        assert problems(raw) == [expected]
+
+
+def test_caller_health_and_conversion_defaults() -> None:
+    cfg = parse(BASE)
+    assert cfg.caller_health == config.CallerHealthConfig(
+        min_calls=10, probe_seconds=300, recent_calls=100
+    )
+    assert cfg.conversion == config.ConversionConfig(
+        mode="report",
+        min_rate=0.2,
+        min_verifications=50,
+        window_seconds=3600,
+        grace_seconds=60,
+        block_seconds=3600,
+    )
+    assert cfg.alerts.url is None
+
+
+def test_caller_health_and_conversion_keys_are_bounded() -> None:
+    raw = merged(
+        BASE,
+        {
+            "caller_health": {"min_calls": 0, "probe_seconds": 4, "recent_calls": 9},
+            "conversion": {
+                "mode": "refuse",
+                "min_rate": 0,
+                "min_verifications": 0,
+                "window_seconds": 59,
+                "grace_seconds": 3601,
+                "block_seconds": 59,
+            },
+        },
+    )
+    assert problems(raw) == [
+        "caller_health.min_calls: must be 1-1000",
+        "caller_health.probe_seconds: must be 5-86400",
+        "caller_health.recent_calls: must be 10-1000",
+        "conversion.mode: must be one of ('report', 'block')",
+        "conversion.min_rate: must be above 0, at most 1",
+        "conversion.min_verifications: must be 1-1000000",
+        "conversion.window_seconds: must be 60-604800",
+        "conversion.grace_seconds: must be 0-3600",
+        "conversion.block_seconds: must be 60-2592000",
+    ]
+    raw = merged(BASE, {"conversion": {"mode": "block", "min_rate": 1, "grace_seconds": 0}})
+    assert (parse(raw).conversion.mode, parse(raw).conversion.min_rate) == ("block", 1.0)
+
+
+ALERTS_URL = "https://ops.example.com/otp-alerts"
+
+
+@pytest.mark.parametrize("url", [ALERTS_URL, "http://10.0.0.5:8080/alerts"])
+def test_alerts_url_is_accepted_with_a_webhook_secret(url: str) -> None:
+    raw = merged(BASE, {"alerts": {"url": url}, "webhooks": {"secret": webhook_secret(32)}})
+    assert parse(raw).alerts.url == url
+
+
+def test_alerts_url_needs_the_webhook_secret_to_sign_with() -> None:
+    found = problems(merged(BASE, {"alerts": {"url": ALERTS_URL}}))
+    assert found == ["alerts.url: needs webhooks.secret: alerts are signed like webhooks"]
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://ops.example.com/alerts", "ops.example.com/alerts", "https:///alerts"]
+)
+def test_alerts_url_must_be_http_or_https_with_a_host(url: str) -> None:
+    raw = merged(BASE, {"alerts": {"url": url}, "webhooks": {"secret": webhook_secret(32)}})
+    assert problems(raw) == ["alerts.url: must be an http or https URL"]
+
+
+def test_a_wrong_alerts_url_without_a_secret_names_both_problems() -> None:
+    assert problems(merged(BASE, {"alerts": {"url": "ftp://ops.example.com"}})) == [
+        "alerts.url: must be an http or https URL",
+        "alerts.url: needs webhooks.secret: alerts are signed like webhooks",
+    ]
+
+
+def test_an_alerts_url_with_a_line_break_is_refused() -> None:
+    raw = merged(
+        BASE,
+        {"alerts": {"url": ALERTS_URL + "\nX: y"}, "webhooks": {"secret": webhook_secret(32)}},
+    )
+    assert "alerts.url: must be one line of printable text" in problems(raw)

@@ -3,19 +3,24 @@ function, and the routes served without an API key on the operator's listener.""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.api import views
+from gateway.api.shapes import AlertMode
 from gateway.app import create_app, create_operator_app
+from gateway.caller_health import RouteReport
+from gateway.config import PoolConfig
 from gateway.dashboard import CHART_MINUTES, WINDOW_S, Live, dashboard_data
 from gateway.numbers import Numbers
-from gateway.store import Store, open_store
-from tests.conftest import make_call, make_config, make_verification
+from gateway.store import AlertKind, AlertRecord, Store, open_store
+from tests.conftest import TEST_POOL, make_call, make_config, make_verification
 from tests.fakes import FakePbx
 
 AppClient = TestClient[web.Request, web.Application]
@@ -25,6 +30,18 @@ T0 = 1_700_000_040.0
 assert T0 % 60 == 0
 PHONE = "+6281234567890"
 CLI_PREFIX = "+6221500"  # the prefix of TEST_POOL: make_config's and make_verification's
+# Two more pools: one with a trunk of its own, one no call went through.
+BACKUP = PoolConfig(
+    name="backup", prefix="+6221600", regions=("ID",), weight=3, channel="PJSIP/{number}@trunk-b"
+)
+SPARE = PoolConfig(name="spare", prefix="+6221700")
+MIN_CALLS = 2
+PROBE_S = 300.0
+# Every (kind, mode) an open alert may have, in the order the data lists them.
+NO_ALERTS = [
+    {"kind": kind.value, "mode": mode.value, "count": 0}
+    for kind, mode in itertools.product(AlertKind, AlertMode)
+]
 
 
 @pytest.fixture
@@ -53,6 +70,7 @@ class Calls:
         phone: str = PHONE,
         reason: str | None = None,
         owner: str | None = None,
+        route: RouteReport | None = None,
     ) -> str:
         """A call dialed at `dialed_at` (None: never) that ended at `ended_at` (None: live)."""
         self.n += 1
@@ -82,8 +100,40 @@ class Calls:
                 at=ended_at,
                 fail_verification=not delivered,
                 delivered=delivered,
+                route=route,
             )
         return cid
+
+
+def route(
+    pool: str, delivered: bool, carrier: str = "Telkomsel", peers: tuple[str, ...] = ()
+) -> RouteReport:
+    """What a call's end says of its pool's route to `carrier` (caller_health)."""
+    return RouteReport(
+        pool=pool,
+        carrier=carrier,
+        delivered=delivered,
+        peers=peers,
+        min_calls=MIN_CALLS,
+        probe_seconds=PROBE_S,
+        recent_calls=10,
+    )
+
+
+def alert(
+    aid: str, kind: AlertKind, target: str, mode: str = "report", at: float = T0
+) -> AlertRecord:
+    """A conversion alert raised at `at`."""
+    return AlertRecord(
+        id=aid,
+        kind=kind,
+        target=target,
+        created=20,
+        approved=1,
+        mode=mode,
+        raised_at=at,
+        blocked_until=at + 600 if mode == "block" else None,
+    )
 
 
 @pytest.fixture
@@ -279,20 +329,172 @@ async def test_dashboard_data_passes_the_nodes_through(store: Store, database: s
 async def test_dashboard_data_holds_no_phone_number_or_caller_id(
     store: Store, calls: Calls, database: str
 ) -> None:
-    await calls.add(dialed_at=T0 + 1, ended_at=T0 + 3)
-    numbers = Numbers(make_config(database), store)
-    text = json.dumps(await dashboard_data(store, numbers, Live(False, 0, 0), T0 + 10))
-    for secret in (PHONE, PHONE[1:], PHONE[3:], CLI_PREFIX, CLI_PREFIX[1:], "hmac-of-code"):
+    await calls.add(dialed_at=T0 + 1, ended_at=T0 + 3, route=route(TEST_POOL.name, True))
+    block = PHONE[:-4]  # the number without its hidden digits: an alert's target
+    await store.raise_alert(alert("alr_1", AlertKind.BLOCK, block, "block"))
+    config = make_config(database)
+    numbers = Numbers(config, store)
+    data = await dashboard_data(
+        store,
+        numbers,
+        Live(False, 0, 0),
+        T0 + 10,
+        pools=config.pools,
+        channel=config.asterisk.channel,
+    )
+    assert data["pools"][0]["carriers"][0]["calls"] == 1
+    assert sum(entry["count"] for entry in data["open_alerts"]) == 1
+    text = json.dumps(data)
+    secrets = (PHONE, PHONE[1:], PHONE[3:], block, block[1:], block[3:], "alr_1")
+    for secret in (*secrets, CLI_PREFIX, CLI_PREFIX[1:], "hmac-of-code"):
         assert secret not in text
 
 
 async def test_dashboard_data_without_calls(store: Store, database: str) -> None:
-    numbers = Numbers(make_config(database), store)
-    data = await dashboard_data(store, numbers, Live(False, 0, 0), T0)
+    config = make_config(database)
+    numbers = Numbers(config, store)
+    data = await dashboard_data(
+        store, numbers, Live(False, 0, 0), T0, pools=config.pools, channel=config.asterisk.channel
+    )
     assert data["calls_last_minute"] == 0
     assert [m["calls"] for m in data["calls_per_minute"]] == [0] * CHART_MINUTES
     assert data["window"]["delivery_rate"] is None
     assert (data["window"]["by_carrier"], data["window"]["by_cause"]) == ([], [])
+    # The configured pool, no call judged its route yet; no alert open.
+    assert data["pools"] == [
+        {"name": "default", "regions": [], "weight": 1, "trunk": "otp-trunk", "carriers": []}
+    ]
+    assert data["open_alerts"] == NO_ALERTS
+
+
+async def test_dashboard_data_shows_each_pools_health_as_v1_pools_does(
+    store: Store, calls: Calls, database: str
+) -> None:
+    now = T0 + 30
+    default = TEST_POOL.name
+    # To XL: the default pool delivers, the backup pool fails twice: quarantined.
+    await calls.add(
+        dialed_at=now - 101,
+        ended_at=now - 100,
+        carrier="XL",
+        route=route(default, True, "XL", ("backup",)),
+    )
+    for at in (now - 90, now - 80):
+        await calls.add(
+            dialed_at=at - 1,
+            ended_at=at,
+            outcome="rejected",
+            cause=21,
+            carrier="XL",
+            route=route("backup", False, "XL", (default,)),
+        )
+    # To Telkomsel: the default pool delivers once, then fails twice; no other pool
+    # delivers there, so it is held active.
+    await calls.add(dialed_at=now - 71, ended_at=now - 70, route=route(default, True))
+    for at in (now - 60, now - 50):
+        await calls.add(
+            dialed_at=at - 1,
+            ended_at=at,
+            outcome="rejected",
+            cause=21,
+            route=route(default, False),
+        )
+    # A carrier phonenumbers does not name, and a pool no longer configured.
+    await calls.add(
+        dialed_at=now - 41, ended_at=now - 40, carrier=None, route=route(default, True, "")
+    )
+    await calls.add(dialed_at=now - 31, ended_at=now - 30, route=route("retired", True))
+    config = make_config(database, pools=(TEST_POOL, BACKUP, SPARE))
+    numbers = Numbers(config, store)
+
+    data = await dashboard_data(
+        store,
+        numbers,
+        Live(True, 0, 0),
+        now,
+        pools=config.pools,
+        channel=config.asterisk.channel,
+    )
+
+    def carrier(name: str | None, since: float, recent: str, **fields: object) -> dict[str, object]:
+        calls, delivered = len(recent), recent.count("d")
+        return {
+            "carrier": name,
+            "state": "active",
+            "since": views.timestamp(since),
+            "calls": calls,
+            "delivered": delivered,
+            "rate": round(delivered / calls, 4),
+            "failures_in_a_row": 0,
+            "held": False,
+            "next_probe_at": None,
+        } | fields
+
+    assert data["pools"] == [
+        {
+            "name": "default",
+            "regions": [],
+            "weight": 1,
+            "trunk": "otp-trunk",
+            "carriers": [
+                carrier(None, now - 40, "d"),
+                carrier("Telkomsel", now - 70, "dff", failures_in_a_row=2, held=True),
+                carrier("XL", now - 100, "d"),
+            ],
+        },
+        {
+            "name": "backup",
+            "regions": ["ID"],
+            "weight": 3,
+            "trunk": "trunk-b",
+            "carriers": [
+                carrier(
+                    "XL",
+                    now - 80,
+                    "ff",
+                    state="quarantined",
+                    failures_in_a_row=2,
+                    next_probe_at=views.timestamp(now - 80 + PROBE_S),
+                )
+            ],
+        },
+        {"name": "spare", "regions": [], "weight": 1, "trunk": "otp-trunk", "carriers": []},
+    ]
+    # Each pool as GET /v1/pools shows it (gateway.api.handlers.list_pools).
+    rows = await store.pool_health()
+    assert data["pools"] == [
+        msgspec.to_builtins(
+            views.pool(pool, config.asterisk.channel, [r for r in rows if r.pool == pool.name])
+        )
+        for pool in config.pools
+    ]
+
+
+async def test_dashboard_data_counts_open_alerts_by_kind_and_mode(
+    store: Store, database: str
+) -> None:
+    await store.raise_alert(alert("alr_1", AlertKind.BLOCK, "+62811", "report"))
+    await store.raise_alert(alert("alr_2", AlertKind.BLOCK, "+62812", "report"))
+    await store.raise_alert(alert("alr_3", AlertKind.BLOCK, "+62813", "block"))
+    await store.raise_alert(alert("alr_4", AlertKind.COUNTRY, "ID", "block"))
+    await store.raise_alert(alert("alr_5", AlertKind.CARRIER, "XL", "report"))
+    await store.clear_alert("alr_5", T0 + 5, "recovered")  # cleared: not counted
+    numbers = Numbers(make_config(database), store)
+
+    data = await dashboard_data(store, numbers, Live(True, 0, 0), T0 + 10)
+
+    counts = {(e["kind"], e["mode"]): e["count"] for e in data["open_alerts"]}
+    assert [(e["kind"], e["mode"]) for e in data["open_alerts"]] == [
+        (e["kind"], e["mode"]) for e in NO_ALERTS
+    ]
+    assert counts == {
+        ("block", "report"): 2,
+        ("block", "block"): 1,
+        ("carrier", "report"): 0,
+        ("carrier", "block"): 0,
+        ("country", "report"): 0,
+        ("country", "block"): 1,
+    }
 
 
 # -- the routes ----------------------------------------------------------------
@@ -332,6 +534,11 @@ async def test_data_is_served_without_an_api_key(client: AppClient) -> None:
     assert [(n["name"], n["connected"]) for n in data["nodes"]] == [("asterisk", True)]
     assert data["nodes"][0]["down_seconds"] == 0
     assert (data["nodes"][0]["calls_live"], data["nodes"][0]["calls_placed"]) == (0, 0)
+    # The config's pool (make_config's TEST_POOL), no call yet; no alert open.
+    assert data["pools"] == [
+        {"name": "default", "regions": [], "weight": 1, "trunk": "otp-trunk", "carriers": []}
+    ]
+    assert data["open_alerts"] == NO_ALERTS
 
 
 async def test_asset_directory_is_not_listed(client: AppClient) -> None:

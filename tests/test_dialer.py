@@ -1057,7 +1057,8 @@ async def test_an_answered_voice_call_is_hung_up_at_its_answered_cap_not_its_rin
     assert call.ended_at is not None and call.ringing_at is not None
     # ANSWERED_CAP_S after the answer; the ring cap (RING_S after the 180) is long past.
     talked = call.ended_at - events["answered"]
-    assert ANSWERED_CAP_S - 0.02 <= talked <= ANSWERED_CAP_S + 0.15
+    # A loaded machine delays the timer (CI once saw it 0.15 s late), never advances it.
+    assert ANSWERED_CAP_S - 0.02 <= talked <= ANSWERED_CAP_S + 0.5
     assert call.ended_at - call.ringing_at > RING_S + 0.2
 
 

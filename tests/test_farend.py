@@ -17,12 +17,15 @@ from tests.conftest import phone_number
 from tests.farend import (
     FIELD_PORT,
     FIELD_SCENARIO,
+    ROUTES_PORT,
+    ROUTES_SCENARIO,
     SCENARIO,
     VOICE_PORT,
     VOICE_SCENARIO,
     FarEnd,
     InviteRecord,
     is_live_sipp,
+    routes_pattern,
 )
 
 HOST = "127.0.0.1"
@@ -549,3 +552,138 @@ def test_voice_call_sends_rtp_to_rtp_port_and_digit_1_hangs_up(voice: FarEnd) ->
     assert record.from_user == VOICE_CLI and record.answered_at and record.acked_at
     assert record.bye_sent_at is not None and record.bye_at is None
     assert 0.95 <= record.bye_sent_at - record.acked_at <= 1.5
+
+
+# ---- the routes far end (routes.xml): one carrier refuses one caller-ID pool ----
+
+ROUTES_POOL = "6221500"  # the refused pool's From-user prefix
+ROUTES_CARRIER = "^62(811|812|813|821|822|823|852|853)"  # the refusing carrier's numbers
+REFUSED = [100, 603]
+RINGS = [100, 180, 487]  # rings until the probe cancels
+# (Request-URI user, From user) -> responses sent to the INVITE, in order.
+ROUTES_CALLS = {
+    ("62811995001", f"{ROUTES_POOL}01"): REFUSED,
+    ("62853995002", f"+{ROUTES_POOL}02"): REFUSED,  # the From user's '+' is dropped
+    ("+62821995003", f"{ROUTES_POOL}03"): REFUSED,  # and the Request-URI user's
+    ("62821995004", ROUTES_POOL): REFUSED,  # the prefix alone
+    ("62811995005", "622150101"): RINGS,  # another pool
+    ("62811995006", ROUTES_POOL[:-1]): RINGS,  # shorter than the prefix
+    ("62814995007", f"{ROUTES_POOL}07"): RINGS,  # another carrier
+    ("62855995008", f"{ROUTES_POOL}08"): RINGS,
+    ("6281995009", f"{ROUTES_POOL}09"): RINGS,  # 62819 is not 628(11|12|...)
+    ("0811995010", f"{ROUTES_POOL}10"): RINGS,  # the pattern is anchored
+}
+
+
+@pytest.fixture(scope="module")
+def routes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FarEnd]:
+    """A private routes far end on a free port and a temporary workdir, stopped afterwards."""
+    routes = FarEnd.routes(
+        tmp_path_factory.mktemp("routes"),
+        port=free_udp_port(),
+        reject_from=f"+{ROUTES_POOL}",  # the '+' is dropped
+        reject_to=ROUTES_CARRIER,
+    )
+    yield from private(routes, "routes far end")
+
+
+def check_routes_calls(far: FarEnd, calls: dict[tuple[str, str], list[int]], workdir: Path) -> None:
+    """Place `calls` with the probe and check what the far end sent to each."""
+    run_probe(far.port, list(calls), workdir)
+    users = {to for to, _ in calls}
+    records = far.wait_for(
+        lambda rs: {r.request_user for r in rs if r.ended_at is not None} >= users, timeout=2
+    )
+    by_user = {r.request_user: r for r in records}
+    for (to, frm), expected in calls.items():
+        record = by_user[to]
+        assert record.from_user == frm.removeprefix("+"), to
+        assert [code for code, _ in record.responses] == expected, to
+        assert record.final_code == expected[-1] and record.answered_at is None, to
+        assert record.acked_at is not None and record.timeout is None, to
+        assert (record.canceled_at is not None) == (expected == RINGS), to
+
+
+def test_routes_far_end_command(routes: FarEnd, tmp_path: Path) -> None:
+    assert routes.port != ROUTES_PORT
+    pid = routes.pid()
+    assert pid is not None
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    assert cmdline[cmdline.index("-sf") + 1] == str(ROUTES_SCENARIO) and "-aa" in cmdline
+    sets = [cmdline[i + 1 : i + 3] for i, arg in enumerate(cmdline) if arg == "-set"]
+    assert sets == [["reject_from", ROUTES_POOL], ["reject_to", ROUTES_CARRIER]]
+    assert is_live_sipp(pid, ROUTES_SCENARIO) and not is_live_sipp(pid)
+    assert not is_live_sipp(pid, VOICE_SCENARIO) and not is_live_sipp(pid, FIELD_SCENARIO)
+    # Checking and stopping need no variables; starting does.
+    (tmp_path / "sipp.pid").write_text(f"{pid}\n")
+    assert FarEnd.routes(tmp_path).running() and not FarEnd.voice(tmp_path).running()
+    (tmp_path / "sipp.pid").unlink()
+    with pytest.raises(RuntimeError, match="needs -set reject_to"):
+        FarEnd.routes(tmp_path, port=free_udp_port(), reject_from="none").start()
+    with pytest.raises(RuntimeError, match="needs -set reject_from, reject_to"):
+        FarEnd.routes(tmp_path, port=free_udp_port()).start()
+    assert not FarEnd.routes(tmp_path).running()
+
+
+@pytest.mark.parametrize(
+    ("reject_from", "variable"),
+    [("6221500", "6221500"), ("+6221500", "6221500"), ("none", "none")],
+)
+def test_routes_reject_from(tmp_path: Path, reject_from: str, variable: str) -> None:
+    far = FarEnd.routes(tmp_path, reject_from=reject_from, reject_to="^62811")
+    command = far.command()
+    at = command.index("-set")
+    assert command[at : at + 6] == ["-set", "reject_from", variable, "-set", "reject_to", "^62811"]
+
+
+@pytest.mark.parametrize("reject_from", ["", "+", "62-21", "6221 500", "+none", "None", "٦٢"])
+def test_routes_bad_reject_from(tmp_path: Path, reject_from: str) -> None:
+    with pytest.raises(ValueError, match='digits or "none"'):
+        FarEnd.routes(tmp_path, reject_from=reject_from)
+
+
+@pytest.mark.parametrize("reject_to", [ROUTES_CARRIER, "^62811", "^(62811|62812)", "^"])
+def test_routes_reject_to(tmp_path: Path, reject_to: str) -> None:
+    assert routes_pattern(reject_to) == reject_to
+    assert FarEnd.routes(tmp_path, reject_to=reject_to).variables == {"reject_to": reject_to}
+
+
+@pytest.mark.parametrize(
+    ("reject_to", "problem"),
+    [
+        ("", "non-empty"),
+        ("^62 811", "without spaces"),
+        ("^62\t811", "without spaces"),
+        ("^62'811", "quotes"),
+        ('^62"811', "quotes"),
+        ("^62(811", "not a regex"),
+        ("^62(811|812))", "not a regex"),
+        ("62811", "not of the form"),  # unanchored
+        ("^62811$", "not of the form"),
+        ("^62(81[1-3]|852)", "not of the form"),
+        ("^62(811|)", "not of the form"),
+        ("^62(811)(812)", "not of the form"),
+        ("^\\+62811", "not of the form"),
+    ],
+)
+def test_routes_bad_reject_to(tmp_path: Path, reject_to: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        FarEnd.routes(tmp_path, reject_to=reject_to)
+
+
+def test_routes_behaviour_by_caller_and_callee(routes: FarEnd, tmp_path: Path) -> None:
+    check_routes_calls(routes, ROUTES_CALLS, tmp_path)
+
+
+def test_routes_reject_from_none_refuses_nothing(tmp_path: Path) -> None:
+    accepting = FarEnd.routes(
+        tmp_path / "routes", port=free_udp_port(), reject_from="none", reject_to=ROUTES_CARRIER
+    )
+    calls = {(f"62811996{i:03d}", f"{ROUTES_POOL}{i:02d}"): RINGS for i in range(2)}
+    calls[("62811996100", "none")] = RINGS
+    accepting.start()
+    try:
+        check_routes_calls(accepting, calls, tmp_path / "probe")
+    finally:
+        accepting.stop()
+    assert not accepting.running()

@@ -55,6 +55,9 @@ def test_admin_routes_and_only_they_answer_403() -> None:
         ("delete", "/v1/numbers/{phone}/health"),
         ("delete", "/v1/numbers/{phone}/failed-checks"),
         ("get", "/v1/stats"),
+        ("get", "/v1/pools"),
+        ("get", "/v1/alerts"),
+        ("delete", "/v1/alerts/{alert_id}"),
     }
     assert all("scope admin" in paths[path][method]["description"] for method, path in with_403)
 

@@ -676,6 +676,31 @@ async def reset_checks_422(ctx: Context) -> Any:
     return await ctx.call("resetFailedChecks", "phone", client=ctx.admin)
 
 
+@provokes("listPools", 403, "insufficient_scope", required_scope="admin")
+async def pools_403(ctx: Context) -> Any:
+    return await ctx.call("listPools")
+
+
+@provokes("listAlerts", 400, "invalid_request", field="limit")
+async def alerts_400(ctx: Context) -> Any:
+    return await ctx.call("listAlerts", client=ctx.admin, limit=0)
+
+
+@provokes("listAlerts", 403, "insufficient_scope", required_scope="admin")
+async def alerts_403(ctx: Context) -> Any:
+    return await ctx.call("listAlerts")
+
+
+@provokes("liftAlert", 403, "insufficient_scope", required_scope="admin")
+async def lift_403(ctx: Context) -> Any:
+    return await ctx.call("liftAlert", "alr_none")
+
+
+@provokes("liftAlert", 404, "not_found")
+async def lift_404(ctx: Context) -> Any:
+    return await ctx.call("liftAlert", "alr_none", client=ctx.admin)
+
+
 # Several members at once: each refusal of a number names what refused it.
 REFUSED_NUMBERS = [
     ("12345", "invalid_phone", "reason", "invalid_for_region"),
@@ -786,6 +811,9 @@ def plain_calls(models: Any) -> dict[str, tuple[tuple[Any, ...], dict[str, Any]]
         "resetNumberHealth": ((MOBILE,), {}),
         "resetFailedChecks": ((MOBILE,), {}),
         "readStats": ((), {}),
+        "listPools": ((), {}),
+        "listAlerts": ((), {}),
+        "liftAlert": (("alr_none",), {}),
     }
 
 

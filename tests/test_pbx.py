@@ -68,6 +68,29 @@ def test_channel_template_with_line_break_is_refused() -> None:
         originate_action(settings, Dial("abc", "6281234567890", "622150001234", 8))
 
 
+def test_a_dials_own_channel_replaces_the_nodes() -> None:
+    """A pool with a trunk of its own (pools[].channel): its calls leave through it."""
+    dial = Dial("abc123", "6281234567890", "622160001234", 8, channel="PJSIP/{number}@trunk-b")
+    action = originate_action(SETTINGS, dial)
+    assert action["Channel"] == "PJSIP/6281234567890@trunk-b"
+    default = originate_action(SETTINGS, dataclasses.replace(dial, channel=None))
+    assert default["Channel"] == "PJSIP/6281234567890@otp-trunk"
+    assert {k: v for k, v in action.items() if k != "Channel"} == {
+        k: v for k, v in default.items() if k != "Channel"
+    }
+
+
+def test_a_dials_own_channel_may_name_the_number_anywhere() -> None:
+    dial = Dial("abc", "+6281234567890", "622160001234", 8, channel="PJSIP/b/sip:{number}@host")
+    assert originate_action(SETTINGS, dial)["Channel"] == "PJSIP/b/sip:+6281234567890@host"
+
+
+def test_a_dials_own_channel_with_a_line_break_is_refused() -> None:
+    dial = Dial("abc", "6281234567890", "622150001234", 8, channel="PJSIP/{number}@b\r\nX: y")
+    with pytest.raises(UnsafeAmiValue):
+        originate_action(SETTINGS, dial)
+
+
 # -- voice calls: the dialplan is told what to say, in values checked one by one --------
 
 SPEECH = Speech(context="otp-voice", code="4821", locale="id", repeat=3, max_seconds=90)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import pytest
 
 from gateway.config import PoolConfig
-from gateway.pool import Cli, CliShape, Pool, pool_for
+from gateway.pool import Cli, CliShape, Pool, choose, pools_for
 
 PREFIX = "+6221500"
 LISTED = ("+622150001234", "+622150005678", "+622150009012")
@@ -227,21 +228,30 @@ def test_pool_with_regions_serves_only_those() -> None:
     assert not pool.serves("MY")
 
 
-def test_pool_for_picks_the_first_pool_serving_the_region() -> None:
+def test_pools_for_prefers_the_pools_naming_the_region() -> None:
     indonesia = Pool(PoolConfig(name="id", prefix="+6221500", regions=("ID",)))
+    indonesia_b = Pool(PoolConfig(name="id-b", prefix="+6221700", regions=("ID", "MY")))
     malaysia = Pool(PoolConfig(name="my", prefix="+6031200", regions=("MY",)))
     fallback = Pool(PoolConfig(name="any", prefix="+6221600"))
-    pools = [indonesia, malaysia, fallback]
-    assert pool_for(pools, "ID") is indonesia
-    assert pool_for(pools, "MY") is malaysia
-    assert pool_for(pools, "SG") is fallback
-    assert pool_for([fallback, indonesia], "ID") is fallback
+    pools = [fallback, indonesia, malaysia, indonesia_b]
+    assert pools_for(pools, "ID") == [indonesia, indonesia_b]
+    assert pools_for(pools, "MY") == [malaysia, indonesia_b]
+    assert pools_for(pools, "SG") == [fallback]  # none names it: the catch-all
 
 
-def test_pool_for_is_none_when_no_pool_serves_the_region() -> None:
+def test_pools_for_is_empty_when_no_pool_serves_the_region() -> None:
     pools = [Pool(PoolConfig(name="id", prefix="+6221500", regions=("ID",)))]
-    assert pool_for(pools, "MY") is None
-    assert pool_for([], "ID") is None
+    assert pools_for(pools, "MY") == []
+    assert pools_for([], "ID") == []
+
+
+def test_choose_spreads_by_weight() -> None:
+    light = Pool(PoolConfig(name="a", prefix="+6221500", weight=1))
+    heavy = Pool(PoolConfig(name="b", prefix="+6221600", weight=3))
+    chosen = Counter(choose([light, heavy]).name for _ in range(4000))
+    # 1:3 expected (1000:3000); 5 standard deviations (about 27) either way.
+    assert 860 < chosen["a"] < 1140, chosen
+    assert choose([light]) is light
 
 
 def test_cli_is_a_value() -> None:

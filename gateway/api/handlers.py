@@ -12,9 +12,11 @@ import msgspec
 from aiohttp import web
 
 from gateway import apikeys
+from gateway.alerts import MAX_LISTED
 from gateway.api import openapi, shapes, views
 from gateway.api.bodies import check_callback_url, read_body
 from gateway.api.typedefs import (
+    ALERTS,
     CONFIG,
     DIALER,
     METRICS,
@@ -24,7 +26,8 @@ from gateway.api.typedefs import (
     VERIFICATIONS,
     api_key,
 )
-from gateway.errors import InsufficientScope, InvalidRequest
+from gateway.caller_health import PoolHealthRecord
+from gateway.errors import InsufficientScope, InvalidRequest, NotFound
 from gateway.numbers import DEFAULT_PAGE
 from gateway.store import CallRecord, Replayed, VerificationRecord
 from gateway.times import timestamp
@@ -218,6 +221,46 @@ async def stats(request: web.Request) -> web.Response:
     figures = await request.app[NUMBERS].stats(since, until)
     body = {"since": timestamp(since), "until": timestamp(until), **figures}
     return _json(msgspec.convert(body, shapes.Stats))
+
+
+@routes.get("/v1/pools")
+async def list_pools(request: web.Request) -> web.Response:
+    """Each pool and, for each carrier its calls reached, what they taught (caller_health)."""
+    require_admin(request)
+    config = request.app[CONFIG]
+    rows: dict[str, list[PoolHealthRecord]] = {}
+    for row in await request.app[STORE].pool_health():
+        rows.setdefault(row.pool, []).append(row)
+    return _json(
+        shapes.Pools(
+            pools=[
+                views.pool(p, config.asterisk.channel, rows.get(p.name, [])) for p in config.pools
+            ]
+        )
+    )
+
+
+@routes.get("/v1/alerts")
+async def list_alerts(request: web.Request) -> web.Response:
+    """The conversion watch's alerts, newest first: open ones, or with state=all every one."""
+    require_admin(request)
+    state = request.query.get("state", "open")
+    if state not in ("open", "all"):
+        raise InvalidRequest("state must be open or all", field="state")
+    limit = _int_query(request, "limit", DEFAULT_PAGE)
+    if not 1 <= limit <= MAX_LISTED:
+        raise InvalidRequest(f"limit must be 1-{MAX_LISTED}", field="limit")
+    records = await request.app[STORE].alerts(state == "open", limit)
+    return _json(shapes.AlertList(alerts=[views.alert(r) for r in records]))
+
+
+@routes.delete("/v1/alerts/{alert_id}")
+async def lift_alert(request: web.Request) -> web.Response:
+    """Lift an open alert: its target takes verifications again, its counts start afresh."""
+    require_admin(request)
+    if await request.app[ALERTS].lift(request.match_info["alert_id"]) is None:
+        raise NotFound("no open alert with this id")
+    return web.Response(status=204)
 
 
 def _region(request: web.Request, region: str | None) -> str:

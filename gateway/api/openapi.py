@@ -231,7 +231,8 @@ def document() -> dict[str, Any]:
                                 "number_known_invalid, invalid_callback_url, "
                                 "unknown_channel, unknown_locale, channel_unavailable",
                                 429: "rate_limited: a limit on calls (or on voice calls) "
-                                "is reached",
+                                "is reached; or destination_suspended: the conversion watch "
+                                "suspended the destination's block, carrier or country",
                                 503: "overloaded or pbx_unavailable",
                             },
                         ),
@@ -444,6 +445,71 @@ def document() -> dict[str, Any]:
                             "description": "RFC 3339 with a time zone; now by default",
                             "schema": {"type": "string"},
                         },
+                    ],
+                    security=BEARER,
+                )
+            },
+            "/v1/pools": {
+                "get": _op(
+                    "listPools",
+                    NUMBERS,
+                    "Each caller-ID pool and its health for each carrier its calls reached",
+                    {"200": _json(_ref("Pools"), "the pools"), **_problems(403, *_V1_ERRORS)},
+                    description=ADMIN_ONLY,
+                    security=BEARER,
+                )
+            },
+            "/v1/alerts": {
+                "get": _op(
+                    "listAlerts",
+                    NUMBERS,
+                    "The conversion watch's alerts, newest first",
+                    {
+                        "200": _json(_ref("AlertList"), "the alerts"),
+                        **_problems(400, 403, *_V1_ERRORS),
+                    },
+                    description=ADMIN_ONLY,
+                    parameters=[
+                        {
+                            "name": "state",
+                            "in": "query",
+                            "description": "open (the default): those not cleared; all: every "
+                            "alert still kept",
+                            "schema": {"type": "string", "enum": ["open", "all"]},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "description": "at most this many (default 100)",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 500},
+                        },
+                    ],
+                    security=BEARER,
+                )
+            },
+            "/v1/alerts/{alert_id}": {
+                "delete": _op(
+                    "liftAlert",
+                    NUMBERS,
+                    "Lift an open alert: its target takes verifications again and its "
+                    "conversion is counted afresh",
+                    {
+                        "204": {"description": "lifted"},
+                        **_problems(
+                            403,
+                            404,
+                            *_V1_ERRORS,
+                            reasons={404: "not_found: no open alert with this id"},
+                        ),
+                    },
+                    description=ADMIN_ONLY,
+                    parameters=[
+                        {
+                            "name": "alert_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
                     ],
                     security=BEARER,
                 )

@@ -12,7 +12,7 @@ import msgspec
 from aiohttp import web
 
 from gateway.api import shapes, views
-from gateway.api.typedefs import DIALER, GATEWAY, METRICS, NODES, NUMBERS, STORE
+from gateway.api.typedefs import CONFIG, DIALER, GATEWAY, METRICS, NODES, NUMBERS, STORE
 from gateway.dashboard import Live, dashboard_data
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
@@ -57,7 +57,15 @@ async def dashboard_figures(request: web.Request) -> web.Response:
         dialer.owner,
         [views.node(node, *dialer.on_node(node)) for node in pbx_nodes.all],
     )
-    figures = await dashboard_data(app[STORE], app[NUMBERS], live, time.time())
+    config = app[CONFIG]
+    figures = await dashboard_data(
+        app[STORE],
+        app[NUMBERS],
+        live,
+        time.time(),
+        pools=config.pools,
+        channel=config.asterisk.channel,
+    )
     body = views.encode(msgspec.convert(figures, shapes.Dashboard))
     return web.Response(
         body=body, content_type="application/json", headers={"Cache-Control": "no-store"}

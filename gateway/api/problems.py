@@ -38,6 +38,7 @@ STATUS = {
     errors.UnknownLocale.code: 422,
     errors.ChannelUnavailable.code: 422,
     errors.RateLimited.code: 429,
+    errors.DestinationSuspended.code: 429,
     errors.PbxUnavailable.code: 503,
     errors.Overloaded.code: 503,
 }

@@ -5,6 +5,7 @@ components are generated from them (gateway.api.openapi)."""
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -14,7 +15,14 @@ from gateway import apikeys
 from gateway.config import MAX_RING_SECONDS, MAX_VOICE_WAIT_SECONDS
 from gateway.numbers import MAX_LOOKUP
 from gateway.outcomes import Health, Outcome
-from gateway.store import CallStatus, Channel, CheckSource, VerificationStatus, WebhookStatus
+from gateway.store import (
+    AlertKind,
+    CallStatus,
+    Channel,
+    CheckSource,
+    VerificationStatus,
+    WebhookStatus,
+)
 from gateway.verifications import MAX_CALLBACK_URL_LENGTH, MAX_CHANNELS, MAX_REFERENCE_LENGTH
 
 # -- members -------------------------------------------------------------------
@@ -384,6 +392,78 @@ class Stats(Totals):
     ]
 
 
+class PoolCarrier(Response):
+    """What the latest calls from one pool to one carrier taught (caller_health)."""
+
+    carrier: Annotated[str | None, Meta(description="as in /v1/stats; null: not known")]
+    state: Annotated[
+        Literal["active", "quarantined", "probing"],
+        Meta(
+            description="active: new calls may use the pool; quarantined: they do not (its "
+            "calls failed while another pool delivered); probing: one call tries it again"
+        ),
+    ]
+    since: Time | None
+    calls: Annotated[int, Meta(description="its latest calls that judged the route")]
+    delivered: int
+    rate: DeliveryRate
+    failures_in_a_row: int
+    held: Annotated[
+        bool,
+        Meta(
+            description="failing past caller_health.min_calls and kept active: no other pool "
+            "delivers to the carrier (the last one is never quarantined)"
+        ),
+    ]
+    next_probe_at: Annotated[Time | None, Meta(description="quarantined: the next probe")]
+
+
+class PoolHealth(Response):
+    name: str
+    regions: Annotated[list[str], Meta(description="empty: every allowed region")]
+    weight: int
+    trunk: Annotated[str, Meta(description="the endpoint its calls go through")]
+    carriers: list[PoolCarrier]
+
+
+class Pools(Response):
+    pools: list[PoolHealth]
+
+
+class Alert(Response):
+    """A target whose conversion (approved over created) fell under conversion.min_rate."""
+
+    id: str
+    kind: Annotated[
+        Literal["block", "carrier", "country"],
+        Meta(
+            description="block: a destination block (the number without its hidden digits); "
+            "carrier; country (ISO 3166 alpha-2)"
+        ),
+    ]
+    target: str
+    created: Annotated[int, Meta(description="verifications counted in the window")]
+    approved: int
+    rate: float
+    mode: Literal["report", "block"]
+    raised_at: Time | None
+    blocked_until: Annotated[
+        Time | None, Meta(description="block mode: new verifications to it refused until then")
+    ]
+    cleared_at: Time | None
+    cleared_by: Annotated[
+        Literal["admin", "expired", "recovered"] | None,
+        Meta(
+            description="admin: lifted (DELETE); expired: block_seconds passed; recovered: "
+            "a report-mode target back over min_rate"
+        ),
+    ]
+
+
+class AlertList(Response):
+    alerts: Annotated[list[Alert], Meta(description="newest first")]
+
+
 class Node(Response):
     name: str
     connected: bool
@@ -437,6 +517,23 @@ class Window(Stats):
     by_cause: list[CauseCalls]
 
 
+class AlertMode(enum.StrEnum):
+    """An alert's conversion.mode when it was raised."""
+
+    REPORT = "report"
+    BLOCK = "block"
+
+
+class OpenAlerts(Response):
+    """How many conversion alerts of one kind and mode are open (not cleared). Its kind
+    and mode are named enums, the values of Alert's kind and mode: a generated client
+    makes one class of each."""
+
+    kind: Annotated[AlertKind, Meta(description="as Alert's kind")]
+    mode: Annotated[AlertMode, Meta(description="as Alert's mode")]
+    count: int
+
+
 class Dashboard(Response):
     """GET /dashboard/data: counts only, never a phone number, code or caller ID."""
 
@@ -454,6 +551,20 @@ class Dashboard(Response):
         Meta(description="calls dialed in each of the last 60 clock minutes, oldest first"),
     ]
     window: Annotated[Window, Meta(description="dialed calls that ended in the last hour")]
+    pools: Annotated[
+        list[PoolHealth],
+        Meta(
+            description="each configured pool, in order, and its health for each carrier its "
+            "calls reached, as GET /v1/pools shows them"
+        ),
+    ]
+    open_alerts: Annotated[
+        list[OpenAlerts],
+        Meta(
+            description="the conversion alerts not cleared, counted for every kind and mode "
+            "(0 when none); never their targets"
+        ),
+    ]
 
 
 # -- problems ------------------------------------------------------------------
@@ -532,6 +643,8 @@ RESPONSES: tuple[type[Response], ...] = (
     NumberPage,
     LookupResults,
     Stats,
+    Pools,
+    AlertList,
     Readiness,
     Liveness,
     Dashboard,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.alerts import Alerts
 from gateway.api.ratelimit import RequestRate
 from gateway.config import Config
 from gateway.dialer import Dialer
@@ -23,6 +24,7 @@ VERIFICATIONS = web.AppKey("verifications", Verifications)
 NUMBERS = web.AppKey("numbers", Numbers)
 REQUEST_RATE = web.AppKey("request_rate", RequestRate)
 METRICS = web.AppKey("metrics", Metrics)
+ALERTS = web.AppKey("alerts", Alerts)
 # On the operator app: the API app, whose resources the operator routes read.
 GATEWAY = web.AppKey("gateway", web.Application)
 # Set by the auth middleware on every /v1 request.

@@ -9,9 +9,13 @@ from typing import Any
 import msgspec
 
 from gateway.api import shapes
+from gateway.caller_health import PoolHealthRecord, PoolState
+from gateway.config import PoolConfig
 from gateway.nodes import Node
 from gateway.outcomes import Health, Outcome
+from gateway.pbx import trunk_name
 from gateway.store import (
+    AlertRecord,
     CallEventRecord,
     CallRecord,
     NumberHealthRecord,
@@ -174,4 +178,50 @@ def webhook(w: WebhookRecord) -> shapes.Webhook:
         last_error=w.last_error,
         delivered_at=timestamp(w.delivered_at),
         next_attempt_at=(timestamp(w.next_attempt_at) if status is WebhookStatus.PENDING else None),
+    )
+
+
+def pool(
+    config: PoolConfig, default_channel: str, rows: list[PoolHealthRecord]
+) -> shapes.PoolHealth:
+    """A pool and its health for each carrier its calls reached."""
+    return shapes.PoolHealth(
+        name=config.name,
+        regions=list(config.regions),
+        weight=config.weight,
+        trunk=trunk_name(config.channel or default_channel),
+        carriers=[
+            shapes.PoolCarrier(
+                carrier=row.carrier or None,
+                state=row.state.value,
+                since=timestamp(row.since),
+                calls=row.calls,
+                delivered=row.delivered,
+                rate=round(row.delivered / row.calls, 4) if row.calls else None,
+                failures_in_a_row=row.failures,
+                held=row.held,
+                next_probe_at=(
+                    timestamp(row.probe_at)
+                    if row.probe_at is not None and row.state is not PoolState.ACTIVE
+                    else None
+                ),
+            )
+            for row in rows
+        ],
+    )
+
+
+def alert(record: AlertRecord) -> shapes.Alert:
+    return shapes.Alert(
+        id=record.id,
+        kind=record.kind.value,
+        target=record.target,
+        created=record.created,
+        approved=record.approved,
+        rate=round(record.rate, 4),
+        mode=record.mode,  # type: ignore[arg-type]
+        raised_at=timestamp(record.raised_at),
+        blocked_until=timestamp(record.blocked_until) if record.blocked_until else None,
+        cleared_at=timestamp(record.cleared_at) if record.cleared_at else None,
+        cleared_by=record.cleared_by,  # type: ignore[arg-type]
     )

@@ -12,11 +12,14 @@ import collections
 from pathlib import Path
 from typing import Protocol
 
+from gateway.caller_health import PoolChange, PoolHealthRecord, RouteReport
 from gateway.store.postgres import DEFAULT_POOL_SIZE, PostgresStore
 from gateway.store.records import (
     LIVE_CALL_STATUSES,
     STATUS_EVENTS,
     VERIFICATION_STATUSES,
+    AlertKind,
+    AlertRecord,
     ApiKeyRecord,
     CallEventRecord,
     CallRecord,
@@ -39,16 +42,19 @@ from gateway.store.records import (
     WebhookStatus,
     WindowLimit,
 )
-from gateway.store.sql import CLAIMED, NOT_PENDING, TAKEN
+from gateway.store.sql import CLAIMED, CONVERSION_MINUTE_S, NOT_PENDING, TAKEN
 from gateway.store.sqlite import SqliteStore
 
 __all__ = [
     "CLAIMED",
+    "CONVERSION_MINUTE_S",
     "LIVE_CALL_STATUSES",
     "NOT_PENDING",
     "STATUS_EVENTS",
     "TAKEN",
     "VERIFICATION_STATUSES",
+    "AlertKind",
+    "AlertRecord",
     "ApiKeyRecord",
     "CallEventRecord",
     "CallRecord",
@@ -191,7 +197,8 @@ class Store(Outbox, Protocol):
         delivered: bool = False,
         uncertain: bool = False,
         next_at: float | None = None,
-    ) -> None: ...
+        route: RouteReport | None = None,
+    ) -> list[PoolChange]: ...
     async def call_events(self, call_id: str) -> list[CallEventRecord]: ...
     async def live_calls(self, owner: str | None = None) -> list[CallRecord]: ...
     async def claim_call(
@@ -229,6 +236,21 @@ class Store(Outbox, Protocol):
         self, since: float, until: float
     ) -> list[tuple[str, str, int, int]]: ...
     async def calls_dialed(self, since: float, until: float, step: float) -> list[int]: ...
+
+    # pool health and the conversion watch
+    async def pool_states(self, carrier: str) -> list[PoolHealthRecord]: ...
+    async def pool_health(self) -> list[PoolHealthRecord]: ...
+    async def claim_probe(
+        self, pool: str, carrier: str, at: float, next_probe_at: float
+    ) -> PoolChange | None: ...
+    async def conversion_counts(
+        self, since: float, until: float, min_created: int
+    ) -> list[tuple[AlertKind, str, int, int]]: ...
+    async def forget_conversion(self, before: float) -> int: ...
+    async def raise_alert(self, alert: AlertRecord) -> bool: ...
+    async def alerts(self, open_only: bool, limit: int) -> list[AlertRecord]: ...
+    async def alert(self, alert_id: str) -> AlertRecord | None: ...
+    async def clear_alert(self, alert_id: str, at: float, by: str) -> AlertRecord | None: ...
     async def ended_by_cause(
         self, since: float, until: float
     ) -> list[tuple[str, int | None, int]]: ...

@@ -317,3 +317,31 @@ class InstanceRecord:
 class StoreUnavailable(Exception):
     """The database cannot be reached (a lost server, a pool that cannot connect):
     nothing was written, and the same work may be tried again later."""
+
+
+class AlertKind(enum.StrEnum):
+    """What a conversion alert is about."""
+
+    BLOCK = "block"  # a destination block: the number without its last prefix_hidden_digits
+    CARRIER = "carrier"
+    COUNTRY = "country"  # the region (ISO 3166 alpha-2)
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRecord:
+    """A target whose conversion (approved over created) fell under conversion.min_rate."""
+
+    id: str
+    kind: AlertKind
+    target: str
+    created: int  # verifications counted in the window when it was raised
+    approved: int
+    mode: str  # conversion.mode then: report or block
+    raised_at: float
+    blocked_until: float | None  # block mode: new verifications refused until then
+    cleared_at: float | None = None
+    cleared_by: str | None = None  # admin (lifted), expired (block over), recovered
+
+    @property
+    def rate(self) -> float:
+        return min(self.approved / self.created, 1.0) if self.created else 0.0

@@ -281,6 +281,47 @@ SQLITE: tuple[str, ...] = (
     ALTER TABLE verifications ADD COLUMN check_source TEXT;   -- intercepted | manual
     ALTER TABLE verifications ADD COLUMN watch_seconds REAL;
     """,
+    # 14: what calls taught about each pool's route to each carrier (caller_health);
+    # verifications created and approved per destination block and minute, with the
+    # block's carrier and country (the conversion watch); its alerts.
+    """
+    CREATE TABLE pool_health (
+        pool TEXT NOT NULL,
+        carrier TEXT NOT NULL,              -- '' when phonenumbers names none
+        state TEXT NOT NULL,                -- active | quarantined | probing
+        since REAL NOT NULL,
+        failures INTEGER NOT NULL,          -- failed calls in a row
+        recent TEXT NOT NULL,               -- latest verdicts, oldest first: d or f
+        held INTEGER NOT NULL,              -- failing, kept: no other pool delivers
+        probe_at REAL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (carrier, pool)
+    ) WITHOUT ROWID;
+    CREATE TABLE conversion (
+        block TEXT NOT NULL,                -- the phone without its hidden digits
+        minute INTEGER NOT NULL,            -- of creation, in minutes since the epoch
+        carrier TEXT NOT NULL,
+        region TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        approved INTEGER NOT NULL,
+        PRIMARY KEY (block, minute)
+    ) WITHOUT ROWID;
+    CREATE INDEX conversion_by_minute ON conversion (minute);
+    CREATE TABLE alerts (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,                 -- block | carrier | country
+        target TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        approved INTEGER NOT NULL,
+        mode TEXT NOT NULL,                 -- report | block
+        raised_at REAL NOT NULL,
+        blocked_until REAL,
+        cleared_at REAL,
+        cleared_by TEXT                     -- admin | expired | recovered
+    );
+    CREATE UNIQUE INDEX alerts_open ON alerts (kind, target) WHERE cleared_at IS NULL;
+    CREATE INDEX alerts_by_raised ON alerts (raised_at);
+    """,
 )
 
 
@@ -501,5 +542,44 @@ POSTGRESQL: tuple[str, ...] = (
     ALTER TABLE verifications
         ADD COLUMN check_source TEXT,
         ADD COLUMN watch_seconds DOUBLE PRECISION;
+    """,
+    # 14: pool health, conversion counts and alerts (see SQLITE[13]).
+    """
+    CREATE TABLE pool_health (
+        pool TEXT NOT NULL,
+        carrier TEXT NOT NULL,
+        state TEXT NOT NULL,
+        since DOUBLE PRECISION NOT NULL,
+        failures INTEGER NOT NULL,
+        recent TEXT NOT NULL,
+        held BOOLEAN NOT NULL,
+        probe_at DOUBLE PRECISION,
+        updated_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (carrier, pool)
+    );
+    CREATE TABLE conversion (
+        block TEXT NOT NULL,
+        minute INTEGER NOT NULL,
+        carrier TEXT NOT NULL,
+        region TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        approved INTEGER NOT NULL,
+        PRIMARY KEY (block, minute)
+    );
+    CREATE INDEX conversion_by_minute ON conversion (minute);
+    CREATE TABLE alerts (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        approved INTEGER NOT NULL,
+        mode TEXT NOT NULL,
+        raised_at DOUBLE PRECISION NOT NULL,
+        blocked_until DOUBLE PRECISION,
+        cleared_at DOUBLE PRECISION,
+        cleared_by TEXT
+    );
+    CREATE UNIQUE INDEX alerts_open ON alerts (kind, target) WHERE cleared_at IS NULL;
+    CREATE INDEX alerts_by_raised ON alerts (raised_at);
     """,
 )

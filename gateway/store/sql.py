@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import dataclasses
 import functools
 import math
 import secrets
@@ -28,10 +29,19 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import fields
 from typing import Any, Protocol, TypeVar
 
+from gateway.caller_health import (
+    PoolChange,
+    PoolHealthRecord,
+    PoolState,
+    RouteReport,
+    after_call,
+)
 from gateway.outcomes import CANCELED, about_number
 from gateway.store.records import (
     LIVE_CALL_STATUSES,
     STATUS_EVENTS,
+    AlertKind,
+    AlertRecord,
     ApiKeyRecord,
     CallEventRecord,
     CallRecord,
@@ -325,6 +335,93 @@ async def _count_key_usage(tx: Tx, api_key_id: str, at: float, table: str = "key
         )
 
 
+_POOL_HEALTH_COLS = _columns(PoolHealthRecord)
+POOL_HEALTH_LOCK = "pool_health:"
+
+
+def _pool_health(row: Row) -> PoolHealthRecord:
+    pool, carrier, state, since, failures, recent, held, probe_at, updated_at = row
+    return PoolHealthRecord(
+        pool=pool,
+        carrier=carrier,
+        state=PoolState(state),
+        since=since,
+        failures=failures,
+        recent=recent,
+        held=bool(held),
+        probe_at=probe_at,
+        updated_at=updated_at,
+    )
+
+
+async def _judge_route(tx: Tx, route: RouteReport, at: float) -> list[PoolChange]:
+    """Apply what a call's end says of its pool's route (caller_health.after_call),
+    holding the carrier's lock: every gateway judges one carrier's pools in turn."""
+    await tx.lock(POOL_HEALTH_LOCK + route.carrier)
+    rows = {
+        record.pool: record
+        for record in map(
+            _pool_health,
+            await tx.fetchall(
+                f"SELECT {_POOL_HEALTH_COLS} FROM pool_health WHERE carrier = ?",
+                (route.carrier,),
+            ),
+        )
+    }
+    written, changes = after_call(rows, route, at)
+    for record in written:
+        await tx.execute(
+            f"INSERT INTO pool_health ({_POOL_HEALTH_COLS}) "
+            f"VALUES ({_placeholders(PoolHealthRecord)}) ON CONFLICT (carrier, pool) DO UPDATE SET "
+            "state = excluded.state, since = excluded.since, failures = excluded.failures, "
+            "recent = excluded.recent, held = excluded.held, probe_at = excluded.probe_at, "
+            "updated_at = excluded.updated_at",
+            values_of(record),
+        )
+    return changes
+
+
+# The conversion watch counts verifications per destination block and minute of creation.
+CONVERSION_MINUTE_S = 60
+# Each kind of conversion target, and its column in the conversion table.
+_CONVERSION_TARGETS = {
+    AlertKind.BLOCK: "block",
+    AlertKind.CARRIER: "carrier",
+    AlertKind.COUNTRY: "region",
+}
+_ALERT_COLS = _columns(AlertRecord)
+# Verifications the conversion watch leaves out once they end so: canceled by the client
+# (or superseded by its new request), and failed (never delivered: pool health's matter).
+_LEFT_OUT_OF_CONVERSION = (VerificationStatus.CANCELED, VerificationStatus.FAILED)
+
+
+def _alert(row: Row) -> AlertRecord:
+    return AlertRecord(row[0], AlertKind(row[1]), *row[2:])
+
+
+async def _count_conversion(
+    tx: Tx, verification: VerificationRecord, created: int, approved: int = 0
+) -> None:
+    """Add to the conversion counts of `verification`'s block and creation minute; a
+    sandbox verification is left out."""
+    if verification.sandbox or verification.phone_prefix is None:
+        return
+    await tx.execute(
+        "INSERT INTO conversion (block, minute, carrier, region, created, approved) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (block, minute) DO UPDATE SET "
+        "created = conversion.created + excluded.created, "
+        "approved = conversion.approved + excluded.approved",
+        (
+            verification.phone_prefix,
+            int(verification.created_at // CONVERSION_MINUTE_S),
+            verification.carrier or "",
+            verification.region,
+            created,
+            approved,
+        ),
+    )
+
+
 async def _limited(
     tx: Tx, limits: tuple[WindowLimit, ...], at: float, seqs: tuple[int, int | None] | None
 ) -> Limited | None:
@@ -469,22 +566,29 @@ class SqlStore(abc.ABC):
             limited = await _limited(tx, limits, verification.created_at, seqs)
             if limited is not None:
                 return limited
+            rows = await tx.fetchall(
+                "SELECT v.id, c.id, c.status, v.created_at, v.sandbox FROM verifications v "
+                "INDEXED BY verifications_pending_by_phone "
+                f"LEFT JOIN calls c ON {_CURRENT_CALL} "
+                "WHERE v.phone = ? AND v.api_key_id = ? AND v.status = 'pending'",
+                (verification.phone, verification.api_key_id),
+            )
             superseded = [
                 (vid, cid if status in LIVE_CALL_STATUSES else None)
-                for vid, cid, status in await tx.fetchall(
-                    "SELECT v.id, c.id, c.status FROM verifications v "
-                    "INDEXED BY verifications_pending_by_phone "
-                    f"LEFT JOIN calls c ON {_CURRENT_CALL} "
-                    "WHERE v.phone = ? AND v.api_key_id = ? AND v.status = 'pending'",
-                    (verification.phone, verification.api_key_id),
-                )
+                for vid, cid, status, _, _ in rows
             ]
-            for vid, _ in superseded:
+            for vid, _, _, created_at, sandbox in rows:
                 await tx.execute(
                     "UPDATE verifications SET status = 'canceled', updated_at = ?, next_at = NULL "
                     "WHERE id = ?",
                     (verification.created_at, vid),
                 )
+                # The client asked again: the earlier one is no unconverted verification.
+                if not sandbox:
+                    earlier = dataclasses.replace(
+                        verification, created_at=created_at, sandbox=False
+                    )
+                    await _count_conversion(tx, earlier, -1)
                 await _enqueue(
                     tx, vid, STATUS_EVENTS[VerificationStatus.CANCELED], verification.created_at
                 )
@@ -503,6 +607,7 @@ class SqlStore(abc.ABC):
                 await _enqueue(tx, verification.id, "verification.delivered", call.queued_at)
             else:
                 await _count_key_usage(tx, verification.api_key_id, verification.created_at)
+                await _count_conversion(tx, verification, 1)
                 if call.channel == "voice":
                     await _count_key_usage(
                         tx, verification.api_key_id, verification.created_at, "voice_usage"
@@ -668,6 +773,8 @@ class SqlStore(abc.ABC):
             record = VerificationRecord(*row) if row else None
             if record is not None and record.status in STATUS_EVENTS:
                 await _enqueue(tx, verification_id, STATUS_EVENTS[record.status], at)
+            if record is not None and record.status is VerificationStatus.APPROVED:
+                await _count_conversion(tx, record, 0, approved=1)
             if record is not None and not approve:
                 await tx.execute(
                     "INSERT INTO check_failures (phone, api_key_id, at, failures) "
@@ -799,17 +906,16 @@ class SqlStore(abc.ABC):
         """Move a pending verification to `status`; False when it was not pending."""
 
         async def update(tx: Tx) -> bool:
-            changed = (
-                await tx.execute(
-                    "UPDATE verifications SET status = ?, updated_at = ?, next_at = NULL "
-                    "WHERE id = ? AND status = 'pending'",
-                    (status, at, verification_id),
-                )
-                == 1
+            row = await tx.fetchone(
+                "UPDATE verifications SET status = ?, updated_at = ?, next_at = NULL "
+                f"WHERE id = ? AND status = 'pending' RETURNING {_V_COLS}",
+                (status, at, verification_id),
             )
-            if changed and status in STATUS_EVENTS:
+            if row is not None and status in STATUS_EVENTS:
                 await _enqueue(tx, verification_id, STATUS_EVENTS[status], at)
-            return changed
+            if row is not None and status in _LEFT_OUT_OF_CONVERSION:
+                await _count_conversion(tx, VerificationRecord(*row), -1)
+            return row is not None
 
         changed = await self._write(update, quick=True)
         if changed:
@@ -880,9 +986,14 @@ class SqlStore(abc.ABC):
         delivered: bool = False,
         uncertain: bool = False,
         next_at: float | None = None,
-    ) -> None:
+        route: RouteReport | None = None,
+    ) -> list[PoolChange]:
         """Close a call with its outcome; fail its verification if asked, or with
         `next_at`, have its next step start then instead (Verifications.start_due).
+
+        With `route`, a call that was dialed also judges its pool's route to the carrier
+        (gateway.caller_health) in the same transaction; the pool states it changed are
+        returned, for the caller to tell.
 
         Only the verification's current step decides its fate: a call the client moved
         past (`next`) ends without changing it.
@@ -893,17 +1004,20 @@ class SqlStore(abc.ABC):
         Not a call that says nothing of its number (outcomes.about_number).
         """
 
-        async def end(tx: Tx) -> bool:
-            """True when it failed the verification."""
+        async def end(tx: Tx) -> tuple[bool, list[PoolChange]]:
+            """Whether it failed the verification, and the pool states it changed."""
             row = await tx.fetchone(
                 "UPDATE calls SET status = ?, outcome = ?, hangup_cause = ?, sip_code = ?, "
                 "reason = ?, ended_at = ? "
-                "WHERE id = ? AND ended_at IS NULL RETURNING verification_id, step",
+                "WHERE id = ? AND ended_at IS NULL RETURNING verification_id, step, dialed_at",
                 (call_status, outcome, cause, sip_code, reason, at, call_id),
             )
             if row is None:
-                return False
+                return False, []
             failed = False
+            changes: list[PoolChange] = []
+            if route is not None and row[2] is not None:
+                changes = await _judge_route(tx, route, at)
             await _add_event(tx, call_id, at, f"ended:{outcome}", cause, sip_code)
             if next_at is not None:
                 await tx.execute(
@@ -912,16 +1026,17 @@ class SqlStore(abc.ABC):
                     (next_at, at, row[0], row[1]),
                 )
             if fail_verification and next_at is None:
-                failed = (
-                    await tx.execute(
-                        "UPDATE verifications SET status = 'failed', updated_at = ?, "
-                        "next_at = NULL WHERE id = ? AND status = 'pending' AND step = ?",
-                        (at, row[0], row[1]),
-                    )
-                    == 1
+                ended = await tx.fetchone(
+                    "UPDATE verifications SET status = 'failed', updated_at = ?, "
+                    "next_at = NULL WHERE id = ? AND status = 'pending' AND step = ? "
+                    f"RETURNING {_V_COLS}",
+                    (at, row[0], row[1]),
                 )
-                if failed:
+                failed = ended is not None
+                if ended is not None:
                     await _enqueue(tx, row[0], STATUS_EVENTS[VerificationStatus.FAILED], at)
+                    # Never delivered: a matter for pool health, not for conversion.
+                    await _count_conversion(tx, VerificationRecord(*ended), -1)
             elif (delivered or uncertain) and await tx.fetchone(
                 "SELECT 1 FROM verifications WHERE id = ? AND step = ?", (row[0], row[1])
             ):
@@ -970,10 +1085,12 @@ class SqlStore(abc.ABC):
                         health,
                     ),
                 )
-            return failed
+            return failed, changes
 
-        if await self._write(end, lazy=True, quick=True):
+        failed, changes = await self._write(end, lazy=True, quick=True)
+        if failed:
             self.status_tally[VerificationStatus.FAILED] += 1
+        return changes
 
     async def claim_call(self, call_id: str, owner: str, at: float, node: str | None = None) -> str:
         """Mark a queued call of `owner` (or of nobody) dialing on `node`, before its Originate,
@@ -1224,6 +1341,135 @@ class SqlStore(abc.ABC):
             lambda tx: tx.execute("DELETE FROM number_health WHERE phone = ?", (phone,))
         )
         return deleted == 1
+
+    # -- pool health and the conversion watch -----------------------------------
+
+    async def pool_states(self, carrier: str) -> list[PoolHealthRecord]:
+        """Every pool's state for `carrier` (pools no call judged have no row)."""
+        rows = await self._fetchall(
+            f"SELECT {_POOL_HEALTH_COLS} FROM pool_health WHERE carrier = ?", (carrier,), quick=True
+        )
+        return [_pool_health(row) for row in rows]
+
+    async def pool_health(self) -> list[PoolHealthRecord]:
+        """Every pool and carrier calls have judged, by pool then carrier."""
+        rows = await self._fetchall(
+            f"SELECT {_POOL_HEALTH_COLS} FROM pool_health ORDER BY pool, carrier"
+        )
+        return [_pool_health(row) for row in rows]
+
+    async def claim_probe(
+        self, pool: str, carrier: str, at: float, next_probe_at: float
+    ) -> PoolChange | None:
+        """Take the probe of a quarantined pool whose probe is due (a probe that never
+        ended is due again at its next time): probing until `next_probe_at`. None when
+        it is not due, or another call, on any gateway, took it first."""
+
+        async def claim(tx: Tx) -> PoolChange | None:
+            await tx.lock(POOL_HEALTH_LOCK + carrier)
+            row = await tx.fetchone(
+                f"SELECT {_POOL_HEALTH_COLS} FROM pool_health WHERE carrier = ? AND pool = ?",
+                (carrier, pool),
+            )
+            old = _pool_health(row) if row is not None else None
+            if (
+                old is None
+                or old.state is PoolState.ACTIVE
+                or old.probe_at is None
+                or old.probe_at > at
+            ):
+                return None
+            await tx.execute(
+                "UPDATE pool_health SET state = ?, since = ?, probe_at = ?, updated_at = ? "
+                "WHERE carrier = ? AND pool = ?",
+                (PoolState.PROBING, at, next_probe_at, at, carrier, pool),
+            )
+            return PoolChange(
+                pool, carrier, old.state, PoolState.PROBING, at, old.failures, old.recent
+            )
+
+        return await self._write(claim, quick=True)
+
+    async def conversion_counts(
+        self, since: float, until: float, min_created: int
+    ) -> list[tuple[AlertKind, str, int, int]]:
+        """(kind, target, created, approved) of every destination block, carrier and
+        country with at least `min_created` verifications created in the minutes that
+        start in [since, until)."""
+        # A minute m starts at m * 60: it starts in [since, until) when it is in these.
+        first, last = math.ceil(since / CONVERSION_MINUTE_S), math.ceil(until / CONVERSION_MINUTE_S)
+        found: list[tuple[AlertKind, str, int, int]] = []
+        for kind, column in _CONVERSION_TARGETS.items():
+            # A row below zero is a verification counted before its target's counts were
+            # forgotten (a lifted or expired alert), taken out after: it counts nothing.
+            rows = await self._fetchall(
+                f"SELECT {column}, SUM(CASE WHEN created > 0 THEN created ELSE 0 END), "
+                "SUM(approved) FROM conversion "
+                "WHERE minute >= ? AND minute < ? "
+                f"GROUP BY {column} HAVING SUM(CASE WHEN created > 0 THEN created ELSE 0 END) >= ?",
+                (first, last, min_created),
+            )
+            # A carrier phonenumbers could not name is no target.
+            found.extend((kind, str(t), int(c), int(a)) for t, c, a in rows if t)
+        return found
+
+    async def forget_conversion(self, before: float) -> int:
+        """Drop the conversion counts of minutes that start before `before`."""
+        return await self._write(
+            lambda tx: tx.execute(
+                "DELETE FROM conversion WHERE minute < ?",
+                (math.floor(before / CONVERSION_MINUTE_S),),
+            )
+        )
+
+    async def raise_alert(self, alert: AlertRecord) -> bool:
+        """Store `alert` unless its target has one open (another gateway raised it)."""
+        return (
+            await self._write(
+                lambda tx: tx.execute(
+                    f"INSERT INTO alerts ({_ALERT_COLS}) VALUES ({_placeholders(AlertRecord)}) "
+                    "ON CONFLICT DO NOTHING",
+                    values_of(alert),
+                )
+            )
+            == 1
+        )
+
+    async def alerts(self, open_only: bool, limit: int) -> list[AlertRecord]:
+        """The newest alerts first; with `open_only`, those not cleared."""
+        where = "WHERE cleared_at IS NULL " if open_only else ""
+        rows = await self._fetchall(
+            f"SELECT {_ALERT_COLS} FROM alerts {where}ORDER BY raised_at DESC, id LIMIT ?",
+            (limit,),
+        )
+        return [_alert(row) for row in rows]
+
+    async def clear_alert(self, alert_id: str, at: float, by: str) -> AlertRecord | None:
+        """Clear an open alert (None: no such open alert). Lifted by an admin, or its
+        block over (expired), its target's conversion counts are forgotten too: it
+        starts afresh, and is flagged again only by verifications created after."""
+
+        async def clear(tx: Tx) -> AlertRecord | None:
+            row = await tx.fetchone(
+                "UPDATE alerts SET cleared_at = ?, cleared_by = ? "
+                f"WHERE id = ? AND cleared_at IS NULL RETURNING {_ALERT_COLS}",
+                (at, by, alert_id),
+            )
+            if row is None:
+                return None
+            alert = _alert(row)
+            if by in ("admin", "expired"):
+                await tx.execute(
+                    f"DELETE FROM conversion WHERE {_CONVERSION_TARGETS[alert.kind]} = ?",
+                    (alert.target,),
+                )
+            return alert
+
+        return await self._write(clear)
+
+    async def alert(self, alert_id: str) -> AlertRecord | None:
+        row = await self._fetchone(f"SELECT {_ALERT_COLS} FROM alerts WHERE id = ?", (alert_id,))
+        return _alert(row) if row is not None else None
 
     async def call_stats(self, since: float, until: float) -> list[tuple[str, str, int]]:
         """(carrier, outcome, calls) for dialed calls that ended in [since, until); not

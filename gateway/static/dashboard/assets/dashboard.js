@@ -25,6 +25,14 @@
     second: "2-digit",
   });
   const hourMinute = new Intl.DateTimeFormat("en-GB", { hour: "2-digit", minute: "2-digit" });
+  const dayTime = new Intl.DateTimeFormat("en-GB", {
+    day: "numeric",
+    month: "short",
+    hour: "2-digit",
+    minute: "2-digit",
+  });
+  // A pool's state for a carrier: new calls may use it, do not, or one call tries it again.
+  const POOL_TAGS = { active: "tag good", quarantined: "tag bad", probing: "tag unsure" };
 
   const byId = (id) => document.getElementById(id);
   let lastUpdated = null; // generated_at of the figures shown
@@ -216,6 +224,65 @@
     byId("nodes").tBodies[0].replaceChildren(...(rows.length ? rows : [emptyRow(6, "No Asterisk node configured")]));
   }
 
+  // A time today as its clock time; an earlier one with its day.
+  function since(value) {
+    if (value === null || value === undefined) return "—";
+    const at = new Date(value);
+    return at.toDateString() === new Date().toDateString() ? clock.format(at) : dayTime.format(at);
+  }
+
+  // One row per pool and carrier its calls reached; a pool no call judged yet, one row.
+  function renderPools(pools) {
+    const rows = pools.flatMap((pool) => {
+      const name = () => element("td", { "data-field": "pool", title: `trunk ${pool.trunk}` }, pool.name);
+      if (!pool.carriers.length) {
+        const row = element("tr", { class: "idle", "data-pool": pool.name, "data-state": "none" });
+        row.append(name(), element("td", { colspan: 6, "data-field": "carrier" }, "no calls yet"));
+        return [row];
+      }
+      return pool.carriers.map((entry) => {
+        const carrier = entry.carrier ?? "unknown";
+        const row = element("tr", { "data-pool": pool.name, "data-carrier": carrier, "data-state": entry.state });
+        const state = element("td", { "data-field": "state" });
+        const tag = element("span", { class: POOL_TAGS[entry.state] || "tag unsure" }, entry.state);
+        if (entry.next_probe_at) tag.title = `next probe ${since(entry.next_probe_at)}`;
+        state.append(tag);
+        if (entry.held) {
+          state.append(" ", element("span", {
+            class: "tag warn",
+            "data-field": "held",
+            title: "failing, kept active: no other pool delivers to this carrier",
+          }, "held"));
+        }
+        row.append(
+          name(),
+          element("td", { "data-field": "carrier" }, carrier),
+          state,
+          element("td", { class: "num", "data-field": "calls" }, count.format(entry.calls)),
+          element("td", { class: "num", "data-field": "delivered" }, count.format(entry.delivered)),
+          element("td", { class: "num", "data-field": "delivery-rate" }, rate(entry.rate)),
+          element("td", { "data-field": "since" }, since(entry.since)),
+        );
+        return row;
+      });
+    });
+    byId("pools").tBodies[0].replaceChildren(...(rows.length ? rows : [emptyRow(7, "No pool configured")]));
+  }
+
+  // Counts only: an alert's target (a number's block) never reaches the page.
+  function renderAlerts(alerts) {
+    const total = alerts.reduce((sum, entry) => sum + entry.count, 0);
+    const blocking = alerts.filter((entry) => entry.mode === "block").reduce((sum, entry) => sum + entry.count, 0);
+    setText("open-alerts", count.format(total));
+    setText("open-alerts-blocking", count.format(blocking));
+    const card = byId("alerts-card");
+    card.dataset.state = blocking ? "block" : total ? "report" : "none";
+    card.title = alerts
+      .filter((entry) => entry.count)
+      .map((entry) => `${entry.kind}, ${entry.mode} mode: ${count.format(entry.count)}`)
+      .join("\n");
+  }
+
   function setAmi(state) {
     const pill = byId("ami-status");
     pill.dataset.state = state;
@@ -239,6 +306,8 @@
     renderCarriers(data.window.by_carrier);
     renderChannels(data.window.by_channel);
     renderCauses(data.window.by_cause, data.window.calls);
+    renderPools(data.pools);
+    renderAlerts(data.open_alerts);
     renderNodes(data.nodes);
     renderInstances(data.instances);
     document.body.classList.remove("stale");
