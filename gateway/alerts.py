@@ -206,7 +206,7 @@ class Alerts:
         longest = None
         for key in (
             (AlertKind.BLOCK, block),
-            (AlertKind.CARRIER, carrier),
+            (AlertKind.CARRIER, f"{region}:{carrier}" if carrier else None),
             (AlertKind.COUNTRY, region),
         ):
             if key[1] is None:
@@ -252,6 +252,10 @@ class Alerts:
             if not (expired or recovered):
                 still_open.add(key)
                 continue
+            if expired:
+                # Its counts are forgotten as it clears (here or on another gateway): the
+                # figures read before no longer stand.
+                low.pop(key, None)
             by = "expired" if expired else "recovered"
             cleared = await self._store.clear_alert(alert.id, now, by)
             if cleared is not None:

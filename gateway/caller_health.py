@@ -95,12 +95,18 @@ ROUTE_FAILED = frozenset(
 )
 
 
+# Reasons a call ended for which neither the network nor the pool is to blame: the
+# gateway hung it up itself (its verification was canceled or superseded), lost it with
+# a PBX that went away, or failed on its own side.
+NOT_THE_ROUTE = frozenset({CANCELED, "pbx_lost", "gateway_error"})
+
+
 def route_verdict(outcome: str, reason: str | None) -> bool | None:
-    """True: the route delivered; False: it failed; None: the call says nothing of it
-    (a call the gateway hung up before it alerted says nothing either)."""
+    """True: the route delivered; False: the network refused it; None: the call says
+    nothing of it."""
     if outcome in ROUTE_DELIVERED:
         return True
-    if outcome in ROUTE_FAILED and reason != CANCELED:
+    if outcome in ROUTE_FAILED and reason not in NOT_THE_ROUTE:
         return False
     return None
 

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from gateway import phones
 from gateway.alerts import Alerts
-from gateway.caller_health import PoolState, RouteReport
+from gateway.caller_health import PoolChange, PoolState, RouteReport
 from gateway.config import Config, WebhooksConfig
 from gateway.dialer import CallJob, Dialer
 from gateway.errors import (
@@ -155,6 +155,7 @@ class _Admitted:
     time, and its fixed code if it is a test number."""
 
     phone: phones.Phone
+    carrier: str | None  # phone.carrier, worked out once
     pools: list[Pool]  # those that serve its region, in config order
     channels: tuple[Channel, ...]
     locale: str | None
@@ -284,16 +285,31 @@ class Verifications:
             if stored is not None:
                 return _replay(stored, body_hash)
         admitted = self._admit(request)
-        pool = await self._choose_pool(admitted, now)
-        draft = self._build(request, admitted, pool, now)
-        idempotency = None
-        if idempotency_key is not None:
-            idempotency = Idempotency(
-                request.api_key_id, idempotency_key, body_hash, now - IDEMPOTENCY_TTL_S
+        pool, probe = await self._choose_pool(admitted, now)
+        try:
+            draft = self._build(request, admitted, pool, now)
+            idempotency = None
+            if idempotency_key is not None:
+                idempotency = Idempotency(
+                    request.api_key_id, idempotency_key, body_hash, now - IDEMPOTENCY_TTL_S
+                )
+            # The request's own cancellation (its timeout) must not cut this in two: a
+            # verification stored but its call never handed to the dialer.
+            created = await self._to_the_end(
+                self._commit_and_dispatch(draft, idempotency, body_hash)
             )
-        # The request's own cancellation (its timeout) must not cut this in two: a
-        # verification stored but its call never handed to the dialer.
-        return await self._to_the_end(self._commit_and_dispatch(draft, idempotency, body_hash))
+        except asyncio.CancelledError:
+            raise  # the create goes on without the request: its probe may be placed
+        except BaseException:
+            if probe is not None:
+                await self._store.release_probe(probe.pool, probe.carrier, probe.at)
+            raise
+        if probe is not None:
+            if isinstance(created, Replayed):  # a concurrent retry stored its own
+                await self._store.release_probe(probe.pool, probe.carrier, probe.at)
+            elif self.alerts is not None:
+                self.alerts.pool_changed([probe])
+        return created
 
     def _admit(self, request: NewVerification) -> _Admitted:
         """What the request asks, checked against the gateway's policy and its load."""
@@ -322,13 +338,14 @@ class Verifications:
             else self._config.voice.fallback_after_seconds
         )
         sandbox_code = self._config.test_numbers.get(phone.e164)
+        carrier = phone.carrier
         pools = pools_for(self._pools, phone.region)
         if not pools:
             raise RegionNotAllowed(
                 f"no caller-ID pool serves region {phone.region}", region=phone.region
             )
         if sandbox_code is None and self.alerts is not None:
-            held_for = self.alerts.suspended(self._block(phone.e164), phone.carrier, phone.region)
+            held_for = self.alerts.suspended(self._block(phone.e164), carrier, phone.region)
             if held_for is not None:
                 raise DestinationSuspended(
                     "new verifications to this destination are suspended: too few of its "
@@ -348,6 +365,7 @@ class Verifications:
             )
         return _Admitted(
             phone,
+            carrier,
             pools,
             channels,
             locale,
@@ -360,17 +378,18 @@ class Verifications:
         """The destination block of a number: without its last prefix_hidden_digits."""
         return e164[: -self._config.limits.prefix_hidden_digits]
 
-    async def _choose_pool(self, admitted: _Admitted, now: float) -> Pool:
+    async def _choose_pool(self, admitted: _Admitted, now: float) -> tuple[Pool, PoolChange | None]:
         """The pool of a new verification: by weight among those healthy for the
-        destination's carrier; a quarantined one whose probe is due takes this call as
-        its probe. A sandbox verification (never dialed) takes the first."""
+        destination's carrier; a quarantined one whose probe is due takes a flash call
+        as its probe (the claim, given back if the create is refused). A sandbox
+        verification (never dialed) takes the first."""
         candidates = admitted.pools
         if len(candidates) == 1 or admitted.sandbox_code is not None:
-            return candidates[0]
-        carrier = admitted.phone.carrier or ""
+            return candidates[0], None
+        carrier = admitted.carrier or ""
         states = {r.pool: r for r in await self._store.pool_states(carrier)}
         probe_seconds = self._config.caller_health.probe_seconds
-        for pool in candidates:
+        for pool in candidates if admitted.channels[0] is Channel.FLASHCALL else ():
             row = states.get(pool.name)
             if (
                 row is not None
@@ -380,15 +399,13 @@ class Verifications:
             ):
                 change = await self._store.claim_probe(pool.name, carrier, now, now + probe_seconds)
                 if change is not None:
-                    if self.alerts is not None:
-                        self.alerts.pool_changed([change])
-                    return pool
+                    return pool, change
         healthy = [
             p
             for p in candidates
             if p.name not in states or states[p.name].state is PoolState.ACTIVE
         ]
-        return choose(healthy or candidates)
+        return choose(healthy or candidates), None
 
     def _channels(self, asked: tuple[str, ...] | None) -> tuple[Channel, ...]:
         """The channels a request asks for, known and available here."""
@@ -452,7 +469,7 @@ class Verifications:
             created_at=now,
             expires_at=now + self._config.verification.ttl_seconds,
             updated_at=now,
-            carrier=phone.carrier,
+            carrier=admitted.carrier,
             phone_prefix=self._block(phone.e164),
             sandbox=admitted.sandbox_code is not None,
             channels=",".join(channels),

@@ -183,7 +183,7 @@ async def test_carriers_and_countries_are_flagged_too(store: Store, database: st
     found = {(a.kind, a.target) for a in await store.alerts(True, 10)}
     assert found == {
         (AlertKind.BLOCK, BLOCK),
-        (AlertKind.CARRIER, "Telkomsel"),
+        (AlertKind.CARRIER, "ID:Telkomsel"),
         (AlertKind.COUNTRY, "ID"),
     }
     assert sorted(metrics.flagged) == ["block", "carrier", "country"]

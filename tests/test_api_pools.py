@@ -23,6 +23,7 @@ from gateway.config import (
     ConversionConfig,
     LimitsConfig,
     PoolConfig,
+    VoiceConfig,
     Window,
 )
 from gateway.pbx import Dial
@@ -331,7 +332,11 @@ def block_mode(database: str) -> Config:
 
 @pytest.mark.parametrize(
     ("kind", "target"),
-    [(AlertKind.BLOCK, SUSPENDED_BLOCK), (AlertKind.CARRIER, TELKOMSEL), (AlertKind.COUNTRY, "ID")],
+    [
+        (AlertKind.BLOCK, SUSPENDED_BLOCK),
+        (AlertKind.CARRIER, f"ID:{TELKOMSEL}"),
+        (AlertKind.COUNTRY, "ID"),
+    ],
 )
 async def test_a_create_to_a_suspended_destination_is_refused_and_stores_nothing(
     start_api: ApiFactory, kind: AlertKind, target: str
@@ -460,3 +465,44 @@ async def test_a_due_probe_takes_one_create_and_its_delivery_restores_the_pool(a
     await until(restored)
     (row,) = [r for r in await api.store.pool_states(TELKOMSEL) if r.pool == "a"]
     assert (row.failures, row.recent[-1], row.probe_at) == (0, "d", None)
+
+
+async def test_a_probe_claimed_by_a_refused_create_is_given_back(start_api: ApiFactory) -> None:
+    # One call per phone and hour: the second create to the phone is refused (429) after
+    # it claimed the probe; the probe is due again at once, for the next create.
+    def one_per_phone(database: str) -> Config:
+        limits = LimitsConfig(per_prefix=(Window(1000, 3600),), per_phone=(Window(1, 3600),))
+        return pools_config(database, limits=limits)
+
+    api = await start_api(one_per_phone)
+    phone = fresh_mobile("0")
+    await api.create(phone)  # before the quarantine: any pool
+    await health_row(
+        api, "a", TELKOMSEL, state="quarantined", failures=10, recent="f" * 10,
+        probe_at=time.time() - 1,
+    )  # fmt: skip
+    await expect_problem(
+        api, "POST", "/v1/verifications", 429, "rate_limited", json={"phone": phone}
+    )
+    (row,) = [r for r in await api.store.pool_states(TELKOMSEL) if r.pool == "a"]
+    assert row.state is PoolState.QUARANTINED
+    assert row.probe_at is not None and row.probe_at <= time.time()
+    probe = await api.create()  # takes the probe given back
+    assert probe["cli"]["prefix"] == "+6221500"
+
+
+async def test_a_voice_first_create_takes_no_probe(start_api: ApiFactory) -> None:
+    def with_voice(database: str) -> Config:
+        return pools_config(database, voice=VoiceConfig(caller_id="+622180001000"))
+
+    api = await start_api(with_voice)
+    await health_row(
+        api, "a", TELKOMSEL, state="quarantined", failures=10, recent="f" * 10,
+        probe_at=time.time() - 1,
+    )  # fmt: skip
+    status, body = await api.call(
+        "POST", "/v1/verifications", json={"phone": fresh_mobile(), "channels": ["voice"]}
+    )
+    assert status == 201, body
+    (row,) = [r for r in await api.store.pool_states(TELKOMSEL) if r.pool == "a"]
+    assert row.state is PoolState.QUARANTINED  # still due, for a flash call

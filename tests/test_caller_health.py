@@ -91,6 +91,11 @@ class Carrier:
         (Outcome.NO_ALERTING, CANCELED, None),
         (Outcome.REJECTED, CANCELED, None),
         (Outcome.ERROR, CANCELED, None),
+        # Lost with a PBX that went away, or failed on the gateway's side: not the route.
+        (Outcome.ERROR, "pbx_lost", None),
+        (Outcome.ERROR, "gateway_error", None),
+        (Outcome.NO_ALERTING, "pbx_lost", None),
+        (Outcome.NO_ALERTING, "post_dial_timeout", False),
         # About the phone, not the route.
         (Outcome.BUSY, None, None),
         (Outcome.UNREACHABLE, None, None),

@@ -31,6 +31,7 @@ from gateway.store.schema import SQLITE as MIGRATIONS
 from tests.conftest import NewDatabase, make_call, make_verification, raw_query
 
 CARRIER = "Telkomsel"
+CARRIER_TARGET = "ID:Telkomsel"  # a carrier alert names the carrier with its country
 OTHER_CARRIER = "Indosat Ooredoo Hutchison"
 MIN_CALLS = 2
 PROBE_S = 300.0
@@ -471,6 +472,26 @@ async def test_a_call_that_fails_its_verification_takes_it_out_of_its_count(
     assert await conversion_rows(database) == [(BLOCK, MINUTE, CARRIER, "ID", 2, 0)]
 
 
+async def test_a_verification_that_failed_after_a_delivered_call_stays_counted(
+    store: Store, database: str
+) -> None:
+    # The flash call delivered the code and nobody checked it; the voice step that
+    # followed failed: never converted, like a pumped one.
+    await add(store, conversion_record("vrf_1", at=BASE + 1))
+    common: dict[str, Any] = {"cause": None, "sip_code": None, "reason": None}
+    await store.end_call(
+        "call_1",
+        call_status=CallStatus.COMPLETED,
+        outcome="delivered",
+        fail_verification=False,
+        delivered=True,
+        at=BASE + 10,
+        **common,
+    )
+    assert await store.set_status("vrf_1", VerificationStatus.FAILED, BASE + 70)
+    assert await conversion_rows(database) == [(BLOCK, MINUTE, CARRIER, "ID", 1, 0)]
+
+
 async def test_a_superseded_verification_leaves_its_own_minutes_count(
     store: Store, database: str
 ) -> None:
@@ -561,7 +582,7 @@ async def test_conversion_counts_per_block_carrier_and_country(store: Store) -> 
             (AlertKind.BLOCK, BLOCK, 6, 1),
             (AlertKind.BLOCK, OTHER_BLOCK, 2, 1),
             # OTHER_BLOCK's carrier is not known: no carrier target.
-            (AlertKind.CARRIER, CARRIER, 6, 1),
+            (AlertKind.CARRIER, CARRIER_TARGET, 6, 1),
             (AlertKind.COUNTRY, "ID", 8, 2),
         ]
     )
@@ -575,7 +596,7 @@ async def test_conversion_counts_leave_out_targets_under_min_created(store: Stor
     assert sorted(counts) == sorted(
         [
             (AlertKind.BLOCK, BLOCK, 6, 1),
-            (AlertKind.CARRIER, CARRIER, 6, 1),
+            (AlertKind.CARRIER, CARRIER_TARGET, 6, 1),
             (AlertKind.COUNTRY, "ID", 8, 2),
         ]
     )
@@ -701,7 +722,7 @@ async def test_an_alert_is_cleared_once(store: Store) -> None:
     ("kind", "target", "left"),
     [
         (AlertKind.BLOCK, BLOCK, {OTHER_BLOCK}),
-        (AlertKind.CARRIER, CARRIER, {OTHER_BLOCK}),  # OTHER_BLOCK has no carrier
+        (AlertKind.CARRIER, CARRIER_TARGET, {OTHER_BLOCK}),  # OTHER_BLOCK has no carrier
         (AlertKind.COUNTRY, "ID", set()),
         (AlertKind.BLOCK, "+62899", {BLOCK, OTHER_BLOCK}),
     ],
@@ -729,9 +750,9 @@ async def test_after_a_lift_the_earlier_verifications_count_nothing(
     assert await store.set_status("vrf_2", VerificationStatus.FAILED, BASE + 40)
     await store.spend_attempt("vrf_3", True, BASE + 41)
     assert await store.conversion_counts(BASE - 60, BASE + 120, 0) == [
-        (AlertKind.BLOCK, BLOCK, 0, 1),
-        (AlertKind.CARRIER, CARRIER, 0, 1),
-        (AlertKind.COUNTRY, "ID", 0, 1),
+        (AlertKind.BLOCK, BLOCK, 0, 0),
+        (AlertKind.CARRIER, CARRIER_TARGET, 0, 0),
+        (AlertKind.COUNTRY, "ID", 0, 0),
     ]
 
 

@@ -36,7 +36,7 @@ from gateway.caller_health import (
     RouteReport,
     after_call,
 )
-from gateway.outcomes import CANCELED, about_number
+from gateway.outcomes import CANCELED, DELIVERED_OUTCOMES, about_number
 from gateway.store.records import (
     LIVE_CALL_STATUSES,
     STATUS_EVENTS,
@@ -383,16 +383,20 @@ async def _judge_route(tx: Tx, route: RouteReport, at: float) -> list[PoolChange
 
 # The conversion watch counts verifications per destination block and minute of creation.
 CONVERSION_MINUTE_S = 60
-# Each kind of conversion target, and its column in the conversion table.
+# Each kind of conversion target: what names it in the conversion table. A carrier is
+# named with its country ("ID:Telkomsel"): phonenumbers gives one name to carriers of
+# several countries.
 _CONVERSION_TARGETS = {
     AlertKind.BLOCK: "block",
-    AlertKind.CARRIER: "carrier",
+    AlertKind.CARRIER: "region || ':' || carrier",
     AlertKind.COUNTRY: "region",
 }
 _ALERT_COLS = _columns(AlertRecord)
 # Verifications the conversion watch leaves out once they end so: canceled by the client
 # (or superseded by its new request), and failed (never delivered: pool health's matter).
 _LEFT_OUT_OF_CONVERSION = (VerificationStatus.CANCELED, VerificationStatus.FAILED)
+_COUNTED = "CASE WHEN created > 0 THEN created ELSE 0 END"
+_DELIVERED = ", ".join(f"'{outcome}'" for outcome in sorted(DELIVERED_OUTCOMES))
 
 
 def _alert(row: Row) -> AlertRecord:
@@ -420,6 +424,19 @@ async def _count_conversion(
             approved,
         ),
     )
+
+
+async def _leave_out(tx: Tx, verification: VerificationRecord) -> None:
+    """Take a verification that ended canceled or failed out of its conversion counts.
+    A failed one only if no call of it delivered the code: one that never reached the
+    user is a matter for pool health; one that did, and was never checked, converts no
+    better than a pumped one."""
+    if verification.status is VerificationStatus.FAILED and await tx.fetchone(
+        f"SELECT 1 FROM calls WHERE verification_id = ? AND outcome IN ({_DELIVERED})",
+        (verification.id,),
+    ):
+        return
+    await _count_conversion(tx, verification, -1)
 
 
 async def _limited(
@@ -914,7 +931,7 @@ class SqlStore(abc.ABC):
             if row is not None and status in STATUS_EVENTS:
                 await _enqueue(tx, verification_id, STATUS_EVENTS[status], at)
             if row is not None and status in _LEFT_OUT_OF_CONVERSION:
-                await _count_conversion(tx, VerificationRecord(*row), -1)
+                await _leave_out(tx, VerificationRecord(*row))
             return row is not None
 
         changed = await self._write(update, quick=True)
@@ -1015,9 +1032,6 @@ class SqlStore(abc.ABC):
             if row is None:
                 return False, []
             failed = False
-            changes: list[PoolChange] = []
-            if route is not None and row[2] is not None:
-                changes = await _judge_route(tx, route, at)
             await _add_event(tx, call_id, at, f"ended:{outcome}", cause, sip_code)
             if next_at is not None:
                 await tx.execute(
@@ -1035,8 +1049,7 @@ class SqlStore(abc.ABC):
                 failed = ended is not None
                 if ended is not None:
                     await _enqueue(tx, row[0], STATUS_EVENTS[VerificationStatus.FAILED], at)
-                    # Never delivered: a matter for pool health, not for conversion.
-                    await _count_conversion(tx, VerificationRecord(*ended), -1)
+                    await _leave_out(tx, VerificationRecord(*ended))
             elif (delivered or uncertain) and await tx.fetchone(
                 "SELECT 1 FROM verifications WHERE id = ? AND step = ?", (row[0], row[1])
             ):
@@ -1085,6 +1098,11 @@ class SqlStore(abc.ABC):
                         health,
                     ),
                 )
+            changes: list[PoolChange] = []
+            if route is not None and row[2] is not None:
+                # Last: the carrier's lock, which every gateway's call ends to that
+                # carrier take, is held for no more than this and the commit.
+                changes = await _judge_route(tx, route, at)
             return failed, changes
 
         failed, changes = await self._write(end, lazy=True, quick=True)
@@ -1390,6 +1408,22 @@ class SqlStore(abc.ABC):
 
         return await self._write(claim, quick=True)
 
+    async def release_probe(self, pool: str, carrier: str, claimed_at: float) -> bool:
+        """Give back a probe claimed at `claimed_at` whose create was refused: the pool
+        is quarantined again, its probe due at once. False when the probe moved on."""
+
+        async def release(tx: Tx) -> bool:
+            await tx.lock(POOL_HEALTH_LOCK + carrier)
+            changed = await tx.execute(
+                "UPDATE pool_health SET state = ?, probe_at = ?, updated_at = ? "
+                "WHERE carrier = ? AND pool = ? AND state = ? AND since = ?",
+                (PoolState.QUARANTINED, claimed_at, claimed_at, carrier, pool,
+                 PoolState.PROBING, claimed_at),
+            )  # fmt: skip
+            return changed == 1
+
+        return await self._write(release, quick=True)
+
     async def conversion_counts(
         self, since: float, until: float, min_created: int
     ) -> list[tuple[AlertKind, str, int, int]]:
@@ -1400,17 +1434,19 @@ class SqlStore(abc.ABC):
         first, last = math.ceil(since / CONVERSION_MINUTE_S), math.ceil(until / CONVERSION_MINUTE_S)
         found: list[tuple[AlertKind, str, int, int]] = []
         for kind, column in _CONVERSION_TARGETS.items():
-            # A row below zero is a verification counted before its target's counts were
-            # forgotten (a lifted or expired alert), taken out after: it counts nothing.
+            # A row at or below zero holds only verifications counted before their
+            # target's counts were forgotten (a lifted or expired alert; or created before
+            # schema 14), ended after: it counts nothing, their approvals neither.
+            # A carrier phonenumbers could not name is no target.
+            named = " AND carrier <> ''" if kind is AlertKind.CARRIER else ""
             rows = await self._fetchall(
-                f"SELECT {column}, SUM(CASE WHEN created > 0 THEN created ELSE 0 END), "
-                "SUM(approved) FROM conversion "
-                "WHERE minute >= ? AND minute < ? "
-                f"GROUP BY {column} HAVING SUM(CASE WHEN created > 0 THEN created ELSE 0 END) >= ?",
+                f"SELECT {column}, SUM({_COUNTED}), "
+                "SUM(CASE WHEN created > 0 THEN approved ELSE 0 END) FROM conversion "
+                f"WHERE minute >= ? AND minute < ?{named} "
+                f"GROUP BY {column} HAVING SUM({_COUNTED}) >= ?",
                 (first, last, min_created),
             )
-            # A carrier phonenumbers could not name is no target.
-            found.extend((kind, str(t), int(c), int(a)) for t, c, a in rows if t)
+            found.extend((kind, str(t), int(c), int(a)) for t, c, a in rows)
         return found
 
     async def forget_conversion(self, before: float) -> int:
