@@ -390,17 +390,21 @@ INTEGRITY_ERRORS = (sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolation
 _used_numbers: set[str] = set()
 
 
-def phone_number(behaviour: int, network: str = "812") -> str:
+def phone_number(behaviour: int, network: str = "812", block: str | None = None) -> str:
     """A fresh Indonesian mobile number (no +) whose last digit picks the far end's behaviour.
 
     See tests/sipp/README.md: 0 rings, 1 progress only, 2 answers, 3 busy, 4 not found, ...
     on the lab far end; the field far end (`field_end`) gives the digits other meanings.
     `network` is the mobile prefix: 812 Telkomsel, 815 Indosat, 817 XL, 881 Smartfren.
+    With `block` (digits, no +), a number that starts with it, as long as the others.
     """
+    prefix = block or f"62{network}"
+    free = 13 - len(prefix) - 1  # digits drawn, between the prefix and `behaviour`
     # Random, not sequential: consecutive numbers share a prefix, and the gateway's
-    # per-prefix limit (range walking) would refuse a test's twenty-first call.
+    # per-prefix limit (range walking) would refuse a test's twenty-first call. Never one
+    # handed out before in this session: the far end's records outlive each test.
     while True:
-        number = f"62{network}{random.randrange(10**7):07d}{behaviour}"
+        number = f"{prefix}{random.randrange(10**free):0{free}d}{behaviour}"
         if number not in _used_numbers:
             _used_numbers.add(number)
             return number
