@@ -244,13 +244,15 @@ class Alerts:
             for kind, target, created, approved in counts
             if approved < config.min_rate * created
         }
-        still_open = set()
+        # The alerts open after this look: those that stay, and those it raises. One
+        # raised meanwhile by another gateway is learnt at the next look.
+        still_open: dict[tuple[AlertKind, str], AlertRecord] = {}
         for alert in await self._store.alerts(True, MAX_OPEN):
             key = (alert.kind, alert.target)
             expired = alert.blocked_until is not None and alert.blocked_until <= now
             recovered = alert.blocked_until is None and key not in low
             if not (expired or recovered):
-                still_open.add(key)
+                still_open[key] = alert
                 continue
             if expired:
                 # Its counts are forgotten as it clears (here or on another gateway): the
@@ -282,6 +284,7 @@ class Alerts:
                 blocked_until=now + config.block_seconds if block else None,
             )
             if await self._store.raise_alert(alert):
+                still_open[(kind, target)] = alert
                 log.warning(
                     "conversion alert %s: %s %s converts %d of %d verifications (%.0f%%, "
                     "under %.0f%%)%s",
@@ -297,8 +300,8 @@ class Alerts:
                 self._metrics.conversion_flagged(kind)
                 self._post("conversion.flagged", _alert_data(alert), now)
         self._suspended = {
-            (a.kind, a.target): (a.id, a.blocked_until)
-            for a in await self._store.alerts(True, MAX_OPEN)
+            key: (a.id, a.blocked_until)
+            for key, a in still_open.items()
             if a.blocked_until is not None and a.blocked_until > now
         }
         await self._store.forget_conversion(now - config.window_seconds)

@@ -1403,11 +1403,9 @@ def _check_test_numbers(config: Config) -> list[str]:
             problems.append(f"{at}: must be an E.164 number such as +6281200000001 (quoted)")
             continue
         region = phonenumbers.region_code_for_number(parsed)
-        # As gateway.pool.pools_for: the pools naming the region, else the catch-alls.
-        named = [p for p in config.pools if region in p.regions]
-        catch_all = [p for p in config.pools if not p.regions]
-        allowed = region in config.numbers.allowed_regions
-        pool = next(iter(named or (catch_all if allowed else [])), None)
+        pool = None
+        if region is not None and region in config.numbers.allowed_regions:
+            pool = next(iter(pools_for(config.pools, region)), None)
         if pool is None:
             problems.append(f"{at}: no pool serves its region {region}")
         elif not (code.isascii() and code.isdigit() and len(code) == pool.code_length):
@@ -1416,6 +1414,21 @@ def _check_test_numbers(config: Config) -> list[str]:
                 f"of pool {pool.name} that serves it"
             )
     return problems
+
+
+class _ServesRegions(typing.Protocol):
+    @property
+    def regions(self) -> typing.Collection[str]: ...
+
+
+_P = TypeVar("_P", bound=_ServesRegions)
+
+
+def pools_for(pools: typing.Sequence[_P], region: str) -> list[_P]:
+    """The pools a destination in `region` may use: those that name the region, or when
+    none does, those that name no region (serve every allowed one); in config order."""
+    named = [p for p in pools if region in p.regions]
+    return named or [p for p in pools if not p.regions]
 
 
 def _check_voice(voice: VoiceConfig) -> list[str]:

@@ -13,7 +13,6 @@ import msgspec
 from gateway.alerts import MAX_OPEN
 from gateway.api import views
 from gateway.api.shapes import AlertMode
-from gateway.caller_health import PoolHealthRecord
 from gateway.config import PoolConfig
 from gateway.numbers import Numbers
 from gateway.outcomes import CAUSE_NAMES
@@ -60,9 +59,7 @@ async def dashboard_data(
     stats = await numbers.stats(since, now)
     causes = await store.ended_by_cause(since, now)
     owned = await store.live_calls_by_owner()
-    health: dict[str, list[PoolHealthRecord]] = {}
-    for row in await store.pool_health():
-        health.setdefault(row.pool, []).append(row)
+    health = views.pools(pools, channel, await store.pool_health())
     return {
         "generated_at": timestamp(now),
         "pbx_connected": live.pbx_connected,
@@ -103,10 +100,7 @@ async def dashboard_data(
             ],
         },
         # Each configured pool and its health for each carrier its calls reached.
-        "pools": [
-            msgspec.to_builtins(views.pool(pool, channel, health.get(pool.name, [])))
-            for pool in pools
-        ],
+        "pools": msgspec.to_builtins(health),
         "open_alerts": await _open_alerts(store),
     }
 

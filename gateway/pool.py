@@ -9,7 +9,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.config import PoolConfig
+from gateway.config import PoolConfig, pools_for
+
+__all__ = ["Cli", "CliShape", "Pool", "choose", "pools_for"]
 
 # Random draws from a prefix pool before accepting a caller ID another ringing call
 # shows: with max_concurrent far below the pool's size, a free one comes at once.
@@ -107,13 +109,6 @@ class Pool:
         assert self._prefix is not None
         code = f"{secrets.randbelow(10**self.code_length):0{self.code_length}d}"
         return Cli(self._prefix + code, code)
-
-
-def pools_for(pools: Sequence[Pool], region: str) -> list[Pool]:
-    """The pools a destination in `region` may use: those that name the region, or when
-    none does, those that name no region (serve every allowed one); in config order."""
-    named = [p for p in pools if region in p.regions]
-    return named or [p for p in pools if not p.regions]
 
 
 def choose(pools: Sequence[Pool]) -> Pool:

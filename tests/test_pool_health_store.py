@@ -5,13 +5,10 @@ and migration 14."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import pytest
 
 from gateway.caller_health import PoolChange, PoolHealthRecord, PoolState, RouteReport
@@ -24,11 +21,11 @@ from gateway.store import (
     VerificationRecord,
     VerificationStatus,
     open_store,
-    sqlite_path,
 )
 from gateway.store.schema import POSTGRESQL as PG_MIGRATIONS
 from gateway.store.schema import SQLITE as MIGRATIONS
 from tests.conftest import NewDatabase, make_call, make_verification, raw_query
+from tests.test_store import make_schema, raw_insert
 
 CARRIER = "Telkomsel"
 CARRIER_TARGET = "ID:Telkomsel"  # a carrier alert names the carrier with its country
@@ -777,41 +774,6 @@ async def test_an_alert_that_recovered_keeps_the_counts(store: Store, database: 
 # -- migration 14 --------------------------------------------------------------------------------
 
 
-async def make_schema_13(database: str) -> None:
-    """Bring the empty `database` to schema 13, as a gateway before pool health left it."""
-    if database.startswith("postgresql://"):
-        conn = await asyncpg.connect(database)
-        try:
-            async with conn.transaction():
-                await conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-                await conn.execute("INSERT INTO schema_version (version) VALUES (13)")
-                for script in PG_MIGRATIONS[:13]:
-                    await conn.execute(script)
-        finally:
-            await conn.close()
-        return
-    with contextlib.closing(sqlite3.connect(sqlite_path(database), isolation_level=None)) as db:
-        for number, script in enumerate(MIGRATIONS[:13], start=1):
-            db.executescript(script)
-            db.execute(f"PRAGMA user_version = {number}")
-
-
-async def raw_insert(database: str, table: str, row: dict[str, Any]) -> None:
-    """Insert `row` on a second, plain connection."""
-    columns = ", ".join(row)
-    if database.startswith("postgresql://"):
-        marks = ", ".join(f"${n}" for n in range(1, len(row) + 1))
-        conn = await asyncpg.connect(database)
-        try:
-            await conn.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", *row.values())
-        finally:
-            await conn.close()
-        return
-    with contextlib.closing(sqlite3.connect(sqlite_path(database))) as db, db:
-        marks = ", ".join("?" for _ in row)
-        db.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", tuple(row.values()))
-
-
 def test_migration_14_is_the_last_on_both_backends() -> None:
     assert len(MIGRATIONS) == len(PG_MIGRATIONS) == 14
     for script in (MIGRATIONS[13], PG_MIGRATIONS[13]):
@@ -822,7 +784,7 @@ def test_migration_14_is_the_last_on_both_backends() -> None:
 async def test_migration_14_adds_pool_health_conversion_and_alerts_to_a_schema_13_database(
     database: str,
 ) -> None:
-    await make_schema_13(database)
+    await make_schema(database, 13)  # before pool health
     old = make_verification("vrf_old", phone=BLOCK + "00009", created_at=BASE, carrier=CARRIER)
     old = dataclasses.replace(old, phone_prefix=BLOCK)
     old_call = make_call("call_old", "vrf_old", phone=old.phone, queued_at=BASE)
@@ -835,7 +797,7 @@ async def test_migration_14_adds_pool_health_conversion_and_alerts_to_a_schema_1
         assert await store.verification("vrf_old") == (old, old_call)
         # Nothing was counted for the verifications already there; new ones are.
         assert await store.conversion_counts(BASE - 3600, BASE + 3600, 1) == []
-        await add(store, conversion_record("vrf_1", at=BASE + 5))
+        await add(store, conversion_record("vrf_999999", at=BASE + 5))
         assert (AlertKind.BLOCK, BLOCK, 1, 0) in await store.conversion_counts(BASE, BASE + 60, 1)
         # Approving the one from before counts its approval only.
         await store.spend_attempt("vrf_old", True, BASE + 10)

@@ -921,21 +921,21 @@ async def raw_insert(database: str, table: str, row: dict[str, Any]) -> None:
             db.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", tuple(row.values()))
 
 
-async def make_schema_11(database: str) -> None:
-    """Bring the empty `database` to schema 11, as a gateway before steps left it."""
+async def make_schema(database: str, version: int) -> None:
+    """Bring the empty `database` to schema `version`, as a gateway of that time left it."""
     if database.startswith("postgresql://"):
         conn = await asyncpg.connect(database)
         try:
             async with conn.transaction():
                 await conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-                await conn.execute("INSERT INTO schema_version (version) VALUES (11)")
-                for script in PG_MIGRATIONS[:11]:
+                await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+                for script in PG_MIGRATIONS[:version]:
                     await conn.execute(script)
         finally:
             await conn.close()
         return
     with contextlib.closing(sqlite3.connect(sqlite_path(database), isolation_level=None)) as db:
-        for number, script in enumerate(MIGRATIONS[:11], start=1):
+        for number, script in enumerate(MIGRATIONS[:version], start=1):
             db.executescript(script)
             db.execute(f"PRAGMA user_version = {number}")
 
@@ -947,7 +947,7 @@ async def test_migration_12_keeps_each_call_as_its_verifications_first_step(
     flash call and the call's timeline: each call becomes step 0, a flash call, with
     its id, outcome and events; the verification tries one channel, flashcall; a
     second step's call may now be stored, a second call of one step still may not."""
-    await make_schema_11(database)
+    await make_schema(database, 11)  # before steps
     before = verification("vrf_1", carrier="Telkomsel", phone_prefix="+62812")
     call = make_call(
         "call_1",

@@ -26,7 +26,6 @@ from gateway.api.typedefs import (
     VERIFICATIONS,
     api_key,
 )
-from gateway.caller_health import PoolHealthRecord
 from gateway.errors import InsufficientScope, InvalidRequest, NotFound
 from gateway.numbers import DEFAULT_PAGE
 from gateway.store import CallRecord, Replayed, VerificationRecord
@@ -228,16 +227,8 @@ async def list_pools(request: web.Request) -> web.Response:
     """Each pool and, for each carrier its calls reached, what they taught (caller_health)."""
     require_admin(request)
     config = request.app[CONFIG]
-    rows: dict[str, list[PoolHealthRecord]] = {}
-    for row in await request.app[STORE].pool_health():
-        rows.setdefault(row.pool, []).append(row)
-    return _json(
-        shapes.Pools(
-            pools=[
-                views.pool(p, config.asterisk.channel, rows.get(p.name, [])) for p in config.pools
-            ]
-        )
-    )
+    rows = await request.app[STORE].pool_health()
+    return _json(shapes.Pools(pools=views.pools(config.pools, config.asterisk.channel, rows)))
 
 
 @routes.get("/v1/alerts")

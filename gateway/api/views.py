@@ -4,6 +4,7 @@ Never the code, never the full caller ID."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -179,6 +180,17 @@ def webhook(w: WebhookRecord) -> shapes.Webhook:
         delivered_at=timestamp(w.delivered_at),
         next_attempt_at=(timestamp(w.next_attempt_at) if status is WebhookStatus.PENDING else None),
     )
+
+
+def pools(
+    configs: Sequence[PoolConfig], default_channel: str, rows: Sequence[PoolHealthRecord]
+) -> list[shapes.PoolHealth]:
+    """Every configured pool, in config order, with its rows of `rows` (the store's
+    pool_health; those of pools no longer configured are left out)."""
+    by_pool: dict[str, list[PoolHealthRecord]] = {}
+    for row in rows:
+        by_pool.setdefault(row.pool, []).append(row)
+    return [pool(c, default_channel, by_pool.get(c.name, [])) for c in configs]
 
 
 def pool(
