@@ -147,23 +147,21 @@ async def test_check_by_phone_uses_newest_pending(gateway: Gateway, far_end: Far
     status, old = await gateway.get(f"/v1/verifications/{first['id']}")
     assert old["status"] == "canceled"
 
-    # The second call rings at the far end. The first was hung up when superseded: it
-    # rang too, or (hung up before Asterisk sent its INVITE) never reached the far end.
-    async def second_rang() -> bool | None:
-        _, current = await gateway.get(f"/v1/verifications/{second['id']}")
-        return current["call"]["ringing_at"] is not None or None
+    # The second call rings for RING_SECONDS and is hung up; the first was hung up when
+    # superseded, so the far end got its CANCEL at once, or (hung up before Asterisk sent
+    # its INVITE) never saw it. Which INVITE came first says nothing: Asterisk may send the
+    # superseded call's INVITE after the new one; nor does which one is still live while
+    # the far end's log catches up. Once both are settled, the second is the one canceled
+    # last.
+    await call_ended(gateway, second["id"])
 
-    assert await until(second_rang)
-
-    # The second call is the one the far end never got a CANCEL for. Which INVITE came
-    # first says nothing: Asterisk may send the superseded call's INVITE after the new one.
-    async def second_call() -> InviteRecord | None:
+    async def settled() -> list[InviteRecord] | None:
         calls = far_end.calls_to(number)
-        live = [r for r in calls if r.canceled_at is None]
-        return live[0] if len(calls) <= 2 and len(live) == 1 else None
+        return calls if 1 <= len(calls) <= 2 and all(r.canceled_at for r in calls) else None
 
-    newest = await until(second_call)
-    assert newest is not None, far_end.calls_to(number)
+    calls = await until(settled)
+    assert calls is not None, far_end.calls_to(number)
+    newest = max(calls, key=lambda r: r.canceled_at or 0.0)
     status, checked = await gateway.post(
         "/v1/verifications/check", {"phone": f"+{number}", "code": code_of(newest)}
     )
