@@ -622,7 +622,7 @@ class Dialer:
             else:
                 node.placed += 1
                 self._metrics.call_placed(node.name)
-                log.info("call %s: placed on node %s", job.call_id, node.name, extra=_ids(job))
+                log.debug("call %s: placed on node %s", job.call_id, node.name, extra=_ids(job))
             return
 
     async def _move(self, live: _LiveCall, why: str) -> bool:

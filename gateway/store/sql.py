@@ -210,18 +210,13 @@ async def _next_seqs(tx: Tx, prefix: str | None) -> tuple[int, int | None]:
     """The numbers a new dialed verification takes: overall, and within `prefix`."""
     # IS NOT NULL lets the planner read the maximum off the partial index.
     row = await tx.fetchone(
-        "SELECT MAX(global_seq) FROM verifications WHERE global_seq IS NOT NULL"
-    )
-    latest = row[0] if row else None
-    if prefix is None:
-        return (latest or 0) + 1, None
-    row = await tx.fetchone(
-        "SELECT MAX(prefix_seq) FROM verifications "
-        "WHERE phone_prefix = ? AND prefix_seq IS NOT NULL",
+        "SELECT (SELECT MAX(global_seq) FROM verifications WHERE global_seq IS NOT NULL), "
+        "(SELECT MAX(prefix_seq) FROM verifications "
+        "WHERE phone_prefix = ? AND prefix_seq IS NOT NULL)",
         (prefix,),
     )
-    in_prefix = row[0] if row else None
-    return (latest or 0) + 1, (in_prefix or 0) + 1
+    latest, in_prefix = row if row else (None, None)
+    return (latest or 0) + 1, None if prefix is None else (in_prefix or 0) + 1
 
 
 async def _window_full(
@@ -231,15 +226,10 @@ async def _window_full(
 
     The window is full when the `count`-th latest verification it counts is inside it;
     the global and per-prefix windows find that one by its number (`seqs`: what the new
-    one would take), a phone's small windows by walking its few latest rows."""
+    one would take), a phone's voice window by walking its few latest calls (its other
+    windows: _limited)."""
     row = None
-    if limit.column == "phone":
-        row = await tx.fetchone(
-            "SELECT created_at FROM verifications WHERE phone = ? AND NOT sandbox "
-            "ORDER BY created_at DESC LIMIT 1 OFFSET ?",
-            (limit.value, limit.count - 1),
-        )
-    elif limit.column == "voice_phone":
+    if limit.column == "voice_phone":
         row = await tx.fetchone(
             "SELECT c.queued_at FROM verifications v JOIN calls c ON c.verification_id = v.id "
             "WHERE v.phone = ? AND NOT v.sandbox AND c.channel = 'voice' "
@@ -258,10 +248,16 @@ async def _window_full(
                 "SELECT created_at FROM verifications WHERE phone_prefix = ? AND prefix_seq = ?",
                 (limit.value, in_prefix - limit.count),
             )
-    if row is None or row[0] <= at - limit.seconds:
+    return _room_after(None if row is None else float(row[0]), limit, at)
+
+
+def _room_after(oldest: float | None, limit: WindowLimit, at: float) -> float | None:
+    """Seconds until `limit` has room, its `count`-th latest verification made at
+    `oldest` (None: it has fewer); None when it has room now."""
+    if oldest is None or oldest <= at - limit.seconds:
         return None
     # `count` already in the window: room once the oldest of them leaves it.
-    return max(1.0, float(row[0]) + limit.seconds - at)
+    return max(1.0, oldest + limit.seconds - at)
 
 
 async def _key_usage_full(tx: Tx, limit: WindowLimit, at: float) -> float | None:
@@ -443,9 +439,23 @@ async def _limited(
     tx: Tx, limits: tuple[WindowLimit, ...], at: float, seqs: tuple[int, int | None] | None
 ) -> Limited | None:
     """The first of `limits` with no room for one more at `at`, else None."""
+    # A phone's windows all walk its few latest verifications: read once, for the widest.
+    by_phone = [limit for limit in limits if limit.column == "phone"]
+    latest: list[float] = []
+    if by_phone:
+        rows = await tx.fetchall(
+            "SELECT created_at FROM verifications WHERE phone = ? AND NOT sandbox "
+            "ORDER BY created_at DESC LIMIT ?",
+            (by_phone[0].value, max(limit.count for limit in by_phone)),
+        )
+        latest = [float(row[0]) for row in rows]
     for limit in limits:
         if limit.column in _USAGE_TABLES:
             retry_after = await _key_usage_full(tx, limit, at)
+        elif limit.column == "phone":
+            # Full when the `count`-th latest is inside the window.
+            oldest = latest[limit.count - 1] if len(latest) >= limit.count else None
+            retry_after = _room_after(oldest, limit, at)
         else:
             retry_after = await _window_full(tx, limit, at, seqs)
         if retry_after is not None:
@@ -584,7 +594,8 @@ class SqlStore(abc.ABC):
             if limited is not None:
                 return limited
             rows = await tx.fetchall(
-                "SELECT v.id, c.id, c.status, v.created_at, v.sandbox FROM verifications v "
+                "SELECT v.id, c.id, c.status, v.created_at, v.sandbox, "
+                "v.callback_url IS NOT NULL FROM verifications v "
                 "INDEXED BY verifications_pending_by_phone "
                 f"LEFT JOIN calls c ON {_CURRENT_CALL} "
                 "WHERE v.phone = ? AND v.api_key_id = ? AND v.status = 'pending'",
@@ -592,9 +603,9 @@ class SqlStore(abc.ABC):
             )
             superseded = [
                 (vid, cid if status in LIVE_CALL_STATUSES else None)
-                for vid, cid, status, _, _ in rows
+                for vid, cid, status, _, _, _ in rows
             ]
-            for vid, _, _, created_at, sandbox in rows:
+            for vid, _, _, created_at, sandbox, hooks in rows:
                 await tx.execute(
                     "UPDATE verifications SET status = 'canceled', updated_at = ?, next_at = NULL "
                     "WHERE id = ?",
@@ -606,9 +617,10 @@ class SqlStore(abc.ABC):
                         verification, created_at=created_at, sandbox=False
                     )
                     await _count_conversion(tx, earlier, -1)
-                await _enqueue(
-                    tx, vid, STATUS_EVENTS[VerificationStatus.CANCELED], verification.created_at
-                )
+                if hooks:
+                    await _enqueue(
+                        tx, vid, STATUS_EVENTS[VerificationStatus.CANCELED], verification.created_at
+                    )
             await tx.execute(
                 f"INSERT INTO verifications ({_V_COLS}, global_seq, prefix_seq) "
                 f"VALUES ({_placeholders(VerificationRecord)}, ?, ?)",
@@ -621,7 +633,8 @@ class SqlStore(abc.ABC):
             if call.status is CallStatus.DIALING:  # placed as soon as stored (Dialer.reserve)
                 await _add_event(tx, call.id, call.dialed_at, "dialing")
             if verification.sandbox:  # its call is delivered as it is stored
-                await _enqueue(tx, verification.id, "verification.delivered", call.queued_at)
+                if verification.callback_url is not None:
+                    await _enqueue(tx, verification.id, "verification.delivered", call.queued_at)
             else:
                 await _count_key_usage(tx, verification.api_key_id, verification.created_at)
                 await _count_conversion(tx, verification, 1)
@@ -1032,46 +1045,44 @@ class SqlStore(abc.ABC):
             if row is None:
                 return False, []
             failed = False
+            verification_id, step, dialed_at = row
             await _add_event(tx, call_id, at, f"ended:{outcome}", cause, sip_code)
+            # What the rest needs of the verification, in one read: its step, whether
+            # it is pending, its phone, whether it asked for webhooks.
+            current_step, pending, phone, hooks = await tx.fetchone(
+                "SELECT step, status = 'pending', phone, callback_url IS NOT NULL "
+                "FROM verifications WHERE id = ?",
+                (verification_id,),
+            ) or (None, False, None, False)
             if next_at is not None:
                 await tx.execute(
                     "UPDATE verifications SET next_at = ?, updated_at = ? "
                     "WHERE id = ? AND status = 'pending' AND step = ?",
-                    (next_at, at, row[0], row[1]),
+                    (next_at, at, verification_id, step),
                 )
             if fail_verification and next_at is None:
                 ended = await tx.fetchone(
                     "UPDATE verifications SET status = 'failed', updated_at = ?, "
                     "next_at = NULL WHERE id = ? AND status = 'pending' AND step = ? "
                     f"RETURNING {_V_COLS}",
-                    (at, row[0], row[1]),
+                    (at, verification_id, step),
                 )
                 failed = ended is not None
                 if ended is not None:
-                    await _enqueue(tx, row[0], STATUS_EVENTS[VerificationStatus.FAILED], at)
+                    if hooks:
+                        kind = STATUS_EVENTS[VerificationStatus.FAILED]
+                        await _enqueue(tx, verification_id, kind, at)
                     await _leave_out(tx, VerificationRecord(*ended))
-            elif (delivered or uncertain) and await tx.fetchone(
-                "SELECT 1 FROM verifications WHERE id = ? AND step = ?", (row[0], row[1])
-            ):
+            elif hooks and current_step == step:
                 # News of the current step only: a call the client moved past (`next`)
                 # would report the next step's call as delivered.
                 if delivered:
-                    await _enqueue(tx, row[0], "verification.delivered", at)
-                elif await tx.fetchone(
-                    "SELECT 1 FROM verifications WHERE id = ? AND status = 'pending'", (row[0],)
-                ):
+                    await _enqueue(tx, verification_id, "verification.delivered", at)
+                elif uncertain and pending:
                     # Only news while the code may still be typed (not after approval).
-                    await _enqueue(tx, row[0], "verification.delivery_uncertain", at)
-            dialed = (
-                await tx.fetchone(
-                    "SELECT v.phone FROM calls c JOIN verifications v ON v.id = c.verification_id "
-                    "WHERE c.id = ? AND c.dialed_at IS NOT NULL",
-                    (call_id,),
-                )
-                if about_number(outcome, reason)
-                else None
-            )
-            if dialed is not None:
+                    kind = "verification.delivery_uncertain"
+                    await _enqueue(tx, verification_id, kind, at)
+            if dialed_at is not None and phone is not None and about_number(outcome, reason):
                 await tx.execute(
                     "INSERT INTO number_health (phone, status, last_outcome, last_cause, "
                     "last_sip_code, last_call_at, last_delivered_at, calls, delivered, "
@@ -1086,7 +1097,7 @@ class SqlStore(abc.ABC):
                     "delivered = number_health.delivered + excluded.delivered, "
                     "updated_at = excluded.updated_at",
                     (
-                        dialed[0],
+                        phone,
                         health,
                         outcome,
                         cause,
@@ -1099,7 +1110,7 @@ class SqlStore(abc.ABC):
                     ),
                 )
             changes: list[PoolChange] = []
-            if route is not None and row[2] is not None:
+            if route is not None and dialed_at is not None:
                 # Last: the carrier's lock, which every gateway's call ends to that
                 # carrier take, is held for no more than this and the commit.
                 changes = await _judge_route(tx, route, at)

@@ -164,35 +164,58 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
 
 
 def _run_batch(db: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[bool, Any]]:
-    """Run `jobs`: each write in a savepoint, all of them in one transaction;
-    (True, result) or (False, exception) for each job. A lock that cannot be had
-    raises from BEGIN, before anything is done."""
-    done: list[tuple[bool, Any]] = []
+    """Run `jobs`, all of them in one transaction; (True, result) or (False, exception)
+    for each job. A write that raises leaves nothing of its own behind and no other job
+    undone. A lock that cannot be had raises from BEGIN, before anything is done."""
     writing = any(job.write for job in jobs)
-    nested = len(jobs) > 1  # a job alone has the transaction for its savepoint
+    nested = len(jobs) > 1  # a job alone has the transaction for itself
     if writing:
         db.execute("BEGIN IMMEDIATE")
     try:
-        for job in jobs:
-            if job.write and nested:
-                db.execute("SAVEPOINT job")
-            try:
-                value = job.work(db)
-            except Exception as exc:
-                if job.write and nested:
-                    db.execute("ROLLBACK TO job")
-                    db.execute("RELEASE job")
-                done.append((False, exc))
-                continue
-            if job.write and nested:
-                db.execute("RELEASE job")
-            done.append((True, value))
+        if writing and nested:
+            # Writes almost never raise: the batch runs as one, and only when one of its
+            # writes does is it run again from its start, each write in a savepoint.
+            db.execute("SAVEPOINT batch")
+            done = _run_jobs(db, jobs, savepoints=False)
+            if done is None:
+                db.execute("ROLLBACK TO batch")
+                done = _run_jobs(db, jobs, savepoints=True)
+            db.execute("RELEASE batch")
+        else:
+            done = _run_jobs(db, jobs, savepoints=False, alone=True)
+        assert done is not None
         if writing:
             db.execute("COMMIT" if nested or done[0][0] else "ROLLBACK")
     except Exception as exc:  # the database itself failed (disk full, I/O): nothing written
         if db.in_transaction:
             db.execute("ROLLBACK")
         return [(False, exc)] * len(jobs)
+    return done
+
+
+def _run_jobs(
+    db: sqlite3.Connection, jobs: list[_Job], savepoints: bool, alone: bool = False
+) -> list[tuple[bool, Any]] | None:
+    """Each job's (ok, result or exception), in the open transaction. Without
+    `savepoints`, None as soon as a write raises, its work not undone (the caller
+    rolls the batch back), unless the job is `alone` (its transaction is rolled back)."""
+    done: list[tuple[bool, Any]] = []
+    for job in jobs:
+        if job.write and savepoints:
+            db.execute("SAVEPOINT job")
+        try:
+            value = job.work(db)
+        except Exception as exc:
+            if job.write and savepoints:
+                db.execute("ROLLBACK TO job")
+                db.execute("RELEASE job")
+            elif job.write and not alone:
+                return None
+            done.append((False, exc))
+            continue
+        if job.write and savepoints:
+            db.execute("RELEASE job")
+        done.append((True, value))
     return done
 
 
