@@ -976,6 +976,55 @@ async def make_schema(database: str, version: int) -> None:
             db.execute(f"PRAGMA user_version = {number}")
 
 
+async def test_migration_15_drops_calls_live_and_keeps_the_live_calls(database: str) -> None:
+    """A schema-14 database with a live call and an ended one: after migration 15 the
+    calls_live index is gone, and the live calls read as before (calls_live_by_owner)."""
+    await make_schema(database, 14)
+    for n, status in ((1, "ringing"), (2, "completed")):
+        await raw_insert(database, "verifications", dataclasses.asdict(verification(f"vrf_{n}")))
+        call = make_call(f"call_{n}", f"vrf_{n}", status=status, owner="gw-a")
+        await raw_insert(database, "calls", dataclasses.asdict(call))
+    store = await open_store(database)
+    try:
+        assert await store.schema_version() == len(MIGRATIONS) >= 15
+        assert [call.id for call in await store.live_calls("gw-a")] == ["call_1"]
+        assert await store.live_calls_by_owner() == {"gw-a": 1}
+    finally:
+        await store.close()
+    names = (
+        "SELECT indexname FROM pg_indexes WHERE tablename = 'calls'"
+        if database.startswith("postgresql://")
+        else "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'calls'"
+    )
+    indexes = {str(row[0]) for row in await raw_query(database, names)}
+    assert "calls_live" not in indexes and "calls_live_by_owner" in indexes
+
+
+async def test_a_gateways_live_calls_are_read_through_the_live_index(
+    sqlite_store: Store, db_path: Path
+) -> None:
+    """The statements that read the live calls (the stray check's, the dashboard's,
+    adoption's), captured on the store's own connection, use calls_live_by_owner: none
+    reads every call kept, ended ones and all."""
+    await create(sqlite_store, 1)
+    assert isinstance(sqlite_store, SqliteStore)
+    ran: list[str] = []
+    sqlite_store._db.set_trace_callback(ran.append)
+    try:
+        await sqlite_store.live_calls("gw-a")
+        await sqlite_store.live_calls()
+        await sqlite_store.live_calls_by_owner()
+        await sqlite_store.adopt_calls("gw-a", T0)
+    finally:
+        sqlite_store._db.set_trace_callback(None)
+    reads = [sql for sql in ran if "FROM calls" in sql or sql.startswith("UPDATE calls")]
+    assert len(reads) == 4, ran
+    for sql in reads:
+        plan = [str(row[-1]) for row in raw_file(db_path, f"EXPLAIN QUERY PLAN {sql}")]
+        assert any("USING INDEX calls_live_by_owner" in step for step in plan), (sql, plan)
+        assert "SCAN calls" not in plan, (sql, plan)
+
+
 async def test_migration_12_keeps_each_call_as_its_verifications_first_step(
     database: str,
 ) -> None:
@@ -1054,7 +1103,7 @@ async def test_migration_12_keeps_each_call_as_its_verifications_first_step(
                 "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL "
                 "AND tbl_name IN ('calls', 'call_events')",
             )
-        } == {"calls_live", "calls_by_end", "calls_live_by_owner", "call_events_by_call"}
+        } == {"calls_by_end", "calls_live_by_owner", "call_events_by_call"}
 
 
 async def test_the_write_ahead_log_is_checkpointed_while_it_runs(

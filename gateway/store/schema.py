@@ -322,6 +322,11 @@ SQLITE: tuple[str, ...] = (
     CREATE UNIQUE INDEX alerts_open ON alerts (kind, target) WHERE cleared_at IS NULL;
     CREATE INDEX alerts_by_raised ON alerts (raised_at);
     """,
+    # 15: calls_live (live calls by status) goes: calls_live_by_owner holds the same
+    # rows, and every status change of a call moved its entry in both (make bench).
+    """
+    DROP INDEX calls_live;
+    """,
 )
 
 
@@ -581,5 +586,10 @@ POSTGRESQL: tuple[str, ...] = (
     );
     CREATE UNIQUE INDEX alerts_open ON alerts (kind, target) WHERE cleared_at IS NULL;
     CREATE INDEX alerts_by_raised ON alerts (raised_at);
+    """,
+    # 15: calls_live (live calls by status) goes: calls_live_by_owner holds the same
+    # rows, and every status change of a call moved its entry in both (make bench).
+    """
+    DROP INDEX calls_live;
     """,
 )

@@ -113,6 +113,8 @@ _LIMIT_NAMES = {
 _USAGE_TABLES = {"api_key_id": "key_usage", "voice_api_key_id": "voice_usage"}
 # A verification and its current call (the step it is at).
 _CURRENT_CALL = "c.verification_id = v.id AND c.step = v.step"
+# The live call statuses, as SQL (calls_live_by_owner's condition).
+_LIVE = "(" + ", ".join(f"'{status}'" for status in LIVE_CALL_STATUSES) + ")"
 
 
 @functools.cache
@@ -1212,8 +1214,7 @@ class SqlStore(abc.ABC):
     async def live_calls_by_owner(self) -> dict[str | None, int]:
         """Live calls (queued, dialing or ringing) per owning gateway (None: nobody's)."""
         rows = await self._fetchall(
-            "SELECT owner, COUNT(*) FROM calls "
-            "WHERE status IN ('queued', 'dialing', 'ringing') GROUP BY owner"
+            f"SELECT owner, COUNT(*) FROM calls WHERE status IN {_LIVE} GROUP BY owner"
         )
         return {owner: int(n) for owner, n in rows}
 
@@ -1231,7 +1232,7 @@ class SqlStore(abc.ABC):
         `at` (it died, or stopped), or none; with `own`, of `owner`'s own too (its
         previous process's, at start). Each call goes to one adopter."""
         rows = await self._fetchall_write(
-            f"UPDATE calls SET owner = ? WHERE status IN ('queued', 'dialing', 'ringing') "
+            f"UPDATE calls SET owner = ? WHERE status IN {_LIVE} "
             "AND (owner IS NULL OR owner = ? OR (owner <> ? AND owner NOT IN "
             "(SELECT name FROM instances WHERE lease_until > ?))) "
             f"RETURNING {_C_COLS}",
@@ -1569,10 +1570,12 @@ class SqlStore(abc.ABC):
         """Calls not yet ended (queued, dialing or ringing), oldest first; with `owner`,
         that gateway's only."""
         mine = " AND owner = ?" if owner is not None else ""
+        # The statuses written out, as calls_live_by_owner's condition says them: a
+        # planner uses a partial index only for a condition it can see implies its own
+        # (bound values, it cannot), else it reads every call ever kept.
         rows = await self._fetchall(
-            f"SELECT {_C_COLS} FROM calls WHERE status IN "
-            f"({', '.join('?' for _ in LIVE_CALL_STATUSES)}){mine} ORDER BY queued_at",
-            (*LIVE_CALL_STATUSES, *((owner,) if owner is not None else ())),
+            f"SELECT {_C_COLS} FROM calls WHERE status IN {_LIVE}{mine} ORDER BY queued_at",
+            (owner,) if owner is not None else (),
         )
         return [CallRecord(*row) for row in rows]
 
