@@ -10,7 +10,7 @@ import re
 import shutil
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1004,25 +1004,36 @@ async def test_a_gateways_live_calls_are_read_through_the_live_index(
     sqlite_store: Store, db_path: Path
 ) -> None:
     """The statements that read the live calls (the stray check's, the dashboard's,
-    adoption's), captured on the store's own connection, use calls_live_by_owner: none
-    reads every call kept, ended ones and all."""
+    adoption's), as the store runs them, with their bound values, use
+    calls_live_by_owner: none reads every call kept, ended ones and all."""
     await create(sqlite_store, 1)
     assert isinstance(sqlite_store, SqliteStore)
-    ran: list[str] = []
-    sqlite_store._db.set_trace_callback(ran.append)
+    ran: list[tuple[str, Sequence[Any]]] = []
+    connection = sqlite_store._db
+
+    class Recording:
+        """The store's connection, noting each statement and its arguments."""
+
+        in_transaction = property(lambda self: connection.in_transaction)
+
+        def execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+            ran.append((sql, args))
+            return connection.execute(sql, args)
+
+    sqlite_store._db = Recording()  # type: ignore[assignment]
     try:
         await sqlite_store.live_calls("gw-a")
         await sqlite_store.live_calls()
         await sqlite_store.live_calls_by_owner()
         await sqlite_store.adopt_calls("gw-a", T0)
     finally:
-        sqlite_store._db.set_trace_callback(None)
-    reads = [sql for sql in ran if "FROM calls" in sql or sql.startswith("UPDATE calls")]
+        sqlite_store._db = connection
+    reads = [(sql, args) for sql, args in ran if "FROM calls" in sql or "UPDATE calls" in sql]
     assert len(reads) == 4, ran
-    for sql in reads:
-        plan = [str(row[-1]) for row in raw_file(db_path, f"EXPLAIN QUERY PLAN {sql}")]
-        assert any("USING INDEX calls_live_by_owner" in step for step in plan), (sql, plan)
-        assert "SCAN calls" not in plan, (sql, plan)
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        for sql, args in reads:
+            plan = [str(row[-1]) for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", args)]
+            assert any("USING INDEX calls_live_by_owner" in step for step in plan), (sql, plan)
 
 
 async def test_migration_12_keeps_each_call_as_its_verifications_first_step(
