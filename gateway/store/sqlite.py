@@ -22,7 +22,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import aiosqlite
 
@@ -176,14 +176,13 @@ def _run_batch(db: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[bool, Any
             # Writes almost never raise: the batch runs as one, and only when one of its
             # writes does is it run again from its start, each write in a savepoint.
             db.execute("SAVEPOINT batch")
-            done = _run_jobs(db, jobs, savepoints=False)
+            done = _run_jobs(db, jobs, give_up=True)
             if done is None:
                 db.execute("ROLLBACK TO batch")
                 done = _run_jobs(db, jobs, savepoints=True)
             db.execute("RELEASE batch")
-        else:
-            done = _run_jobs(db, jobs, savepoints=False, alone=True)
-        assert done is not None
+        else:  # reads only, or a write alone: the transaction is its own
+            done = _run_jobs(db, jobs)
         if writing:
             db.execute("COMMIT" if nested or done[0][0] else "ROLLBACK")
     except Exception as exc:  # the database itself failed (disk full, I/O): nothing written
@@ -193,12 +192,20 @@ def _run_batch(db: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[bool, Any
     return done
 
 
+@overload
 def _run_jobs(
-    db: sqlite3.Connection, jobs: list[_Job], savepoints: bool, alone: bool = False
+    db: sqlite3.Connection, jobs: list[_Job], *, savepoints: bool = False
+) -> list[tuple[bool, Any]]: ...
+@overload
+def _run_jobs(
+    db: sqlite3.Connection, jobs: list[_Job], *, give_up: Literal[True]
+) -> list[tuple[bool, Any]] | None: ...
+def _run_jobs(
+    db: sqlite3.Connection, jobs: list[_Job], *, savepoints: bool = False, give_up: bool = False
 ) -> list[tuple[bool, Any]] | None:
-    """Each job's (ok, result or exception), in the open transaction. Without
-    `savepoints`, None as soon as a write raises, its work not undone (the caller
-    rolls the batch back), unless the job is `alone` (its transaction is rolled back)."""
+    """Each job's (ok, result or exception), in the open transaction; with `savepoints`,
+    a write that raises is undone alone. With `give_up`, None as soon as a write raises,
+    its work not undone: the caller rolls the batch back."""
     done: list[tuple[bool, Any]] = []
     for job in jobs:
         if job.write and savepoints:
@@ -206,11 +213,11 @@ def _run_jobs(
         try:
             value = job.work(db)
         except Exception as exc:
+            if job.write and give_up:
+                return None
             if job.write and savepoints:
                 db.execute("ROLLBACK TO job")
                 db.execute("RELEASE job")
-            elif job.write and not alone:
-                return None
             done.append((False, exc))
             continue
         if job.write and savepoints:
