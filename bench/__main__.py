@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -311,6 +312,21 @@ def verdict(
         information[f"cores_at_{LATENCY_RATE:g}"] = cores
     if api_steps:
         information["api_cpu_ms_per_request"] = api_budget(api_steps, cpus)
+    room = max_rate_room([*steps, *search], api_steps)
+    if room:
+        information["room_at_max_rate_target"] = room
+        least = room["raw_loop_cpu_ms_per_call"] + (room["bare_http_cpu_ms_per_request"] or 0.0)
+        # Judged only when not met: a gateway that reached the rate needed no more room.
+        if (
+            not targets["max_rate_ratio"]["met"]
+            and room["gateway_cpu_ms_per_call_that_fits"] < least
+        ):
+            targets["max_rate_ratio"]["notes"].append(
+                f"out of reach on this machine: at {_per_s(room['rate_per_s'])} it leaves a "
+                f"gateway {room['gateway_cpu_ms_per_call_that_fits']:g} CPU-ms per call, "
+                f"less than the raw loop's own {room['raw_loop_cpu_ms_per_call']:g} plus a "
+                f"bare HTTP request's {room['bare_http_cpu_ms_per_request'] or 0:g} at least"
+            )
     return {
         "targets": targets,
         "all_met": all(t["met"] for t in targets.values()),
@@ -718,6 +734,50 @@ def api_budget(api_steps: list[ApiStep], cpus: int) -> dict[str, Any]:
         "rate_per_s": rate,
         "one_process_at_rate": round(1000 / rate, 3),
         "all_cores_at_rate": round(cpus * 1000 / rate - (load or 0.0), 3),
+    }
+
+
+def max_rate_room(steps: list[StepResult], api_steps: list[ApiStep]) -> dict[str, Any]:
+    """What this machine leaves a gateway at the rate max_rate_ratio asks of it (its share
+    of the loop's highest sustained rate), from the cores each process of the test bed used.
+
+    The test bed keeps up while it uses no more than the most any sustained step of the run
+    used (`usable_cores`); Asterisk and the far end need, per call, what they needed under
+    the baseline; the HTTP load generator what it needed per call in the gateway's steps.
+    What is left, per call, is all a gateway may use there. Any gateway does at least the
+    raw loop's work and answers one HTTP request per call (the floor's CPU per request):
+    where what is left is less, the target is out of reach on this machine, whatever the
+    gateway's code. {} when a figure is missing."""
+    sustained = [s for s in steps if s.sustained]
+    loops = [s for s in sustained if s.system == "baseline"]
+    totals = [s.cores["total"] for s in sustained if s.cores.get("total")]
+    beds = [s for s in steps if s.system == "baseline" and s.cores and s.offered_cps]
+    loads = [
+        s.cores[LOAD_GENERATOR] / s.offered_cps
+        for s in steps
+        if s.system == "gateway" and LOAD_GENERATOR in s.cores and s.offered_cps
+    ]
+    top = max(loops, key=lambda s: s.offered_cps, default=None)
+    if top is None or top.cpu_seconds_per_1000 is None or not totals or not beds or not loads:
+        return {}
+    rate = round(top.offered_cps * TARGETS["max_rate_ratio"], 1)
+    usable = max(totals)
+    pbx = statistics.median(
+        (s.cores.get("asterisk", 0.0) + s.cores.get("far end", 0.0)) / s.offered_cps for s in beds
+    )
+    load = statistics.median(loads)
+    left = usable - (pbx + load) * rate
+    gateway = [s for s in sustained if s.system == "gateway"]
+    fastest = max(gateway, key=lambda s: s.offered_cps, default=None)
+    return {
+        "rate_per_s": rate,
+        "usable_cores": usable,
+        "asterisk_and_far_end": round(pbx * rate, 2),
+        "http_load_generator": round(load * rate, 2),
+        "gateway_cpu_ms_per_call_that_fits": round(max(left, 0.0) / rate * 1000, 2),
+        "raw_loop_cpu_ms_per_call": top.cpu_seconds_per_1000,
+        "bare_http_cpu_ms_per_request": api_budget(api_steps, 1)["floor"] if api_steps else None,
+        "gateway_cpu_ms_per_call": fastest.cpu_seconds_per_1000 if fastest else None,
     }
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bench.__main__ import TARGETS, api_budget, call_budget, verdict
+from bench.__main__ import TARGETS, api_budget, call_budget, max_rate_room, verdict
 from bench.api import ApiStep
 from bench.backends import BackendResult
 from bench.measure import StepResult
@@ -417,3 +417,47 @@ def test_api_budget_counts_only_steps_that_met_the_target() -> None:
     assert budget["all_cores_at_rate"] == pytest.approx(0.8)
     information = verdict([], [], [], steps, [], cpus=2)["information"]
     assert information == {"api_cpu_ms_per_request": budget}
+
+
+def _bed(system: str, rate: float, cpu: float, total: float, **cores: float) -> StepResult:
+    return replace(_call(system, rate), cpu_seconds_per_1000=cpu, cores={**cores, "total": total})
+
+
+def test_max_rate_room_is_what_the_bed_leaves_at_the_targets_rate() -> None:
+    steps = [
+        _bed("baseline", 200, 0.9, 1.3, **{"asterisk": 0.9, "far end": 0.1}),  # 5 ms per call
+        _bed("baseline", 300, 0.8, 1.7, **{"asterisk": 1.4, "far end": 0.1}),  # 5 ms per call
+        replace(_bed("baseline", 350, 0.7, 1.75, asterisk=1.5, **{"far end": 0.1}), lost=3),
+        _bed("gateway", 200, 2.5, 1.65, **{"bench (load generator)": 0.14}),  # 0.7 ms per call
+        replace(_bed("gateway", 250, 2.4, 1.8, **{"bench (load generator)": 0.175}), lost=2),
+    ]
+    api = [_api("floor", 2000, 0.2), _api("floor", 1000, 0.25)]
+    room = max_rate_room(steps, api)
+    # 0.95 of the loop's 300/s; 1.7 cores, the most a sustained step used; Asterisk and
+    # the far end at the median 5 ms per call, the load generator at 0.7 ms: 1.425 + 0.1995
+    assert room["rate_per_s"] == 285
+    assert room["usable_cores"] == 1.7
+    assert room["asterisk_and_far_end"] == pytest.approx(1.43, abs=0.01)
+    assert room["http_load_generator"] == pytest.approx(0.2, abs=0.01)
+    assert room["gateway_cpu_ms_per_call_that_fits"] == pytest.approx(0.265, abs=0.01)
+    assert room["raw_loop_cpu_ms_per_call"] == 0.8
+    assert room["bare_http_cpu_ms_per_request"] == 0.2
+    assert room["gateway_cpu_ms_per_call"] == 2.5  # its fastest sustained step's
+    assert max_rate_room([s for s in steps if s.system == "baseline"], api) == {}
+
+
+def test_max_rate_ratio_says_when_the_machine_leaves_no_room() -> None:
+    run = _run()
+    # The gateway sustains 200/s of the loop's 250/s: not met. At 237.5/s, 1.8 cores less
+    # Asterisk and the far end (7.5 ms per call) and the load generator (0.75) leave none.
+    run["search"] = [
+        replace(run["search"][0], cpu_seconds_per_1000=1.3),
+        *(s for s in run["search"][1:] if s.system == "baseline"),
+    ]
+    target = verdict(**run)["targets"]["max_rate_ratio"]
+    assert not target["met"]
+    assert (
+        "out of reach on this machine: at 237.5/s it leaves a gateway 0 CPU-ms per call, "
+        "less than the raw loop's own 1.3 plus a bare HTTP request's 0.25 at least"
+    ) in target["notes"]
+    assert not any("out of reach" in note for note in _targets()["max_rate_ratio"]["notes"])
