@@ -1678,3 +1678,47 @@ async def test_a_sandbox_verifications_voice_calls_spend_no_voice_budget(store: 
         "vrf_3", step_call(3, 1, T0 + 40, phone=PHONES[3]), T0 + 40, per_key
     )
     assert isinstance(refused, Limited) and refused.limit == "voice_api_key_daily"
+
+
+async def test_the_reads_by_end_time_use_the_index_of_ended_calls(
+    sqlite_store: Store, db_path: Path
+) -> None:
+    """calls_by_end holds ended calls only (no entry made at a call's create and moved
+    at its end): the reads of calls by the time they ended, and the dashboard's count of
+    calls dialed (those ended since, and the live ones), still seek an index each, with
+    the values the store binds; none reads every call kept."""
+    for n, phone in ((1, PHONE), (2, OTHER_PHONE)):  # both dialed; the second ends
+        record = verification(f"vrf_{n}", phone=phone, created_at=T0 + n)
+        dialed = make_call(
+            f"call_{n}", record.id, queued_at=T0 + n, status="dialing", dialed_at=T0 + n
+        )
+        await sqlite_store.create_verification(record, dialed)
+    await end(sqlite_store, "call_2", fail_verification=False, outcome="delivered")
+    assert isinstance(sqlite_store, SqliteStore)
+    ran: list[tuple[str, Sequence[Any]]] = []
+    connection = sqlite_store._db
+
+    class Recording:
+        """The store's connection, noting each statement and its arguments."""
+
+        in_transaction = property(lambda self: connection.in_transaction)
+
+        def execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+            ran.append((sql, args))
+            return connection.execute(sql, args)
+
+    sqlite_store._db = Recording()  # type: ignore[assignment]
+    try:
+        assert await sqlite_store.calls_dialed(T0, T0 + 120, 60) == [2, 0]
+        await sqlite_store.ended_by_cause(T0, T0 + 120)
+    finally:
+        sqlite_store._db = connection
+    reads = [(sql, args) for sql, args in ran if "FROM calls" in sql]
+    assert len(reads) == 2, ran
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        for sql, args in reads:
+            plan = [str(row[-1]) for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", args)]
+            assert not any(re.fullmatch(r"SCAN c(alls)?", step) for step in plan), (sql, plan)
+            assert any("INDEX calls_by_end" in step for step in plan), (sql, plan)
+        partial = db.execute("SELECT sql FROM sqlite_master WHERE name = 'calls_by_end'")
+        assert "WHERE ended_at IS NOT NULL" in partial.fetchone()[0]

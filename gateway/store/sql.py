@@ -1593,13 +1593,16 @@ class SqlStore(abc.ABC):
                 if tx.dialect == POSTGRESQL
                 else "CAST((dialed_at - ?) / ? AS INTEGER)"
             )
-            # A call ends after it is dialed, so one dialed since `since` has not ended
-            # or ended since then: that condition lets calls_by_end do the search.
+            # A call ends after it is dialed, so one dialed since `since` ended since
+            # then (found by calls_by_end) or is live (calls_live_by_owner).
             return await tx.fetchall(
-                f"SELECT {bucket}, COUNT(*) FROM calls "
-                "WHERE (ended_at >= ? OR ended_at IS NULL) AND dialed_at >= ? "
-                "AND dialed_at < ? GROUP BY 1",
-                (since, step, since, since, until),
+                f"SELECT {bucket}, COUNT(*) FROM ("
+                "SELECT dialed_at FROM calls WHERE ended_at >= ? "
+                "AND dialed_at >= ? AND dialed_at < ? "
+                f"UNION ALL SELECT dialed_at FROM calls WHERE status IN {_LIVE} "
+                "AND dialed_at >= ? AND dialed_at < ?"
+                ") AS dialed GROUP BY 1",
+                (since, step, since, since, until, since, until),
             )
 
         for bucket, n in await self._run(count):
