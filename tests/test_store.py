@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -1722,3 +1723,32 @@ async def test_the_reads_by_end_time_use_the_index_of_ended_calls(
             assert any("INDEX calls_by_end" in step for step in plan), (sql, plan)
         partial = db.execute("SELECT sql FROM sqlite_master WHERE name = 'calls_by_end'")
         assert "WHERE ended_at IS NOT NULL" in partial.fetchone()[0]
+
+
+async def test_a_slow_job_leaves_the_quick_ones_queued_before_it_on_the_loop(
+    sqlite_store: Store,
+) -> None:
+    """A batch runs its quick jobs ahead of the first slow one on the event loop, and
+    only the rest in the store's thread: a sweep queued behind a call's writes does not
+    take them into the thread, where each statement waits for the loop's GIL."""
+    assert isinstance(sqlite_store, SqliteStore)
+    where: dict[str, str] = {}
+
+    def noting(name: str) -> Any:
+        async def operation(tx: Any) -> None:
+            await tx.execute("SELECT 1")
+            where[name] = threading.current_thread().name
+
+        return operation
+
+    # Queued in one turn of the loop: the lazy one starts the batch, the others join it.
+    await asyncio.gather(
+        sqlite_store._write(noting("ringing"), lazy=True, quick=True),
+        sqlite_store._write(noting("end"), lazy=True, quick=True),
+        sqlite_store._write(noting("sweep")),
+        sqlite_store._write(noting("after the sweep"), quick=True),
+    )
+    loop_thread = threading.current_thread().name
+    assert where["ringing"] == where["end"] == loop_thread
+    assert where["sweep"] != loop_thread
+    assert where["after the sweep"] == where["sweep"]  # the order kept: behind it

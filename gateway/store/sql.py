@@ -926,6 +926,7 @@ class SqlStore(abc.ABC):
             f"JOIN calls c ON {_CURRENT_CALL} "
             "WHERE v.next_at <= ? AND v.status = 'pending' ORDER BY v.next_at LIMIT ?",
             (now, limit),
+            quick=True,
         )
         split = len(fields(VerificationRecord))
         return [(VerificationRecord(*row[:split]), CallRecord(*row[split:])) for row in rows]
@@ -976,7 +977,7 @@ class SqlStore(abc.ABC):
 
     async def next_expiry(self) -> float | None:
         row = await self._fetchone(
-            "SELECT MIN(expires_at) FROM verifications WHERE status = 'pending'"
+            "SELECT MIN(expires_at) FROM verifications WHERE status = 'pending'", quick=True
         )
         return float(row[0]) if row and row[0] is not None else None
 
@@ -1001,7 +1002,7 @@ class SqlStore(abc.ABC):
         await self._write(progress, lazy=status is CallStatus.RINGING, quick=True)
 
     async def add_call_event(self, event: CallEventRecord) -> None:
-        await self._write(lambda tx: _add_event(tx, *values_of(event)))
+        await self._write(lambda tx: _add_event(tx, *values_of(event)), quick=True)
 
     async def end_call(
         self,
@@ -1259,7 +1260,7 @@ class SqlStore(abc.ABC):
                 (now + hold, now, limit),
             )
 
-        records = [WebhookRecord(*row) for row in await self._write(claim)]
+        records = [WebhookRecord(*row) for row in await self._write(claim, quick=True)]
         return sorted(records, key=lambda record: (record.created_at, record.id))
 
     async def pending_webhooks(self) -> int:
@@ -1272,7 +1273,8 @@ class SqlStore(abc.ABC):
     async def next_webhook_at(self) -> float | None:
         row = await self._fetchone(
             "SELECT MIN(next_attempt_at) FROM webhook_outbox "
-            "WHERE delivered_at IS NULL AND given_up_at IS NULL"
+            "WHERE delivered_at IS NULL AND given_up_at IS NULL",
+            quick=True,
         )
         return float(row[0]) if row and row[0] is not None else None
 
@@ -1489,6 +1491,7 @@ class SqlStore(abc.ABC):
         rows = await self._fetchall(
             f"SELECT {_ALERT_COLS} FROM alerts {where}ORDER BY raised_at DESC, id LIMIT ?",
             (limit,),
+            quick=True,
         )
         return [_alert(row) for row in rows]
 

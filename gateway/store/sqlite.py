@@ -139,6 +139,17 @@ def _wake(kick: asyncio.Future[None]) -> None:
         kick.set_result(None)
 
 
+def _settle(jobs: list[_Job], done: list[tuple[bool, Any]]) -> None:
+    """Give each job's caller its result or exception (none to a canceled caller)."""
+    for job, (ok, value) in zip(jobs, done, strict=True):
+        if job.future.done():  # its caller was canceled
+            continue
+        if ok:
+            job.future.set_result(value)
+        else:
+            job.future.set_exception(value)
+
+
 def _run_waiting(db: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[bool, Any]]:
     """_run_batch in the store's thread, where waiting for a lock blocks nobody."""
     db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -376,20 +387,28 @@ class SqliteStore(SqlStore):
                     timer.cancel()
                     self._kick = None
             jobs, self._jobs, self._urgent = self._jobs, [], False
-            try:
-                done = self._run_now(jobs) if all(job.quick for job in jobs) else None
-                if done is None:
-                    self._lock_wait = True
-                    done = await loop.run_in_executor(self._thread, _run_waiting, self._db, jobs)
-            except Exception as exc:  # the connection is closed or broken
-                done = [(False, exc)] * len(jobs)
-            for job, (ok, value) in zip(jobs, done, strict=True):
-                if job.future.done():  # its caller was canceled
-                    continue
-                if ok:
-                    job.future.set_result(value)
+            # The quick jobs ahead of the first that is not run now, on the loop; the
+            # rest, in order, in the thread. One slow job (a sweep) no longer takes the
+            # calls' writes queued before it into the thread, where each of their
+            # statements would wait for the loop to give the GIL back.
+            head = next((i for i, job in enumerate(jobs) if not job.quick), len(jobs))
+            if head:
+                try:
+                    done = self._run_now(jobs[:head])
+                except Exception as exc:  # the connection is closed or broken
+                    done = [(False, exc)] * head
+                if done is None:  # a lock was held: the thread waits for it
+                    head = 0
                 else:
-                    job.future.set_exception(value)
+                    _settle(jobs[:head], done)
+            if head < len(jobs):
+                rest = jobs[head:]
+                self._lock_wait = True
+                try:
+                    done = await loop.run_in_executor(self._thread, _run_waiting, self._db, rest)
+                except Exception as exc:  # the connection is closed or broken
+                    done = [(False, exc)] * len(rest)
+                _settle(rest, done)
 
     def _run_now(self, jobs: list[_Job]) -> list[tuple[bool, Any]] | None:
         """Quick `jobs` on the event loop (see _run_quick); None: a lock was held."""
