@@ -11,7 +11,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,29 @@ async def sqlite_store(db_path: Path) -> AsyncIterator[Store]:
     opened = await open_store(db_path)
     yield opened
     await opened.close()
+
+
+@contextlib.contextmanager
+def statements_run(store: SqliteStore) -> Iterator[list[tuple[str, Sequence[Any]]]]:
+    """Each statement the store runs meanwhile, with the arguments it binds: what its
+    query plans are to be taken with (a trace's expanded SQL hides a bound value)."""
+    ran: list[tuple[str, Sequence[Any]]] = []
+    connection = store._db
+
+    class Recording:
+        """The store's connection, noting each statement and its arguments."""
+
+        in_transaction = property(lambda self: connection.in_transaction)
+
+        def execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+            ran.append((sql, args))
+            return connection.execute(sql, args)
+
+    store._db = Recording()  # type: ignore[assignment]
+    try:
+        yield ran
+    finally:
+        store._db = connection
 
 
 def raw_file(path: Path, sql: str) -> list[tuple[object, ...]]:
@@ -1009,26 +1032,11 @@ async def test_a_gateways_live_calls_are_read_through_the_live_index(
     calls_live_by_owner: none reads every call kept, ended ones and all."""
     await create(sqlite_store, 1)
     assert isinstance(sqlite_store, SqliteStore)
-    ran: list[tuple[str, Sequence[Any]]] = []
-    connection = sqlite_store._db
-
-    class Recording:
-        """The store's connection, noting each statement and its arguments."""
-
-        in_transaction = property(lambda self: connection.in_transaction)
-
-        def execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
-            ran.append((sql, args))
-            return connection.execute(sql, args)
-
-    sqlite_store._db = Recording()  # type: ignore[assignment]
-    try:
+    with statements_run(sqlite_store) as ran:
         await sqlite_store.live_calls("gw-a")
         await sqlite_store.live_calls()
         await sqlite_store.live_calls_by_owner()
         await sqlite_store.adopt_calls("gw-a", T0)
-    finally:
-        sqlite_store._db = connection
     reads = [(sql, args) for sql, args in ran if "FROM calls" in sql or "UPDATE calls" in sql]
     assert len(reads) == 4, ran
     with contextlib.closing(sqlite3.connect(db_path)) as db:
@@ -1696,24 +1704,9 @@ async def test_the_reads_by_end_time_use_the_index_of_ended_calls(
         await sqlite_store.create_verification(record, dialed)
     await end(sqlite_store, "call_2", fail_verification=False, outcome="delivered")
     assert isinstance(sqlite_store, SqliteStore)
-    ran: list[tuple[str, Sequence[Any]]] = []
-    connection = sqlite_store._db
-
-    class Recording:
-        """The store's connection, noting each statement and its arguments."""
-
-        in_transaction = property(lambda self: connection.in_transaction)
-
-        def execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
-            ran.append((sql, args))
-            return connection.execute(sql, args)
-
-    sqlite_store._db = Recording()  # type: ignore[assignment]
-    try:
+    with statements_run(sqlite_store) as ran:
         assert await sqlite_store.calls_dialed(T0, T0 + 120, 60) == [2, 0]
         await sqlite_store.ended_by_cause(T0, T0 + 120)
-    finally:
-        sqlite_store._db = connection
     reads = [(sql, args) for sql, args in ran if "FROM calls" in sql]
     assert len(reads) == 2, ran
     with contextlib.closing(sqlite3.connect(db_path)) as db:
