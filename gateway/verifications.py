@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -248,10 +249,16 @@ class Verifications:
 
     # -- create ----------------------------------------------------------------
 
+    @functools.cached_property
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this runs on: asyncio.get_running_loop() costs a getpid()
+        system call on Python 3.11, and each create made one."""
+        return asyncio.get_running_loop()
+
     async def _to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
         """Await `work`; if the caller is canceled, `work` still runs to its end (what it
         returns or raises then goes to nobody: the client was told the request failed)."""
-        task = asyncio.create_task(work, name="verification-create")
+        task = self._loop.create_task(work, name="verification-create")
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
         try:

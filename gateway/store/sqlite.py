@@ -297,6 +297,12 @@ class SqliteStore(SqlStore):
         self._drainer: asyncio.Task[None] | None = None
         self._checkpointer: asyncio.Task[None] | None = None
 
+    @functools.cached_property
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this runs on: asyncio.get_running_loop() costs a getpid()
+        system call on Python 3.11, and every query made one."""
+        return asyncio.get_running_loop()
+
     @classmethod
     async def open(cls, path: str | Path) -> SqliteStore:
         """Open (creating if needed) the database at `path` and migrate it."""
@@ -354,7 +360,7 @@ class SqliteStore(SqlStore):
         wake-ups and in the GIL passed back and forth at every statement. It never
         waits for a lock there: a batch that meets one goes to the thread instead.
         """
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[T] = self._loop.create_future()
         job = _Job(functools.partial(_complete, operation), write, quick, future)
         idle = not self._jobs and (self._drainer is None or self._drainer.done())
         if quick and not lazy and idle:
@@ -372,11 +378,11 @@ class SqliteStore(SqlStore):
             if self._kick is not None and not self._kick.done():
                 self._kick.set_result(None)
         if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.create_task(self._drain(), name="store")
+            self._drainer = self._loop.create_task(self._drain(), name="store")
         return await future
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         while self._jobs:
             if not self._urgent:
                 self._kick = kick = loop.create_future()
