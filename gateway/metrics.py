@@ -208,6 +208,11 @@ class Metrics:
         for limit in RATE_LIMITS:
             self.rate_limited.labels(limit=limit)
         self._logins: dict[str, int] = {}
+        # The labelled children of the counters every call and request touches, by
+        # their label values: labels() costs about 3 us a call, a dict lookup 0.1.
+        self._ended: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+        self._placed: dict[str, Counter] = {}
+        self._answered: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def watch(
         self,
@@ -234,8 +239,15 @@ class Metrics:
         self.ringing_seconds.observe(max(since_request, 0.0))
 
     def call_ended(self, outcome: str, cause: int | None) -> None:
-        self.calls.labels(outcome=outcome).inc()
-        self.hangup_causes.labels(cause=_cause_label(cause)).inc()
+        key = (outcome, _cause_label(cause))
+        counters = self._ended.get(key)
+        if counters is None:
+            counters = self._ended[key] = (
+                self.calls.labels(outcome=outcome),
+                self.hangup_causes.labels(cause=key[1]),
+            )
+        for counter in counters:
+            counter.inc()
 
     def trunk_rejected(self, trunk: str, sip_code: int | None) -> None:
         self.trunk_rejections.labels(trunk=trunk, sip_code=str(sip_code)).inc()
@@ -246,7 +258,10 @@ class Metrics:
             self.ami_reconnects.inc()
 
     def call_placed(self, node: str) -> None:
-        self.node_placed.labels(node=node).inc()
+        counter = self._placed.get(node)
+        if counter is None:
+            counter = self._placed[node] = self.node_placed.labels(node=node)
+        counter.inc()
 
     # -- the alerts' (gateway.alerts.AlertMetrics) --------------------------------
 
@@ -259,8 +274,15 @@ class Metrics:
     # -- the API's ---------------------------------------------------------------
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method=method, route=route, status=str(status)).inc()
-        self.request_seconds.labels(route=route).observe(seconds)
+        key = (method, route, status)
+        children = self._answered.get(key)
+        if children is None:
+            children = self._answered[key] = (
+                self.requests.labels(method=method, route=route, status=str(status)),
+                self.request_seconds.labels(route=route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     async def render(self, store: Store) -> bytes:
         """The text exposition, after refreshing the figures read from the store."""
