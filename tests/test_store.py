@@ -39,6 +39,7 @@ from gateway.store import (
     open_store,
     sqlite_path,
 )
+from gateway.store.postgres import DEFAULT_POOL_SIZE, PostgresStore
 from gateway.store.schema import POSTGRESQL as PG_MIGRATIONS
 from gateway.store.schema import SQLITE as MIGRATIONS
 from gateway.store.sqlite import SqliteStore
@@ -51,6 +52,7 @@ from tests.conftest import (
     make_verification,
     raw_query,
 )
+from tests.pg import DevPostgres
 
 T0 = TEST_T0  # when make_verification's and make_call's records are made, unless told
 TTL = 300.0  # how long make_verification's verifications live
@@ -1745,3 +1747,41 @@ async def test_a_slow_job_leaves_the_quick_ones_queued_before_it_on_the_loop(
     assert where["ringing"] == where["end"] == loop_thread
     assert where["sweep"] != loop_thread
     assert where["after the sweep"] == where["sweep"]  # the order kept: behind it
+
+
+async def test_a_postgresql_connection_goes_back_to_the_pool_without_a_statement(
+    dev_postgres: DevPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Giving a pooled connection back sends nothing (asyncpg's default reset query was
+    a round trip per operation), and nothing of an operation stays on the connection: no
+    advisory lock (a create takes one), no open transaction."""
+    url = dev_postgres.create_database(f"test_{os.getpid()}_release", replace=True)
+    sent: list[str] = []
+    execute = asyncpg.connection.Connection.execute
+
+    async def recording(conn: asyncpg.Connection[Any], query: str, *args: Any, **kw: Any) -> str:
+        sent.append(query)
+        return await execute(conn, query, *args, **kw)
+
+    try:
+        store = await open_store(url)
+        assert isinstance(store, PostgresStore)
+        try:
+            monkeypatch.setattr(asyncpg.connection.Connection, "execute", recording)
+            await create(store, 1)
+            await end(store, "call_1", fail_verification=True)
+            assert await status_of(store, "vrf_1") == "failed"
+            monkeypatch.undo()
+            assert sent.count("BEGIN;") == sent.count("COMMIT;") == 2  # the create, the end
+            assert not [q for q in sent if "unlock_all" in q or "RESET ALL" in q], sent
+            for _ in range(DEFAULT_POOL_SIZE):  # whichever connection the pool lends
+                async with store._pool.acquire() as conn:
+                    assert not conn.is_in_transaction()
+                    assert not await conn.fetchval(
+                        "SELECT count(*) FROM pg_locks "
+                        "WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+                    )
+        finally:
+            await store.close()
+    finally:
+        dev_postgres.drop_database(f"test_{os.getpid()}_release")
