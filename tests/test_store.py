@@ -1749,31 +1749,58 @@ async def test_a_slow_job_leaves_the_quick_ones_queued_before_it_on_the_loop(
     assert where["after the sweep"] == where["sweep"]  # the order kept: behind it
 
 
-async def test_a_postgresql_connection_goes_back_to_the_pool_without_a_statement(
+@contextlib.contextmanager
+def postgresql_statements(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Each statement any asyncpg connection sends meanwhile, as sent."""
+    sent: list[str] = []
+    with monkeypatch.context() as patch:
+        for name in ("execute", "fetch", "fetchrow", "fetchval"):
+            method = getattr(asyncpg.connection.Connection, name)
+
+            async def recording(conn: Any, query: str, *a: Any, _m: Any = method, **k: Any) -> Any:
+                sent.append(query)
+                return await _m(conn, query, *a, **k)
+
+            patch.setattr(asyncpg.connection.Connection, name, recording)
+        yield sent
+
+
+async def test_a_postgresql_call_takes_few_round_trips_and_no_reset(
     dev_postgres: DevPostgres, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Giving a pooled connection back sends nothing (asyncpg's default reset query was
-    a round trip per operation), and nothing of an operation stays on the connection: no
-    advisory lock (a create takes one), no open transaction."""
-    url = dev_postgres.create_database(f"test_{os.getpid()}_release", replace=True)
-    sent: list[str] = []
-    execute = asyncpg.connection.Connection.execute
-
-    async def recording(conn: asyncpg.Connection[Any], query: str, *args: Any, **kw: Any) -> str:
-        sent.append(query)
-        return await execute(conn, query, *args, **kw)
-
+    """On PostgreSQL a dialed create's rows go in one statement, a call's ringing is one
+    statement without BEGIN and COMMIT, its end and its timeline entry one; a connection
+    goes back to the pool without a statement (asyncpg's default reset query was a round
+    trip per operation), and nothing of an operation stays on it: no advisory lock (a
+    create takes one), no open transaction."""
+    name = f"test_{os.getpid()}_round_trips"
+    url = dev_postgres.create_database(name, replace=True)
     try:
         store = await open_store(url)
         assert isinstance(store, PostgresStore)
         try:
-            monkeypatch.setattr(asyncpg.connection.Connection, "execute", recording)
-            await create(store, 1)
-            await end(store, "call_1", fail_verification=True)
+            record = verification()
+            dialing = make_call(status=CallStatus.DIALING, dialed_at=T0 + 1, owner="gw-a")
+            with postgresql_statements(monkeypatch) as created:
+                await store.create_verification(record, dialing)
+            with postgresql_statements(monkeypatch) as rang:
+                await store.call_progress("call_1", CallStatus.RINGING, "ringing_at", T0 + 2, "180")
+            with postgresql_statements(monkeypatch) as ended:
+                await end(store, "call_1", fail_verification=True)
+                await end(store, "call_1", fail_verification=True)  # once only
+            rows = ("INSERT INTO verifications", "INSERT INTO calls", "INSERT INTO call_events")
+            inserts = [q for q in created if any(insert in q for insert in rows)]
+            assert len(inserts) == 1 and inserts[0].startswith("WITH ")
+            assert all(t in inserts[0] for t in ("verifications", "calls (", "call_events"))
+            assert len(rang) == 1 and "UPDATE calls" in rang[0] and "call_events" in rang[0]
+            closing = [q for q in ended if "UPDATE calls" in q]
+            assert len(closing) == 2 and all("INSERT INTO call_events" in q for q in closing)
+            assert not [q for q in ended if q.startswith("INSERT INTO call_events")]
+            events = [(e.at, e.kind) for e in await store.call_events("call_1")]
+            assert events == [(T0 + 1, "dialing"), (T0 + 2, "180"), (T0 + 20, "ended:busy")]
             assert await status_of(store, "vrf_1") == "failed"
-            monkeypatch.undo()
-            assert sent.count("BEGIN;") == sent.count("COMMIT;") == 2  # the create, the end
-            assert not [q for q in sent if "unlock_all" in q or "RESET ALL" in q], sent
+            for sent in (created, rang, ended):
+                assert not [q for q in sent if "unlock_all" in q or "RESET ALL" in q], sent
             for _ in range(DEFAULT_POOL_SIZE):  # whichever connection the pool lends
                 async with store._pool.acquire() as conn:
                     assert not conn.is_in_transaction()
@@ -1784,4 +1811,4 @@ async def test_a_postgresql_connection_goes_back_to_the_pool_without_a_statement
         finally:
             await store.close()
     finally:
-        dev_postgres.drop_database(f"test_{os.getpid()}_release")
+        dev_postgres.drop_database(name)

@@ -163,11 +163,16 @@ class PostgresStore(SqlStore):
         return int(row[0]) if row else 0
 
     async def _run(
-        self, operation: Operation[T], write: bool = False, lazy: bool = False, quick: bool = False
+        self,
+        operation: Operation[T],
+        write: bool = False,
+        lazy: bool = False,
+        quick: bool = False,
+        single: bool = False,
     ) -> T:
         try:
             async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-                if not write:
+                if not write or single:  # one statement is a transaction by itself
                     return await operation(PostgresTx(conn))
                 async with conn.transaction():
                     return await operation(PostgresTx(conn))

@@ -192,6 +192,23 @@ async def _calls_of(tx: Tx, verification_id: str) -> list[CallRecord]:
     return [CallRecord(*row) for row in rows]
 
 
+_EVENT_INSERT = (
+    f"INSERT INTO call_events ({_columns(CallEventRecord)}) "
+    f"VALUES ({_placeholders(CallEventRecord)})"
+)
+
+
+def _event(
+    call_id: str,
+    at: float | None,
+    kind: str,
+    cause: int | None = None,
+    sip_code: int | None = None,
+) -> tuple[str, Sequence[Any]]:
+    """The statement of one entry of a call's timeline (CallEventRecord)."""
+    return _EVENT_INSERT, (call_id, at, kind, cause, sip_code)
+
+
 async def _add_event(
     tx: Tx,
     call_id: str,
@@ -200,11 +217,25 @@ async def _add_event(
     cause: int | None = None,
     sip_code: int | None = None,
 ) -> None:
-    """One entry of a call's timeline (CallEventRecord), in the caller's transaction."""
+    """One entry of a call's timeline, in the caller's transaction."""
+    await tx.execute(*_event(call_id, at, kind, cause, sip_code))
+
+
+async def _together(tx: Tx, *statements: tuple[str, Sequence[Any]]) -> None:
+    """Run writes that return nothing, in order: on PostgreSQL as one statement (each
+    but the last a WITH query), one round trip instead of one each.
+
+    They must not depend on each other: in one statement, no part sees what another
+    writes, and none may change a row another changes (a foreign key to a row another
+    inserts holds: it is checked at the statement's end)."""
+    if tx.dialect != POSTGRESQL or len(statements) == 1:
+        for sql, args in statements:
+            await tx.execute(sql, args)
+        return
+    *first, (last, _) = statements
+    with_queries = ", ".join(f"w{n} AS ({sql})" for n, (sql, _) in enumerate(first))
     await tx.execute(
-        f"INSERT INTO call_events ({_columns(CallEventRecord)}) "
-        f"VALUES ({_placeholders(CallEventRecord)})",
-        (call_id, at, kind, cause, sip_code),
+        f"WITH {with_queries} {last}", [value for _, args in statements for value in args]
     )
 
 
@@ -484,14 +515,22 @@ class SqlStore(abc.ABC):
 
     @abc.abstractmethod
     async def _run(
-        self, operation: Operation[T], write: bool = False, lazy: bool = False, quick: bool = False
+        self,
+        operation: Operation[T],
+        write: bool = False,
+        lazy: bool = False,
+        quick: bool = False,
+        single: bool = False,
     ) -> T:
         """`operation` in a transaction of its own: committed if it returns, rolled back
         if it raises. `lazy`: nobody waits on it (it may wait a little for company);
-        `quick`: a lookup by key or a few rows written (SQLite may run it on the loop)."""
+        `quick`: a lookup by key or a few rows written (SQLite may run it on the loop);
+        `single`: on PostgreSQL it is one statement, atomic without BEGIN and COMMIT."""
 
-    async def _write(self, operation: Operation[T], lazy: bool = False, quick: bool = False) -> T:
-        return await self._run(operation, write=True, lazy=lazy, quick=quick)
+    async def _write(
+        self, operation: Operation[T], lazy: bool = False, quick: bool = False, single: bool = False
+    ) -> T:
+        return await self._run(operation, write=True, lazy=lazy, quick=quick, single=single)
 
     async def _fetchone(self, sql: str, args: Sequence[Any] = (), quick: bool = False) -> Any:
         return await self._run(lambda tx: tx.fetchone(sql, args), quick=quick)
@@ -623,17 +662,20 @@ class SqlStore(abc.ABC):
                     await _enqueue(
                         tx, vid, STATUS_EVENTS[VerificationStatus.CANCELED], verification.created_at
                     )
-            await tx.execute(
-                f"INSERT INTO verifications ({_V_COLS}, global_seq, prefix_seq) "
-                f"VALUES ({_placeholders(VerificationRecord)}, ?, ?)",
-                (*values_of(verification), *(seqs or (None, None))),
-            )
-            await tx.execute(
-                f"INSERT INTO calls ({_C_COLS}) VALUES ({_placeholders(CallRecord)})",
-                values_of(call),
-            )
+            inserts: list[tuple[str, Sequence[Any]]] = [
+                (
+                    f"INSERT INTO verifications ({_V_COLS}, global_seq, prefix_seq) "
+                    f"VALUES ({_placeholders(VerificationRecord)}, ?, ?)",
+                    (*values_of(verification), *(seqs or (None, None))),
+                ),
+                (
+                    f"INSERT INTO calls ({_C_COLS}) VALUES ({_placeholders(CallRecord)})",
+                    values_of(call),
+                ),
+            ]
             if call.status is CallStatus.DIALING:  # placed as soon as stored (Dialer.reserve)
-                await _add_event(tx, call.id, call.dialed_at, "dialing")
+                inserts.append(_event(call.id, call.dialed_at, "dialing"))
+            await _together(tx, *inserts)  # under CREATE_LOCK: one round trip, not three
             if verification.sandbox:  # its call is delivered as it is stored
                 if verification.callback_url is not None:
                     await _enqueue(tx, verification.id, "verification.delivered", call.queued_at)
@@ -991,15 +1033,18 @@ class SqlStore(abc.ABC):
             raise ValueError(column)
 
         async def progress(tx: Tx) -> None:
-            await tx.execute(
-                f"UPDATE calls SET status = ?, {column} = COALESCE({column}, ?) "
-                "WHERE id = ? AND status IN ('queued', 'dialing', 'ringing')",
-                (status, at, call_id),
+            await _together(
+                tx,
+                (
+                    f"UPDATE calls SET status = ?, {column} = COALESCE({column}, ?) "
+                    "WHERE id = ? AND status IN ('queued', 'dialing', 'ringing')",
+                    (status, at, call_id),
+                ),
+                _event(call_id, at, event),
             )
-            await _add_event(tx, call_id, at, event)
 
         # Dialing is written before the Originate, which waits for it; ringing is news.
-        await self._write(progress, lazy=status is CallStatus.RINGING, quick=True)
+        await self._write(progress, lazy=status is CallStatus.RINGING, quick=True, single=True)
 
     async def add_call_event(self, event: CallEventRecord) -> None:
         await self._write(lambda tx: _add_event(tx, *values_of(event)), quick=True)
@@ -1039,17 +1084,29 @@ class SqlStore(abc.ABC):
 
         async def end(tx: Tx) -> tuple[bool, list[PoolChange]]:
             """Whether it failed the verification, and the pool states it changed."""
-            row = await tx.fetchone(
+            closing = (
                 "UPDATE calls SET status = ?, outcome = ?, hangup_cause = ?, sip_code = ?, "
                 "reason = ?, ended_at = ? "
-                "WHERE id = ? AND ended_at IS NULL RETURNING verification_id, step, dialed_at",
-                (call_status, outcome, cause, sip_code, reason, at, call_id),
+                "WHERE id = ? AND ended_at IS NULL RETURNING verification_id, step, dialed_at"
             )
+            args = (call_status, outcome, cause, sip_code, reason, at, call_id)
+            noted = (call_id, at, f"ended:{outcome}", cause, sip_code)
+            if tx.dialect == POSTGRESQL:  # its timeline entry in the same round trip
+                row = await tx.fetchone(
+                    f"WITH ended AS ({closing}), noted AS ("
+                    f"INSERT INTO call_events ({_columns(CallEventRecord)}) SELECT ?::text, "
+                    "?::double precision, ?::text, ?::integer, ?::integer FROM ended) "
+                    "SELECT verification_id, step, dialed_at FROM ended",
+                    (*args, *noted),
+                )
+            else:
+                row = await tx.fetchone(closing, args)
+                if row is not None:
+                    await _add_event(tx, *noted)
             if row is None:
                 return False, []
             failed = False
             verification_id, step, dialed_at = row
-            await _add_event(tx, call_id, at, f"ended:{outcome}", cause, sip_code)
             # What the rest needs of the verification, in one read: its step, whether
             # it is pending, its phone, whether it asked for webhooks.
             current_step, pending, phone, hooks = await tx.fetchone(

@@ -344,7 +344,12 @@ class SqliteStore(SqlStore):
         return int(row[0]) if row else 0
 
     async def _run(
-        self, operation: Operation[T], write: bool = False, lazy: bool = False, quick: bool = False
+        self,
+        operation: Operation[T],
+        write: bool = False,
+        lazy: bool = False,
+        quick: bool = False,
+        single: bool = False,  # every write is in a batch's transaction here
     ) -> T:
         """`operation` in a transaction of its own (a savepoint): committed if it
         returns, rolled back if it raises.
