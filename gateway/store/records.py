@@ -4,7 +4,10 @@ domain and shared by every backend."""
 from __future__ import annotations
 
 import enum
+import functools
 import json
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -300,7 +303,16 @@ class Snapshot:
 
 def values_of(record: Any) -> tuple[Any, ...]:
     """A record's fields in column order (dataclasses.astuple deep-copies: slow)."""
-    return tuple(getattr(record, f.name) for f in fields(record))
+    return _getter(record.__class__)(record)
+
+
+@functools.cache
+def _getter(record_type: type[Any]) -> Callable[[Any], tuple[Any, ...]]:
+    """Reads a record type's fields at once: dataclasses.fields() and a getattr each
+    took 1.5% of an API create's CPU (make bench)."""
+    names = [f.name for f in fields(record_type)]
+    get = operator.attrgetter(*names)
+    return get if len(names) > 1 else lambda record: (get(record),)
 
 
 @dataclass(frozen=True, slots=True)
