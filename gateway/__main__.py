@@ -30,10 +30,6 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 CALL_POLL_INTERVAL_S = 0.2
 HTTP_TIMEOUT_S = 10.0
 EXPORT_PAGE = 1000
-# The cyclic collector's thresholds while serving (Python's are 700, 10, 10): a call
-# allocates hundreds of objects that live as long as it rings, and at 700 the young
-# generation was collected every few calls, each time walking the calls in flight.
-GC_THRESHOLDS = (20_000, 20, 20)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -171,7 +167,6 @@ async def serve(cfg: config.Config) -> None:
     # What start-up made lives as long as the process: out of the collector's way.
     gc.collect()
     gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
     servers: list[asyncio.Server] = []
     try:
         servers.append(await listener.listen(api, http.host, http.port, http.max_connections))
