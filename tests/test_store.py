@@ -1768,18 +1768,18 @@ def postgresql_statements(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]
 async def test_a_postgresql_call_takes_few_round_trips_and_no_reset(
     dev_postgres: DevPostgres, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On PostgreSQL a dialed create's rows go in one statement, a call's ringing is one
-    statement without BEGIN and COMMIT, its end and its timeline entry one; a connection
-    goes back to the pool without a statement (asyncpg's default reset query was a round
-    trip per operation), and nothing of an operation stays on it: no advisory lock (a
-    create takes one), no open transaction."""
+    """On PostgreSQL a dialed create's rows and counts go in one statement, a call's
+    ringing is one statement without BEGIN and COMMIT, its end and its timeline entry
+    one; a connection goes back to the pool without a statement (asyncpg's default reset
+    query was a round trip per operation), and nothing of an operation stays on it: no
+    advisory lock (a create takes one), no open transaction."""
     name = f"test_{os.getpid()}_round_trips"
     url = dev_postgres.create_database(name, replace=True)
     try:
         store = await open_store(url)
         assert isinstance(store, PostgresStore)
         try:
-            record = verification()
+            record = verification(phone_prefix=PHONE[:-3])  # counted in its block's conversion
             dialing = make_call(status=CallStatus.DIALING, dialed_at=T0 + 1, owner="gw-a")
             with postgresql_statements(monkeypatch) as created:
                 await store.create_verification(record, dialing)
@@ -1788,10 +1788,12 @@ async def test_a_postgresql_call_takes_few_round_trips_and_no_reset(
             with postgresql_statements(monkeypatch) as ended:
                 await end(store, "call_1", fail_verification=True)
                 await end(store, "call_1", fail_verification=True)  # once only
-            rows = ("INSERT INTO verifications", "INSERT INTO calls", "INSERT INTO call_events")
+            rows = ("INTO verifications", "INTO calls", "INTO call_events", "INTO conversion")
+            rows += ("INTO key_usage",)
             inserts = [q for q in created if any(insert in q for insert in rows)]
             assert len(inserts) == 1 and inserts[0].startswith("WITH ")
-            assert all(t in inserts[0] for t in ("verifications", "calls (", "call_events"))
+            tables = ("verifications", "calls (", "call_events", "conversion", "key_usage")
+            assert all(table in inserts[0] for table in tables)
             assert len(rang) == 1 and "UPDATE calls" in rang[0] and "call_events" in rang[0]
             closing = [q for q in ended if "UPDATE calls" in q]
             assert len(closing) == 2 and all("INSERT INTO call_events" in q for q in closing)

@@ -221,20 +221,21 @@ async def _add_event(
     await tx.execute(*_event(call_id, at, kind, cause, sip_code))
 
 
-async def _together(tx: Tx, *statements: tuple[str, Sequence[Any]]) -> None:
-    """Run writes that return nothing, in order: on PostgreSQL as one statement (each
-    but the last a WITH query), one round trip instead of one each.
+async def _together(tx: Tx, *statements: tuple[str, Sequence[Any]]) -> Row | None:
+    """Run writes in order and return the last one's row (what its RETURNING gives, or
+    None): on PostgreSQL as one statement (each but the last a WITH query), one round
+    trip instead of one each.
 
     They must not depend on each other: in one statement, no part sees what another
     writes, and none may change a row another changes (a foreign key to a row another
     inserts holds: it is checked at the statement's end)."""
-    if tx.dialect != POSTGRESQL or len(statements) == 1:
-        for sql, args in statements:
+    *first, (last, last_args) = statements
+    if tx.dialect != POSTGRESQL or not first:
+        for sql, args in first:
             await tx.execute(sql, args)
-        return
-    *first, (last, _) = statements
+        return await tx.fetchone(last, last_args)
     with_queries = ", ".join(f"w{n} AS ({sql})" for n, (sql, _) in enumerate(first))
-    await tx.execute(
+    return await tx.fetchone(
         f"WITH {with_queries} {last}", [value for _, args in statements for value in args]
     )
 
@@ -349,18 +350,29 @@ async def _check_limits_full(
 async def _count_key_usage(tx: Tx, api_key_id: str, at: float, table: str = "key_usage") -> None:
     """One more call of the key this minute, in `table` (key_usage: every call;
     voice_usage: voice calls)."""
-    minute = int(at // 60)
-    row = await tx.fetchone(
+    row = await tx.fetchone(*_key_usage_count(api_key_id, at, table))
+    await _forget_old_usage(tx, row, api_key_id, at, table)
+
+
+def _key_usage_count(api_key_id: str, at: float, table: str) -> tuple[str, Sequence[Any]]:
+    """The statement of _count_key_usage: its row is the minute's count."""
+    return (
         f"INSERT INTO {table} (api_key_id, minute, calls) VALUES (?, ?, 1) "
         f"ON CONFLICT (api_key_id, minute) DO UPDATE SET calls = {table}.calls + 1 "
         "RETURNING calls",
-        (api_key_id, minute),
+        (api_key_id, int(at // 60)),
     )
-    if row is not None and row[0] == 1:
-        # Once a minute per key: forget the minutes no window looks at (a day).
+
+
+async def _forget_old_usage(
+    tx: Tx, counted: Row | None, api_key_id: str, at: float, table: str
+) -> None:
+    """Once a minute per key (the first count of a minute): forget the minutes no window
+    looks at (a day)."""
+    if counted is not None and counted[0] == 1:
         await tx.execute(
             f"DELETE FROM {table} WHERE api_key_id = ? AND minute < ?",
-            (api_key_id, minute - 2 * 1440),
+            (api_key_id, int(at // 60) - 2 * 1440),
         )
 
 
@@ -437,9 +449,18 @@ async def _count_conversion(
 ) -> None:
     """Add to the conversion counts of `verification`'s block and creation minute; a
     sandbox verification is left out."""
+    statement = _conversion_count(verification, created, approved)
+    if statement is not None:
+        await tx.execute(*statement)
+
+
+def _conversion_count(
+    verification: VerificationRecord, created: int, approved: int = 0
+) -> tuple[str, Sequence[Any]] | None:
+    """The statement of _count_conversion; None for a verification left out."""
     if verification.sandbox or verification.phone_prefix is None:
-        return
-    await tx.execute(
+        return None
+    return (
         "INSERT INTO conversion (block, minute, carrier, region, created, approved) "
         "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (block, minute) DO UPDATE SET "
         "created = conversion.created + excluded.created, "
@@ -675,13 +696,19 @@ class SqlStore(abc.ABC):
             ]
             if call.status is CallStatus.DIALING:  # placed as soon as stored (Dialer.reserve)
                 inserts.append(_event(call.id, call.dialed_at, "dialing"))
-            await _together(tx, *inserts)  # under CREATE_LOCK: one round trip, not three
+            if not verification.sandbox:  # counted: its block's conversion, its key's calls
+                conversion = _conversion_count(verification, 1)
+                if conversion is not None:
+                    inserts.append(conversion)
+                usage = (verification.api_key_id, verification.created_at, "key_usage")
+                inserts.append(_key_usage_count(*usage))  # last: its count comes back
+            # Under CREATE_LOCK: on PostgreSQL one round trip, not five.
+            counted = await _together(tx, *inserts)
             if verification.sandbox:  # its call is delivered as it is stored
                 if verification.callback_url is not None:
                     await _enqueue(tx, verification.id, "verification.delivered", call.queued_at)
             else:
-                await _count_key_usage(tx, verification.api_key_id, verification.created_at)
-                await _count_conversion(tx, verification, 1)
+                await _forget_old_usage(tx, counted, *usage)
                 if call.channel == "voice":
                     await _count_key_usage(
                         tx, verification.api_key_id, verification.created_at, "voice_usage"
