@@ -1769,10 +1769,10 @@ async def test_a_postgresql_call_takes_few_round_trips_and_no_reset(
     dev_postgres: DevPostgres, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On PostgreSQL a dialed create's rows and counts go in one statement, a call's
-    ringing is one statement without BEGIN and COMMIT, its end and its timeline entry
-    one; a connection goes back to the pool without a statement (asyncpg's default reset
-    query was a round trip per operation), and nothing of an operation stays on it: no
-    advisory lock (a create takes one), no open transaction."""
+    ringing is one statement without BEGIN and COMMIT, its end, its timeline entry and
+    its verification's read one; a connection goes back to the pool without a statement
+    (asyncpg's default reset query was a round trip per operation), and nothing of an
+    operation stays on it: no advisory lock (a create takes one), no open transaction."""
     name = f"test_{os.getpid()}_round_trips"
     url = dev_postgres.create_database(name, replace=True)
     try:
@@ -1798,6 +1798,8 @@ async def test_a_postgresql_call_takes_few_round_trips_and_no_reset(
             closing = [q for q in ended if "UPDATE calls" in q]
             assert len(closing) == 2 and all("INSERT INTO call_events" in q for q in closing)
             assert not [q for q in ended if q.startswith("INSERT INTO call_events")]
+            assert "JOIN verifications" in closing[0]  # what the rest needs, read with it
+            assert not [q for q in ended if "FROM verifications WHERE id" in q]
             events = [(e.at, e.kind) for e in await store.call_events("call_1")]
             assert events == [(T0 + 1, "dialing"), (T0 + 2, "180"), (T0 + 20, "ended:busy")]
             assert await status_of(store, "vrf_1") == "failed"

@@ -1118,29 +1118,33 @@ class SqlStore(abc.ABC):
             )
             args = (call_status, outcome, cause, sip_code, reason, at, call_id)
             noted = (call_id, at, f"ended:{outcome}", cause, sip_code)
-            if tx.dialect == POSTGRESQL:  # its timeline entry in the same round trip
+            # What the rest needs of the verification, read with it: its step, whether
+            # it is pending, its phone, whether it asked for webhooks.
+            if tx.dialect == POSTGRESQL:  # the call's end, its timeline entry, that: one trip
                 row = await tx.fetchone(
                     f"WITH ended AS ({closing}), noted AS ("
                     f"INSERT INTO call_events ({_columns(CallEventRecord)}) SELECT ?::text, "
                     "?::double precision, ?::text, ?::integer, ?::integer FROM ended) "
-                    "SELECT verification_id, step, dialed_at FROM ended",
+                    "SELECT e.verification_id, e.step, e.dialed_at, v.step, "
+                    "COALESCE(v.status = 'pending', FALSE), v.phone, "
+                    "v.callback_url IS NOT NULL FROM ended e "
+                    "LEFT JOIN verifications v ON v.id = e.verification_id",
                     (*args, *noted),
                 )
             else:
                 row = await tx.fetchone(closing, args)
                 if row is not None:
                     await _add_event(tx, *noted)
+                    found = await tx.fetchone(
+                        "SELECT step, status = 'pending', phone, callback_url IS NOT NULL "
+                        "FROM verifications WHERE id = ?",
+                        (row[0],),
+                    )
+                    row = (*row, *(found or (None, False, None, False)))
             if row is None:
                 return False, []
             failed = False
-            verification_id, step, dialed_at = row
-            # What the rest needs of the verification, in one read: its step, whether
-            # it is pending, its phone, whether it asked for webhooks.
-            current_step, pending, phone, hooks = await tx.fetchone(
-                "SELECT step, status = 'pending', phone, callback_url IS NOT NULL "
-                "FROM verifications WHERE id = ?",
-                (verification_id,),
-            ) or (None, False, None, False)
+            verification_id, step, dialed_at, current_step, pending, phone, hooks = row
             if next_at is not None:
                 await tx.execute(
                     "UPDATE verifications SET next_at = ?, updated_at = ? "
