@@ -337,8 +337,11 @@ class Reply(dict[str, Any]):
 
 
 _SUCCESS_RESPONSES = ("Success", "Follows", "Goodbye")
-# ActionIDs unique in this process (each connection starts its own waits afresh).
-_action_ids = (f"otp-gw/{n}" for n in itertools.count(1))
+# ActionIDs unique to this process: an event carrying an ActionID (an Originate's
+# OriginateResponse) goes to every AMI session that may read it, so another gateway
+# on the same Asterisk hears ours; a random part keeps its actions from taking them.
+_ACTION_ID_PREFIX = f"otp-gw/{uuid.uuid4().hex[:16]}/"
+_action_ids = (f"{_ACTION_ID_PREFIX}{n}" for n in itertools.count(1))
 
 
 def _headers(block: str) -> dict[str, str]:

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,6 +125,20 @@ async def _read(protocol_class: type[AMIProtocol], cuts: list[int]) -> tuple[Any
         # panoramisk's body of a "Response: Follows", which no action of the gateway has.
         assert reply.pop("content", "") == ""
     return protocol.version, factory.events, replies
+
+
+def test_two_gateways_never_share_an_action_id() -> None:
+    """An OriginateResponse carries its Originate's ActionID to every AMI session that
+    may read it: another gateway on the same Asterisk must not take it for the answer
+    to an action of its own."""
+    script = "from gateway.pbx import _action_ids; print(next(_action_ids), next(_action_ids))"
+    ids = [
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        ).stdout.split()
+        for _ in range(2)
+    ]
+    assert len({*ids[0], *ids[1]}) == 4
 
 
 @given(cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=12))
