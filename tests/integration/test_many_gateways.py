@@ -133,7 +133,7 @@ async def test_a_phone_limit_is_exact_across_two_gateways(
     start_gateway: GatewayFactory, far_end: FarEnd
 ) -> None:
     """Ten concurrent creates for one phone, five through each: exactly the three the
-    per-phone limit allows, and three calls at the far end."""
+    per-phone limit allows, and no more than three calls at the far end."""
     a, b = await two_gateways(start_gateway)
     number = phone_number(5)
     results = await asyncio.gather(
@@ -142,8 +142,15 @@ async def test_a_phone_limit_is_exact_across_two_gateways(
     statuses = Counter(status for status, _ in results)
     assert statuses == {201: 3, 429: 7}, statuses
     assert {body["code"] for status, body in results if status == 429} == {"rate_limited"}
-    await asyncio.gather(*(call_ended(a, body["id"]) for status, body in results if status == 201))
-    assert await far_end_calls(far_end, number, 3) == 3
+    ended = await asyncio.gather(
+        *(call_ended(a, body["id"]) for status, body in results if status == 201)
+    )
+    # One API key: each create supersedes the phone's pending verification, and a
+    # superseded call may be hung up, or kept from being placed, before its INVITE (CI
+    # saw two INVITEs once). Every call not canceled reached the far end; none too many.
+    rang = sum(1 for body in ended if body["call"]["outcome"] != "canceled")
+    assert rang >= 1  # the one left pending rang
+    assert rang <= await far_end_calls(far_end, number, rang) <= 3
 
 
 async def test_prefix_and_key_budgets_are_exact_across_two_gateways(
