@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -44,7 +43,7 @@ from gateway.store import (
     Store,
     VerificationStatus,
 )
-from gateway.tasks import cancel_and_wait
+from gateway.tasks import cancel_and_wait, event_loop
 
 log = logging.getLogger(__name__)
 
@@ -240,11 +239,7 @@ class Dialer:
         self._placing_tasks: set[asyncio.Task[None]] = set()  # calls being placed
         self._event_tasks: set[asyncio.Task[None]] = set()  # events, timers, hangups
 
-    @functools.cached_property
-    def _loop(self) -> asyncio.AbstractEventLoop:
-        """The event loop this runs on: asyncio.get_running_loop() costs a getpid()
-        system call on Python 3.11, and each call made a few of those calls."""
-        return asyncio.get_running_loop()
+    _loop = event_loop  # the loop it runs on, asked for once
 
     @property
     def queued(self) -> int:

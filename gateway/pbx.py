@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import functools
 import itertools
 import logging
 import random
@@ -27,7 +26,7 @@ from panoramisk.ami_protocol import AMIProtocol
 from panoramisk.message import Message
 
 from gateway.outcomes import MAX_Q850_CAUSE
-from gateway.tasks import cancel_and_wait
+from gateway.tasks import cancel_and_wait, event_loop
 
 log = logging.getLogger(__name__)
 # panoramisk logs every AMI message at debug level. Those carry caller IDs, and a
@@ -469,11 +468,7 @@ class AmiPbx:
         self.version: str | None = None  # Asterisk's, once read at login
         self.trunk = trunk_name(settings.channel)
 
-    @functools.cached_property
-    def _loop(self) -> asyncio.AbstractEventLoop:
-        """The event loop this runs on: asyncio.get_running_loop() costs a getpid()
-        system call on Python 3.11."""
-        return asyncio.get_running_loop()
+    _loop = event_loop  # the loop it runs on, asked for once
 
     @property
     def connected(self) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import hmac
 import ipaddress
@@ -64,7 +63,7 @@ from gateway.store import (
     VerificationStatus,
     WindowLimit,
 )
-from gateway.tasks import cancel_and_wait
+from gateway.tasks import cancel_and_wait, event_loop
 from gateway.times import timestamp
 
 log = logging.getLogger(__name__)
@@ -249,11 +248,7 @@ class Verifications:
 
     # -- create ----------------------------------------------------------------
 
-    @functools.cached_property
-    def _loop(self) -> asyncio.AbstractEventLoop:
-        """The event loop this runs on: asyncio.get_running_loop() costs a getpid()
-        system call on Python 3.11, and each create made one."""
-        return asyncio.get_running_loop()
+    _loop = event_loop  # the loop it runs on, asked for once
 
     async def _to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
         """Await `work`; if the caller is canceled, `work` still runs to its end (what it

@@ -28,7 +28,7 @@ import aiosqlite
 
 from gateway.store import schema
 from gateway.store.sql import SQLITE, Operation, Row, SqlStore, Tx
-from gateway.tasks import cancel_and_wait
+from gateway.tasks import cancel_and_wait, event_loop
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -297,11 +297,7 @@ class SqliteStore(SqlStore):
         self._drainer: asyncio.Task[None] | None = None
         self._checkpointer: asyncio.Task[None] | None = None
 
-    @functools.cached_property
-    def _loop(self) -> asyncio.AbstractEventLoop:
-        """The event loop this runs on: asyncio.get_running_loop() costs a getpid()
-        system call on Python 3.11, and every query made one."""
-        return asyncio.get_running_loop()
+    _loop = event_loop  # the loop it runs on, asked for once
 
     @classmethod
     async def open(cls, path: str | Path) -> SqliteStore:
