@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,6 +57,9 @@ PBX_CAP_MARGIN_S = 2.0
 # A timer's hangup that Asterisk could not do (no channel yet, AMI away) is tried again
 # this often, until the call ends or Asterisk's own Timeout ends it.
 HANGUP_RETRY_S = 1.0
+# A cancel of another gateway's call that found no channel on its node(s) is sent again
+# after these pauses: its owner's Originate may still be on its way or queued there.
+OWNER_HANGUP_RETRIES_S = (0.1, 0.4, 1.5)
 # AMI sends events and responses in order: a Hangup that came before the answer to
 # "does the PBX still have this call" is in the event queue; this lets it be handled.
 HANGUP_SETTLE_S = 0.2
@@ -117,6 +120,8 @@ class _LiveCall:
     alert_unknown: bool = False
     # Hung up by the gateway (a cancel, or a newer verification for the phone).
     canceled: bool = False
+    # Canceled before Asterisk had its channel: the Hangup is sent again until one lands.
+    hangup_owed: bool = False
     # Hung up by the gateway's timer: ring_seconds after alerting, or at the cap.
     timed_out: bool = False
     timer: asyncio.TimerHandle | None = None
@@ -232,7 +237,9 @@ class Dialer:
         self._claims_settled.set()
         self._live: dict[str, _LiveCall] = {}
         self._waiting: set[str] = set()  # queued, or taken off the queue and not yet placed
-        self._placing: set[str] = set()  # off the queue, its dialing not yet written
+        # Off the queue, its dialing not yet written; or stored dialing by its create,
+        # its Originate not yet sent.
+        self._placing: set[str] = set()
         self._canceled: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []  # the loops
         self._dial_task: asyncio.Task[None] | None = None  # the loop that takes the queue
@@ -364,7 +371,7 @@ class Dialer:
     def _arm(self, live: _LiveCall, alerted_at: float | None = None) -> None:
         """(Re)set the timer that hangs `live` up: ring_seconds after `alerted_at`, and
         never later than its cap."""
-        if live.timed_out:
+        if live.timed_out or live.hangup_owed:
             return  # hung up already: a 180 crossing the CANCEL changes nothing
         started = live.invited_at or live.dialed_at
         deadline = started + self.cap_seconds(live.job.ring_seconds)
@@ -399,6 +406,31 @@ class Dialer:
             if live.timer is None:
                 loop = asyncio.get_running_loop()
                 live.timer = loop.call_later(HANGUP_RETRY_S, self._time_out, live)
+
+    def _owe_hangup(self, live: _LiveCall) -> None:
+        """A cancel's Hangup found no channel: send it again in a moment (or at the
+        call's DialBegin, whichever comes first)."""
+        live.hangup_owed = True
+        if live.timer is not None:
+            live.timer.cancel()
+        live.timer = self._loop.call_later(HANGUP_RETRY_S, self._pay_hangup, live)
+
+    def _pay_hangup(self, live: _LiveCall) -> None:
+        live.timer = None
+        if self._live.get(live.job.call_id) is live:
+            self._spawn(self._hang_up_canceled(live))
+
+    async def _hang_up_canceled(self, live: _LiveCall) -> None:
+        job = live.job
+        try:
+            done = await live.node.pbx.hangup(job.call_id)
+        except (PbxError, TimeoutError) as exc:
+            log.warning("call %s: hangup failed: %s", job.call_id, exc, extra=_ids(job))
+            done = False
+        if done:
+            live.hangup_owed = False
+        elif self._live.get(job.call_id) is live and live.timer is None:
+            self._owe_hangup(live)
 
     async def drain(self, timeout: float) -> None:
         """Stop placing calls and wait, at most `timeout`, for the live ones to end.
@@ -457,6 +489,9 @@ class Dialer:
         if job is None:
             self.nodes.give_back(node)
         else:
+            # Until its task runs, a cancel (a newer create for the phone) keeps it
+            # from the PBX as it would a queued call.
+            self._placing.add(job.call_id)
             self._spawn(self._place_or_abandon(job, node, at), self._placing_tasks)
         self._claims -= 1
         if not self._claims:
@@ -476,9 +511,14 @@ class Dialer:
             # that failed (AMI gone) leaves the call to ring out or be found lost.
             live.canceled = True
             try:
-                await live.node.pbx.hangup(call_id)
+                done = await live.node.pbx.hangup(call_id)
             except (PbxError, TimeoutError):
                 live.canceled = False
+                return
+            if not done and self._live.get(call_id) is live:
+                # No channel yet: Asterisk still queues the Originate. Hung up as soon
+                # as it has one (its DialBegin), else tried again in a moment.
+                self._owe_hangup(live)
         elif call_id in self._waiting or call_id in self._placing:
             # Closed when the dial loop (or the placing, before its Originate) reaches
             # it; it no longer counts as waiting.
@@ -490,18 +530,35 @@ class Dialer:
             # claim finds the verification canceled and never dials it. A node not
             # known: every node is asked (a Hangup of a channel it lacks does nothing).
             node = self.nodes.get(node_name)
-            for target in (node,) if node is not None else self.nodes.all:
-                if not target.pbx.connected:
-                    continue
-                try:
-                    await target.pbx.hangup(call_id, placed_elsewhere=True)
-                except (PbxError, TimeoutError) as exc:
-                    log.warning(
-                        "call %s: hangup on node %s for its owner failed: %s",
-                        call_id,
-                        target.name,
-                        exc,
-                    )
+            targets = (node,) if node is not None else self.nodes.all
+            if not await self._hang_up_for_owner(call_id, targets):
+                # No channel: its owner may be sending the Originate, or Asterisk still
+                # queue it (or it was never placed, or has ended: a few Hangups refused).
+                self._spawn(self._hang_up_for_owner_later(call_id, targets))
+
+    async def _hang_up_for_owner(self, call_id: str, targets: Iterable[Node]) -> bool:
+        """Hang up another gateway's call on the first of `targets` that has it; False
+        when none does."""
+        for target in targets:
+            if not target.pbx.connected:
+                continue
+            try:
+                if await target.pbx.hangup(call_id, placed_elsewhere=True):
+                    return True
+            except (PbxError, TimeoutError) as exc:
+                log.warning(
+                    "call %s: hangup on node %s for its owner failed: %s",
+                    call_id,
+                    target.name,
+                    exc,
+                )
+        return False
+
+    async def _hang_up_for_owner_later(self, call_id: str, targets: Iterable[Node]) -> None:
+        for pause in OWNER_HANGUP_RETRIES_S:
+            await asyncio.sleep(pause)
+            if await self._hang_up_for_owner(call_id, targets):
+                return
 
     async def _dial_loop(self) -> None:
         while True:
@@ -554,6 +611,12 @@ class Dialer:
         """Place `job` on `node`, whose channel it holds; `dialed_at`: it was claimed,
         and is stored as dialing there already."""
         if dialed_at is not None:
+            self._placing.discard(job.call_id)
+            if job.call_id in self._canceled:  # superseded before it got here
+                self._canceled.discard(job.call_id)
+                self.nodes.release(node)
+                await self._finish(job, Outcome.ERROR, None, None, CANCELED)
+                return
             live = self._go_live(job, node, dialed_at)
             await self._originate(live)
             return
@@ -715,7 +778,11 @@ class Dialer:
             # Asterisk may have queued the Originate for a while: the cap counts from
             # the INVITE, as Asterisk's own Timeout does. Nothing to write.
             live.invited_at = at
-            if not live.ring_started:
+            if live.hangup_owed:  # canceled before Asterisk had its channel
+                if live.timer is not None:
+                    live.timer.cancel()
+                self._pay_hangup(live)
+            elif not live.ring_started:
                 self._arm(live)
         elif alerting:
             # The first 180 or 183, or a 180 after a 183 (the handset alerts now): the

@@ -559,9 +559,12 @@ class Verifications:
             if not isinstance(result, Inserted):
                 draft.release_cli()
                 return self._refused(result, verification, body_hash)
-            await self._cancel_superseded(verification.id, result)
+            # Handed over before anything else is awaited: from its commit on, a newer
+            # create for the phone may supersede it, and its cancel must find it in the
+            # dialer's hands (being placed), not nowhere.
             if reservation is not None:
                 reservation.place(self._job(draft, call))
+            await self._cancel_superseded(verification.id, result)
         return verification, call
 
     def _refused(

@@ -4,6 +4,7 @@ own node."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -11,9 +12,10 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from gateway.config import CallsConfig
-from gateway.dialer import CallJob, Dialer
+from gateway.dialer import OWNER_HANGUP_RETRIES_S, CallJob, Dialer
 from gateway.nodes import Node, Nodes
 from gateway.outcomes import Outcome
+from gateway.pbx import Dial
 from gateway.store import Store, open_store
 from tests.fakes import WAIT_S, FakePbx, rings_until_hung_up, until
 from tests.test_dialer import add_job, call_of
@@ -170,6 +172,29 @@ async def test_a_cancel_of_a_call_another_gateway_placed_reaches_its_node_only(
     assert (bed.pbx["a"].hangups, bed.pbx["b"].hangups) == ([], ["otp-elsewhere"])
     await bed.dialer.cancel("otp-unknown-node")  # node not known: every node is asked
     assert bed.pbx["a"].hangups == ["otp-unknown-node"]
+
+
+async def test_a_cancel_of_another_gateways_call_not_on_its_node_yet_is_sent_again(
+    make_bed: BedFactory,
+) -> None:
+    """Its owner's Originate may still be on its way, or queued in Asterisk: the first
+    Hangup finds no channel. It is sent again until the channel is there, a few times."""
+    bed = make_bed()
+    await bed.dialer.cancel("otp-elsewhere", "b")
+    assert bed.pbx["b"].hangups == ["otp-elsewhere"]  # no such channel yet
+    # Its owner's Originate lands now.
+    await bed.pbx["b"].originate(Dial("otp-elsewhere", "6281200000010", "6221500123", 30))
+
+    async def hung_up() -> bool:
+        return not bed.pbx["b"].live
+
+    await until(hung_up)
+    assert bed.pbx["b"].hangups == ["otp-elsewhere", "otp-elsewhere"]
+    assert bed.pbx["a"].hangups == []
+    await bed.dialer.cancel("otp-never-placed", "a")
+    await asyncio.sleep(sum(OWNER_HANGUP_RETRIES_S) + 0.2)
+    # Never placed (or ended already): a bounded number of refused Hangups.
+    assert bed.pbx["a"].hangups == ["otp-never-placed"] * (1 + len(OWNER_HANGUP_RETRIES_S))
 
 
 async def test_an_adopted_call_is_followed_on_its_node(make_bed: BedFactory, store: Store) -> None:

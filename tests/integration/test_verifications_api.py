@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import VerificationConfig
+from gateway.config import CallsConfig, VerificationConfig
 from tests.conftest import phone_number, stored_bytes, wire_record
 from tests.fakes import until
 from tests.farend import FarEnd, InviteRecord
@@ -138,6 +138,47 @@ async def test_a_call_superseded_before_it_alerted_ends_canceled(
     assert canceled == canceled_before + 1  # counted apart from failed calls
     _, newest = await gateway.get(f"/v1/verifications/{second['id']}")
     assert newest["status"] == "pending"
+
+
+async def test_a_call_superseded_as_soon_as_it_is_stored_never_rings_its_course(
+    start_gateway: GatewayFactory, far_end: FarEnd
+) -> None:
+    """Two creates at once for a phone: the one stored first is superseded while its
+    create may still be on its way to hand the call to the dialer (hanging up the
+    phone's earlier call). Its call is kept from the PBX or hung up at once, never left
+    to ring its course."""
+    ring_seconds = 6
+    gateway = await start_gateway(
+        calls=CallsConfig(
+            ring_seconds=ring_seconds, max_ring_seconds=10, max_concurrent=200, max_per_second=200
+        )
+    )
+    numbers = [phone_number(0) for _ in range(8)]
+
+    async def superseded(number: str) -> None:
+        # One after the other, and two at once (which is superseded: whichever is
+        # stored first).
+        await gateway.post("/v1/verifications", {"phone": f"+{number}"})
+        created = await asyncio.gather(
+            *(gateway.post("/v1/verifications", {"phone": f"+{number}"}) for _ in range(2))
+        )
+        await asyncio.gather(*(call_ended(gateway, body["id"]) for _, body in created))
+
+    await asyncio.gather(*(superseded(number) for number in numbers))
+
+    async def settled() -> bool:
+        calls = [r for number in numbers for r in far_end.calls_to(number)]
+        return all(r.canceled_at for r in calls)
+
+    await until(settled, timeout=ring_seconds + 5)
+    for number in numbers:
+        calls = far_end.calls_to(number)
+        # The newest rang its ring time; a superseded one that reached the far end was
+        # canceled at once (not after ring_seconds, nor at the cap).
+        rang = sorted(r.canceled_at - r.invited_at for r in calls if r.canceled_at)
+        assert 1 <= len(calls) <= 3 and len(rang) == len(calls), calls
+        assert rang[-1] >= ring_seconds - 1, calls
+        assert all(held < 2.0 for held in rang[:-1]), (number, rang)
 
 
 async def test_check_by_phone_uses_newest_pending(gateway: Gateway, far_end: FarEnd) -> None:
