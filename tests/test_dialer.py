@@ -384,6 +384,37 @@ async def test_cancel_hangs_up_a_live_call(make_dialer: HarnessFactory, store: S
     assert harness.dialer.in_flight == 0
 
 
+class NoChannelYetPbx(FakePbx):
+    """The first Hangups find no channel, as when Asterisk still queues the Originate
+    (the dev PBX: most Hangups sent right after the Originate's reply); later ones land."""
+
+    def __init__(self, script: Callable[[Dial], Fate], refusals: int = 1) -> None:
+        super().__init__(script)
+        self.refusals = refusals
+
+    async def hangup(self, channel_id: str, placed_elsewhere: bool = False) -> bool:
+        if self.refusals:
+            self.refusals -= 1
+            self.hangups.append(channel_id)
+            return False
+        return await super().hangup(channel_id, placed_elsewhere)
+
+
+async def test_a_cancel_that_finds_no_channel_is_sent_again_until_it_lands(
+    make_dialer: HarnessFactory, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its DialBegin came already (it rings): the Hangup is tried again a moment later,
+    not left to the ring timer, which a canceled call does not use."""
+    monkeypatch.setattr(dialer_module, "HANGUP_RETRY_S", 0.05)
+    harness = make_dialer(NoChannelYetPbx(rings_until_hung_up, refusals=2))
+    job = await cancel_once(harness, store, "ringing")
+
+    assert harness.pbx.hangups == [job.call_id] * 3
+    call = await call_of(store, job)
+    assert (call.outcome, call.hangup_cause) == ("delivered", 16)  # it rang: CLI shown
+    assert harness.dialer.in_flight == 0
+
+
 def silent_until_hung_up(dial: Dial) -> tuple[Step, ...]:
     """100 Trying and nothing more: no alert before `hangup` (or a ring timeout far off)."""
     return (Step(60, HANGUP, NO_ANSWER),)
