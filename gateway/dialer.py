@@ -392,20 +392,23 @@ class Dialer:
         live.timed_out = True
         self._spawn(self._hang_up(live))
 
-    async def _hang_up(self, live: _LiveCall) -> None:
+    async def _try_hang_up(self, live: _LiveCall) -> bool:
+        """Hang `live` up; False when Asterisk has no such channel (yet) or AMI failed."""
         job = live.job
         try:
-            done = await live.node.pbx.hangup(job.call_id)
+            return await live.node.pbx.hangup(job.call_id)
         except (PbxError, TimeoutError) as exc:
             log.warning("call %s: hangup failed: %s", job.call_id, exc, extra=_ids(job))
-            done = False
-        if not done and self._live.get(job.call_id) is live and not live.canceled:
+            return False
+
+    async def _hang_up(self, live: _LiveCall) -> None:
+        done = await self._try_hang_up(live)
+        if not done and self._live.get(live.job.call_id) is live and not live.canceled:
             # No channel yet (Asterisk still queues the Originate: its DialBegin re-arms
             # the timer) or no AMI: not timed out until a hangup lands. Try again.
             live.timed_out = False
             if live.timer is None:
-                loop = asyncio.get_running_loop()
-                live.timer = loop.call_later(HANGUP_RETRY_S, self._time_out, live)
+                live.timer = self._loop.call_later(HANGUP_RETRY_S, self._time_out, live)
 
     def _owe_hangup(self, live: _LiveCall) -> None:
         """A cancel's Hangup found no channel: send it again in a moment (or at the
@@ -421,15 +424,9 @@ class Dialer:
             self._spawn(self._hang_up_canceled(live))
 
     async def _hang_up_canceled(self, live: _LiveCall) -> None:
-        job = live.job
-        try:
-            done = await live.node.pbx.hangup(job.call_id)
-        except (PbxError, TimeoutError) as exc:
-            log.warning("call %s: hangup failed: %s", job.call_id, exc, extra=_ids(job))
-            done = False
-        if done:
+        if await self._try_hang_up(live):
             live.hangup_owed = False
-        elif self._live.get(job.call_id) is live and live.timer is None:
+        elif self._live.get(live.job.call_id) is live and live.timer is None:
             self._owe_hangup(live)
 
     async def drain(self, timeout: float) -> None:
