@@ -419,6 +419,8 @@ class Dialer:
         live.timer = self._loop.call_later(HANGUP_RETRY_S, self._pay_hangup, live)
 
     def _pay_hangup(self, live: _LiveCall) -> None:
+        if live.timer is not None:
+            live.timer.cancel()  # called at the DialBegin: the retry is not needed
         live.timer = None
         if self._live.get(live.job.call_id) is live:
             self._spawn(self._hang_up_canceled(live))
@@ -607,20 +609,12 @@ class Dialer:
     async def _place(self, job: CallJob, node: Node, dialed_at: float | None = None) -> None:
         """Place `job` on `node`, whose channel it holds; `dialed_at`: it was claimed,
         and is stored as dialing there already."""
-        if dialed_at is not None:
-            self._placing.discard(job.call_id)
-            if job.call_id in self._canceled:  # superseded before it got here
-                self._canceled.discard(job.call_id)
-                self.nodes.release(node)
-                await self._finish(job, Outcome.ERROR, None, None, CANCELED)
-                return
-            live = self._go_live(job, node, dialed_at)
-            await self._originate(live)
-            return
-        now = time.time()
-        # Written before the Originate: after a crash a call marked dialing is
-        # reconciled, never dialed again. Only a call still this gateway's is dialed.
-        claim = await self._store.claim_call(job.call_id, self.owner, now, node.name)
+        claim = None
+        if dialed_at is None:
+            dialed_at = time.time()
+            # Written before the Originate: after a crash a call marked dialing is
+            # reconciled, never dialed again. Only a call still this gateway's is dialed.
+            claim = await self._store.claim_call(job.call_id, self.owner, dialed_at, node.name)
         self._placing.discard(job.call_id)
         if claim == TAKEN:
             log.warning(
@@ -631,12 +625,13 @@ class Dialer:
             self._release_cli(job.pool, job.cli)
             return
         if claim == NOT_PENDING or job.call_id in self._canceled:
-            # Canceled while it waited or was claimed, here or through another gateway.
+            # Canceled while it waited or was claimed, here or through another gateway
+            # (stored dialing by its create: superseded before this task ran).
             self._canceled.discard(job.call_id)
             self.nodes.release(node)
             await self._finish(job, Outcome.ERROR, None, None, CANCELED)
             return
-        live = self._go_live(job, node, now)
+        live = self._go_live(job, node, dialed_at)
         await self._originate(live)
 
     def _go_live(self, job: CallJob, node: Node, dialed_at: float) -> _LiveCall:
@@ -776,8 +771,6 @@ class Dialer:
             # the INVITE, as Asterisk's own Timeout does. Nothing to write.
             live.invited_at = at
             if live.hangup_owed:  # canceled before Asterisk had its channel
-                if live.timer is not None:
-                    live.timer.cancel()
                 self._pay_hangup(live)
             elif not live.ring_started:
                 self._arm(live)
