@@ -84,14 +84,15 @@ def parse(raw: str, default_region: str) -> Phone:
         )
     try:
         number = phonenumbers.parse(compact, default_region)
-        valid = phonenumbers.is_valid_number(number)
-        if not valid and number.national_number:
-            number = _without_trunk_zero(compact, number)
-            valid = phonenumbers.is_valid_number(number)
+        # A number is valid when it has a type: is_valid_number is number_type's work
+        # (its region, then its patterns) done once more.
+        number_type = phonenumbers.number_type(number)
+        if number_type == PhoneNumberType.UNKNOWN and number.national_number:
+            number, number_type = _without_trunk_zero(compact, number)
     except NumberParseException as exc:
         reason = _PARSE_REASONS.get(exc.error_type, "not_a_number")
         raise InvalidPhone(f"phone is not a valid number ({reason})", reason=reason) from None
-    if not valid:
+    if number_type == PhoneNumberType.UNKNOWN:
         possible = phonenumbers.is_possible_number_with_reason(number)
         reason = _REASONS.get(possible, "invalid_for_region")
         raise InvalidPhone(f"phone is not a valid number ({reason})", reason=reason)
@@ -99,8 +100,7 @@ def parse(raw: str, default_region: str) -> Phone:
     if len(e164) - 1 > E164_MAX_DIGITS:
         raise InvalidPhone("phone is not a valid number (too_long)", reason="too_long")
     region = phonenumbers.region_code_for_number(number) or "ZZ"
-    kind = TYPE_NAMES.get(phonenumbers.number_type(number), "unknown")
-    return Phone(e164=e164, region=region, type=kind, number=number)
+    return Phone(e164=e164, region=region, type=TYPE_NAMES[number_type], number=number)
 
 
 def cli_candidates(raw: str, default_region: str) -> list[str]:
@@ -123,17 +123,21 @@ def cli_candidates(raw: str, default_region: str) -> list[str]:
     return readings if national in readings else [*readings, national]
 
 
-def _without_trunk_zero(compact: str, number: phonenumbers.PhoneNumber) -> phonenumbers.PhoneNumber:
-    """Read "+62 0812..." (country code, then the national trunk prefix 0) as "+62 812...".
+def _without_trunk_zero(
+    compact: str, number: phonenumbers.PhoneNumber
+) -> tuple[phonenumbers.PhoneNumber, int]:
+    """Read "+62 0812..." (country code, then the national trunk prefix 0) as "+62 812...",
+    with its type.
 
     Only when that gives a valid number: Italy, for one, keeps its leading 0.
     """
     country = str(number.country_code)
     if compact.startswith(f"+{country}0"):
         retry = phonenumbers.parse(f"+{country}{compact[len(country) + 2 :]}")
-        if phonenumbers.is_valid_number(retry):
-            return retry
-    return number
+        retry_type = phonenumbers.number_type(retry)
+        if retry_type != PhoneNumberType.UNKNOWN:
+            return retry, retry_type
+    return number, PhoneNumberType.UNKNOWN
 
 
 def describe(raw: str, default_region: str, policy: NumbersConfig) -> dict[str, Any]:

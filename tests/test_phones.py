@@ -274,6 +274,26 @@ _arbitrary = st.tuples(
 )
 
 
+def _valid_reading(raw: str, region: str) -> bool:
+    """Whether phonenumbers' is_valid_number accepts `raw` as typed, or without a
+    trunk 0 after its country code: the two readings parse accepts."""
+    compact = re.sub(r"[ .\-()/]", "", raw)
+    try:
+        number = phonenumbers.parse(compact, region)
+    except phonenumbers.NumberParseException:
+        return False
+    if phonenumbers.is_valid_number(number):
+        return True
+    country = str(number.country_code)
+    if not compact.startswith(f"+{country}0"):
+        return False
+    try:
+        retry = phonenumbers.parse(f"+{country}{compact[len(country) + 2 :]}")
+    except phonenumbers.NumberParseException:
+        return False
+    return bool(phonenumbers.is_valid_number(retry))
+
+
 @given(st.one_of(typed_numbers(), _arbitrary))
 @example(("+49 800 12345678900", "DE"))  # 16 digits: longer than E.164 allows
 def test_parse_returns_e164_or_raises_invalid_phone(case: tuple[str, str]) -> None:
@@ -289,8 +309,16 @@ def test_parse_returns_e164_or_raises_invalid_phone(case: tuple[str, str]) -> No
             "invalid_for_region",
             "not_a_number",
         }
+        # Valid is what phonenumbers says it is, for what the input reads as (and at
+        # most E.164's 15 digits; our own refusals of input are "not_a_number").
+        reason = exc.extra.get("reason")
+        assert reason in {"not_a_number", "too_long"} or not _valid_reading(raw, region)
         return
     assert E164.fullmatch(phone.e164), phone.e164
+    # Its validity, type and region as phonenumbers' own functions give them.
+    assert phonenumbers.is_valid_number(phone.number)
+    assert phone.type == phones.TYPE_NAMES[phonenumbers.number_type(phone.number)]
+    assert phone.region == phonenumbers.region_code_for_number(phone.number)
     assert phones.format_for_trunk(phone.e164, "e164") == phone.e164
     for style in ("e164_no_plus", "national"):
         assert re.fullmatch(r"[0-9]+", phones.format_for_trunk(phone.e164, style))
