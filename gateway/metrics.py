@@ -73,6 +73,22 @@ class _VerificationStatuses(Collector):
         yield family
 
 
+class _StoreCpu(Collector):
+    """otp_store_cpu_seconds_total: the CPU the store's own work took in this process."""
+
+    def __init__(self, seconds: Callable[[], float | None]) -> None:
+        self._seconds = seconds
+
+    def collect(self) -> Iterable[Metric]:
+        seconds = self._seconds()
+        if seconds is not None:
+            yield CounterMetricFamily(
+                "otp_store_cpu_seconds",
+                "CPU time the gateway spent running its SQLite store's transactions",
+                value=seconds,
+            )
+
+
 class Metrics:
     """The gateway's metrics."""
 
@@ -226,6 +242,7 @@ class Metrics:
         self.in_flight.set_function(in_flight)
         self.ami_connected.set_function(lambda: float(connected()))
         self.registry.register(_VerificationStatuses(lambda: store.status_tally))
+        self.registry.register(_StoreCpu(lambda: store.cpu_seconds))
 
     def watch_node(self, name: str, up: Callable[[], bool], ringing: Callable[[], int]) -> None:
         """Read an Asterisk node's levels at each scrape."""

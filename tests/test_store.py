@@ -241,6 +241,18 @@ async def test_foreign_keys_are_enforced(store: Store) -> None:
         await store.add_call_event(CallEventRecord("no-such-call", T0, "ringing", None, None))
 
 
+async def test_sqlite_counts_the_cpu_of_its_transactions_postgresql_cannot(store: Store) -> None:
+    before = store.cpu_seconds
+    if isinstance(store, SqliteStore):
+        assert before is not None
+        for i in range(20):
+            await create(store, i + 1)
+        assert store.cpu_seconds is not None
+        assert store.cpu_seconds > before
+    else:
+        assert before is None  # asyncpg's work is not told apart from the loop's
+
+
 # -- create_verification -----------------------------------------------------
 
 

@@ -114,6 +114,12 @@ class Store(Outbox, Protocol):
     # Verifications that reached each status through this store (/metrics).
     status_tally: collections.Counter[VerificationStatus]
 
+    @property
+    def cpu_seconds(self) -> float | None:
+        """The CPU seconds its own work took in this process, where that can be told
+        apart from the rest (SQLite's batches); None where it cannot (PostgreSQL:
+        asyncpg's work is spread over the event loop's turns, the server's is elsewhere)."""
+
     async def close(self) -> None: ...
     async def ping(self) -> None: ...
     async def schema_version(self) -> int: ...

@@ -525,6 +525,7 @@ class SqlStore(abc.ABC):
         # Verifications that reached each status through this store, counted after the
         # commit: /metrics reports them.
         self.status_tally: collections.Counter[VerificationStatus] = collections.Counter()
+        self.cpu_seconds: float | None = None  # see Store.cpu_seconds
 
     @abc.abstractmethod
     async def close(self) -> None:
