@@ -296,6 +296,7 @@ class Poster:
                 peak_rss = max(peak_rss, gateway.rss_mb())
                 await asyncio.sleep(0.05)
 
+        store_before = await self.store_cpu_seconds()
         sampler = asyncio.create_task(sample_rss())
         cpu_before = gateway.cpu_seconds()
         try:
@@ -307,6 +308,7 @@ class Poster:
         finally:
             sampler.cancel()
         cpu = gateway.cpu_seconds() - cpu_before
+        store_after = await self.store_cpu_seconds()
 
         result = StepResult(system, rate, len(numbers), len(numbers) / rate, ring_seconds)
         result.refused = refused
@@ -317,6 +319,9 @@ class Poster:
             [at - sent[n] for n, at in rang.items() if n in sent and at is not None]
         )
         result.cpu_seconds_per_1000 = round(cpu / len(numbers) * 1000, 3)
+        if store_before is not None and store_after is not None:
+            store = store_after - store_before
+            result.store_cpu_seconds_per_1000 = round(store / len(numbers) * 1000, 3)
         result.peak_rss_mb = round(peak_rss, 1)
         result.peak_in_flight = peak_ringing(found)
         return result
@@ -325,16 +330,24 @@ class Poster:
         """Until the gateway reports no call in flight (its outcomes are all written)."""
         deadline = time.monotonic() + ring_seconds + 30
         while time.monotonic() < deadline:
-            async with self._http.get(self.server.metrics_url) as response:
-                text = await response.text()
-            levels = {
-                family.name: family.samples[0].value
-                for family in text_string_to_metric_families(text)
-                if family.name in ("otp_calls_in_flight", "otp_calls_queued")
-            }
+            levels = await self._metrics("otp_calls_in_flight", "otp_calls_queued")
             if levels == {"otp_calls_in_flight": 0.0, "otp_calls_queued": 0.0}:
                 return
             await asyncio.sleep(0.5)
+
+    async def store_cpu_seconds(self) -> float | None:
+        """The CPU the gateway's store has taken so far; None on PostgreSQL."""
+        return (await self._metrics("otp_store_cpu_seconds")).get("otp_store_cpu_seconds")
+
+    async def _metrics(self, *names: str) -> dict[str, float]:
+        """The first sample of each of the metric families `names` the gateway has now."""
+        async with self._http.get(self.server.metrics_url) as response:
+            text = await response.text()
+        return {
+            family.name: family.samples[0].value
+            for family in text_string_to_metric_families(text)
+            if family.name in names
+        }
 
 
 def peak_ringing(found: dict[str, Any]) -> int:

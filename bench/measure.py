@@ -92,6 +92,8 @@ class StepResult:
     to_accept_ms: dict[str, float | None] = field(default_factory=dict)  # gateway: POST to 201
     refused: int = 0  # requests or Originates refused
     cpu_seconds_per_1000: float | None = None
+    # Of it, the gateway's SQLite store's (otp_store_cpu_seconds_total); None elsewhere.
+    store_cpu_seconds_per_1000: float | None = None
     peak_rss_mb: float | None = None
     peak_in_flight: int | None = None
     # Cores each process used over the step (Asterisk, the far end, the gateway, this

@@ -158,6 +158,40 @@ def test_cpu_per_call_sqlite_must_hold_at_both_rates() -> None:
     assert target["measured"] and not target["met"]
 
 
+def test_a_ratio_the_store_alone_cannot_bring_under_the_limit_is_noted() -> None:
+    run = _run()
+    # 3.6 / 1.6 = 2.25x at 100/s; without its store's 0.4, 2x: within reach by the store.
+    run["steps"][1] = replace(
+        run["steps"][1], cpu_seconds_per_1000=3.6, store_cpu_seconds_per_1000=0.4
+    )
+    # 3.4 / 1.3 = 2.62x at 200/s; without its store's 0.5, 2.23x: not.
+    run["steps"][3] = replace(
+        run["steps"][3], cpu_seconds_per_1000=3.4, store_cpu_seconds_per_1000=0.5
+    )
+    target = verdict(**run)["targets"]["cpu_per_call_sqlite"]
+    assert not target["met"]
+    assert target["beside"]["ratio_without_its_store"] == {"100/s": 2.0, "200/s": 2.23}
+    assert (
+        "out of reach by the store alone: without any of its store's CPU the gateway would "
+        "still be 2.23x the loop at 200/s"
+    ) in target["notes"]
+
+
+def test_a_store_that_alone_could_bring_it_under_the_limit_is_not_called_out_of_reach() -> None:
+    run = _run()
+    run["steps"][3] = replace(
+        run["steps"][3], cpu_seconds_per_1000=3.4, store_cpu_seconds_per_1000=1.0
+    )
+    target = verdict(**run)["targets"]["cpu_per_call_sqlite"]
+    assert not target["met"]
+    assert target["beside"]["ratio_without_its_store"] == {"100/s": None, "200/s": 1.85}
+    assert not any("out of reach" in note for note in target["notes"])
+
+
+def test_without_store_figures_nothing_is_shown_beside() -> None:
+    assert "ratio_without_its_store" not in _targets()["cpu_per_call_sqlite"]["beside"]
+
+
 @pytest.mark.parametrize("system", ["gateway", "baseline"])
 def test_no_step_at_200_is_not_measured_and_not_met(system: str) -> None:
     run = _run()
