@@ -35,6 +35,12 @@ class ApiStep:
     load_cpu_seconds_per_1000: float | None = None
 
     @property
+    def offered_in_full(self) -> bool:
+        """The load generator sent (nearly) the rate offered: what the step missed is the
+        server's."""
+        return self.fired_per_s >= 0.97 * self.offered_per_s
+
+    @property
     def met(self) -> bool:
         p99 = self.accept_ms.get("p99")
         return (

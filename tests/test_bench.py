@@ -284,6 +284,45 @@ def test_api_rate_ratio() -> None:
     assert (target["value"], target["ratio"], target["met"]) == (1000, 0.5, False)
 
 
+def test_a_floor_whose_climb_the_load_generator_ended_cannot_make_the_api_rate_met() -> None:
+    run = _run()
+    # The floor's step at 2,000/s: the load generator sent 1,900/s of it (as in a run
+    # of 2026-12-07, the floor answering in 0.6 ms at p99); and at 2,500/s, 2,000/s.
+    run["api_steps"][3] = replace(run["api_steps"][3], fired_per_s=1900.0, accepted_per_s=1899.0)
+    run["api_steps"][4] = replace(run["api_steps"][4], fired_per_s=2000.0)
+    target = verdict(**run)["targets"]["api_rate_ratio"]
+    assert (target["value"], target["floor"]) == (2000, 1000)  # the floor's top: 1,000/s
+    assert not target["measured"] and not target["met"]
+    assert (
+        "not measured: the floor's maximum was not found: the load generator sent 1900/s of "
+        "the 2000/s offered"
+    ) in target["notes"]
+
+
+def test_a_floor_not_found_still_shows_a_ratio_under_the_limit_as_not_met() -> None:
+    run = _run()
+    run["api_steps"][1:3] = [
+        replace(run["api_steps"][1], accept_ms={"p50": 9.0, "p99": 30.0}),  # gateway: none met
+        replace(run["api_steps"][2], accept_ms={"p50": 9.0, "p99": 30.0}),
+    ]
+    run["api_steps"][3] = replace(run["api_steps"][3], fired_per_s=1900.0, accepted_per_s=1899.0)
+    run["api_steps"][4] = replace(run["api_steps"][4], fired_per_s=2000.0)
+    target = verdict(**run)["targets"]["api_rate_ratio"]
+    assert (target["value"], target["ratio"]) == (0.0, 0.0)
+    assert target["measured"] and not target["met"]  # a higher floor only lowers it
+    assert any("the floor's maximum was not found" in note for note in target["notes"])
+
+
+def test_a_gateway_whose_climb_the_load_generator_ended_is_not_judged_not_met() -> None:
+    run = _run()
+    run["api_steps"][2] = replace(run["api_steps"][2], fired_per_s=1500.0, accepted_per_s=1500.0)
+    run["api_steps"][5] = replace(run["api_steps"][5], fired_per_s=2000.0)
+    target = verdict(**run)["targets"]["api_rate_ratio"]  # 1,000/s of the floor's 2,000/s
+    assert target["ratio"] == 0.5
+    assert not target["measured"] and not target["met"]
+    assert any("the gateway's maximum was not found" in note for note in target["notes"])
+
+
 def test_api_rate_ratio_without_the_floor() -> None:
     steps = [s for s in _run()["api_steps"] if s.system == "gateway"]
     target = _targets(api_steps=steps)["api_rate_ratio"]
