@@ -426,21 +426,20 @@ def _cpu_per_call(
 def cpu_per_call_sqlite(steps: list[StepResult]) -> dict[str, Any]:
     """The calls phase's gateway (on SQLite) against its raw loop, CPU-ms per call."""
     gateway: dict[float, float | None] = {}
-    store: dict[float, float | None] = {}
+    store: dict[str, float | None] = {}  # by label, as the target's figures
     notes: list[str] = []
     for rate in CPU_RATES:
         step = _at(steps, "gateway", rate)
         if step is not None:
             gateway[rate] = step.cpu_seconds_per_1000
-            store[rate] = step.store_cpu_seconds_per_1000
+            store[_per_s(rate)] = step.store_cpu_seconds_per_1000
             notes += _not_sustained("gateway", rate, step.sustained, step.lost, step.refused)
     target = _cpu_per_call("cpu_per_call_sqlite", steps, gateway, "gateway step", notes)
     # What a store that took no CPU at all would leave: when even that misses the limit,
     # no change to the store can meet it.
     without: dict[str, float | None] = {}
-    for rate in CPU_RATES:
-        label = _per_s(rate)
-        g, s, f = target["value"][label], store.get(rate), target["floor"][label]
+    for label, g in target["value"].items():
+        s, f = store.get(label), target["floor"][label]
         without[label] = round((g - s) / f, 2) if g is not None and s is not None and f else None
     if any(v is not None for v in without.values()):
         target["beside"]["ratio_without_its_store"] = without

@@ -12,6 +12,9 @@ from bench.measure import paced, summary_ms
 SANDBOX_PHONES = 2_000  # cycled through; more than a step's concurrency
 SANDBOX_CODE = "1234"
 API_P99_TARGET_MS = 25.0
+# Of the offered rate: a server that accepted less is saturated; a load generator that
+# sent less fell behind (it shares the cores), whatever the server did.
+KEPT_UP = 0.97
 
 
 def sandbox_numbers() -> dict[str, str]:
@@ -38,14 +41,14 @@ class ApiStep:
     def offered_in_full(self) -> bool:
         """The load generator sent (nearly) the rate offered: what the step missed is the
         server's."""
-        return self.fired_per_s >= 0.97 * self.offered_per_s
+        return self.fired_per_s >= KEPT_UP * self.offered_per_s
 
     @property
     def met(self) -> bool:
         p99 = self.accept_ms.get("p99")
         return (
             self.refused == 0
-            and self.accepted_per_s >= 0.97 * self.offered_per_s
+            and self.accepted_per_s >= KEPT_UP * self.offered_per_s
             and p99 is not None
             and p99 <= API_P99_TARGET_MS
         )

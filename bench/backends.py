@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from bench.api import API_P99_TARGET_MS, ApiStep, api_step, sandbox_numbers
+from bench.api import API_P99_TARGET_MS, KEPT_UP, ApiStep, api_step, sandbox_numbers
 from bench.gateway import GatewayProcess, Poster, free_port
 from bench.measure import FarEndRecords, Numbers, StepResult, pbx_idle
 from tests.pg import DevPostgres
@@ -30,7 +30,6 @@ CALL_RATES = (100.0, 200.0)
 CALL_SECONDS = 20.0
 RING_S = 3.0
 API_RATES = (250.0, 500.0, 1000.0, 1500.0, 2000.0, 2500.0, 3000.0)
-KEPT_UP = 0.97  # of the offered rate accepted: below it, the server is saturated
 
 
 @dataclass

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -535,7 +535,7 @@ class Dialer:
                 # queue it (or it was never placed, or has ended: a few Hangups refused).
                 self._spawn(self._hang_up_for_owner_later(call_id, targets))
 
-    async def _hang_up_for_owner(self, call_id: str, targets: Iterable[Node]) -> bool:
+    async def _hang_up_for_owner(self, call_id: str, targets: Sequence[Node]) -> bool:
         """Hang up another gateway's call on the first of `targets` that has it; False
         when none does."""
         for target in targets:
@@ -553,7 +553,7 @@ class Dialer:
                 )
         return False
 
-    async def _hang_up_for_owner_later(self, call_id: str, targets: Iterable[Node]) -> None:
+    async def _hang_up_for_owner_later(self, call_id: str, targets: Sequence[Node]) -> None:
         for pause in OWNER_HANGUP_RETRIES_S:
             await asyncio.sleep(pause)
             if await self._hang_up_for_owner(call_id, targets):
